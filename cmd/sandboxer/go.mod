@@ -1,0 +1,3 @@
+module github.com/sand-boxer/sandboxer/cmd/sandboxer
+
+go 1.26.0

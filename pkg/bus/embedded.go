@@ -1,0 +1,118 @@
+package bus
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+)
+
+// EmbeddedOptions configures an in-process nats-server with JetStream.
+type EmbeddedOptions struct {
+	// DataDir is where JetStream keeps its streams. Required.
+	DataDir string
+	// Listen is host:port for a client listener, so workers on other machines
+	// can join. Empty means no listener: only in-process connections. Port
+	// -1 picks a free port (tests).
+	Listen string
+	// ServerName names the server. Default "sandboxer".
+	ServerName string
+	// Logs turns on the server's own logging to stderr.
+	Logs bool
+	// ReadyTimeout bounds start-up. Default 10s.
+	ReadyTimeout time.Duration
+}
+
+// Embedded is a running in-process nats-server: the real server, not a fake.
+type Embedded struct {
+	srv *server.Server
+}
+
+// StartEmbedded starts a nats-server with JetStream on opts.DataDir and
+// waits until it accepts connections.
+func StartEmbedded(opts EmbeddedOptions) (*Embedded, error) {
+	if opts.DataDir == "" {
+		return nil, errors.New("starting embedded nats: data dir is required")
+	}
+	if err := os.MkdirAll(opts.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("starting embedded nats: %w", err)
+	}
+	name := opts.ServerName
+	if name == "" {
+		name = "sandboxer"
+	}
+	so := &server.Options{
+		ServerName: name,
+		JetStream:  true,
+		StoreDir:   opts.DataDir,
+		NoSigs:     true,
+		NoLog:      !opts.Logs,
+		DontListen: opts.Listen == "",
+		// JetStream's own limits: the whole machine's. Streams carry their own.
+		JetStreamMaxMemory: -1,
+		JetStreamMaxStore:  -1,
+	}
+	if opts.Listen != "" {
+		host, port, err := net.SplitHostPort(opts.Listen)
+		if err != nil {
+			return nil, fmt.Errorf("starting embedded nats: listen address %q: %w", opts.Listen, err)
+		}
+		p, err := strconv.Atoi(port)
+		if err != nil {
+			return nil, fmt.Errorf("starting embedded nats: listen port %q: %w", port, err)
+		}
+		so.Host, so.Port = host, p
+	}
+	srv, err := server.NewServer(so)
+	if err != nil {
+		return nil, fmt.Errorf("starting embedded nats: %w", err)
+	}
+	if opts.Logs {
+		srv.ConfigureLogger()
+	}
+	srv.Start()
+	timeout := opts.ReadyTimeout
+	if timeout <= 0 {
+		timeout = 10 * time.Second
+	}
+	if !srv.ReadyForConnections(timeout) {
+		srv.Shutdown()
+		return nil, fmt.Errorf("starting embedded nats: not ready after %s", timeout)
+	}
+	return &Embedded{srv: srv}, nil
+}
+
+// ClientURL is the nats:// URL of the client listener, or "" when the
+// server only accepts in-process connections.
+func (e *Embedded) ClientURL() string {
+	if e.srv.Addr() == nil {
+		return ""
+	}
+	return e.srv.ClientURL()
+}
+
+// Connect opens a client connection to the embedded server, in-process (no
+// TCP) whatever the listener.
+func (e *Embedded) Connect(name string, opts ...nats.Option) (*nats.Conn, error) {
+	opts = append([]nats.Option{nats.Name(name), nats.InProcessServer(e.srv), nats.MaxReconnects(-1)}, opts...)
+	nc, err := nats.Connect("", opts...)
+	if err != nil {
+		return nil, fmt.Errorf("connecting to embedded nats: %w", err)
+	}
+	return nc, nil
+}
+
+// Server exposes the running server, for tests and metrics.
+func (e *Embedded) Server() *server.Server { return e.srv }
+
+// Shutdown stops the server and waits until it has stopped. Streams are
+// flushed to the data directory.
+func (e *Embedded) Shutdown() {
+	e.srv.Shutdown()
+	e.srv.WaitForShutdown()
+}

@@ -1,0 +1,102 @@
+package bus
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sand-boxer/sandboxer/pkg/event"
+)
+
+// Out is one event a handler produced, for the router to publish before it
+// acknowledges the message that caused it.
+type Out struct {
+	Subject string
+	Event   *event.Event
+	// Opts are extra publish options (a schedule, an expected sequence).
+	Opts []jetstream.PublishOpt
+}
+
+// ErrBackPressure is returned when a bounded stream refuses a publish
+// because it is full: the caller should retry later or refuse upstream.
+var ErrBackPressure = errors.New("stream full")
+
+// jsErrCodeStreamStoreFailed is the server's error code for a store refusing
+// a message at a limit (maximum messages or bytes with discard new).
+const jsErrCodeStreamStoreFailed jetstream.ErrorCode = 10077
+
+// Publisher publishes CloudEvents to JetStream in binary content mode and
+// waits for the stream's acknowledgement. A duplicate (same Nats-Msg-Id
+// inside the stream's window) counts as success: the fact is recorded once.
+type Publisher struct {
+	js jetstream.JetStream
+}
+
+// NewPublisher returns a Publisher on js.
+func NewPublisher(js jetstream.JetStream) *Publisher { return &Publisher{js: js} }
+
+// Publish encodes e for subject, publishes it and waits for the ack.
+func (p *Publisher) Publish(ctx context.Context, subject string, e *event.Event, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error) {
+	msg, err := event.Encode(ctx, subject, e)
+	if err != nil {
+		return nil, err
+	}
+	return p.PublishMsg(ctx, msg, opts...)
+}
+
+// PublishMsg publishes an already encoded message and waits for the ack.
+func (p *Publisher) PublishMsg(ctx context.Context, msg *nats.Msg, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error) {
+	ack, err := p.js.PublishMsg(ctx, msg, opts...)
+	if err != nil {
+		return nil, publishErr(msg.Subject, err)
+	}
+	return ack, nil
+}
+
+// PublishAll publishes outs concurrently and waits for every ack, so n
+// events cost one round trip, not n. It returns the first error.
+func (p *Publisher) PublishAll(ctx context.Context, outs []Out) error {
+	switch len(outs) {
+	case 0:
+		return nil
+	case 1:
+		_, err := p.Publish(ctx, outs[0].Subject, outs[0].Event, outs[0].Opts...)
+		return err
+	}
+	futures := make([]jetstream.PubAckFuture, 0, len(outs))
+	for _, o := range outs {
+		msg, err := event.Encode(ctx, o.Subject, o.Event)
+		if err != nil {
+			return err
+		}
+		f, err := p.js.PublishMsgAsync(msg, o.Opts...)
+		if err != nil {
+			return publishErr(o.Subject, err)
+		}
+		futures = append(futures, f)
+	}
+	var first error
+	for _, f := range futures {
+		select {
+		case <-f.Ok():
+		case err := <-f.Err():
+			if first == nil {
+				first = publishErr(f.Msg().Subject, err)
+			}
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for publish acks: %w", ctx.Err())
+		}
+	}
+	return first
+}
+
+func publishErr(subject string, err error) error {
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) && apiErr.ErrorCode == jsErrCodeStreamStoreFailed {
+		return fmt.Errorf("publishing %s: %w: %v", subject, ErrBackPressure, err)
+	}
+	return fmt.Errorf("publishing %s: %w", subject, err)
+}

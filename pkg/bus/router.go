@@ -1,0 +1,312 @@
+package bus
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime/debug"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/sand-boxer/sandboxer/pkg/event"
+)
+
+// Message is one delivery handed to a [Handler].
+type Message struct {
+	// Event is the decoded CloudEvent.
+	Event *event.Event
+	// Subject is the subject the message was published on.
+	Subject string
+	// Delivered counts deliveries of this message, starting at 1.
+	Delivered uint64
+	// StreamSeq is the message's sequence in its stream.
+	StreamSeq uint64
+	// Timestamp is when the stream stored the message.
+	Timestamp time.Time
+
+	raw jetstream.Msg
+}
+
+// Raw returns the underlying JetStream message. Handlers must not ack it:
+// the router does.
+func (m *Message) Raw() jetstream.Msg { return m.raw }
+
+// Handler handles one message and returns the events it produced. The
+// router publishes them, then acks. A nil error with no events acks. An
+// error naks with back-off, or dead-letters when the error is [Permanent]
+// or the deliveries are exhausted. A panic is recovered and naks.
+//
+// Handlers must be idempotent: any message may be delivered more than once.
+type Handler func(ctx context.Context, m *Message) ([]Out, error)
+
+type permanentError struct{ err error }
+
+func (p permanentError) Error() string { return p.err.Error() }
+func (p permanentError) Unwrap() error { return p.err }
+
+// Permanent marks err as one that no redelivery can fix: the router sends
+// the message to the dead-letter stream at once.
+func Permanent(err error) error {
+	if err == nil {
+		return nil
+	}
+	return permanentError{err}
+}
+
+// IsPermanent reports whether err was marked [Permanent] or is a malformed
+// event.
+func IsPermanent(err error) bool {
+	var p permanentError
+	return errors.As(err, &p) || errors.Is(err, event.ErrMalformed)
+}
+
+// Headers a dead letter carries besides the original ones.
+const (
+	HeaderDLQReason    = "Sandboxer-Dlq-Reason"
+	HeaderDLQSubject   = "Sandboxer-Dlq-Subject"
+	HeaderDLQStream    = "Sandboxer-Dlq-Stream"
+	HeaderDLQConsumer  = "Sandboxer-Dlq-Consumer"
+	HeaderDLQStreamSeq = "Sandboxer-Dlq-Stream-Seq"
+	HeaderDLQDelivered = "Sandboxer-Dlq-Delivered"
+)
+
+// Route binds a handler to a durable consumer.
+type Route struct {
+	// Stream and Consumer name the durable consumer, which must exist
+	// ([EnsureConsumer]).
+	Stream, Consumer string
+	// Policy must be the policy the consumer was created with; the router
+	// uses it for heartbeats, back-off and the delivery bound.
+	Policy ConsumerPolicy
+	// Concurrency is how many handlers run at once in this process.
+	// Default 1.
+	Concurrency int
+	// Handler handles each message.
+	Handler Handler
+}
+
+// RouterStats counts what a router did.
+type RouterStats struct {
+	Handled, Failed, DeadLettered, Panics atomic.Int64
+}
+
+// Router is the one consume loop of every service: it decodes, runs the
+// handler with InProgress heartbeats, publishes what the handler returned,
+// acks, naks with back-off, and dead-letters poison messages.
+type Router struct {
+	js     jetstream.JetStream
+	pub    *Publisher
+	log    *slog.Logger
+	tracer trace.Tracer
+	Stats  RouterStats
+}
+
+// NewRouter returns a router on js. A nil logger discards.
+func NewRouter(js jetstream.JetStream, log *slog.Logger) *Router {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Router{
+		js:     js,
+		pub:    NewPublisher(js),
+		log:    log,
+		tracer: otel.Tracer("github.com/sand-boxer/sandboxer/pkg/bus"),
+	}
+}
+
+// Run consumes rt until ctx is cancelled, then stops pulling and waits for
+// the handlers in flight. Handlers see ctx: on cancellation they should
+// return quickly; their messages are nak'ed for another instance. Run
+// returns nil on cancellation.
+func (r *Router) Run(ctx context.Context, rt Route) error {
+	if rt.Handler == nil {
+		return errors.New("running route: nil handler")
+	}
+	rt.Policy = rt.Policy.WithDefaults()
+	n := rt.Concurrency
+	if n <= 0 {
+		n = 1
+	}
+	cons, err := r.js.Consumer(ctx, rt.Stream, rt.Consumer)
+	if err != nil {
+		return fmt.Errorf("looking up consumer %s/%s: %w", rt.Stream, rt.Consumer, err)
+	}
+	it, err := cons.Messages(jetstream.PullMaxMessages(n), jetstream.PullExpiry(5*time.Second))
+	if err != nil {
+		return fmt.Errorf("consuming %s/%s: %w", rt.Stream, rt.Consumer, err)
+	}
+	stop := context.AfterFunc(ctx, it.Stop)
+	defer stop()
+
+	sem := make(chan struct{}, n)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+			return nil
+		}
+		msg, err := it.Next()
+		if err != nil {
+			<-sem
+			if ctx.Err() != nil || errors.Is(err, jetstream.ErrMsgIteratorClosed) {
+				return nil
+			}
+			r.log.Warn("pulling messages", "consumer", rt.Consumer, "err", err)
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			r.handle(ctx, rt, msg)
+		}()
+	}
+}
+
+func (r *Router) handle(ctx context.Context, rt Route, msg jetstream.Msg) {
+	meta, err := msg.Metadata()
+	if err != nil {
+		r.log.Error("reading message metadata", "consumer", rt.Consumer, "err", err)
+		_ = msg.Term()
+		return
+	}
+	hctx, e, derr := event.Decode(ctx, msg.Headers(), msg.Data())
+	hctx, span := r.tracer.Start(hctx, "process "+rt.Consumer,
+		trace.WithSpanKind(trace.SpanKindConsumer),
+		trace.WithAttributes(
+			attribute.String("messaging.system", "nats"),
+			attribute.String("messaging.destination.name", msg.Subject()),
+			attribute.String("messaging.consumer.group.name", rt.Consumer),
+			attribute.Int64("messaging.nats.delivered", int64(meta.NumDelivered)),
+		))
+	defer span.End()
+	if derr != nil {
+		r.fail(hctx, rt, msg, meta, derr, span)
+		return
+	}
+	span.SetAttributes(attribute.String("cloudevents.event_type", e.Type()), attribute.String("cloudevents.event_id", e.ID()))
+	m := &Message{Event: e, Subject: msg.Subject(), Delivered: meta.NumDelivered, StreamSeq: meta.Sequence.Stream, Timestamp: meta.Timestamp, raw: msg}
+
+	stopBeat := heartbeat(msg, rt.Policy.AckWait)
+	outs, herr := r.call(hctx, rt, m)
+	if herr == nil && len(outs) > 0 {
+		herr = r.pub.PublishAll(hctx, outs)
+	}
+	stopBeat()
+	if herr != nil {
+		r.fail(hctx, rt, msg, meta, herr, span)
+		return
+	}
+	if err := msg.Ack(); err != nil {
+		r.log.Warn("acking", "consumer", rt.Consumer, "subject", msg.Subject(), "err", err)
+	}
+	r.Stats.Handled.Add(1)
+}
+
+// call runs the handler and turns a panic into an error.
+func (r *Router) call(ctx context.Context, rt Route, m *Message) (outs []Out, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			r.Stats.Panics.Add(1)
+			r.log.Error("handler panicked", "consumer", rt.Consumer, "subject", m.Subject, "panic", p, "stack", string(debug.Stack()))
+			outs, err = nil, fmt.Errorf("handler panicked: %v", p)
+		}
+	}()
+	return rt.Handler(ctx, m)
+}
+
+func (r *Router) fail(ctx context.Context, rt Route, msg jetstream.Msg, meta *jetstream.MsgMetadata, err error, span trace.Span) {
+	span.RecordError(err)
+	span.SetStatus(codes.Error, err.Error())
+	r.Stats.Failed.Add(1)
+	last := int(meta.NumDelivered) >= rt.Policy.MaxDeliver
+	if !IsPermanent(err) && !last {
+		if ctx.Err() != nil {
+			// Shutting down: hand the message to another instance now.
+			_ = msg.Nak()
+			return
+		}
+		delay := rt.Policy.Delay(meta.NumDelivered)
+		r.log.Warn("handler failed, will retry", "consumer", rt.Consumer, "subject", msg.Subject(),
+			"delivered", meta.NumDelivered, "retry_in", delay, "err", err)
+		_ = msg.NakWithDelay(delay)
+		return
+	}
+	reason := err.Error()
+	if last && !IsPermanent(err) {
+		reason = fmt.Sprintf("exhausted %d deliveries: %s", meta.NumDelivered, reason)
+	}
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	if derr := r.deadLetter(dctx, rt, msg, meta, reason); derr != nil {
+		// Keep the message rather than lose it; it comes back after back-off.
+		r.log.Error("dead-lettering failed, keeping message", "consumer", rt.Consumer, "err", derr)
+		_ = msg.NakWithDelay(rt.Policy.Delay(meta.NumDelivered))
+		return
+	}
+	r.Stats.DeadLettered.Add(1)
+	r.log.Error("message dead-lettered", "consumer", rt.Consumer, "subject", msg.Subject(), "reason", reason)
+	_ = msg.TermWithReason(truncate(reason, 200))
+}
+
+func (r *Router) deadLetter(ctx context.Context, rt Route, msg jetstream.Msg, meta *jetstream.MsgMetadata, reason string) error {
+	h := nats.Header{}
+	for k, v := range msg.Headers() {
+		h[k] = append([]string(nil), v...)
+	}
+	h.Set(HeaderDLQReason, truncate(reason, 2000))
+	h.Set(HeaderDLQSubject, msg.Subject())
+	h.Set(HeaderDLQStream, meta.Stream)
+	h.Set(HeaderDLQConsumer, meta.Consumer)
+	h.Set(HeaderDLQStreamSeq, strconv.FormatUint(meta.Sequence.Stream, 10))
+	h.Set(HeaderDLQDelivered, strconv.FormatUint(meta.NumDelivered, 10))
+	h.Set(event.HeaderMsgID, "dlq:"+meta.Stream+":"+strconv.FormatUint(meta.Sequence.Stream, 10))
+	out := &nats.Msg{Subject: event.DLQSubject(rt.Stream, rt.Consumer), Header: h, Data: msg.Data()}
+	_, err := r.pub.PublishMsg(ctx, out)
+	return err
+}
+
+// heartbeat tells the server the message is in progress every third of
+// ackWait until the returned stop is called.
+func heartbeat(msg jetstream.Msg, ackWait time.Duration) (stop func()) {
+	every := ackWait / 3
+	if every <= 0 {
+		return func() {}
+	}
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				_ = msg.InProgress()
+			}
+		}
+	}()
+	return func() { close(done); wg.Wait() }
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n]
+}

@@ -1,0 +1,173 @@
+// Package event is sand-boxer's event contract: the CloudEvents types every
+// service publishes, the NATS subjects they travel on, the JSON payloads they
+// carry and the mapping of a CloudEvent onto a NATS message.
+//
+// The package owns the wire format and nothing else. It must never import a
+// service package, the bus or an extension: everything that speaks to
+// sand-boxer, including code outside this repository, can depend on it alone.
+package event
+
+import (
+	"fmt"
+	"regexp"
+)
+
+// Type is a reverse-DNS, versioned CloudEvents type.
+type Type string
+
+// Command types. Commands travel on the commands stream and are consumed by
+// exactly one worker of the addressed extension.
+const (
+	TypeCreate  Type = "dev.sandboxer.command.create.v1"
+	TypeDestroy Type = "dev.sandboxer.command.destroy.v1"
+)
+
+// Lifecycle types, one per state a sandbox enters. They travel on the
+// lifecycle stream.
+const (
+	TypeProvisioning Type = "dev.sandboxer.sandbox.provisioning.v1"
+	TypeReady        Type = "dev.sandboxer.sandbox.ready.v1"
+	TypeFailed       Type = "dev.sandboxer.sandbox.failed.v1"
+	TypeDestroying   Type = "dev.sandboxer.sandbox.destroying.v1"
+	TypeDestroyed    Type = "dev.sandboxer.sandbox.destroyed.v1"
+	TypeRejected     Type = "dev.sandboxer.sandbox.rejected.v1"
+	TypeExpired      Type = "dev.sandboxer.sandbox.expired.v1"
+)
+
+// TypeExpiry is the internal timer message the registry schedules on the bus
+// when a sandbox with a TTL becomes ready. When it fires, the registry emits
+// [TypeExpired] and a destroy command.
+const TypeExpiry Type = "dev.sandboxer.timer.expiry.v1"
+
+// State is a sandbox lifecycle state. The last token of every lifecycle
+// subject is a State.
+type State string
+
+// The states of the sandbox state machine:
+//
+//	requested -> rejected
+//	requested -> provisioning -> ready -> destroying -> destroyed
+//	                          \-> failed -> destroying -> destroyed
+//	ready -> expired -> destroying -> destroyed
+const (
+	StateRequested    State = "requested"
+	StateRejected     State = "rejected"
+	StateProvisioning State = "provisioning"
+	StateReady        State = "ready"
+	StateFailed       State = "failed"
+	StateExpired      State = "expired"
+	StateDestroying   State = "destroying"
+	StateDestroyed    State = "destroyed"
+)
+
+// States lists every state in the order a sandbox normally passes them.
+var States = []State{
+	StateRequested, StateProvisioning, StateReady, StateFailed, StateExpired,
+	StateDestroying, StateDestroyed, StateRejected,
+}
+
+// LifecycleType returns the event type announcing state s, or "" for
+// [StateRequested], which has no event of its own (the create command is the
+// request).
+func LifecycleType(s State) Type {
+	switch s {
+	case StateProvisioning:
+		return TypeProvisioning
+	case StateReady:
+		return TypeReady
+	case StateFailed:
+		return TypeFailed
+	case StateDestroying:
+		return TypeDestroying
+	case StateDestroyed:
+		return TypeDestroyed
+	case StateRejected:
+		return TypeRejected
+	case StateExpired:
+		return TypeExpired
+	}
+	return ""
+}
+
+// StateOf returns the state a lifecycle event type announces, and false for
+// any other type.
+func StateOf(t Type) (State, bool) {
+	for _, s := range States {
+		if LifecycleType(s) == t && t != "" {
+			return s, true
+		}
+	}
+	return "", false
+}
+
+// Valid reports whether s is a known state.
+func (s State) Valid() bool {
+	for _, k := range States {
+		if k == s {
+			return true
+		}
+	}
+	return false
+}
+
+// Terminal reports whether no transition leaves s.
+func (s State) Terminal() bool { return s == StateDestroyed || s == StateRejected }
+
+// Rank orders states along the state machine. A projection applies an event
+// only when it moves a sandbox to a higher rank, which makes applying events
+// idempotent and safe under reordering.
+func (s State) Rank() int {
+	switch s {
+	case StateRequested:
+		return 0
+	case StateProvisioning:
+		return 1
+	case StateReady, StateFailed:
+		return 2
+	case StateExpired:
+		return 3
+	case StateDestroying:
+		return 4
+	case StateDestroyed, StateRejected:
+		return 5
+	}
+	return -1
+}
+
+// CanTransition reports whether the state machine allows from -> to.
+func CanTransition(from, to State) bool {
+	switch from {
+	case StateRequested:
+		return to == StateProvisioning || to == StateRejected || to == StateDestroying ||
+			to == StateDestroyed || to == StateFailed || to == StateReady
+	case StateProvisioning:
+		return to == StateReady || to == StateFailed || to == StateDestroying || to == StateDestroyed
+	case StateReady:
+		return to == StateExpired || to == StateDestroying || to == StateDestroyed
+	case StateFailed, StateExpired:
+		return to == StateDestroying || to == StateDestroyed
+	case StateDestroying:
+		return to == StateDestroyed
+	}
+	return false
+}
+
+var (
+	// namePattern is what extension names, consumer names, profile slugs and
+	// sandbox ids may look like: safe as a NATS subject token, a directory
+	// name, a compose project name and a shell word.
+	namePattern = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,62}$`)
+)
+
+// ValidName reports whether s may be used as an extension name, consumer
+// name, profile slug or sandbox id: 1 to 63 characters of lower-case letters,
+// digits, '-' and '_', starting with a letter or digit.
+func ValidName(s string) bool { return namePattern.MatchString(s) }
+
+// CheckName returns a descriptive error when s is not a [ValidName].
+func CheckName(kind, s string) error {
+	if !ValidName(s) {
+		return fmt.Errorf("invalid %s %q: want 1-63 of [a-z0-9_-], starting with a letter or digit", kind, s)
+	}
+	return nil
+}

@@ -1,0 +1,264 @@
+// Package conformance is the test suite every extension passes. An
+// extension's tests call [Run] with a way to make a configured backend and
+// a way to see what exists of a sandbox on the backend, so every assertion
+// is about the real backend, not about what the code under test says.
+package conformance
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/sand-boxer/sandboxer/pkg/extension"
+)
+
+// Harness adapts one backend to the suite.
+type Harness struct {
+	// New returns a configured backend. It is called once per subtest.
+	New func(t *testing.T) extension.Extension
+	// Profile and Inputs make a sandbox that must become ready. The suite
+	// sets the sandbox_id input itself.
+	Profile extension.Profile
+	Inputs  extension.Inputs
+	// Host is passed to Provision.
+	Host string
+	// Instances counts what exists of a sandbox on the backend (directories,
+	// containers, records), observed independently of the backend's own
+	// answers where possible.
+	Instances func(t *testing.T, ext extension.Extension, sandboxID string) int
+	// Timeout bounds each call. Default 2 minutes.
+	Timeout time.Duration
+}
+
+// NewSandboxID returns a fresh, valid sandbox id for tests.
+func NewSandboxID() string {
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	return "conf-" + hex.EncodeToString(b)
+}
+
+func (h Harness) inputs(id string) extension.Inputs {
+	in := extension.Inputs{}
+	for k, v := range h.Inputs {
+		in[k] = v
+	}
+	in[extension.InputSandboxID] = id
+	return in
+}
+
+func (h Harness) ctx(t *testing.T) context.Context {
+	d := h.Timeout
+	if d <= 0 {
+		d = 2 * time.Minute
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// Run runs the suite.
+func Run(t *testing.T, h Harness) {
+	t.Run("ProvisionReadyTeardown", func(t *testing.T) { provisionReadyTeardown(t, h) })
+	t.Run("ProvisionTwiceIsOneSandbox", func(t *testing.T) { provisionTwice(t, h) })
+	t.Run("ConcurrentProvisionIsOneSandbox", func(t *testing.T) { concurrentProvision(t, h) })
+	t.Run("TeardownOfPartialHandle", func(t *testing.T) { teardownPartial(t, h) })
+	t.Run("TeardownTwice", func(t *testing.T) { teardownTwice(t, h) })
+	t.Run("CancelledProvision", func(t *testing.T) { cancelled(t, h) })
+}
+
+func provisionReadyTeardown(t *testing.T, h Harness) {
+	ext := h.New(t)
+	ctx := h.ctx(t)
+	id := NewSandboxID()
+	hd, err := ext.Provision(ctx, h.Profile, h.inputs(id), h.Host)
+	if err != nil {
+		t.Fatalf("Provision: %v", err)
+	}
+	t.Cleanup(func() { _, _ = ext.Teardown(context.Background(), hd) })
+	if hd.SandboxID != id {
+		t.Errorf("handle sandbox_id = %q, want %q", hd.SandboxID, id)
+	}
+	if hd.Host == "" {
+		t.Error("handle host is empty")
+	}
+	r, err := ext.WaitReady(ctx, hd)
+	if err != nil {
+		t.Fatalf("WaitReady: %v", err)
+	}
+	if r.Host == "" {
+		t.Error("reachability host is empty")
+	}
+	if n := h.Instances(t, ext, id); n != 1 {
+		t.Fatalf("after ready, backend holds %d instances of the sandbox, want 1", n)
+	}
+	rep, err := ext.Teardown(ctx, hd)
+	if err != nil {
+		t.Fatalf("Teardown: %v", err)
+	}
+	if len(rep.Removed) == 0 || rep.AlreadyGone {
+		t.Errorf("teardown report %+v lists nothing removed", rep)
+	}
+	if n := h.Instances(t, ext, id); n != 0 {
+		t.Fatalf("after teardown, backend holds %d instances, want 0", n)
+	}
+}
+
+func provisionTwice(t *testing.T, h Harness) {
+	ext := h.New(t)
+	ctx := h.ctx(t)
+	id := NewSandboxID()
+	first, err := ext.Provision(ctx, h.Profile, h.inputs(id), h.Host)
+	if err != nil {
+		t.Fatalf("first Provision: %v", err)
+	}
+	t.Cleanup(func() { _, _ = ext.Teardown(context.Background(), first) })
+	second, err := ext.Provision(ctx, h.Profile, h.inputs(id), h.Host)
+	if err != nil {
+		t.Fatalf("second Provision: %v", err)
+	}
+	if first.SandboxID != second.SandboxID || first.Host != second.Host {
+		t.Errorf("second Provision returned %+v, first %+v", second, first)
+	}
+	if n := h.Instances(t, ext, id); n != 1 {
+		t.Fatalf("after two Provisions, backend holds %d instances, want 1", n)
+	}
+	if _, err := ext.WaitReady(ctx, second); err != nil {
+		t.Fatalf("WaitReady after second Provision: %v", err)
+	}
+	if _, err := ext.Teardown(ctx, second); err != nil {
+		t.Fatalf("Teardown: %v", err)
+	}
+	if n := h.Instances(t, ext, id); n != 0 {
+		t.Fatalf("after teardown, backend holds %d instances, want 0", n)
+	}
+}
+
+func concurrentProvision(t *testing.T, h Harness) {
+	ext := h.New(t)
+	ctx := h.ctx(t)
+	id := NewSandboxID()
+	const n = 3
+	var (
+		wg      sync.WaitGroup
+		handles [n]extension.Handle
+		errs    [n]error
+	)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			handles[i], errs[i] = ext.Provision(ctx, h.Profile, h.inputs(id), h.Host)
+		}()
+	}
+	wg.Wait()
+	t.Cleanup(func() { _, _ = ext.Teardown(context.Background(), handles[0]) })
+	ok := 0
+	for i := range n {
+		if errs[i] == nil {
+			ok++
+		}
+	}
+	if ok == 0 {
+		t.Fatalf("no concurrent Provision succeeded: %v", errs)
+	}
+	// A loser may fail, but a retry must find the winner's sandbox.
+	hd, err := ext.Provision(ctx, h.Profile, h.inputs(id), h.Host)
+	if err != nil {
+		t.Fatalf("Provision after concurrent ones: %v", err)
+	}
+	if _, err := ext.WaitReady(ctx, hd); err != nil {
+		t.Fatalf("WaitReady: %v", err)
+	}
+	if got := h.Instances(t, ext, id); got != 1 {
+		t.Fatalf("after %d concurrent Provisions, backend holds %d instances, want 1", n, got)
+	}
+	if _, err := ext.Teardown(ctx, hd); err != nil {
+		t.Fatalf("Teardown: %v", err)
+	}
+	if got := h.Instances(t, ext, id); got != 0 {
+		t.Fatalf("after teardown, backend holds %d instances, want 0", got)
+	}
+}
+
+func teardownPartial(t *testing.T, h Harness) {
+	ext := h.New(t)
+	ctx := h.ctx(t)
+	id := NewSandboxID()
+	host := h.Host
+	if host == "" {
+		host = "localhost"
+	}
+	// A handle for a sandbox that was never made: what a worker has when a
+	// destroy arrives for a create that failed before Provision returned.
+	rep, err := ext.Teardown(ctx, extension.Handle{SandboxID: id, Host: host})
+	if err != nil {
+		t.Fatalf("Teardown of a never-provisioned handle: %v", err)
+	}
+	if len(rep.Removed) != 0 {
+		t.Errorf("teardown of nothing removed %v", rep.Removed)
+	}
+	// A handle that lost its extension data: Teardown must still find
+	// the sandbox by id and host.
+	full, err := ext.Provision(ctx, h.Profile, h.inputs(id), h.Host)
+	if err != nil {
+		t.Fatalf("Provision: %v", err)
+	}
+	t.Cleanup(func() { _, _ = ext.Teardown(context.Background(), full) })
+	if _, err := ext.Teardown(ctx, extension.Handle{SandboxID: full.SandboxID, Host: full.Host}); err != nil {
+		t.Fatalf("Teardown with a partial handle: %v", err)
+	}
+	if n := h.Instances(t, ext, id); n != 0 {
+		t.Fatalf("after teardown with a partial handle, backend holds %d instances, want 0", n)
+	}
+}
+
+func teardownTwice(t *testing.T, h Harness) {
+	ext := h.New(t)
+	ctx := h.ctx(t)
+	id := NewSandboxID()
+	hd, err := ext.Provision(ctx, h.Profile, h.inputs(id), h.Host)
+	if err != nil {
+		t.Fatalf("Provision: %v", err)
+	}
+	if _, err := ext.Teardown(ctx, hd); err != nil {
+		t.Fatalf("first Teardown: %v", err)
+	}
+	rep, err := ext.Teardown(ctx, hd)
+	if err != nil {
+		t.Fatalf("second Teardown of an already-removed sandbox: %v", err)
+	}
+	if len(rep.Removed) != 0 {
+		t.Errorf("second teardown removed %v again", rep.Removed)
+	}
+}
+
+func cancelled(t *testing.T, h Harness) {
+	ext := h.New(t)
+	id := NewSandboxID()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	hd, err := ext.Provision(ctx, h.Profile, h.inputs(id), h.Host)
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("Provision with a cancelled context returned %v, want context.Canceled", err)
+	}
+	if hd.SandboxID == "" {
+		hd = extension.Handle{SandboxID: id, Host: h.Host}
+	}
+	if _, err := ext.WaitReady(ctx, hd); !errors.Is(err, context.Canceled) {
+		t.Errorf("WaitReady with a cancelled context returned %v, want context.Canceled", err)
+	}
+	if _, err := ext.Teardown(ctx, hd); !errors.Is(err, context.Canceled) {
+		t.Errorf("Teardown with a cancelled context returned %v, want context.Canceled", err)
+	}
+	live := h.ctx(t)
+	if _, err := ext.Teardown(live, hd); err != nil {
+		t.Fatalf("Teardown after a cancelled Provision: %v", err)
+	}
+	if n := h.Instances(t, ext, id); n != 0 {
+		t.Fatalf("after a cancelled Provision and teardown, backend holds %d instances, want 0", n)
+	}
+}

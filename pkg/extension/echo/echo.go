@@ -1,0 +1,135 @@
+// Package echo is ext.echo, a no-op backend that is ready at once. It
+// exists to isolate the control plane from backend time in tests and
+// benchmarks, and is linked only into those: no shipped manifest uses it.
+package echo
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/sand-boxer/sandboxer/pkg/extension"
+)
+
+// Handler is the manifest handler name of this backend.
+const Handler = "echo"
+
+// Info registers the backend.
+var Info = extension.Info{Handler: Handler, New: func() extension.Extension { return New() }}
+
+// Echo keeps its sandboxes in memory.
+type Echo struct {
+	mu        sync.Mutex
+	sandboxes map[string]extension.Handle
+}
+
+// New returns an empty backend.
+func New() *Echo { return &Echo{sandboxes: make(map[string]extension.Handle)} }
+
+// Manifest returns a manifest for the backend, with inputs delay (how long
+// Provision takes) and fail (provision or ready, to make that phase fail).
+func Manifest(name string) *extension.Manifest {
+	return &extension.Manifest{
+		Name:    name,
+		Handler: Handler,
+		Capabilities: extension.Capabilities{
+			IsolationLevels: []extension.IsolationLevel{extension.IsolationProcess},
+			PricingModel:    extension.PricingSelfHosted,
+		},
+		Inputs: map[string]extension.InputSpec{
+			"delay": {Type: extension.TypeDuration, Description: "how long Provision takes"},
+			"fail":  {Type: extension.TypeString, Enum: []string{"provision", "ready"}, Description: "phase to fail"},
+		},
+	}
+}
+
+// Provision records the sandbox, after the delay input if any.
+func (e *Echo) Provision(ctx context.Context, _ extension.Profile, in extension.Inputs, host string) (extension.Handle, error) {
+	if host == "" {
+		host = "localhost"
+	}
+	h := extension.Handle{SandboxID: in.SandboxID(), Host: host}
+	if h.SandboxID == "" {
+		return h, fmt.Errorf("echo: missing sandbox id")
+	}
+	if d := in["delay"]; d != "" {
+		dur, err := time.ParseDuration(d)
+		if err != nil {
+			return h, fmt.Errorf("echo: delay: %w", err)
+		}
+		t := time.NewTimer(dur)
+		defer t.Stop()
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return h, ctx.Err()
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return h, err
+	}
+	if in["fail"] == "provision" {
+		return h, fmt.Errorf("echo: failing provision as asked")
+	}
+	if in["fail"] == "ready" {
+		h.Data = map[string]string{"fail": "ready"}
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if prev, ok := e.sandboxes[h.SandboxID]; ok {
+		return prev, nil
+	}
+	e.sandboxes[h.SandboxID] = h
+	return h, nil
+}
+
+// WaitReady is immediate.
+func (e *Echo) WaitReady(ctx context.Context, h extension.Handle) (extension.Reachability, error) {
+	if err := ctx.Err(); err != nil {
+		return extension.Reachability{}, err
+	}
+	if h.Data["fail"] == "ready" {
+		return extension.Reachability{}, fmt.Errorf("echo: failing ready as asked")
+	}
+	e.mu.Lock()
+	_, ok := e.sandboxes[h.SandboxID]
+	e.mu.Unlock()
+	if !ok {
+		return extension.Reachability{}, fmt.Errorf("echo: sandbox %s not provisioned", h.SandboxID)
+	}
+	return extension.Reachability{Host: h.Host, RemoteDir: "/echo/" + h.SandboxID}, nil
+}
+
+// Teardown forgets the sandbox.
+func (e *Echo) Teardown(ctx context.Context, h extension.Handle) (extension.CleanupReport, error) {
+	if err := ctx.Err(); err != nil {
+		return extension.CleanupReport{}, err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if _, ok := e.sandboxes[h.SandboxID]; !ok {
+		return extension.CleanupReport{AlreadyGone: true}, nil
+	}
+	delete(e.sandboxes, h.SandboxID)
+	return extension.CleanupReport{Removed: []string{"echo:" + h.SandboxID}}, nil
+}
+
+// Instances reports 1 while the sandbox exists.
+func (e *Echo) Instances(sandboxID string) int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if _, ok := e.sandboxes[sandboxID]; ok {
+		return 1
+	}
+	return 0
+}
+
+// Len reports how many sandboxes exist.
+func (e *Echo) Len() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return len(e.sandboxes)
+}
+
+var _ extension.Extension = (*Echo)(nil)

@@ -1,0 +1,348 @@
+package extension
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/sand-boxer/sandboxer/pkg/event"
+)
+
+// IsolationLevel says how strongly a backend separates sandboxes.
+type IsolationLevel string
+
+// Known isolation levels.
+const (
+	IsolationProcess   IsolationLevel = "process"   // a directory on a shared machine
+	IsolationContainer IsolationLevel = "container" // containers on a shared kernel
+	IsolationVM        IsolationLevel = "vm"        // a virtual machine
+	IsolationRemote    IsolationLevel = "remote"    // a third party's service
+)
+
+// IsolationLevels lists the known isolation levels.
+var IsolationLevels = []IsolationLevel{IsolationProcess, IsolationContainer, IsolationVM, IsolationRemote}
+
+// PricingModel says who meters a backend.
+type PricingModel string
+
+// Known pricing models.
+const (
+	// PricingSelfHosted backends are priced by the profile's rate and the
+	// lifecycle timestamps.
+	PricingSelfHosted PricingModel = "self-hosted"
+	// PricingMetered backends quote a price and report actual usage
+	// themselves ([Metered]).
+	PricingMetered PricingModel = "metered"
+)
+
+// PricingModels lists the known pricing models.
+var PricingModels = []PricingModel{PricingSelfHosted, PricingMetered}
+
+// Capabilities are what a backend can do, as plain data checked at start-up.
+type Capabilities struct {
+	IsolationLevels []IsolationLevel `yaml:"isolation_levels" json:"isolation_levels"`
+	PricingModel    PricingModel     `yaml:"pricing_model" json:"pricing_model"`
+}
+
+// Capacity bounds how many sandboxes a backend runs at once. Zero means
+// unbounded.
+type Capacity struct {
+	MaxSandboxes int `yaml:"max_sandboxes,omitempty" json:"max_sandboxes,omitempty"`
+	PerHost      int `yaml:"per_host,omitempty" json:"per_host,omitempty"`
+}
+
+// WorkerPolicy is how the extension's worker pool consumes commands.
+type WorkerPolicy struct {
+	// Concurrency is the cap on commands in flight across the whole pool
+	// (the consumer's MaxAckPending) and the default per process. Default 8.
+	Concurrency int `yaml:"concurrency,omitempty" json:"concurrency,omitempty"`
+	// AckWait is how long a command may go without a heartbeat before
+	// another worker gets it. Default 30s.
+	AckWait Duration `yaml:"ack_wait,omitempty" json:"ack_wait,omitempty"`
+	// MaxDeliver bounds attempts per command. Default 5.
+	MaxDeliver int `yaml:"max_deliver,omitempty" json:"max_deliver,omitempty"`
+	// Backoff is the delay before each retry. Default 1s, 5s, 15s, 30s.
+	Backoff []Duration `yaml:"backoff,omitempty" json:"backoff,omitempty"`
+}
+
+// Manifest describes one extension: extensions/ext.<name>.yaml.
+type Manifest struct {
+	// Name is the extension's id: the subject token of its commands and
+	// events, and what profiles bind to.
+	Name string `yaml:"name" json:"name"`
+	// Handler picks the backend code from the [Registry].
+	Handler      string       `yaml:"handler" json:"handler"`
+	Description  string       `yaml:"description,omitempty" json:"description,omitempty"`
+	Capabilities Capabilities `yaml:"capabilities" json:"capabilities"`
+	// Hosts the backend places sandboxes on. Default ["localhost"].
+	Hosts    []string     `yaml:"hosts,omitempty" json:"hosts,omitempty"`
+	Capacity Capacity     `yaml:"capacity,omitempty" json:"capacity,omitzero"`
+	Workers  WorkerPolicy `yaml:"workers,omitempty" json:"workers,omitzero"`
+	// Inputs is the spec every request's inputs are validated against
+	// before anything is published or provisioned.
+	Inputs map[string]InputSpec `yaml:"inputs,omitempty" json:"inputs,omitempty"`
+	// Config is the backend's own configuration, decoded strictly by it.
+	Config Config `yaml:"config,omitempty" json:"config,omitzero"`
+
+	// File is where the manifest was loaded from.
+	File string `yaml:"-" json:"file,omitempty"`
+}
+
+// TTLPolicy bounds a sandbox's time to live.
+type TTLPolicy struct {
+	// Default applies when a request gives no TTL. Zero means no expiry.
+	Default Duration `yaml:"default,omitempty" json:"default,omitempty"`
+	// Max is the longest TTL a request may ask for. Zero means unbounded.
+	Max Duration `yaml:"max,omitempty" json:"max,omitempty"`
+}
+
+// Deadlines bound each phase of a sandbox's life.
+type Deadlines struct {
+	// Provision bounds Provision. Default 5m.
+	Provision Duration `yaml:"provision,omitempty" json:"provision,omitempty"`
+	// Ready bounds WaitReady. Default 5m.
+	Ready Duration `yaml:"ready,omitempty" json:"ready,omitempty"`
+	// Teardown bounds Teardown. Default 5m.
+	Teardown Duration `yaml:"teardown,omitempty" json:"teardown,omitempty"`
+}
+
+// Default deadlines.
+const (
+	DefaultProvisionDeadline = 5 * time.Minute
+	DefaultReadyDeadline     = 5 * time.Minute
+	DefaultTeardownDeadline  = 5 * time.Minute
+)
+
+// ProvisionDeadline returns the provision deadline or its default.
+func (d Deadlines) ProvisionDeadline() time.Duration {
+	return orDefault(d.Provision.D(), DefaultProvisionDeadline)
+}
+
+// ReadyDeadline returns the ready deadline or its default.
+func (d Deadlines) ReadyDeadline() time.Duration { return orDefault(d.Ready.D(), DefaultReadyDeadline) }
+
+// TeardownDeadline returns the teardown deadline or its default.
+func (d Deadlines) TeardownDeadline() time.Duration {
+	return orDefault(d.Teardown.D(), DefaultTeardownDeadline)
+}
+
+func orDefault(d, def time.Duration) time.Duration {
+	if d <= 0 {
+		return def
+	}
+	return d
+}
+
+// Profile is what a request asks for: profiles/profile.<slug>.yaml.
+type Profile struct {
+	Slug        string `yaml:"slug" json:"slug"`
+	Description string `yaml:"description,omitempty" json:"description,omitempty"`
+	// Extension binds the profile to one extension.
+	Extension string `yaml:"extension" json:"extension"`
+	// Isolation is the level the profile needs; the extension must offer it.
+	Isolation IsolationLevel `yaml:"isolation,omitempty" json:"isolation,omitempty"`
+	TTL       TTLPolicy      `yaml:"ttl,omitempty" json:"ttl,omitzero"`
+	Deadlines Deadlines      `yaml:"deadlines,omitempty" json:"deadlines,omitzero"`
+	// Inputs are defaults a request's inputs are merged over.
+	Inputs map[string]string `yaml:"inputs,omitempty" json:"inputs,omitempty"`
+	// Labels are added to every sandbox of the profile.
+	Labels map[string]string `yaml:"labels,omitempty" json:"labels,omitempty"`
+	// Config is passed to the backend with each sandbox.
+	Config Config `yaml:"config,omitempty" json:"config,omitzero"`
+
+	// File is where the profile was loaded from.
+	File string `yaml:"-" json:"file,omitempty"`
+}
+
+// ParseManifest decodes and checks one manifest, reporting every problem.
+// The file name, when given, must be ext.<name>.yaml.
+func ParseManifest(file string, data []byte) (*Manifest, Problems) {
+	var m Manifest
+	root, ps := decodeStrict(file, data, &m)
+	if root == nil {
+		return nil, ps
+	}
+	m.File = file
+	m.Config.file = file
+	ps = append(ps, m.check(locator{file: file, root: root})...)
+	return &m, ps
+}
+
+// ParseProfile decodes and checks one profile, reporting every problem.
+// Checks that need the extension (isolation, inputs) are done by the
+// catalog.
+func ParseProfile(file string, data []byte) (*Profile, Problems) {
+	var p Profile
+	root, ps := decodeStrict(file, data, &p)
+	if root == nil {
+		return nil, ps
+	}
+	p.File = file
+	p.Config.file = file
+	ps = append(ps, p.check(locator{file: file, root: root})...)
+	return &p, ps
+}
+
+func (m *Manifest) check(l locator) Problems {
+	var ps Problems
+	if m.Name == "" {
+		ps = append(ps, l.at("name", "required"))
+	} else if err := event.CheckName("extension name", m.Name); err != nil {
+		ps = append(ps, l.at("name", "%v", err))
+	} else if l.file != "" {
+		if want := "ext." + m.Name + ".yaml"; filepath.Base(l.file) != want {
+			ps = append(ps, l.at("name", "extension %q must be declared in %s, not %s", m.Name, want, filepath.Base(l.file)))
+		}
+	}
+	if m.Handler == "" {
+		ps = append(ps, l.at("handler", "required"))
+	}
+	if len(m.Capabilities.IsolationLevels) == 0 {
+		ps = append(ps, l.at("capabilities.isolation_levels", "required: at least one of %v", IsolationLevels))
+	}
+	for i, lvl := range m.Capabilities.IsolationLevels {
+		if !slices.Contains(IsolationLevels, lvl) {
+			ps = append(ps, l.at(fmt.Sprintf("capabilities.isolation_levels[%d]", i), "unknown isolation level %q (known: %v)", lvl, IsolationLevels))
+		}
+	}
+	if m.Capabilities.PricingModel == "" {
+		ps = append(ps, l.at("capabilities.pricing_model", "required: one of %v", PricingModels))
+	} else if !slices.Contains(PricingModels, m.Capabilities.PricingModel) {
+		ps = append(ps, l.at("capabilities.pricing_model", "unknown pricing model %q (known: %v)", m.Capabilities.PricingModel, PricingModels))
+	}
+	for i, h := range m.Hosts {
+		if !hostRE.MatchString(h) {
+			ps = append(ps, l.at(fmt.Sprintf("hosts[%d]", i), "invalid host %q", h))
+		}
+	}
+	if m.Capacity.MaxSandboxes < 0 || m.Capacity.PerHost < 0 {
+		ps = append(ps, l.at("capacity", "capacities must not be negative"))
+	}
+	if m.Workers.Concurrency < 0 {
+		ps = append(ps, l.at("workers.concurrency", "must not be negative"))
+	}
+	if m.Workers.MaxDeliver < 0 {
+		ps = append(ps, l.at("workers.max_deliver", "must not be negative"))
+	}
+	if m.Workers.AckWait != 0 && m.Workers.AckWait.D() < time.Second {
+		ps = append(ps, l.at("workers.ack_wait", "must be at least 1s"))
+	}
+	for _, name := range sortedKeys(m.Inputs) {
+		spec := m.Inputs[name]
+		for _, msg := range spec.check(name) {
+			ps = append(ps, l.at("inputs."+name, "%s", msg))
+		}
+	}
+	return ps
+}
+
+func (p *Profile) check(l locator) Problems {
+	var ps Problems
+	if p.Slug == "" {
+		ps = append(ps, l.at("slug", "required"))
+	} else if err := event.CheckName("profile slug", p.Slug); err != nil {
+		ps = append(ps, l.at("slug", "%v", err))
+	} else if l.file != "" {
+		if want := "profile." + p.Slug + ".yaml"; filepath.Base(l.file) != want {
+			ps = append(ps, l.at("slug", "profile %q must be declared in %s, not %s", p.Slug, want, filepath.Base(l.file)))
+		}
+	}
+	if p.Extension == "" {
+		ps = append(ps, l.at("extension", "required: the extension this profile binds"))
+	}
+	if p.Isolation != "" && !slices.Contains(IsolationLevels, p.Isolation) {
+		ps = append(ps, l.at("isolation", "unknown isolation level %q (known: %v)", p.Isolation, IsolationLevels))
+	}
+	if p.TTL.Default < 0 || p.TTL.Max < 0 {
+		ps = append(ps, l.at("ttl", "durations must not be negative"))
+	}
+	if p.TTL.Max > 0 && p.TTL.Default > p.TTL.Max {
+		ps = append(ps, l.at("ttl.default", "default %s exceeds max %s", p.TTL.Default, p.TTL.Max))
+	}
+	for _, k := range []struct {
+		path string
+		d    Duration
+	}{{"deadlines.provision", p.Deadlines.Provision}, {"deadlines.ready", p.Deadlines.Ready}, {"deadlines.teardown", p.Deadlines.Teardown}} {
+		if k.d < 0 {
+			ps = append(ps, l.at(k.path, "must not be negative"))
+		}
+	}
+	for _, k := range sortedKeys(p.Labels) {
+		if err := CheckLabel(k, p.Labels[k]); err != nil {
+			ps = append(ps, l.at("labels."+k, "%v", err))
+		}
+	}
+	return ps
+}
+
+// ConsumerPolicy returns the worker policy with defaults applied.
+func (w WorkerPolicy) WithDefaults() WorkerPolicy {
+	if w.Concurrency <= 0 {
+		w.Concurrency = 8
+	}
+	if w.AckWait <= 0 {
+		w.AckWait = Duration(30 * time.Second)
+	}
+	if w.MaxDeliver <= 0 {
+		w.MaxDeliver = 5
+	}
+	if len(w.Backoff) == 0 {
+		w.Backoff = []Duration{Duration(time.Second), Duration(5 * time.Second), Duration(15 * time.Second), Duration(30 * time.Second)}
+	}
+	return w
+}
+
+// HostList returns the manifest's hosts, or ["localhost"].
+func (m *Manifest) HostList() []string {
+	if len(m.Hosts) == 0 {
+		return []string{"localhost"}
+	}
+	return m.Hosts
+}
+
+// LoadManifestFile reads and checks one manifest file.
+func LoadManifestFile(path string) (*Manifest, Problems) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, Problems{{File: path, Message: err.Error()}}
+	}
+	return ParseManifest(path, data)
+}
+
+// LoadProfileFile reads and checks one profile file.
+func LoadProfileFile(path string) (*Profile, Problems) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, Problems{{File: path, Message: err.Error()}}
+	}
+	return ParseProfile(path, data)
+}
+
+// CheckLabel validates one label: keys are names with optional dotted or
+// slashed prefixes, values are short and safe.
+func CheckLabel(k, v string) error {
+	if !labelKeyRE.MatchString(k) {
+		return fmt.Errorf("invalid label key %q: want [a-z0-9] words joined by . / - _, at most 63 characters", k)
+	}
+	if len(v) > 128 || !labelValueRE.MatchString(v) {
+		return fmt.Errorf("invalid label value %q for %q: want at most 128 of [A-Za-z0-9._-]", v, k)
+	}
+	return nil
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// trimExt trims ".yaml" or ".yml".
+func trimExt(name string) string {
+	return strings.TrimSuffix(strings.TrimSuffix(name, ".yaml"), ".yml")
+}

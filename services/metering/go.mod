@@ -1,0 +1,3 @@
+module github.com/sand-boxer/sandboxer/services/metering
+
+go 1.26.0
