@@ -1,0 +1,115 @@
+// Package api is the HTTP API of the gateway as Go types, and a client for
+// it. The CLI, the benchmarks and the end-to-end tests speak to the gateway
+// only through this package.
+package api
+
+import (
+	"time"
+
+	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/sandbox"
+)
+
+// CreateRequest is the body of POST /v1/sandboxes.
+type CreateRequest struct {
+	Profile string            `json:"profile"`
+	Inputs  map[string]string `json:"inputs,omitempty"`
+	Labels  map[string]string `json:"labels,omitempty"`
+	// TTL is a Go duration ("30m"); empty means the profile's default.
+	TTL string `json:"ttl,omitempty"`
+}
+
+// Sandbox is a sandbox as the API shows it.
+type Sandbox struct {
+	ID           string               `json:"id"`
+	State        event.State          `json:"state"`
+	Consumer     string               `json:"consumer"`
+	Profile      string               `json:"profile"`
+	Extension    string               `json:"extension"`
+	Host         string               `json:"host,omitempty"`
+	Labels       map[string]string    `json:"labels,omitempty"`
+	Inputs       map[string]string    `json:"inputs,omitempty"`
+	TTLSeconds   int64                `json:"ttl_seconds,omitempty"`
+	Reachability *event.Reachability  `json:"reachability,omitempty"`
+	Reason       string               `json:"reason,omitempty"`
+	Code         string               `json:"code,omitempty"`
+	CreatedAt    time.Time            `json:"created_at"`
+	UpdatedAt    time.Time            `json:"updated_at"`
+	ReadyAt      time.Time            `json:"ready_at,omitzero"`
+	ExpiresAt    time.Time            `json:"expires_at,omitzero"`
+	DestroyedAt  time.Time            `json:"destroyed_at,omitzero"`
+	History      []sandbox.Transition `json:"history,omitempty"`
+}
+
+// FromRecord returns the API view of an inventory record. The backend
+// handle and the credit hold stay internal.
+func FromRecord(r *sandbox.Record) Sandbox {
+	return Sandbox{
+		ID: r.ID, State: r.State, Consumer: r.Consumer, Profile: r.Profile, Extension: r.Extension,
+		Host: r.Host, Labels: r.Labels, Inputs: r.Inputs, TTLSeconds: r.TTLSeconds,
+		Reachability: r.Reachability, Reason: r.Reason, Code: r.Code,
+		CreatedAt: r.CreatedAt, UpdatedAt: r.UpdatedAt, ReadyAt: r.ReadyAt, ExpiresAt: r.ExpiresAt,
+		DestroyedAt: r.DestroyedAt, History: r.History,
+	}
+}
+
+// SandboxList is the body of GET /v1/sandboxes.
+type SandboxList struct {
+	Sandboxes []Sandbox `json:"sandboxes"`
+}
+
+// ProfileList is the body of GET /v1/profiles.
+type ProfileList struct {
+	Profiles []*extension.Profile `json:"profiles"`
+}
+
+// ExtensionList is the body of GET /v1/extensions.
+type ExtensionList struct {
+	Extensions []*extension.Manifest `json:"extensions"`
+}
+
+// Problem is an RFC 9457 problem detail, the body of every error response
+// (Content-Type application/problem+json).
+type Problem struct {
+	Type     string                 `json:"type,omitempty"`
+	Title    string                 `json:"title"`
+	Status   int                    `json:"status"`
+	Detail   string                 `json:"detail,omitempty"`
+	Instance string                 `json:"instance,omitempty"`
+	Errors   []extension.FieldError `json:"errors,omitempty"`
+}
+
+// Error renders the problem.
+func (p *Problem) Error() string {
+	s := p.Title
+	if p.Detail != "" {
+		s += ": " + p.Detail
+	}
+	for _, e := range p.Errors {
+		s += "; " + e.Field + ": " + e.Detail
+	}
+	return s
+}
+
+// ContentTypeProblem is the media type of error bodies.
+const ContentTypeProblem = "application/problem+json"
+
+// HeaderIdempotencyKey makes a create request repeatable: the same key from
+// the same consumer returns the same sandbox.
+const HeaderIdempotencyKey = "Idempotency-Key"
+
+// Roles of API keys.
+const (
+	RoleAdmin    = "admin"
+	RoleConsumer = "consumer"
+)
+
+// StreamEvent is one server-sent event of GET /v1/sandboxes/{id}/events:
+// the SSE id is the lifecycle stream sequence, the SSE event name the
+// CloudEvents type, and the data the event in structured JSON.
+type StreamEvent struct {
+	Seq   uint64
+	Type  string
+	Event *event.Event
+}

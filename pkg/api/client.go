@@ -1,0 +1,277 @@
+package api
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+
+	cloudevents "github.com/cloudevents/sdk-go/v2/event"
+
+	"github.com/sand-boxer/sandboxer/pkg/event"
+)
+
+// Client talks to a gateway. It is safe for concurrent use.
+type Client struct {
+	base  string
+	token string
+	hc    *http.Client
+}
+
+// NewClient returns a client for the gateway at baseURL authenticating
+// with the bearer token. A nil hc uses a client without a global timeout
+// (event streams are long); every call is bounded by its context.
+func NewClient(baseURL, token string, hc *http.Client) *Client {
+	if hc == nil {
+		hc = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256, Proxy: http.ProxyFromEnvironment}}
+	}
+	return &Client{base: strings.TrimRight(baseURL, "/"), token: token, hc: hc}
+}
+
+func (c *Client) do(ctx context.Context, method, path string, hdr http.Header, body, out any) error {
+	var rd io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return fmt.Errorf("encoding request: %w", err)
+		}
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, rd)
+	if err != nil {
+		return fmt.Errorf("building request: %w", err)
+	}
+	for k, v := range hdr {
+		req.Header[k] = v
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	req.Header.Set("Accept", "application/json")
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("%s %s: %w", method, path, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode >= 300 {
+		return decodeProblem(resp)
+	}
+	if out == nil {
+		_, _ = io.Copy(io.Discard, resp.Body)
+		return nil
+	}
+	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+		return fmt.Errorf("decoding %s %s response: %w", method, path, err)
+	}
+	return nil
+}
+
+func decodeProblem(resp *http.Response) error {
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	var p Problem
+	if err := json.Unmarshal(b, &p); err != nil || p.Title == "" {
+		return &Problem{Title: http.StatusText(resp.StatusCode), Status: resp.StatusCode, Detail: strings.TrimSpace(string(b))}
+	}
+	if p.Status == 0 {
+		p.Status = resp.StatusCode
+	}
+	return &p
+}
+
+// StatusOf returns the HTTP status of an error from the client, or 0.
+func StatusOf(err error) int {
+	var p *Problem
+	if errors.As(err, &p) {
+		return p.Status
+	}
+	return 0
+}
+
+// Create asks for a sandbox. With a non-empty idempotencyKey, repeating the
+// call returns the same sandbox.
+func (c *Client) Create(ctx context.Context, req CreateRequest, idempotencyKey string) (*Sandbox, error) {
+	var h http.Header
+	if idempotencyKey != "" {
+		h = http.Header{HeaderIdempotencyKey: {idempotencyKey}}
+	}
+	var s Sandbox
+	if err := c.do(ctx, http.MethodPost, "/v1/sandboxes", h, req, &s); err != nil {
+		return nil, err
+	}
+	return &s, nil
+}
+
+// Get returns one sandbox.
+func (c *Client) Get(ctx context.Context, id string) (*Sandbox, error) {
+	var s Sandbox
+	if err := c.do(ctx, http.MethodGet, "/v1/sandboxes/"+url.PathEscape(id), nil, nil, &s); err != nil {
+		return nil, err
+	}
+	return &s, nil
+}
+
+// ListFilter narrows a listing. Labels are k=v pairs that must all match.
+type ListFilter struct {
+	State   string
+	Profile string
+	Labels  []string
+}
+
+// List returns the sandboxes the caller may see.
+func (c *Client) List(ctx context.Context, f ListFilter) ([]Sandbox, error) {
+	q := url.Values{}
+	if f.State != "" {
+		q.Set("state", f.State)
+	}
+	if f.Profile != "" {
+		q.Set("profile", f.Profile)
+	}
+	for _, l := range f.Labels {
+		q.Add("label", l)
+	}
+	path := "/v1/sandboxes"
+	if len(q) > 0 {
+		path += "?" + q.Encode()
+	}
+	var out SandboxList
+	if err := c.do(ctx, http.MethodGet, path, nil, nil, &out); err != nil {
+		return nil, err
+	}
+	return out.Sandboxes, nil
+}
+
+// Destroy asks for a sandbox to be destroyed.
+func (c *Client) Destroy(ctx context.Context, id string) (*Sandbox, error) {
+	var s Sandbox
+	if err := c.do(ctx, http.MethodDelete, "/v1/sandboxes/"+url.PathEscape(id), nil, nil, &s); err != nil {
+		return nil, err
+	}
+	return &s, nil
+}
+
+// Profiles lists the profiles.
+func (c *Client) Profiles(ctx context.Context) (*ProfileList, error) {
+	var out ProfileList
+	if err := c.do(ctx, http.MethodGet, "/v1/profiles", nil, nil, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// Extensions lists the extensions.
+func (c *Client) Extensions(ctx context.Context) (*ExtensionList, error) {
+	var out ExtensionList
+	if err := c.do(ctx, http.MethodGet, "/v1/extensions", nil, nil, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// ErrStop, returned by an Events callback, ends the stream without error.
+var ErrStop = errors.New("stop")
+
+// Events streams the lifecycle events of a sandbox, oldest first, calling
+// fn for each. With follow it keeps streaming until ctx ends or fn returns
+// [ErrStop]; without, it returns after the events so far.
+func (c *Client) Events(ctx context.Context, id string, follow bool, fn func(StreamEvent) error) error {
+	path := "/v1/sandboxes/" + url.PathEscape(id) + "/events?follow=" + strconv.FormatBool(follow)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+path, nil)
+	if err != nil {
+		return fmt.Errorf("building request: %w", err)
+	}
+	req.Header.Set("Accept", "text/event-stream")
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("GET %s: %w", path, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode >= 300 {
+		return decodeProblem(resp)
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 4<<20)
+	var cur StreamEvent
+	var data strings.Builder
+	for sc.Scan() {
+		line := sc.Text()
+		switch {
+		case line == "":
+			if data.Len() == 0 {
+				continue
+			}
+			var e cloudevents.Event
+			if err := json.Unmarshal([]byte(data.String()), &e); err != nil {
+				return fmt.Errorf("decoding event stream: %w", err)
+			}
+			cur.Event = &e
+			if err := fn(cur); err != nil {
+				if errors.Is(err, ErrStop) {
+					return nil
+				}
+				return err
+			}
+			cur = StreamEvent{}
+			data.Reset()
+		case strings.HasPrefix(line, ":"):
+		case strings.HasPrefix(line, "id:"):
+			cur.Seq, _ = strconv.ParseUint(strings.TrimSpace(line[3:]), 10, 64)
+		case strings.HasPrefix(line, "event:"):
+			cur.Type = strings.TrimSpace(line[6:])
+		case strings.HasPrefix(line, "data:"):
+			if data.Len() > 0 {
+				data.WriteByte('\n')
+			}
+			data.WriteString(strings.TrimPrefix(line[5:], " "))
+		}
+	}
+	if err := sc.Err(); err != nil && ctx.Err() == nil {
+		return fmt.Errorf("reading event stream: %w", err)
+	}
+	return ctx.Err()
+}
+
+// Wait follows a sandbox's events until one enters a state until accepts,
+// calling onState (if not nil) for each state seen, and returns the sandbox
+// as it is then.
+func (c *Client) Wait(ctx context.Context, id string, until func(event.State) bool, onState func(event.State, *event.Event)) (*Sandbox, error) {
+	if s, err := c.Get(ctx, id); err != nil {
+		return nil, err
+	} else if until(s.State) {
+		return s, nil
+	}
+	var reached bool
+	err := c.Events(ctx, id, true, func(se StreamEvent) error {
+		st, ok := event.StateOf(event.Type(se.Event.Type()))
+		if !ok {
+			return nil
+		}
+		if onState != nil {
+			onState(st, se.Event)
+		}
+		if until(st) {
+			reached = true
+			return ErrStop
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if !reached {
+		return nil, fmt.Errorf("waiting for sandbox %s: stream ended", id)
+	}
+	return c.Get(ctx, id)
+}

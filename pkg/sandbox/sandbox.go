@@ -1,0 +1,203 @@
+// Package sandbox is the inventory record of one sandbox and the state
+// machine that moves it: the value of the sandboxes key-value bucket, and
+// the pure function that applies a lifecycle event to it.
+//
+// The package holds no I/O. It must never import the bus or a service.
+package sandbox
+
+import (
+	"crypto/rand"
+	"encoding/base32"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/sand-boxer/sandboxer/pkg/event"
+)
+
+// Record is everything the inventory knows of a sandbox.
+type Record struct {
+	ID         string            `json:"id"`
+	Consumer   string            `json:"consumer"`
+	Profile    string            `json:"profile"`
+	Extension  string            `json:"extension"`
+	Host       string            `json:"host,omitempty"`
+	State      event.State       `json:"state"`
+	Labels     map[string]string `json:"labels,omitempty"`
+	Inputs     map[string]string `json:"inputs,omitempty"`
+	TTLSeconds int64             `json:"ttl_seconds,omitempty"`
+	// Hold is the credit hold admission reserved, if any.
+	Hold string `json:"hold,omitempty"`
+
+	// Handle is what the backend needs for teardown.
+	Handle       *event.Handle       `json:"handle,omitempty"`
+	Reachability *event.Reachability `json:"reachability,omitempty"`
+	// Reason says why the sandbox failed, was rejected or was destroyed.
+	Reason string `json:"reason,omitempty"`
+	// Code is the machine-readable cause of a rejection.
+	Code string `json:"code,omitempty"`
+
+	CreatedAt   time.Time `json:"created_at"`
+	UpdatedAt   time.Time `json:"updated_at"`
+	ReadyAt     time.Time `json:"ready_at,omitzero"`
+	ExpiresAt   time.Time `json:"expires_at,omitzero"`
+	DestroyedAt time.Time `json:"destroyed_at,omitzero"`
+
+	// History is every state the sandbox entered, in order.
+	History []Transition `json:"history,omitempty"`
+}
+
+// Transition records one state change.
+type Transition struct {
+	State event.State `json:"state"`
+	At    time.Time   `json:"at"`
+}
+
+// Ref returns the event reference of r.
+func (r *Record) Ref() event.Ref {
+	return event.Ref{SandboxID: r.ID, Consumer: r.Consumer, Profile: r.Profile, Extension: r.Extension, Host: r.Host}
+}
+
+// Marshal encodes r for the sandboxes bucket.
+func (r *Record) Marshal() []byte {
+	b, err := json.Marshal(r)
+	if err != nil {
+		panic(fmt.Sprintf("sandbox: marshalling record: %v", err)) // only plain types: cannot fail
+	}
+	return b
+}
+
+// Unmarshal decodes a record from the sandboxes bucket.
+func Unmarshal(b []byte) (*Record, error) {
+	var r Record
+	if err := json.Unmarshal(b, &r); err != nil {
+		return nil, fmt.Errorf("decoding sandbox record: %w", err)
+	}
+	return &r, nil
+}
+
+// NewRequested returns the record of a sandbox just requested.
+func NewRequested(c event.Create) *Record {
+	at := c.RequestedAt
+	if at.IsZero() {
+		at = time.Now().UTC()
+	}
+	return &Record{
+		ID: c.SandboxID, Consumer: c.Consumer, Profile: c.Profile, Extension: c.Extension, Host: c.Host,
+		State: event.StateRequested, Labels: c.Labels, Inputs: c.Inputs, TTLSeconds: c.TTLSeconds, Hold: c.Hold,
+		CreatedAt: at, UpdatedAt: at,
+		History: []Transition{{State: event.StateRequested, At: at}},
+	}
+}
+
+// Apply moves r to the state e announces, taking what e says about the
+// sandbox. It reports false, changing nothing, when e would not move r
+// forward (a redelivered or reordered event): applying an event twice is
+// the same as applying it once. e must be a lifecycle event about r.
+func Apply(r *Record, e *event.Event) (bool, error) {
+	to, ok := event.StateOf(event.Type(e.Type()))
+	if !ok {
+		return false, fmt.Errorf("%w: %s is not a lifecycle event", event.ErrMalformed, e.Type())
+	}
+	if r.State != "" && (r.State.Terminal() || to.Rank() <= r.State.Rank()) {
+		return false, nil
+	}
+	at := e.Time().UTC()
+	var ref event.Ref
+	switch to {
+	case event.StateProvisioning:
+		var d event.Provisioning
+		if err := event.DataAs(e, &d); err != nil {
+			return false, err
+		}
+		ref = d.Ref
+	case event.StateReady:
+		var d event.Ready
+		if err := event.DataAs(e, &d); err != nil {
+			return false, err
+		}
+		ref = d.Ref
+		h, reach := d.Handle, d.Reachability
+		r.Handle, r.Reachability = &h, &reach
+		r.ReadyAt = d.ReadyAt
+		r.ExpiresAt = d.ExpiresAt
+		if d.TTLSeconds > 0 {
+			r.TTLSeconds = d.TTLSeconds
+		}
+	case event.StateFailed:
+		var d event.Failed
+		if err := event.DataAs(e, &d); err != nil {
+			return false, err
+		}
+		ref = d.Ref
+		r.Reason = d.Reason
+		if d.Handle != nil {
+			h := *d.Handle
+			r.Handle = &h
+		}
+	case event.StateExpired:
+		var d event.Expired
+		if err := event.DataAs(e, &d); err != nil {
+			return false, err
+		}
+		ref = d.Ref
+		r.Reason = d.Reason
+	case event.StateDestroying:
+		var d event.Destroying
+		if err := event.DataAs(e, &d); err != nil {
+			return false, err
+		}
+		ref = d.Ref
+		if r.Reason == "" || r.State != event.StateFailed {
+			r.Reason = d.Reason
+		}
+	case event.StateDestroyed:
+		var d event.Destroyed
+		if err := event.DataAs(e, &d); err != nil {
+			return false, err
+		}
+		ref = d.Ref
+		if r.Reason == "" || r.State != event.StateFailed {
+			r.Reason = d.Reason
+		}
+		r.DestroyedAt = at
+		r.Reachability = nil
+	case event.StateRejected:
+		var d event.Rejected
+		if err := event.DataAs(e, &d); err != nil {
+			return false, err
+		}
+		ref = d.Ref
+		r.Reason, r.Code = d.Reason, d.Code
+	default:
+		return false, fmt.Errorf("%w: no event enters state %s", event.ErrMalformed, to)
+	}
+	if r.ID == "" {
+		// The first thing the inventory hears of this sandbox.
+		r.ID, r.Consumer, r.Profile, r.Extension = ref.SandboxID, ref.Consumer, ref.Profile, ref.Extension
+		r.CreatedAt = at
+	} else if ref.SandboxID != r.ID {
+		return false, fmt.Errorf("%w: event for sandbox %q applied to %q", event.ErrMalformed, ref.SandboxID, r.ID)
+	}
+	if ref.Host != "" {
+		r.Host = ref.Host
+	}
+	r.State = to
+	r.UpdatedAt = at
+	r.History = append(r.History, Transition{State: to, At: at})
+	return true, nil
+}
+
+var idEncoding = base32.NewEncoding("0123456789abcdefghijklmnopqrstuv").WithPadding(base32.NoPadding)
+
+// NewID returns a new sandbox id: "sbx-" and 26 characters of lower-case
+// base32, time-ordered by its first 48 bits, valid as a subject token,
+// directory name and compose project name.
+func NewID() string {
+	var b [16]byte
+	binary.BigEndian.PutUint64(b[:8], uint64(time.Now().UnixMilli())<<16)
+	_, _ = rand.Read(b[6:])
+	return "sbx-" + strings.ToLower(idEncoding.EncodeToString(b[:]))
+}
