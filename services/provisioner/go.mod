@@ -1,3 +1,7 @@
 module github.com/sand-boxer/sandboxer/services/provisioner
 
 go 1.26.0
+
+require github.com/sand-boxer/sandboxer/pkg v0.0.0
+
+replace github.com/sand-boxer/sandboxer/pkg => ../../pkg
