@@ -93,6 +93,10 @@ type Route struct {
 	Concurrency int
 	// Handler handles each message.
 	Handler Handler
+	// HandlerContext, when set, is the context handlers run with instead of
+	// Run's: Run's context then only stops pulling, so a service can drain
+	// the handlers in flight before it cancels them.
+	HandlerContext context.Context
 }
 
 // RouterStats counts what a router did.
@@ -125,9 +129,9 @@ func NewRouter(js jetstream.JetStream, log *slog.Logger) *Router {
 }
 
 // Run consumes rt until ctx is cancelled, then stops pulling and waits for
-// the handlers in flight. Handlers see ctx: on cancellation they should
-// return quickly; their messages are nak'ed for another instance. Run
-// returns nil on cancellation.
+// the handlers in flight. Handlers see ctx, or rt.HandlerContext when set:
+// on its cancellation they should return quickly; their messages are
+// nak'ed for another instance. Run returns nil on cancellation.
 func (r *Router) Run(ctx context.Context, rt Route) error {
 	if rt.Handler == nil {
 		return errors.New("running route: nil handler")
@@ -148,6 +152,10 @@ func (r *Router) Run(ctx context.Context, rt Route) error {
 	stop := context.AfterFunc(ctx, it.Stop)
 	defer stop()
 
+	hctx := ctx
+	if rt.HandlerContext != nil {
+		hctx = rt.HandlerContext
+	}
 	sem := make(chan struct{}, n)
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -170,7 +178,7 @@ func (r *Router) Run(ctx context.Context, rt Route) error {
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			r.handle(ctx, rt, msg)
+			r.handle(hctx, rt, msg)
 		}()
 	}
 }
