@@ -1,0 +1,297 @@
+package provisioner
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/sandbox"
+)
+
+// pool is the worker pool of one extension in this process.
+type pool struct {
+	p           *Provisioner
+	name        string
+	ext         extension.Extension
+	manifest    *extension.Manifest
+	policy      bus.ConsumerPolicy
+	consumer    string
+	concurrency int
+	source      string
+	log         *slog.Logger
+}
+
+// handle routes one command. Commands are idempotent: a redelivered create
+// finds the sandbox past provisioning and does nothing; a redelivered
+// destroy finds it destroyed.
+func (pl *pool) handle(ctx context.Context, m *bus.Message) ([]bus.Out, error) {
+	ref, err := event.ParseCommandSubject(m.Subject)
+	if err != nil {
+		return nil, bus.Permanent(err)
+	}
+	if ref.Extension != pl.name {
+		return nil, bus.Permanent(fmt.Errorf("command for extension %q reached pool %q", ref.Extension, pl.name))
+	}
+	switch event.Type(m.Event.Type()) {
+	case event.TypeCreate:
+		if ref.Verb != event.VerbCreate {
+			return nil, bus.Permanent(fmt.Errorf("create event on %s", m.Subject))
+		}
+		var c event.Create
+		if err := event.DataAs(m.Event, &c); err != nil {
+			return nil, err
+		}
+		if c.SandboxID != ref.Sandbox || c.Extension != pl.name {
+			return nil, bus.Permanent(fmt.Errorf("create data names sandbox %q of %q, subject %s", c.SandboxID, c.Extension, m.Subject))
+		}
+		return pl.create(ctx, m, c)
+	case event.TypeDestroy:
+		if ref.Verb != event.VerbDestroy {
+			return nil, bus.Permanent(fmt.Errorf("destroy event on %s", m.Subject))
+		}
+		var d event.Destroy
+		if err := event.DataAs(m.Event, &d); err != nil {
+			return nil, err
+		}
+		if d.SandboxID != ref.Sandbox {
+			return nil, bus.Permanent(fmt.Errorf("destroy data names sandbox %q, subject %s", d.SandboxID, m.Subject))
+		}
+		return pl.destroy(ctx, d)
+	}
+	return nil, bus.Permanent(fmt.Errorf("unknown command type %q", m.Event.Type()))
+}
+
+func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]bus.Out, error) {
+	rec, _, err := pl.record(ctx, c.SandboxID)
+	if err != nil {
+		return nil, err
+	}
+	if rec != nil && rec.State.Rank() > event.StateProvisioning.Rank() {
+		pl.log.Debug("create already done", "sandbox", c.SandboxID, "state", rec.State)
+		return nil, nil
+	}
+	fail := func(phase string, h *extension.Handle, reason error) ([]bus.Out, error) {
+		return pl.failed(c, phase, h, reason)
+	}
+	prof, err := pl.p.opts.Catalog.Current().Profile(c.Profile)
+	if err != nil {
+		return fail("provision", nil, err)
+	}
+	in, ferrs := extension.ValidateInputs(pl.manifest.Inputs, nil, c.Inputs)
+	if ferrs != nil {
+		return fail("provision", nil, ferrs)
+	}
+	in[extension.InputSandboxID] = c.SandboxID
+
+	if err := pl.emit(ctx, event.StateProvisioning, c.Ref, event.Provisioning{Ref: c.Ref, Worker: pl.p.opts.WorkerID, Attempt: int(m.Delivered)}); err != nil {
+		return nil, err
+	}
+
+	pctx, cancel := context.WithTimeout(ctx, prof.Deadlines.ProvisionDeadline())
+	h, err := pl.ext.Provision(pctx, *prof, in, c.Host)
+	cancel()
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("provisioning %s: %w", c.SandboxID, ctx.Err()) // shutting down: another worker retries
+		}
+		return fail("provision", handleOrRef(h, c.Ref), err)
+	}
+	if h.SandboxID == "" {
+		h.SandboxID = c.SandboxID
+	}
+	if h.Host == "" {
+		h.Host = c.Host
+	}
+	rctx, cancel := context.WithTimeout(ctx, prof.Deadlines.ReadyDeadline())
+	reach, err := pl.ext.WaitReady(rctx, h)
+	cancel()
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("waiting for %s: %w", c.SandboxID, ctx.Err())
+		}
+		return fail("wait_ready", &h, err)
+	}
+	if reach.Host == "" {
+		reach.Host = h.Host
+	}
+	now := time.Now().UTC()
+	ready := event.Ready{Ref: c.Ref, Handle: h, Reachability: reach, TTLSeconds: c.TTLSeconds, ReadyAt: now}
+	ready.Host = h.Host
+	if c.TTLSeconds > 0 {
+		ready.ExpiresAt = now.Add(time.Duration(c.TTLSeconds) * time.Second)
+	}
+	out, err := pl.lifecycle(event.StateReady, ready.Ref, ready)
+	if err != nil {
+		return nil, err
+	}
+	pl.log.Info("sandbox ready", "sandbox", c.SandboxID, "host", h.Host)
+	return []bus.Out{out}, nil
+}
+
+// failed reports a create that cannot succeed: a failed event with the
+// reason, and a destroy command so that teardown of whatever was made runs
+// with the destroy path's retries.
+func (pl *pool) failed(c event.Create, phase string, h *extension.Handle, reason error) ([]bus.Out, error) {
+	pl.log.Warn("sandbox failed", "sandbox", c.SandboxID, "phase", phase, "err", reason)
+	f, err := pl.lifecycle(event.StateFailed, c.Ref, event.Failed{Ref: c.Ref, Phase: phase, Reason: reason.Error(), Handle: h})
+	if err != nil {
+		return nil, err
+	}
+	d, err := event.New(event.TypeDestroy, pl.source, c.SandboxID, c.SandboxID+".destroy",
+		event.Destroy{Ref: c.Ref, Reason: event.ReasonFailed, RequestedBy: "provisioner", RequestedAt: time.Now().UTC()})
+	if err != nil {
+		return nil, bus.Permanent(err)
+	}
+	return []bus.Out{f, {Subject: event.CommandSubject(pl.name, event.VerbDestroy, c.SandboxID), Event: d}}, nil
+}
+
+func (pl *pool) destroy(ctx context.Context, d event.Destroy) ([]bus.Out, error) {
+	rec, _, err := pl.record(ctx, d.SandboxID)
+	if err != nil {
+		return nil, err
+	}
+	if rec != nil && rec.State.Terminal() {
+		return nil, nil // destroyed already, or rejected before anything was made
+	}
+	if rec != nil && (rec.State == event.StateRequested || rec.State == event.StateProvisioning) {
+		// A create is in flight: let it finish, so teardown removes what it
+		// makes instead of racing it.
+		if rec, err = pl.awaitCreate(ctx, d.SandboxID, rec); err != nil {
+			return nil, err
+		}
+		if rec != nil && rec.State.Terminal() {
+			return nil, nil
+		}
+	}
+	ref := d.Ref
+	h := extension.Handle{SandboxID: d.SandboxID, Host: d.Host}
+	if rec != nil {
+		ref = rec.Ref()
+		if rec.Handle != nil {
+			h = *rec.Handle
+		} else if rec.Host != "" {
+			h.Host = rec.Host
+		}
+	}
+	if h.Host == "" {
+		h.Host = pl.manifest.HostList()[0]
+	}
+	if err := pl.emit(ctx, event.StateDestroying, ref, event.Destroying{Ref: ref, Reason: d.Reason}); err != nil {
+		return nil, err
+	}
+	deadline := extension.DefaultTeardownDeadline
+	if prof, err := pl.p.opts.Catalog.Current().Profile(ref.Profile); err == nil {
+		deadline = prof.Deadlines.TeardownDeadline()
+	}
+	tctx, cancel := context.WithTimeout(ctx, deadline)
+	rep, err := pl.ext.Teardown(tctx, h)
+	cancel()
+	if err != nil {
+		// Cleanup must happen: retry with back-off, then dead-letter for an
+		// operator, with the reason.
+		return nil, fmt.Errorf("tearing down %s: %w", d.SandboxID, err)
+	}
+	out, err := pl.lifecycle(event.StateDestroyed, ref, event.Destroyed{Ref: ref, Reason: d.Reason, Cleanup: rep})
+	if err != nil {
+		return nil, err
+	}
+	pl.log.Info("sandbox destroyed", "sandbox", d.SandboxID, "removed", len(rep.Removed))
+	return []bus.Out{out}, nil
+}
+
+// awaitCreate watches a sandbox's record until it leaves requested and
+// provisioning, or until the create could not still be running.
+func (pl *pool) awaitCreate(ctx context.Context, id string, rec *sandbox.Record) (*sandbox.Record, error) {
+	wait := pl.policy.AckWait * time.Duration(pl.policy.MaxDeliver)
+	if prof, err := pl.p.opts.Catalog.Current().Profile(rec.Profile); err == nil {
+		wait += prof.Deadlines.ProvisionDeadline() + prof.Deadlines.ReadyDeadline()
+	}
+	wctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	w, err := pl.p.sandboxes.Watch(wctx, id)
+	if err != nil {
+		return nil, fmt.Errorf("watching sandbox %s: %w", id, err)
+	}
+	defer func() { _ = w.Stop() }()
+	for {
+		select {
+		case <-wctx.Done():
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			pl.log.Warn("create did not finish, tearing down anyway", "sandbox", id, "waited", wait)
+			return rec, nil
+		case e, ok := <-w.Updates():
+			if !ok {
+				return rec, nil
+			}
+			if e == nil || e.Operation() != jetstream.KeyValuePut {
+				continue
+			}
+			r, err := sandbox.Unmarshal(e.Value())
+			if err != nil {
+				return nil, err
+			}
+			rec = r
+			if rec.State != event.StateRequested && rec.State != event.StateProvisioning {
+				return rec, nil
+			}
+		}
+	}
+}
+
+// record reads a sandbox's inventory record; nil when there is none.
+func (pl *pool) record(ctx context.Context, id string) (*sandbox.Record, uint64, error) {
+	e, err := pl.p.sandboxes.Get(ctx, id)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil, 0, nil
+	}
+	if err != nil {
+		return nil, 0, fmt.Errorf("reading sandbox %s: %w", id, err)
+	}
+	r, err := sandbox.Unmarshal(e.Value())
+	if err != nil {
+		return nil, 0, bus.Permanent(err)
+	}
+	return r, e.Revision(), nil
+}
+
+// lifecycle builds the lifecycle event announcing state s. Its id is
+// "<sandbox>.<state>" whoever emits it, so a second emission of the same
+// fact is dropped by the stream's de-duplication.
+func (pl *pool) lifecycle(s event.State, ref event.Ref, data any) (bus.Out, error) {
+	e, err := event.New(event.LifecycleType(s), pl.source, ref.SandboxID, ref.SandboxID+"."+string(s), data)
+	if err != nil {
+		return bus.Out{}, bus.Permanent(err)
+	}
+	return bus.Out{Subject: event.LifecycleSubject(pl.name, ref.SandboxID, s), Event: e}, nil
+}
+
+// emit publishes a lifecycle event now, before the work it announces.
+func (pl *pool) emit(ctx context.Context, s event.State, ref event.Ref, data any) error {
+	out, err := pl.lifecycle(s, ref, data)
+	if err != nil {
+		return err
+	}
+	if _, err := pl.p.pub.Publish(ctx, out.Subject, out.Event); err != nil {
+		return fmt.Errorf("announcing %s of %s: %w", s, ref.SandboxID, err)
+	}
+	return nil
+}
+
+func handleOrRef(h extension.Handle, ref event.Ref) *extension.Handle {
+	if h.SandboxID == "" {
+		h.SandboxID = ref.SandboxID
+	}
+	if h.Host == "" {
+		h.Host = ref.Host
+	}
+	return &h
+}

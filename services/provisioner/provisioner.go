@@ -1,0 +1,226 @@
+// Package provisioner runs the worker pools of sand-boxer: one pool per
+// extension, every worker of a pool sharing the extension's durable
+// consumer on the commands stream. A worker turns a create command into
+// Provision and WaitReady under the profile's deadlines and a ready or
+// failed event, and a destroy command into Teardown and a destroyed event.
+//
+// The package links extension code through an [extension.Registry] and
+// talks to the rest of the system only through the bus. It must never
+// import another service.
+package provisioner
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/catalog"
+	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/pkg/extension"
+)
+
+// Options configures a provisioner process.
+type Options struct {
+	// JS is the JetStream context. Required.
+	JS jetstream.JetStream
+	// Catalog is the live catalog the manifests and profiles come from.
+	// Required.
+	Catalog *catalog.Cache
+	// Extensions holds the backend code linked into this binary. Required.
+	Extensions *extension.Registry
+	// Pools names the extensions this process serves. Required.
+	Pools []string
+	// Concurrency is how many commands this process runs at once per
+	// extension. Default: the manifest's workers.concurrency.
+	Concurrency int
+	// DataDir is where backends keep local state, one subdirectory per
+	// extension. Default: a directory under os.TempDir.
+	DataDir string
+	// WorkerID names this process in events and heartbeats. Default
+	// hostname-pid-random.
+	WorkerID string
+	// Logger logs. Default: discard.
+	Logger *slog.Logger
+	// CatalogTimeout bounds the wait for a pool's manifest to appear in the
+	// catalog at start-up. Default 30s.
+	CatalogTimeout time.Duration
+}
+
+// Provisioner is a running set of worker pools.
+type Provisioner struct {
+	opts      Options
+	router    *bus.Router
+	pub       *bus.Publisher
+	sandboxes jetstream.KeyValue
+	pools     []*pool
+
+	stopPull, stopWork context.CancelFunc
+	wg                 sync.WaitGroup
+}
+
+// New checks opts and returns a provisioner that has not started.
+func New(opts Options) (*Provisioner, error) {
+	if opts.JS == nil || opts.Catalog == nil || opts.Extensions == nil {
+		return nil, errors.New("provisioner: JS, Catalog and Extensions are required")
+	}
+	if len(opts.Pools) == 0 {
+		return nil, errors.New("provisioner: at least one extension pool is required")
+	}
+	for _, name := range opts.Pools {
+		if err := event.CheckName("extension", name); err != nil {
+			return nil, fmt.Errorf("provisioner: %w", err)
+		}
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.WorkerID == "" {
+		opts.WorkerID = defaultWorkerID()
+	}
+	if opts.DataDir == "" {
+		opts.DataDir = filepath.Join(os.TempDir(), "sandboxer-provisioner")
+	}
+	if opts.CatalogTimeout <= 0 {
+		opts.CatalogTimeout = 30 * time.Second
+	}
+	return &Provisioner{
+		opts:   opts,
+		router: bus.NewRouter(opts.JS, opts.Logger),
+		pub:    bus.NewPublisher(opts.JS),
+	}, nil
+}
+
+// Stats returns the router's counters.
+func (p *Provisioner) Stats() *bus.RouterStats { return &p.router.Stats }
+
+// Start waits for each pool's manifest in the catalog, opens its backend,
+// ensures its durable consumer and starts consuming. It returns once every
+// pool consumes, or with the first error.
+func (p *Provisioner) Start(ctx context.Context) error {
+	kv, err := p.opts.JS.KeyValue(ctx, bus.BucketSandboxes)
+	if err != nil {
+		return fmt.Errorf("opening sandboxes bucket: %w", err)
+	}
+	p.sandboxes = kv
+	for _, name := range p.opts.Pools {
+		pl, err := p.openPool(ctx, name)
+		if err != nil {
+			p.closePools()
+			return err
+		}
+		p.pools = append(p.pools, pl)
+	}
+	pullCtx, stopPull := context.WithCancel(context.WithoutCancel(ctx))
+	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
+	p.stopPull, p.stopWork = stopPull, stopWork
+	for _, pl := range p.pools {
+		rt := bus.Route{
+			Stream: event.StreamCommands, Consumer: pl.consumer, Policy: pl.policy,
+			Concurrency: pl.concurrency, Handler: pl.handle, HandlerContext: workCtx,
+		}
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			if err := p.router.Run(pullCtx, rt); err != nil {
+				p.opts.Logger.Error("worker pool stopped", "extension", pl.name, "err", err)
+			}
+		}()
+		p.opts.Logger.Info("worker pool consuming", "extension", pl.name, "consumer", pl.consumer,
+			"concurrency", pl.concurrency, "worker", p.opts.WorkerID)
+	}
+	return nil
+}
+
+func (p *Provisioner) openPool(ctx context.Context, name string) (*pool, error) {
+	wctx, cancel := context.WithTimeout(ctx, p.opts.CatalogTimeout)
+	defer cancel()
+	m, err := p.opts.Catalog.WaitFor(wctx, name)
+	if err != nil {
+		return nil, fmt.Errorf("starting pool %s: %w", name, err)
+	}
+	ext, err := p.opts.Extensions.Open(ctx, m, extension.Env{
+		DataDir: filepath.Join(p.opts.DataDir, name),
+		Logger:  p.opts.Logger.With("extension", name),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("starting pool %s: %w", name, err)
+	}
+	w := m.Workers.WithDefaults()
+	backoff := make([]time.Duration, len(w.Backoff))
+	for i, d := range w.Backoff {
+		backoff[i] = d.D()
+	}
+	policy := bus.ConsumerPolicy{
+		AckWait:       w.AckWait.D(),
+		MaxDeliver:    w.MaxDeliver,
+		Backoff:       backoff,
+		MaxAckPending: w.Concurrency,
+	}
+	consumer := "provisioner-" + name
+	if _, err := bus.EnsureConsumer(ctx, p.opts.JS, event.StreamCommands, consumer, event.CommandFilter(name), policy); err != nil {
+		_ = extension.Close(ext)
+		return nil, fmt.Errorf("starting pool %s: %w", name, err)
+	}
+	conc := p.opts.Concurrency
+	if conc <= 0 {
+		conc = w.Concurrency
+	}
+	return &pool{
+		p: p, name: name, ext: ext, manifest: m, policy: policy.WithDefaults(),
+		consumer: consumer, concurrency: conc,
+		source: "/sandboxer/provisioner/" + name,
+		log:    p.opts.Logger.With("extension", name, "worker", p.opts.WorkerID),
+	}, nil
+}
+
+// Shutdown stops pulling commands and waits for the commands in flight,
+// until ctx ends; commands still running then are handed back to the pool
+// (nak) and run again by another worker. Then it closes the backends.
+func (p *Provisioner) Shutdown(ctx context.Context) error {
+	if p.stopPull == nil {
+		p.closePools()
+		return nil
+	}
+	p.stopPull()
+	done := make(chan struct{})
+	go func() { p.wg.Wait(); close(done) }()
+	var err error
+	select {
+	case <-done:
+	case <-ctx.Done():
+		err = fmt.Errorf("waiting for commands in flight: %w", ctx.Err())
+		p.stopWork()
+		<-done
+	}
+	p.stopWork()
+	p.closePools()
+	return err
+}
+
+func (p *Provisioner) closePools() {
+	for _, pl := range p.pools {
+		if err := extension.Close(pl.ext); err != nil {
+			p.opts.Logger.Warn("closing backend", "extension", pl.name, "err", err)
+		}
+	}
+}
+
+func defaultWorkerID() string {
+	host, _ := os.Hostname()
+	if host == "" {
+		host = "worker"
+	}
+	b := make([]byte, 3)
+	_, _ = rand.Read(b)
+	return fmt.Sprintf("%s-%d-%s", host, os.Getpid(), hex.EncodeToString(b))
+}

@@ -1,0 +1,364 @@
+package provisioner_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/goleak"
+
+	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/catalog"
+	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/extension/local"
+	"github.com/sand-boxer/sandboxer/pkg/natstest"
+	"github.com/sand-boxer/sandboxer/pkg/sandbox"
+	"github.com/sand-boxer/sandboxer/services/provisioner"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+// env is one test's bus, catalog and workspace root.
+type env struct {
+	srv     *natstest.Server
+	js      jetstream.JetStream
+	cat     *catalog.Cache
+	dataDir string
+}
+
+func localManifest(name string, ackWait time.Duration) *extension.Manifest {
+	m, ps := extension.LoadManifestFile("../../extensions/ext.local.yaml")
+	if len(ps) > 0 {
+		panic(ps.Error())
+	}
+	m.Name = name
+	m.Workers.AckWait = extension.Duration(ackWait)
+	m.Workers.Backoff = []extension.Duration{extension.Duration(100 * time.Millisecond)}
+	m.Workers.MaxDeliver = 4
+	return m
+}
+
+func newEnv(t *testing.T, manifests ...*extension.Manifest) *env {
+	t.Helper()
+	srv := natstest.Start(t)
+	js := srv.JetStream(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	c := &extension.Catalog{Extensions: map[string]*extension.Manifest{}, Profiles: map[string]*extension.Profile{}}
+	for _, m := range manifests {
+		c.Extensions[m.Name] = m
+		c.Profiles[m.Name] = &extension.Profile{Slug: m.Name, Extension: m.Name,
+			Deadlines: extension.Deadlines{Provision: extension.Duration(20 * time.Second), Ready: extension.Duration(5 * time.Second)}}
+	}
+	kv, err := js.KeyValue(ctx, bus.BucketCatalog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := catalog.Publish(ctx, kv, c); err != nil {
+		t.Fatal(err)
+	}
+	cache, err := catalog.Watch(ctx, kv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &env{srv: srv, js: js, cat: cache, dataDir: t.TempDir()}
+}
+
+// start runs a provisioner on its own connection, as a separate process
+// would, and returns it with that connection.
+func (e *env) start(t *testing.T, reg *extension.Registry, pool string, worker string) (*provisioner.Provisioner, *nats.Conn) {
+	t.Helper()
+	nc := e.srv.Conn(t)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := provisioner.New(provisioner.Options{
+		JS: js, Catalog: e.cat, Extensions: reg, Pools: []string{pool},
+		DataDir: e.dataDir, WorkerID: worker,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := p.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = p.Shutdown(ctx)
+	})
+	return p, nc
+}
+
+func (e *env) publishCreate(t *testing.T, ext, id string, inputs map[string]string) event.Create {
+	t.Helper()
+	c := event.Create{Ref: event.Ref{SandboxID: id, Consumer: "dev", Profile: ext, Extension: ext, Host: "localhost"},
+		Inputs: inputs, RequestedAt: time.Now().UTC()}
+	ev, err := event.New(event.TypeCreate, "/test", id, id+".create", c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := bus.NewPublisher(e.js).Publish(context.Background(), event.CommandSubject(ext, event.VerbCreate, id), ev); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func (e *env) publishDestroy(t *testing.T, ext, id string) {
+	t.Helper()
+	d := event.Destroy{Ref: event.Ref{SandboxID: id, Consumer: "dev", Profile: ext, Extension: ext, Host: "localhost"},
+		Reason: event.ReasonRequested, RequestedAt: time.Now().UTC()}
+	ev, err := event.New(event.TypeDestroy, "/test", id, id+".destroy", d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := bus.NewPublisher(e.js).Publish(context.Background(), event.CommandSubject(ext, event.VerbDestroy, id), ev); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// awaitEvent reads the sandbox's lifecycle events until one in state s
+// arrives, and returns every event seen up to it.
+func (e *env) awaitEvent(t *testing.T, id string, s event.State) []*event.Event {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := e.js.OrderedConsumer(ctx, event.StreamLifecycle, jetstream.OrderedConsumerConfig{FilterSubjects: []string{event.SandboxFilter(id)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var seen []*event.Event
+	for {
+		msg, err := c.Next(jetstream.FetchContext(ctx))
+		if err != nil {
+			t.Fatalf("waiting for %s of %s: %v (seen %d events)", s, id, err, len(seen))
+		}
+		_, ev, err := event.Decode(ctx, msg.Headers(), msg.Data())
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen = append(seen, ev)
+		if st, _ := event.StateOf(event.Type(ev.Type())); st == s {
+			return seen
+		}
+	}
+}
+
+// lifecycleCount counts the sandbox's events in state s on the stream.
+func (e *env) lifecycleCount(t *testing.T, ext, id string, s event.State) uint64 {
+	t.Helper()
+	st, err := e.js.Stream(context.Background(), event.StreamLifecycle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := st.Info(context.Background(), jetstream.WithSubjectFilter(event.LifecycleSubject(ext, id, s)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.State.Subjects[event.LifecycleSubject(ext, id, s)]
+}
+
+// putRecord stores an inventory record as the registry's projection would.
+func (e *env) putRecord(t *testing.T, r *sandbox.Record) {
+	t.Helper()
+	kv, err := e.js.KeyValue(context.Background(), bus.BucketSandboxes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Put(context.Background(), r.ID, r.Marshal()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestCreateReadyDestroy(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, localManifest("local", 5*time.Second))
+	reg := extension.NewRegistry(local.Info)
+	e.start(t, reg, "local", "w1")
+	id := sandbox.NewID()
+	e.publishCreate(t, "local", id, nil)
+	seen := e.awaitEvent(t, id, event.StateReady)
+	if got := []string{seen[0].Type(), seen[len(seen)-1].Type()}; got[0] != string(event.TypeProvisioning) || got[1] != string(event.TypeReady) {
+		t.Fatalf("events = %v, want provisioning then ready", got)
+	}
+	var ready event.Ready
+	if err := event.DataAs(seen[len(seen)-1], &ready); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(ready.Reachability.RemoteDir); err != nil {
+		t.Fatalf("ready names remote_dir %q that does not exist: %v", ready.Reachability.RemoteDir, err)
+	}
+	if ready.Reachability.Host != "localhost" || ready.Handle.SandboxID != id {
+		t.Fatalf("ready = %+v", ready)
+	}
+
+	// The registry would project ready; do what it does.
+	rec := sandbox.NewRequested(event.Create{Ref: ready.Ref, RequestedAt: time.Now()})
+	for _, ev := range seen {
+		if _, err := sandbox.Apply(rec, ev); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.putRecord(t, rec)
+	e.publishDestroy(t, "local", id)
+	seen = e.awaitEvent(t, id, event.StateDestroyed)
+	var destroyed event.Destroyed
+	if err := event.DataAs(seen[len(seen)-1], &destroyed); err != nil {
+		t.Fatal(err)
+	}
+	if len(destroyed.Cleanup.Removed) == 0 {
+		t.Fatalf("destroyed reports nothing removed: %+v", destroyed)
+	}
+	if _, err := os.Stat(ready.Reachability.RemoteDir); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("workspace %s still there after destroyed: %v", ready.Reachability.RemoteDir, err)
+	}
+}
+
+func TestFailedProvisionEmitsFailedAndCleansUp(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, localManifest("local", 5*time.Second))
+	e.start(t, extension.NewRegistry(local.Info), "local", "w1")
+	id := sandbox.NewID()
+	e.publishCreate(t, "local", id, map[string]string{"repo": "/nonexistent/repository"})
+	seen := e.awaitEvent(t, id, event.StateFailed)
+	var f event.Failed
+	if err := event.DataAs(seen[len(seen)-1], &f); err != nil {
+		t.Fatal(err)
+	}
+	if f.Phase != "provision" || f.Reason == "" {
+		t.Fatalf("failed = %+v, want phase provision with a reason", f)
+	}
+	// The failure queues a destroy; it runs teardown and ends destroyed.
+	e.awaitEvent(t, id, event.StateDestroyed)
+	if n := e.lifecycleCount(t, "local", id, event.StateReady); n != 0 {
+		t.Fatalf("%d ready events for a failed sandbox", n)
+	}
+}
+
+func TestInvalidInputsFailBeforeProvision(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, localManifest("local", 5*time.Second))
+	e.start(t, extension.NewRegistry(local.Info), "local", "w1")
+	id := sandbox.NewID()
+	// A command that skipped the gateway's validation.
+	e.publishCreate(t, "local", id, map[string]string{"repo": "--upload-pack=touch /tmp/pwned"})
+	seen := e.awaitEvent(t, id, event.StateFailed)
+	for _, ev := range seen {
+		if ev.Type() == string(event.TypeProvisioning) {
+			t.Fatal("provisioning started for invalid inputs")
+		}
+	}
+}
+
+func TestMalformedCommandIsDeadLettered(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, localManifest("local", 5*time.Second))
+	p, _ := e.start(t, extension.NewRegistry(local.Info), "local", "w1")
+	ctx := context.Background()
+	if _, err := e.js.Publish(ctx, event.CommandSubject("local", event.VerbCreate, "sbx-bad"), []byte("not an event")); err != nil {
+		t.Fatal(err)
+	}
+	dlq, err := e.js.OrderedConsumer(ctx, event.StreamDLQ, jetstream.OrderedConsumerConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	msg, err := dlq.Next(jetstream.FetchContext(fctx))
+	if err != nil {
+		t.Fatalf("no dead letter: %v", err)
+	}
+	if msg.Headers().Get(bus.HeaderDLQReason) == "" || msg.Subject() != event.DLQSubject(event.StreamCommands, "provisioner-local") {
+		t.Fatalf("dead letter %s headers %v", msg.Subject(), msg.Headers())
+	}
+	if got := p.Stats().DeadLettered.Load(); got != 1 {
+		t.Fatalf("dead-lettered %d, want 1", got)
+	}
+}
+
+// gated wraps ext.local so a test can hold Provision until it lets go.
+type gated struct {
+	*local.Local
+	entered chan string
+	release chan struct{}
+}
+
+func (g *gated) Provision(ctx context.Context, p extension.Profile, in extension.Inputs, host string) (extension.Handle, error) {
+	g.entered <- in.SandboxID()
+	select {
+	case <-g.release:
+	case <-ctx.Done():
+		return extension.Handle{}, ctx.Err()
+	}
+	return g.Local.Provision(ctx, p, in, host)
+}
+
+// TestWorkerKilledMidProvision kills a worker while Provision runs: its
+// connection drops without an ack or nak, as when the process dies. The
+// command comes back to another worker after AckWait, which finishes it:
+// one ready event, one workspace.
+func TestWorkerKilledMidProvision(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, localManifest("local", 2*time.Second))
+	g := &gated{entered: make(chan string, 1), release: make(chan struct{})}
+	var once sync.Once
+	regA := extension.NewRegistry(extension.Info{Handler: local.Handler, New: func() extension.Extension {
+		var ext extension.Extension
+		once.Do(func() { g.Local = new(local.Local); ext = g })
+		return ext
+	}})
+	_, ncA := e.start(t, regA, "local", "worker-a")
+	id := sandbox.NewID()
+	e.publishCreate(t, "local", id, nil)
+	select {
+	case got := <-g.entered:
+		if got != id {
+			t.Fatalf("worker a got %s", got)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("worker a never started provisioning")
+	}
+	ncA.Close() // the process dies: no ack, no nak, no heartbeat
+
+	e.start(t, extension.NewRegistry(local.Info), "local", "worker-b")
+	seen := e.awaitEvent(t, id, event.StateReady)
+	var ready event.Ready
+	if err := event.DataAs(seen[len(seen)-1], &ready); err != nil {
+		t.Fatal(err)
+	}
+	var prov event.Provisioning
+	for _, ev := range seen {
+		if ev.Type() == string(event.TypeProvisioning) {
+			if err := event.DataAs(ev, &prov); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	close(g.release) // worker a's handler may now run on; its connection is gone
+	if n := e.lifecycleCount(t, "local", id, event.StateReady); n != 1 {
+		t.Fatalf("%d ready events, want exactly 1", n)
+	}
+	entries, err := os.ReadDir(fmt.Sprintf("%s/local/workspaces", e.dataDir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(entries) != 1 || entries[0].Name() != id {
+		names := []string{}
+		for _, en := range entries {
+			names = append(names, en.Name())
+		}
+		t.Fatalf("workspaces = %v, want exactly [%s]", names, id)
+	}
+}
