@@ -71,6 +71,8 @@ const ExpiryFireFilter = "sandboxer.timer.fire.>"
 const (
 	// SubjectCatalog is answered by the registry with the catalog.
 	SubjectCatalog = "sandboxer.rpc.registry.catalog"
+	// SubjectWorkers is answered by the registry with the live workers.
+	SubjectWorkers = "sandboxer.rpc.registry.workers"
 )
 
 // CommandRef is what a command subject names.

@@ -71,7 +71,7 @@ func LoadCatalog(extDir, profileDir string, reg *Registry) (*Catalog, Problems) 
 			continue
 		}
 		if prev, dup := c.Extensions[m.Name]; dup {
-			ps = append(ps, Problem{File: f, Path: "name", Message: fmt.Sprintf("extension %q already declared in %s", m.Name, prev.File)})
+			ps = append(ps, m.problemAt("name", "extension %q already declared in %s", m.Name, prev.File))
 			continue
 		}
 		c.Extensions[m.Name] = m
@@ -87,7 +87,7 @@ func LoadCatalog(extDir, profileDir string, reg *Registry) (*Catalog, Problems) 
 			continue
 		}
 		if prev, dup := c.Profiles[p.Slug]; dup {
-			ps = append(ps, Problem{File: f, Path: "slug", Message: fmt.Sprintf("profile %q already declared in %s", p.Slug, prev.File)})
+			ps = append(ps, p.problemAt("slug", "profile %q already declared in %s", p.Slug, prev.File))
 			continue
 		}
 		c.Profiles[p.Slug] = p
@@ -110,7 +110,7 @@ func (c *Catalog) Check(reg *Registry) Problems {
 		}
 		info, err := reg.Lookup(m.Handler)
 		if err != nil {
-			ps = append(ps, Problem{File: m.File, Path: "handler", Message: err.Error()})
+			ps = append(ps, m.problemAt("handler", "%v", err))
 			continue
 		}
 		if mc, ok := info.New().(ManifestChecker); ok {
@@ -128,20 +128,20 @@ func (c *Catalog) Check(reg *Registry) Problems {
 		}
 		m, ok := c.Extensions[p.Extension]
 		if !ok {
-			ps = append(ps, Problem{File: p.File, Path: "extension", Message: fmt.Sprintf("unknown extension %q (known: %s)", p.Extension, strings.Join(sortedKeys(c.Extensions), ", "))})
+			ps = append(ps, p.problemAt("extension", "unknown extension %q (known: %s)", p.Extension, strings.Join(sortedKeys(c.Extensions), ", ")))
 			continue
 		}
 		if p.Isolation != "" && !slices.Contains(m.Capabilities.IsolationLevels, p.Isolation) {
-			ps = append(ps, Problem{File: p.File, Path: "isolation", Message: fmt.Sprintf("extension %q does not offer isolation %q (offers %v)", m.Name, p.Isolation, m.Capabilities.IsolationLevels)})
+			ps = append(ps, p.problemAt("isolation", "extension %q does not offer isolation %q (offers %v)", m.Name, p.Isolation, m.Capabilities.IsolationLevels))
 		}
 		for _, k := range sortedKeys(p.Inputs) {
 			spec, ok := m.Inputs[k]
 			if !ok {
-				ps = append(ps, Problem{File: p.File, Path: "inputs." + k, Message: fmt.Sprintf("extension %q has no input %q", m.Name, k)})
+				ps = append(ps, p.problemAt("inputs."+k, "extension %q has no input %q", m.Name, k))
 				continue
 			}
 			if err := spec.validate(p.Inputs[k]); err != nil {
-				ps = append(ps, Problem{File: p.File, Path: "inputs." + k, Message: err.Error()})
+				ps = append(ps, p.problemAt("inputs."+k, "%v", err))
 			}
 		}
 	}

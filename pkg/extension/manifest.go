@@ -8,6 +8,8 @@ import (
 	"strings"
 	"time"
 
+	"gopkg.in/yaml.v3"
+
 	"github.com/sand-boxer/sandboxer/pkg/event"
 )
 
@@ -89,6 +91,8 @@ type Manifest struct {
 
 	// File is where the manifest was loaded from.
 	File string `yaml:"-" json:"file,omitempty"`
+	// root is the parsed document, to position problems found later.
+	root *yaml.Node
 }
 
 // TTLPolicy bounds a sandbox's time to live.
@@ -155,6 +159,8 @@ type Profile struct {
 
 	// File is where the profile was loaded from.
 	File string `yaml:"-" json:"file,omitempty"`
+	// root is the parsed document, to position problems found later.
+	root *yaml.Node
 }
 
 // ParseManifest decodes and checks one manifest, reporting every problem.
@@ -165,7 +171,7 @@ func ParseManifest(file string, data []byte) (*Manifest, Problems) {
 	if root == nil {
 		return nil, ps
 	}
-	m.File = file
+	m.File, m.root = file, root
 	m.Config.file = file
 	ps = append(ps, m.check(locator{file: file, root: root})...)
 	return &m, ps
@@ -180,10 +186,22 @@ func ParseProfile(file string, data []byte) (*Profile, Problems) {
 	if root == nil {
 		return nil, ps
 	}
-	p.File = file
+	p.File, p.root = file, root
 	p.Config.file = file
 	ps = append(ps, p.check(locator{file: file, root: root})...)
 	return &p, ps
+}
+
+// problemAt returns a problem at path in the file m was loaded from, with
+// its line and column when m was parsed from YAML.
+func (m *Manifest) problemAt(path, format string, args ...any) Problem {
+	return locator{file: m.File, root: m.root}.at(path, format, args...)
+}
+
+// problemAt returns a problem at path in the file p was loaded from, with
+// its line and column when p was parsed from YAML.
+func (p *Profile) problemAt(path, format string, args ...any) Problem {
+	return locator{file: p.File, root: p.root}.at(path, format, args...)
 }
 
 func (m *Manifest) check(l locator) Problems {
