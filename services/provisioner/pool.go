@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -26,12 +27,15 @@ type pool struct {
 	concurrency int
 	source      string
 	log         *slog.Logger
+	inFlight    atomic.Int64
 }
 
 // handle routes one command. Commands are idempotent: a redelivered create
 // finds the sandbox past provisioning and does nothing; a redelivered
 // destroy finds it destroyed.
 func (pl *pool) handle(ctx context.Context, m *bus.Message) ([]bus.Out, error) {
+	pl.inFlight.Add(1)
+	defer pl.inFlight.Add(-1)
 	ref, err := event.ParseCommandSubject(m.Subject)
 	if err != nil {
 		return nil, bus.Permanent(err)

@@ -11,8 +11,6 @@ package provisioner
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -27,6 +25,7 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/catalog"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/workers"
 )
 
 // Options configures a provisioner process.
@@ -51,6 +50,9 @@ type Options struct {
 	WorkerID string
 	// Logger logs. Default: discard.
 	Logger *slog.Logger
+	// HeartbeatEvery is how often each pool records its liveness in the
+	// workers bucket. Default 10s (the bucket forgets a worker after 30s).
+	HeartbeatEvery time.Duration
 	// CatalogTimeout bounds the wait for a pool's manifest to appear in the
 	// catalog at start-up. Default 30s.
 	CatalogTimeout time.Duration
@@ -62,7 +64,9 @@ type Provisioner struct {
 	router    *bus.Router
 	pub       *bus.Publisher
 	sandboxes jetstream.KeyValue
+	workers   jetstream.KeyValue
 	pools     []*pool
+	started   time.Time
 
 	stopPull, stopWork context.CancelFunc
 	wg                 sync.WaitGroup
@@ -87,8 +91,14 @@ func New(opts Options) (*Provisioner, error) {
 	if opts.WorkerID == "" {
 		opts.WorkerID = defaultWorkerID()
 	}
+	if err := event.CheckName("worker id", opts.WorkerID); err != nil {
+		return nil, fmt.Errorf("provisioner: %w", err)
+	}
 	if opts.DataDir == "" {
 		opts.DataDir = filepath.Join(os.TempDir(), "sandboxer-provisioner")
+	}
+	if opts.HeartbeatEvery <= 0 {
+		opts.HeartbeatEvery = 10 * time.Second
 	}
 	if opts.CatalogTimeout <= 0 {
 		opts.CatalogTimeout = 30 * time.Second
@@ -112,6 +122,10 @@ func (p *Provisioner) Start(ctx context.Context) error {
 		return fmt.Errorf("opening sandboxes bucket: %w", err)
 	}
 	p.sandboxes = kv
+	if p.workers, err = p.opts.JS.KeyValue(ctx, bus.BucketWorkers); err != nil {
+		return fmt.Errorf("opening workers bucket: %w", err)
+	}
+	p.started = time.Now().UTC()
 	for _, name := range p.opts.Pools {
 		pl, err := p.openPool(ctx, name)
 		if err != nil {
@@ -135,10 +149,39 @@ func (p *Provisioner) Start(ctx context.Context) error {
 				p.opts.Logger.Error("worker pool stopped", "extension", pl.name, "err", err)
 			}
 		}()
+		p.beat(ctx, pl)
 		p.opts.Logger.Info("worker pool consuming", "extension", pl.name, "consumer", pl.consumer,
 			"concurrency", pl.concurrency, "worker", p.opts.WorkerID)
 	}
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		t := time.NewTicker(p.opts.HeartbeatEvery)
+		defer t.Stop()
+		for {
+			select {
+			case <-pullCtx.Done():
+				return
+			case <-t.C:
+				for _, pl := range p.pools {
+					p.beat(pullCtx, pl)
+				}
+			}
+		}
+	}()
 	return nil
+}
+
+// beat records a pool's liveness in the workers bucket.
+func (p *Provisioner) beat(ctx context.Context, pl *pool) {
+	host, _ := os.Hostname()
+	err := workers.Put(ctx, p.workers, workers.Heartbeat{
+		Extension: pl.name, Worker: p.opts.WorkerID, Host: host, PID: os.Getpid(),
+		StartedAt: p.started, Concurrency: pl.concurrency, InFlight: int(pl.inFlight.Load()),
+	})
+	if err != nil && ctx.Err() == nil {
+		p.opts.Logger.Warn("recording heartbeat", "extension", pl.name, "err", err)
+	}
 }
 
 func (p *Provisioner) openPool(ctx context.Context, name string) (*pool, error) {
@@ -203,6 +246,11 @@ func (p *Provisioner) Shutdown(ctx context.Context) error {
 		<-done
 	}
 	p.stopWork()
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	defer cancel()
+	for _, pl := range p.pools {
+		_ = workers.Delete(dctx, p.workers, pl.name, p.opts.WorkerID)
+	}
 	p.closePools()
 	return err
 }
@@ -217,10 +265,5 @@ func (p *Provisioner) closePools() {
 
 func defaultWorkerID() string {
 	host, _ := os.Hostname()
-	if host == "" {
-		host = "worker"
-	}
-	b := make([]byte, 3)
-	_, _ = rand.Read(b)
-	return fmt.Sprintf("%s-%d-%s", host, os.Getpid(), hex.EncodeToString(b))
+	return workers.ID(host, os.Getpid())
 }
