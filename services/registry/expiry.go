@@ -1,0 +1,163 @@
+package registry
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/pkg/sandbox"
+)
+
+// ExpiredReason is the reason of the expired event a TTL produces.
+const ExpiredReason = "ttl"
+
+// Sandbox TTLs are schedules on the bus, not timers in a process: a ready
+// sandbox with an expiry gets one message on its schedule subject
+// (event.ExpiryScheduleSubject) that the server delivers, at the expiry, to
+// its fire subject (event.ExpiryFireSubject) as a copy carrying the same
+// CloudEvent. The server then purges the schedule itself. The schedule is
+// stored in the timers stream, so it survives restarts of the server and of
+// every registry.
+
+// schedule publishes the expiry schedule of rec, then makes sure it did
+// not race with the sandbox leaving the ready state: if the record moved on
+// meanwhile, the schedule is cancelled again. Either this check sees the
+// new state, or the projection of that state runs its own cancel after the
+// schedule was stored.
+func (r *Registry) schedule(ctx context.Context, rec *sandbox.Record) error {
+	e, err := event.New(event.TypeExpiry, Source, rec.ID, rec.ID+".expiry",
+		event.Expiry{Ref: rec.Ref(), ExpiresAt: rec.ExpiresAt})
+	if err != nil {
+		return err
+	}
+	_, err = r.pub.Publish(ctx, event.ExpiryScheduleSubject(rec.ID), e,
+		jetstream.WithScheduleAt(fireAt(rec.ExpiresAt)),
+		jetstream.WithScheduleTarget(event.ExpiryFireSubject(rec.ID)))
+	if err != nil {
+		return fmt.Errorf("scheduling expiry of %s: %w", rec.ID, err)
+	}
+	now, _, err := r.readRecord(ctx, rec.ID)
+	if err != nil {
+		return err
+	}
+	if now != nil && now.State != event.StateReady {
+		return r.cancelExpiry(ctx, rec.ID)
+	}
+	r.log.Debug("expiry scheduled", "sandbox", rec.ID, "expires_at", rec.ExpiresAt)
+	return nil
+}
+
+// fireAt is t rounded up to the second: schedules have second precision,
+// and a sandbox must not expire before its time.
+func fireAt(t time.Time) time.Time {
+	if u := t.Truncate(time.Second); !u.Equal(t) {
+		return u.Add(time.Second)
+	}
+	return t
+}
+
+// cancelExpiry removes the pending expiry schedule of sandbox id, if any.
+func (r *Registry) cancelExpiry(ctx context.Context, id string) error {
+	if err := r.timers.Purge(ctx, jetstream.WithPurgeSubject(event.ExpiryScheduleSubject(id))); err != nil {
+		return fmt.Errorf("cancelling expiry of %s: %w", id, err)
+	}
+	return nil
+}
+
+// fire is the handler of fired expiry timers. When the sandbox is still
+// ready, it moves the record to expired (one compare-and-swap, like every
+// transition) and returns the expired event and the destroy command for
+// the router to publish. A redelivery after the record moved re-emits the
+// same two messages, which the streams de-duplicate. A timer for a sandbox
+// in any other state, or unknown, is acknowledged and does nothing.
+func (r *Registry) fire(ctx context.Context, m *bus.Message) ([]bus.Out, error) {
+	id, ok := strings.CutPrefix(m.Subject, strings.TrimSuffix(event.ExpiryFireFilter, ">"))
+	if !ok || !event.ValidName(id) {
+		return nil, bus.Permanent(fmt.Errorf("handling timer: %q is not an expiry fire subject", m.Subject))
+	}
+	if event.Type(m.Event.Type()) != event.TypeExpiry {
+		return nil, bus.Permanent(fmt.Errorf("handling timer %s: unexpected event type %s", m.Subject, m.Event.Type()))
+	}
+	var d event.Expiry
+	if err := event.DataAs(m.Event, &d); err != nil {
+		return nil, bus.Permanent(fmt.Errorf("handling timer %s: %w", m.Subject, err))
+	}
+	if d.SandboxID != id {
+		return nil, bus.Permanent(fmt.Errorf("handling timer %s: %w: data names sandbox %q", m.Subject, event.ErrMalformed, d.SandboxID))
+	}
+	rec, _, err := r.readRecord(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case rec == nil:
+		r.log.Warn("expiry fired for an unknown sandbox", "sandbox", id)
+		return nil, nil
+	case rec.State == event.StateReady:
+		if err := event.CheckName("extension name", rec.Extension); err != nil {
+			return nil, bus.Permanent(fmt.Errorf("expiring sandbox %s: %w", id, err))
+		}
+		expired, err := expiredEvent(rec, time.Now().UTC())
+		if err != nil {
+			return nil, err
+		}
+		if rec, _, err = r.applyEvent(ctx, id, expired); err != nil {
+			return nil, err
+		}
+		if rec.State != event.StateExpired || rec.Reason != ExpiredReason {
+			// The sandbox left ready while the timer fired.
+			return nil, nil
+		}
+		return r.expiryOuts(rec, expired)
+	case rec.State == event.StateExpired && rec.Reason == ExpiredReason:
+		// Redelivered after the record moved: emit again, de-duplicated.
+		expired, err := expiredEvent(rec, expiredAt(rec))
+		if err != nil {
+			return nil, err
+		}
+		return r.expiryOuts(rec, expired)
+	}
+	r.log.Debug("expiry fired for a sandbox no longer ready", "sandbox", id, "state", rec.State)
+	return nil, nil
+}
+
+// expiredEvent is the expired event of rec at t.
+func expiredEvent(rec *sandbox.Record, t time.Time) (*event.Event, error) {
+	e, err := event.New(event.TypeExpired, Source, rec.ID, rec.ID+".expired",
+		event.Expired{Ref: rec.Ref(), Reason: ExpiredReason, ExpiredAt: t})
+	if err != nil {
+		return nil, err
+	}
+	e.SetTime(t)
+	return e, nil
+}
+
+// expiredAt is when rec entered the expired state.
+func expiredAt(rec *sandbox.Record) time.Time {
+	for _, tr := range rec.History {
+		if tr.State == event.StateExpired {
+			return tr.At
+		}
+	}
+	return rec.UpdatedAt
+}
+
+// expiryOuts are the expired event and the destroy command of rec.
+func (r *Registry) expiryOuts(rec *sandbox.Record, expired *event.Event) ([]bus.Out, error) {
+	destroy, err := event.New(event.TypeDestroy, Source, rec.ID, rec.ID+".destroy", event.Destroy{
+		Ref: rec.Ref(), Reason: event.ReasonExpired, RequestedBy: "registry", RequestedAt: expired.Time().UTC(),
+	})
+	if err != nil {
+		return nil, err
+	}
+	r.log.Info("sandbox expired", "sandbox", rec.ID, "expires_at", rec.ExpiresAt)
+	return []bus.Out{
+		{Subject: event.LifecycleSubject(rec.Extension, rec.ID, event.StateExpired), Event: expired},
+		{Subject: event.CommandSubject(rec.Extension, event.VerbDestroy, rec.ID), Event: destroy},
+	}, nil
+}

@@ -1,0 +1,297 @@
+// Package registry is the registry service: the owner of the catalog
+// (extensions and profiles, validated at start-up and published to the
+// catalog bucket), of the inventory (the sandboxes bucket, a projection of
+// the lifecycle stream), of sandbox TTLs (expiry schedules on the timers
+// stream) and of the view of live workers.
+//
+// The registry consumes lifecycle events and fired expiry timers, and
+// produces the catalog and sandboxes projections, expired events and
+// destroy commands. It answers catalog and worker requests over NATS
+// request-reply as the micro service "sandboxer-registry".
+//
+// It must never import another service or an extension's backend code:
+// handlers are checked through the [extension.Registry] the binary passes
+// in.
+package registry
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nats.go/micro"
+
+	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/catalog"
+	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/workers"
+)
+
+// Names the registry uses on the bus.
+const (
+	// Source is the CloudEvents source of every event the registry emits.
+	Source = "/sandboxer/registry"
+	// ConsumerInventory is the durable consumer projecting the lifecycle
+	// stream into the sandboxes bucket.
+	ConsumerInventory = "registry"
+	// ConsumerTimers is the durable consumer of fired expiry timers.
+	ConsumerTimers = "registry-timers"
+	// ServiceName is the micro service name answering catalog and worker
+	// requests.
+	ServiceName = "sandboxer-registry"
+	// ServiceVersion is the version the micro service announces.
+	ServiceVersion = "0.1.0"
+)
+
+// Options configures a [Registry].
+type Options struct {
+	// JS is the JetStream context. Required. The streams and buckets of
+	// [bus.Topology] must exist.
+	JS jetstream.JetStream
+	// NC is the connection the request-reply service listens on. Default
+	// JS.Conn().
+	NC *nats.Conn
+	// ExtensionsDir holds the ext.<name>.yaml manifests. Default
+	// "extensions".
+	ExtensionsDir string
+	// ProfilesDir holds the profile.<slug>.yaml profiles. Default
+	// "profiles".
+	ProfilesDir string
+	// Extensions are the handlers linked into this binary: every
+	// manifest's handler must be one of them. Nil skips that check (a
+	// registry running apart from the provisioners).
+	Extensions *extension.Registry
+	// Logger logs. Default discards.
+	Logger *slog.Logger
+	// Concurrency is how many lifecycle events this instance projects at
+	// once. Default 32.
+	Concurrency int
+	// Policy is the delivery policy of both durable consumers. Zero
+	// fields take the [bus.ConsumerPolicy] defaults.
+	Policy bus.ConsumerPolicy
+}
+
+func (o Options) withDefaults() Options {
+	if o.NC == nil && o.JS != nil {
+		o.NC = o.JS.Conn()
+	}
+	if o.ExtensionsDir == "" {
+		o.ExtensionsDir = "extensions"
+	}
+	if o.ProfilesDir == "" {
+		o.ProfilesDir = "profiles"
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Concurrency <= 0 {
+		o.Concurrency = 32
+	}
+	o.Policy = o.Policy.WithDefaults()
+	return o
+}
+
+// Load reads and checks the catalog in opts.ExtensionsDir and
+// opts.ProfilesDir. On any problem it returns an error wrapping
+// [extension.Problems] that lists every problem found in every file, each
+// as file:line:column: path: message.
+func Load(opts Options) (*extension.Catalog, error) {
+	opts = opts.withDefaults()
+	c, ps := extension.LoadCatalog(opts.ExtensionsDir, opts.ProfilesDir, opts.Extensions)
+	if len(ps) > 0 {
+		return nil, fmt.Errorf("loading catalog: %w", ps)
+	}
+	return c, nil
+}
+
+// Registry is the registry service. Build it with [New], run it with
+// [Registry.Start] and stop it with [Registry.Shutdown].
+type Registry struct {
+	opts Options
+	log  *slog.Logger
+	pub  *bus.Publisher
+
+	mu      sync.Mutex
+	started bool
+	stopped bool
+
+	catalog     *extension.Catalog
+	catalogJSON []byte
+	sandboxes   jetstream.KeyValue
+	timers      jetstream.Stream
+	workers     *workers.Cache
+	svc         micro.Service
+	router      *bus.Router
+
+	stopPull     context.CancelFunc // stops the routers pulling
+	stopHandlers context.CancelFunc // cancels handlers in flight
+	stopWatch    context.CancelFunc // stops the workers cache
+	routersDone  chan struct{}      // closed when every router returned
+}
+
+// New checks opts and returns a registry that has not started: it does no
+// I/O.
+func New(opts Options) (*Registry, error) {
+	if opts.JS == nil {
+		return nil, errors.New("creating registry: Options.JS is required")
+	}
+	opts = opts.withDefaults()
+	if opts.NC == nil {
+		return nil, errors.New("creating registry: no NATS connection")
+	}
+	return &Registry{opts: opts, log: opts.Logger, pub: bus.NewPublisher(opts.JS)}, nil
+}
+
+// Start loads and checks the catalog, refusing to start on any problem
+// (the error lists them all), publishes it to the catalog bucket, ensures
+// the registry's durable consumers, starts answering requests and starts
+// projecting. ctx bounds start-up only; the registry runs until
+// [Registry.Shutdown]. Start may be called once.
+func (r *Registry) Start(ctx context.Context) (err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.started {
+		return errors.New("starting registry: already started")
+	}
+	r.started = true
+
+	cat, err := Load(r.opts)
+	if err != nil {
+		return fmt.Errorf("starting registry: %w", err)
+	}
+	r.catalog = cat
+	if r.catalogJSON, err = json.Marshal(cat); err != nil {
+		return fmt.Errorf("encoding catalog: %w", err)
+	}
+	js := r.opts.JS
+	catKV, err := js.KeyValue(ctx, bus.BucketCatalog)
+	if err != nil {
+		return fmt.Errorf("opening bucket %s: %w", bus.BucketCatalog, err)
+	}
+	if err := catalog.Publish(ctx, catKV, cat); err != nil {
+		return fmt.Errorf("publishing catalog: %w", err)
+	}
+	if r.sandboxes, err = js.KeyValue(ctx, bus.BucketSandboxes); err != nil {
+		return fmt.Errorf("opening bucket %s: %w", bus.BucketSandboxes, err)
+	}
+	workersKV, err := js.KeyValue(ctx, bus.BucketWorkers)
+	if err != nil {
+		return fmt.Errorf("opening bucket %s: %w", bus.BucketWorkers, err)
+	}
+	if r.timers, err = js.Stream(ctx, event.StreamTimers); err != nil {
+		return fmt.Errorf("opening stream %s: %w", event.StreamTimers, err)
+	}
+	if _, err := bus.EnsureConsumer(ctx, js, event.StreamLifecycle, ConsumerInventory, event.SubjectLifecycle, r.opts.Policy); err != nil {
+		return err
+	}
+	if _, err := bus.EnsureConsumer(ctx, js, event.StreamTimers, ConsumerTimers, event.ExpiryFireFilter, r.opts.Policy); err != nil {
+		return err
+	}
+
+	watchCtx, stopWatch := context.WithCancel(context.Background())
+	defer func() {
+		if err != nil {
+			stopWatch()
+			if r.workers != nil {
+				<-r.workers.Done()
+			}
+		}
+	}()
+	if r.workers, err = workers.Watch(watchCtx, workersKV); err != nil {
+		return err
+	}
+	select {
+	case <-r.workers.Ready():
+	case <-ctx.Done():
+		return fmt.Errorf("loading workers: %w", ctx.Err())
+	}
+
+	if r.svc, err = r.serve(); err != nil {
+		return err
+	}
+
+	pullCtx, stopPull := context.WithCancel(context.Background())
+	handlerCtx, stopHandlers := context.WithCancel(context.Background())
+	r.stopWatch, r.stopPull, r.stopHandlers = stopWatch, stopPull, stopHandlers
+	r.router = bus.NewRouter(js, r.log)
+	routes := []bus.Route{
+		{
+			Stream: event.StreamLifecycle, Consumer: ConsumerInventory, Policy: r.opts.Policy,
+			Concurrency: r.opts.Concurrency, Handler: r.project, HandlerContext: handlerCtx,
+		},
+		{
+			Stream: event.StreamTimers, Consumer: ConsumerTimers, Policy: r.opts.Policy,
+			Concurrency: 4, Handler: r.fire, HandlerContext: handlerCtx,
+		},
+	}
+	r.routersDone = make(chan struct{})
+	var wg sync.WaitGroup
+	for _, rt := range routes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := r.router.Run(pullCtx, rt); err != nil {
+				r.log.Error("router stopped", "consumer", rt.Consumer, "err", err)
+			}
+		}()
+	}
+	go func() { wg.Wait(); close(r.routersDone) }()
+	r.log.Info("registry started", "extensions", len(cat.Extensions), "profiles", len(cat.Profiles))
+	return nil
+}
+
+// Catalog returns the catalog loaded at start, or nil before. Callers must
+// not modify it.
+func (r *Registry) Catalog() *extension.Catalog {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.catalog
+}
+
+// Stats returns the counters of the registry's consume loops, or nil
+// before start.
+func (r *Registry) Stats() *bus.RouterStats {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.router == nil {
+		return nil
+	}
+	return &r.router.Stats
+}
+
+// Shutdown stops answering requests, stops pulling messages and waits for
+// the handlers in flight to finish. When ctx ends first, it cancels them
+// (their messages are redelivered to another instance), waits for them to
+// return and reports ctx's error. Shutdown is safe to call more than once
+// and before Start.
+func (r *Registry) Shutdown(ctx context.Context) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.started || r.stopped || r.routersDone == nil {
+		r.stopped = true
+		return nil
+	}
+	r.stopped = true
+	var errs []error
+	if err := r.svc.Stop(); err != nil {
+		errs = append(errs, fmt.Errorf("stopping request service: %w", err))
+	}
+	r.stopPull()
+	select {
+	case <-r.routersDone:
+	case <-ctx.Done():
+		r.stopHandlers()
+		<-r.routersDone
+		errs = append(errs, fmt.Errorf("draining handlers: %w", ctx.Err()))
+	}
+	r.stopHandlers()
+	r.stopWatch()
+	<-r.workers.Done()
+	return errors.Join(errs...)
+}

@@ -1,0 +1,160 @@
+package registry
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/micro"
+
+	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/workers"
+)
+
+// CatalogRequest is the body of a catalog request. It has no fields yet:
+// an empty body or {} asks for the whole catalog.
+type CatalogRequest struct{}
+
+// WorkersRequest is the body of a workers request. An empty body asks for
+// every worker.
+type WorkersRequest struct {
+	// Extension, when set, keeps only that extension's workers.
+	Extension string `json:"extension,omitempty"`
+}
+
+// WorkersReply answers a workers request.
+type WorkersReply struct {
+	// Workers are the live workers, sorted by extension then worker.
+	Workers []workers.Heartbeat `json:"workers"`
+}
+
+// serve starts the micro service answering catalog and worker requests.
+// Every registry instance joins the same queue group, so each request gets
+// one answer.
+func (r *Registry) serve() (micro.Service, error) {
+	svc, err := micro.AddService(r.opts.NC, micro.Config{
+		Name:        ServiceName,
+		Version:     ServiceVersion,
+		Description: "sand-boxer catalog and worker liveness",
+		ErrorHandler: func(_ micro.Service, err *micro.NATSError) {
+			r.log.Warn("request service error", "subject", err.Subject, "err", err.Description)
+		},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("starting request service: %w", err)
+	}
+	for _, ep := range []struct {
+		name, subject string
+		h             micro.HandlerFunc
+	}{
+		{"catalog", event.SubjectCatalog, r.handleCatalog},
+		{"workers", event.SubjectWorkers, r.handleWorkers},
+	} {
+		if err := svc.AddEndpoint(ep.name, ep.h, micro.WithEndpointSubject(ep.subject)); err != nil {
+			_ = svc.Stop()
+			return nil, fmt.Errorf("adding endpoint %s: %w", ep.name, err)
+		}
+	}
+	return svc, nil
+}
+
+// handleCatalog answers with the catalog loaded at start, as JSON
+// ([extension.Catalog]).
+func (r *Registry) handleCatalog(req micro.Request) {
+	var body CatalogRequest
+	if err := decodeRequest(req.Data(), &body); err != nil {
+		_ = req.Error("400", err.Error(), nil)
+		return
+	}
+	_ = req.Respond(r.catalogJSON)
+}
+
+// handleWorkers answers with the live workers ([WorkersReply]).
+func (r *Registry) handleWorkers(req micro.Request) {
+	var body WorkersRequest
+	if err := decodeRequest(req.Data(), &body); err != nil {
+		_ = req.Error("400", err.Error(), nil)
+		return
+	}
+	if body.Extension != "" {
+		if err := event.CheckName("extension name", body.Extension); err != nil {
+			_ = req.Error("400", err.Error(), nil)
+			return
+		}
+	}
+	_ = req.RespondJSON(WorkersReply{Workers: r.workers.List(body.Extension)})
+}
+
+// decodeRequest decodes a JSON request body strictly; an empty body is the
+// zero request.
+func decodeRequest(data []byte, v any) error {
+	if len(bytes.TrimSpace(data)) == 0 {
+		return nil
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("decoding request: %w", err)
+	}
+	if dec.More() {
+		return errors.New("decoding request: trailing content")
+	}
+	return nil
+}
+
+// FetchCatalog asks a running registry for its catalog over NATS
+// request-reply. ctx must carry a deadline or be cancellable: it bounds
+// the wait for an answer.
+func FetchCatalog(ctx context.Context, nc *nats.Conn) (*extension.Catalog, error) {
+	var c extension.Catalog
+	if err := request(ctx, nc, event.SubjectCatalog, nil, &c); err != nil {
+		return nil, fmt.Errorf("fetching catalog: %w", err)
+	}
+	return &c, nil
+}
+
+// FetchWorkers asks a running registry for the live workers, of one
+// extension or of all when extension is empty. ctx bounds the wait.
+func FetchWorkers(ctx context.Context, nc *nats.Conn, extension string) ([]workers.Heartbeat, error) {
+	var body []byte
+	if extension != "" {
+		var err error
+		if body, err = json.Marshal(WorkersRequest{Extension: extension}); err != nil {
+			return nil, fmt.Errorf("encoding workers request: %w", err)
+		}
+	}
+	var reply WorkersReply
+	if err := request(ctx, nc, event.SubjectWorkers, body, &reply); err != nil {
+		return nil, fmt.Errorf("fetching workers: %w", err)
+	}
+	return reply.Workers, nil
+}
+
+// ServiceError is an error a registry answered a request with.
+type ServiceError struct {
+	Code        string
+	Description string
+}
+
+// Error returns the code and description.
+func (e *ServiceError) Error() string { return e.Code + " " + e.Description }
+
+func request(ctx context.Context, nc *nats.Conn, subject string, body []byte, v any) error {
+	msg, err := nc.RequestWithContext(ctx, subject, body)
+	if err != nil {
+		return fmt.Errorf("requesting %s: %w", subject, err)
+	}
+	if desc := msg.Header.Get(micro.ErrorHeader); desc != "" {
+		return &ServiceError{Code: msg.Header.Get(micro.ErrorCodeHeader), Description: desc}
+	}
+	if err := json.Unmarshal(msg.Data, v); err != nil {
+		return fmt.Errorf("decoding reply from %s: %w", subject, err)
+	}
+	return nil
+}
+
+var _ error = (*ServiceError)(nil)
