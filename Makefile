@@ -1,0 +1,53 @@
+# sand-boxer. `make up` runs the control plane on this machine; `make test`
+# tests every module. go.work ties the modules, and `go test ./...` does not
+# cross module boundaries, so targets enumerate them.
+
+MODULES := pkg services/gateway services/provisioner services/metering services/registry cmd/sandboxer
+BIN     := bin/sandboxer
+GO      ?= go
+TESTFLAGS ?= -count=1 -timeout 10m
+
+.PHONY: all build up test e2e bench bench-go lint fmt vet tidy clean
+
+all: lint test
+
+build:
+	$(GO) build -o $(BIN) ./cmd/sandboxer
+
+# Runs every service in one process on an embedded NATS server.
+up: build
+	./$(BIN) up $(UP_FLAGS)
+
+test: vet
+	@set -e; for m in $(MODULES); do \
+		echo "== go test $$m"; \
+		(cd $$m && $(GO) test $(TESTFLAGS) ./...); \
+	done
+
+# End-to-end tests against a real sshd and the Docker engine. They fail,
+# never skip, when either is missing (.ci/install-e2e.sh installs them).
+e2e: build
+	@echo "== e2e"
+	cd pkg && $(GO) test -tags e2e $(TESTFLAGS) ./sshx/... ./extension/composessh/... ./extension/vmpacker/...
+
+bench: build
+	./$(BIN) bench --quick
+
+# Go micro-benchmarks of the hot paths, for benchstat.
+bench-go:
+	cd pkg && $(GO) test -run '^$$' -bench . -benchmem -count 6 ./event/ ./extension/ ./sandbox/
+
+vet:
+	@set -e; for m in $(MODULES); do (cd $$m && $(GO) vet ./...); done
+
+lint: vet
+	@out=$$(gofmt -l $(MODULES)); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+fmt:
+	gofmt -w $(MODULES)
+
+tidy:
+	@set -e; for m in $(MODULES); do (cd $$m && $(GO) mod tidy); done
+
+clean:
+	rm -rf bin
