@@ -1,0 +1,210 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/telemetry"
+	"github.com/sand-boxer/sandboxer/pkg/apikey"
+	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/services/gateway"
+	"github.com/sand-boxer/sandboxer/services/metering"
+	"github.com/sand-boxer/sandboxer/services/provisioner"
+	"github.com/sand-boxer/sandboxer/services/registry"
+)
+
+func newServeCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "serve gateway|provisioner|metering|registry",
+		Short: "Run one service against an external NATS cluster",
+	}
+	cmd.AddCommand(serveGateway(), serveProvisioner(g), serveMetering(), serveRegistry())
+	return cmd
+}
+
+// serveRun runs start, waits for ctx, then runs the returned shutdown with
+// a deadline.
+func serveRun(ctx context.Context, service, logLevel string, c *connectFlags, start func(ctx context.Context, s *stack, js *svcDeps) error) error {
+	log, err := newLogger(logLevel)
+	if err != nil {
+		return err
+	}
+	stopTrace, err := telemetry.Setup(ctx, "sandboxer-"+service)
+	if err != nil {
+		return err
+	}
+	var st stack
+	st.add(stopTrace)
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		st.shutdown(sctx, log)
+	}()
+	nc, js, err := c.connect(ctx, "sandboxer-"+service)
+	if err != nil {
+		return err
+	}
+	st.add(func(context.Context) error { return nc.Drain() })
+	deps := &svcDeps{js: js, nc: nc, log: log.With("service", service)}
+	if err := start(ctx, &st, deps); err != nil {
+		return err
+	}
+	log.Info("serving", "service", service, "nats", nc.ConnectedUrlRedacted())
+	<-ctx.Done()
+	return nil
+}
+
+func serveGateway() *cobra.Command {
+	var (
+		c        connectFlags
+		addr     string
+		logLevel string
+	)
+	cmd := &cobra.Command{
+		Use:   "gateway [--http ADDR]",
+		Short: "Run the HTTP gateway",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return serveRun(cmd.Context(), "gateway", logLevel, &c, func(ctx context.Context, st *stack, d *svcDeps) error {
+				cat, err := watchCatalog(ctx, d.js)
+				if err != nil {
+					return err
+				}
+				gw, err := gateway.New(gateway.Options{JS: d.js, Catalog: cat, Keys: apikey.NewStore(mustKV(ctx, d.js, bus.BucketAPIKeys)), Logger: d.log})
+				if err != nil {
+					return err
+				}
+				if err := gw.Start(ctx); err != nil {
+					return err
+				}
+				st.add(gw.Shutdown)
+				ln, err := net.Listen("tcp", addr)
+				if err != nil {
+					return fmt.Errorf("listening on %s: %w", addr, err)
+				}
+				hs := &http.Server{Handler: gw.Handler(), ReadHeaderTimeout: 10 * time.Second}
+				go func() {
+					if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+						d.log.Error("http server", "err", err)
+					}
+				}()
+				st.add(hs.Shutdown)
+				d.log.Info("gateway listening", "addr", ln.Addr().String())
+				return nil
+			})
+		},
+	}
+	c.add(cmd)
+	cmd.Flags().StringVar(&addr, "http", "127.0.0.1:8080", "HTTP listen address")
+	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	return cmd
+}
+
+func serveProvisioner(g *globals) *cobra.Command {
+	var (
+		c           connectFlags
+		pools       []string
+		concurrency int
+		logLevel    string
+		worker      string
+	)
+	cmd := &cobra.Command{
+		Use:   "provisioner --extension ID [--extension ID]... [--concurrency N]",
+		Short: "Run worker pools; every worker of an extension shares its durable consumer",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if len(pools) == 0 {
+				return &exitError{2, errors.New("at least one --extension is required")}
+			}
+			return serveRun(cmd.Context(), "provisioner", logLevel, &c, func(ctx context.Context, st *stack, d *svcDeps) error {
+				cat, err := watchCatalog(ctx, d.js)
+				if err != nil {
+					return err
+				}
+				p, err := provisioner.New(provisioner.Options{
+					JS: d.js, Catalog: cat, Extensions: linkedExtensions(), Pools: pools,
+					Concurrency: concurrency, DataDir: g.dataDir + "/extensions", WorkerID: worker, Logger: d.log,
+				})
+				if err != nil {
+					return err
+				}
+				if err := p.Start(ctx); err != nil {
+					return err
+				}
+				st.add(p.Shutdown)
+				return nil
+			})
+		},
+	}
+	c.add(cmd)
+	cmd.Flags().StringArrayVar(&pools, "extension", nil, "extension to serve, repeatable")
+	cmd.Flags().IntVar(&concurrency, "concurrency", 0, "commands run at once per extension in this process (default: the manifest's workers.concurrency)")
+	cmd.Flags().StringVar(&worker, "worker-id", "", "worker id in events and heartbeats (default host-pid)")
+	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	return cmd
+}
+
+func serveMetering() *cobra.Command {
+	var (
+		c        connectFlags
+		logLevel string
+	)
+	cmd := &cobra.Command{
+		Use:   "metering",
+		Short: "Run the metering service",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return serveRun(cmd.Context(), "metering", logLevel, &c, func(ctx context.Context, st *stack, d *svcDeps) error {
+				m, err := metering.New(metering.Options{JS: d.js, Logger: d.log})
+				if err != nil {
+					return err
+				}
+				if err := m.Start(ctx); err != nil {
+					return err
+				}
+				st.add(m.Shutdown)
+				return nil
+			})
+		},
+	}
+	c.add(cmd)
+	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	return cmd
+}
+
+func serveRegistry() *cobra.Command {
+	var (
+		c               connectFlags
+		extDir, profDir string
+		logLevel        string
+	)
+	cmd := &cobra.Command{
+		Use:   "registry [--extensions DIR] [--profiles DIR]",
+		Short: "Run the registry: catalog and inventory",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return serveRun(cmd.Context(), "registry", logLevel, &c, func(ctx context.Context, st *stack, d *svcDeps) error {
+				r, err := registry.New(registry.Options{JS: d.js, NC: d.nc, ExtensionsDir: extDir, ProfilesDir: profDir, Extensions: linkedExtensions(), Logger: d.log})
+				if err != nil {
+					return err
+				}
+				if err := r.Start(ctx); err != nil {
+					return err
+				}
+				st.add(r.Shutdown)
+				return nil
+			})
+		},
+	}
+	c.add(cmd)
+	cmd.Flags().StringVar(&extDir, "extensions", "extensions", "directory of ext.<name>.yaml manifests")
+	cmd.Flags().StringVar(&profDir, "profiles", "profiles", "directory of profile.<slug>.yaml profiles")
+	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	return cmd
+}
