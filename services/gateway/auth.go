@@ -1,0 +1,125 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/sand-boxer/sandboxer/pkg/apikey"
+)
+
+// caller is the authenticated client of a request.
+type caller struct {
+	Consumer string
+	Role     string
+}
+
+// admin reports whether the caller sees every consumer's sandboxes.
+func (c caller) admin() bool { return c.Role == apikey.RoleAdmin }
+
+// owns reports whether the caller may see and destroy a sandbox of
+// consumer.
+func (c caller) owns(consumer string) bool { return c.admin() || c.Consumer == consumer }
+
+// authed authenticates the bearer token of a request before h runs:
+// without one, or with one that maps to no key, the answer is 401.
+func (g *Gateway) authed(h func(http.ResponseWriter, *http.Request, caller)) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		token, ok := bearer(r.Header.Get("Authorization"))
+		if !ok {
+			g.writeProblem(w, r, newProblem(http.StatusUnauthorized, "missing bearer token: send Authorization: Bearer <api key>"))
+			return
+		}
+		k, err := g.keys.lookup(r.Context(), token)
+		switch {
+		case errors.Is(err, apikey.ErrUnknown):
+			g.writeProblem(w, r, newProblem(http.StatusUnauthorized, "unknown api key"))
+			return
+		case err != nil:
+			g.log.Warn("checking api key", "err", err)
+			g.writeProblem(w, r, newProblem(http.StatusServiceUnavailable, "cannot check api keys right now"))
+			return
+		}
+		h(w, r, caller{Consumer: k.Consumer, Role: k.Role})
+	})
+}
+
+// bearer extracts the token of an Authorization: Bearer header.
+func bearer(h string) (string, bool) {
+	scheme, token, ok := strings.Cut(strings.TrimSpace(h), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return "", false
+	}
+	token = strings.TrimSpace(token)
+	return token, token != ""
+}
+
+// keyCache remembers successful key lookups for a while, keyed by the
+// token's hash so no token is kept in memory. Failed lookups are not
+// remembered: a key issued a moment ago works at once.
+type keyCache struct {
+	store *apikey.Store
+	ttl   time.Duration
+	size  int
+	now   func() time.Time
+
+	mu sync.Mutex
+	m  map[string]cachedKey
+}
+
+type cachedKey struct {
+	key     apikey.Key
+	expires time.Time
+}
+
+func newKeyCache(store *apikey.Store, ttl time.Duration, size int, now func() time.Time) *keyCache {
+	return &keyCache{store: store, ttl: ttl, size: size, now: now, m: make(map[string]cachedKey)}
+}
+
+// lookup returns the key of token, from memory when a lookup succeeded
+// less than ttl ago. The error wraps apikey.ErrUnknown for unknown tokens.
+func (c *keyCache) lookup(ctx context.Context, token string) (apikey.Key, error) {
+	h := apikey.Hash(token)
+	now := c.now()
+	c.mu.Lock()
+	e, ok := c.m[h]
+	c.mu.Unlock()
+	if ok && now.Before(e.expires) {
+		return e.key, nil
+	}
+	k, err := c.store.Lookup(ctx, token)
+	if err != nil {
+		return apikey.Key{}, err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.m[h]; !ok && len(c.m) >= c.size {
+		c.evict(now)
+	}
+	c.m[h] = cachedKey{key: k, expires: now.Add(c.ttl)}
+	return k, nil
+}
+
+// evict drops expired entries, and when none has expired, an arbitrary
+// tenth of the cache, so an insert never waits on more than one sweep.
+func (c *keyCache) evict(now time.Time) {
+	for h, e := range c.m {
+		if !now.Before(e.expires) {
+			delete(c.m, h)
+		}
+	}
+	if len(c.m) < c.size {
+		return
+	}
+	drop := max(1, c.size/10)
+	for h := range c.m {
+		if drop == 0 {
+			break
+		}
+		delete(c.m, h)
+		drop--
+	}
+}

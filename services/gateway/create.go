@@ -1,0 +1,554 @@
+package gateway
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"mime"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sand-boxer/sandboxer/pkg/api"
+	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/sandbox"
+)
+
+// Request limits.
+const (
+	// MaxBodyBytes bounds a create request body.
+	MaxBodyBytes = 1 << 20
+	// MaxLabels bounds the labels of one request.
+	MaxLabels = 64
+	// MaxIdempotencyKey bounds an Idempotency-Key header.
+	MaxIdempotencyKey = 255
+)
+
+// plan is a request that passed every check: what the sandbox will be.
+type plan struct {
+	profile  *extension.Profile
+	manifest *extension.Manifest
+	inputs   extension.Inputs
+	labels   map[string]string
+	ttl      time.Duration
+}
+
+// create handles POST /v1/sandboxes. Every check runs before anything is
+// written; the writes then run to completion under WriteTimeout even if
+// the client goes away.
+func (g *Gateway) create(w http.ResponseWriter, r *http.Request, c caller) {
+	st := g.current()
+	if st == nil {
+		g.writeProblem(w, r, newProblem(http.StatusServiceUnavailable, "gateway is not ready"))
+		return
+	}
+	req, p := decodeCreate(w, r)
+	if p != nil {
+		g.writeProblem(w, r, p)
+		return
+	}
+	idemKey, p := idempotencyKey(r.Header)
+	if p != nil {
+		g.writeProblem(w, r, p)
+		return
+	}
+	pl, p := g.validate(req)
+	if p != nil {
+		g.writeProblem(w, r, p)
+		return
+	}
+
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), g.opts.WriteTimeout)
+	defer cancel()
+	id := sandbox.NewID()
+	var claim *idemClaim
+	if idemKey != "" {
+		var prev *sandbox.Record
+		claim, prev, p = g.claim(ctx, st, c, idemKey, requestHash(req), id)
+		if p != nil {
+			g.writeProblem(w, r, p)
+			return
+		}
+		if prev != nil {
+			g.accepted(w, prev)
+			return
+		}
+	}
+	rec, p := g.request(ctx, st, c, id, pl)
+	if p != nil {
+		claim.release(ctx)
+		g.writeProblem(w, r, p)
+		return
+	}
+	g.accepted(w, rec)
+}
+
+func (g *Gateway) accepted(w http.ResponseWriter, rec *sandbox.Record) {
+	w.Header().Set("Location", "/v1/sandboxes/"+rec.ID)
+	writeJSON(w, http.StatusAccepted, api.FromRecord(rec))
+}
+
+// request routes and admits a valid request, records the sandbox and
+// publishes its create command. When the command cannot be published, the
+// sandbox is rejected and the answer is a 503.
+func (g *Gateway) request(ctx context.Context, st *state, c caller, id string, pl *plan) (*sandbox.Record, *api.Problem) {
+	cr := event.Create{
+		Ref:         event.Ref{SandboxID: id, Consumer: c.Consumer, Profile: pl.profile.Slug, Extension: pl.manifest.Name},
+		Inputs:      pl.inputs,
+		Labels:      pl.labels,
+		TTLSeconds:  int64((pl.ttl + time.Second - 1) / time.Second),
+		RequestedAt: g.opts.Now().UTC(),
+	}
+	route, err := g.opts.Resolver.Resolve(ctx, RouteRequest{SandboxID: id, Consumer: c.Consumer, Profile: pl.profile, Manifest: pl.manifest})
+	if err == nil {
+		err = checkRoute(route)
+	}
+	switch {
+	case errors.Is(err, ErrNoRoute):
+		g.reject(ctx, st, cr, CodeNoRoute, err.Error())
+		return nil, rejection(http.StatusServiceUnavailable, id, "no route for this sandbox: "+err.Error())
+	case err != nil:
+		g.log.Error("resolving route", "sandbox", id, "err", err)
+		return nil, newProblem(http.StatusServiceUnavailable, "cannot route sandboxes right now")
+	}
+	cr.Extension, cr.Host = route.Extension, route.Host
+
+	if g.opts.Admitter != nil {
+		hold, err := g.opts.Admitter.Admit(ctx, AdmitRequest{SandboxID: id, Consumer: c.Consumer, Profile: pl.profile, Route: route, TTL: pl.ttl})
+		switch {
+		case errors.Is(err, ErrInsufficientCredits):
+			g.reject(ctx, st, cr, CodeInsufficientCredits, err.Error())
+			return nil, rejection(http.StatusPaymentRequired, id, err.Error())
+		case err != nil:
+			g.log.Error("admitting sandbox", "sandbox", id, "err", err)
+			return nil, newProblem(http.StatusServiceUnavailable, "cannot admit sandboxes right now")
+		}
+		cr.Hold = hold
+	}
+
+	rec := sandbox.NewRequested(cr)
+	rev, err := st.sandboxes.Create(ctx, id, rec.Marshal())
+	if err != nil {
+		g.log.Error("recording sandbox", "sandbox", id, "err", err)
+		if cr.Hold != "" {
+			// The hold must be released: the rejection says so.
+			g.reject(ctx, st, cr, CodeUnavailable, "recording the sandbox failed")
+		}
+		return nil, newProblem(http.StatusServiceUnavailable, "cannot record sandboxes right now")
+	}
+	st.inv.put(id, rec, rev)
+
+	ev, err := event.New(event.TypeCreate, Source, id, id+"."+event.VerbCreate, cr)
+	if err == nil {
+		_, err = g.pub.Publish(ctx, event.CommandSubject(cr.Extension, event.VerbCreate, id), ev)
+	}
+	if err != nil {
+		code, detail := CodeUnavailable, "cannot publish the create command"
+		if errors.Is(err, bus.ErrBackPressure) {
+			code, detail = CodeBackPressure, "too many pending commands; retry later"
+		}
+		g.log.Warn("publishing create command", "sandbox", id, "err", err)
+		g.reject(ctx, st, cr, code, err.Error())
+		return nil, rejection(http.StatusServiceUnavailable, id, detail)
+	}
+	return rec, nil
+}
+
+// rejection is the answer for a sandbox the gateway rejected: the problem
+// names the sandbox, whose record says why.
+func rejection(status int, id, detail string) *api.Problem {
+	p := newProblem(status, detail)
+	p.Instance = "/v1/sandboxes/" + id
+	return p
+}
+
+// checkRoute refuses a route a resolver made up: its parts become subject
+// tokens and command arguments.
+func checkRoute(rt Route) error {
+	if err := event.CheckName("route extension", rt.Extension); err != nil {
+		return fmt.Errorf("checking route: %w", err)
+	}
+	if rt.Host != "" {
+		if err := extension.CheckFormat(extension.FormatHost, rt.Host); err != nil {
+			return fmt.Errorf("checking route host %q: %w", rt.Host, err)
+		}
+	}
+	return nil
+}
+
+// reject moves sandbox cr.SandboxID to rejected in the sandboxes bucket
+// (creating the record or compare-and-swapping it) and publishes the
+// rejected event, so metering releases any hold and watchers see the end.
+// It changes nothing when the sandbox has already moved past requested
+// (its command did arrive after all). It is best effort: failures are
+// logged, and the registry applies the event if the bucket write failed.
+func (g *Gateway) reject(ctx context.Context, st *state, cr event.Create, code, reason string) {
+	id := cr.SandboxID
+	ev, err := event.New(event.TypeRejected, Source, id, id+"."+string(event.StateRejected),
+		event.Rejected{Ref: cr.Ref, Code: code, Reason: reason})
+	if err != nil {
+		g.log.Error("building rejected event", "sandbox", id, "err", err)
+		return
+	}
+	rejected := false
+	const attempts = 5
+	for i := 0; i < attempts && !rejected; i++ {
+		e, err := st.sandboxes.Get(ctx, id)
+		var rec *sandbox.Record
+		var rev uint64
+		switch {
+		case errors.Is(err, jetstream.ErrKeyNotFound):
+			rec = sandbox.NewRequested(cr)
+			if _, err := sandbox.Apply(rec, ev); err != nil {
+				g.log.Error("applying rejection", "sandbox", id, "err", err)
+				return
+			}
+			rev, err = st.sandboxes.Create(ctx, id, rec.Marshal())
+			if errors.Is(err, jetstream.ErrKeyExists) {
+				continue
+			}
+		case err != nil:
+		default:
+			rec, err = sandbox.Unmarshal(e.Value())
+			if err != nil {
+				break
+			}
+			var changed bool
+			changed, err = sandbox.Apply(rec, ev)
+			if err != nil {
+				break
+			}
+			if !changed {
+				if rec.State != event.StateRejected {
+					g.log.Warn("not rejecting a sandbox that moved on", "sandbox", id, "state", rec.State)
+					return
+				}
+				rejected = true // someone else rejected it
+				continue
+			}
+			rev, err = st.sandboxes.Update(ctx, id, rec.Marshal(), e.Revision())
+			if errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
+				continue
+			}
+		}
+		if err != nil {
+			g.log.Warn("recording rejection, the registry will apply the event", "sandbox", id, "err", err)
+			break
+		}
+		st.inv.put(id, rec, rev)
+		rejected = true
+	}
+	if _, err := g.pub.Publish(ctx, event.LifecycleSubject(cr.Extension, id, event.StateRejected), ev); err != nil {
+		g.log.Error("publishing rejected event", "sandbox", id, "code", code, "err", err)
+	}
+}
+
+// decodeCreate reads the body strictly: one JSON object of at most
+// MaxBodyBytes with no unknown fields.
+func decodeCreate(w http.ResponseWriter, r *http.Request) (api.CreateRequest, *api.Problem) {
+	var req api.CreateRequest
+	if ct := r.Header.Get("Content-Type"); ct != "" {
+		mt, _, err := mime.ParseMediaType(ct)
+		if err != nil || (mt != "application/json" && !strings.HasSuffix(mt, "+json")) {
+			return req, newProblem(http.StatusUnsupportedMediaType, fmt.Sprintf("content type %q: want application/json", ct))
+		}
+	}
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, MaxBodyBytes))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		return req, bodyProblem(err)
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		if err != nil {
+			if p := bodyProblem(err); p.Status == http.StatusRequestEntityTooLarge {
+				return req, p
+			}
+		}
+		return req, newProblem(http.StatusBadRequest, "malformed request body",
+			extension.FieldError{Field: "body", Detail: "want exactly one JSON object; found more after it"})
+	}
+	return req, nil
+}
+
+// bodyProblem describes a JSON decoding error, naming the field where it
+// can.
+func bodyProblem(err error) *api.Problem {
+	var (
+		tooLarge *http.MaxBytesError
+		syntax   *json.SyntaxError
+		typ      *json.UnmarshalTypeError
+	)
+	bad := func(field, detail string) *api.Problem {
+		return newProblem(http.StatusBadRequest, "malformed request body", extension.FieldError{Field: field, Detail: detail})
+	}
+	switch {
+	case errors.As(err, &tooLarge):
+		return newProblem(http.StatusRequestEntityTooLarge, "request body too large",
+			extension.FieldError{Field: "body", Detail: fmt.Sprintf("larger than %d bytes", MaxBodyBytes)})
+	case errors.Is(err, io.EOF):
+		return bad("body", "empty: want a JSON object")
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return bad("body", "truncated JSON")
+	case errors.As(err, &syntax):
+		return bad("body", fmt.Sprintf("malformed JSON at byte %d: %v", syntax.Offset, syntax))
+	case errors.As(err, &typ):
+		field := typ.Field
+		if field == "" {
+			field = "body"
+		}
+		return bad(field, fmt.Sprintf("want a JSON %s, got %s", jsonKind(typ.Type.Kind().String()), typ.Value))
+	}
+	if name, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
+		if s, uerr := strconv.Unquote(name); uerr == nil {
+			name = s
+		}
+		return bad(safeField(name), "unknown field (known: profile, inputs, labels, ttl)")
+	}
+	return bad("body", err.Error())
+}
+
+func jsonKind(goKind string) string {
+	switch goKind {
+	case "map", "struct":
+		return "object"
+	case "slice", "array":
+		return "array"
+	}
+	return goKind
+}
+
+// idempotencyKey reads the optional Idempotency-Key header: at most
+// MaxIdempotencyKey printable ASCII characters.
+func idempotencyKey(h http.Header) (string, *api.Problem) {
+	vs := h.Values(api.HeaderIdempotencyKey)
+	if len(vs) == 0 {
+		return "", nil
+	}
+	bad := func(detail string) (string, *api.Problem) {
+		return "", newProblem(http.StatusBadRequest, "invalid Idempotency-Key header",
+			extension.FieldError{Field: "header." + api.HeaderIdempotencyKey, Detail: detail})
+	}
+	if len(vs) > 1 {
+		return bad("give it once")
+	}
+	k := vs[0]
+	if k == "" || len(k) > MaxIdempotencyKey {
+		return bad(fmt.Sprintf("want 1 to %d characters", MaxIdempotencyKey))
+	}
+	for i := 0; i < len(k); i++ {
+		if k[i] < 0x20 || k[i] > 0x7e {
+			return bad("want printable ASCII characters")
+		}
+	}
+	return k, nil
+}
+
+// validate checks a request against the catalog and reports every invalid
+// field at once, as a 422.
+func (g *Gateway) validate(req api.CreateRequest) (*plan, *api.Problem) {
+	var errs extension.FieldErrors
+	cat := g.opts.Catalog.Current()
+	pl := &plan{}
+	if req.Profile == "" {
+		errs = append(errs, extension.FieldError{Field: "profile", Detail: "required"})
+	} else if p, err := cat.Profile(req.Profile); err != nil {
+		errs = append(errs, extension.FieldError{Field: "profile", Detail: fmt.Sprintf("unknown profile %s (known: %s)",
+			strconv.Quote(clip(req.Profile)), strings.Join(slices.Sorted(maps.Keys(cat.Profiles)), ", "))})
+	} else if m, err := cat.Extension(p.Extension); err != nil {
+		errs = append(errs, extension.FieldError{Field: "profile", Detail: fmt.Sprintf("profile %s binds extension %s, which is not in the catalog", p.Slug, p.Extension)})
+	} else {
+		pl.profile, pl.manifest = p, m
+		in, ierrs := extension.ValidateInputs(m.Inputs, p.Inputs, req.Inputs)
+		errs = append(errs, ierrs...)
+		pl.inputs = in
+	}
+
+	if len(req.Labels) > MaxLabels {
+		errs = append(errs, extension.FieldError{Field: "labels", Detail: fmt.Sprintf("at most %d labels", MaxLabels)})
+	} else {
+		if pl.profile != nil && len(pl.profile.Labels) > 0 {
+			pl.labels = maps.Clone(pl.profile.Labels)
+		}
+		for _, k := range slices.Sorted(maps.Keys(req.Labels)) {
+			v := req.Labels[k]
+			if err := extension.CheckLabel(k, v); err != nil {
+				errs = append(errs, extension.FieldError{Field: "labels." + safeField(k), Detail: err.Error()})
+				continue
+			}
+			if pl.labels == nil {
+				pl.labels = make(map[string]string, len(req.Labels))
+			}
+			pl.labels[k] = v
+		}
+	}
+
+	if req.TTL == "" {
+		if pl.profile != nil {
+			pl.ttl = pl.profile.TTL.Default.D()
+		}
+	} else if d, err := time.ParseDuration(req.TTL); err != nil {
+		errs = append(errs, extension.FieldError{Field: "ttl", Detail: fmt.Sprintf("want a duration such as 30m or 2h, got %s", strconv.Quote(clip(req.TTL)))})
+	} else if d < time.Second {
+		errs = append(errs, extension.FieldError{Field: "ttl", Detail: "must be at least 1s"})
+	} else if pl.profile != nil && pl.profile.TTL.Max > 0 && d > pl.profile.TTL.Max.D() {
+		errs = append(errs, extension.FieldError{Field: "ttl", Detail: fmt.Sprintf("longer than the profile's maximum of %s", pl.profile.TTL.Max)})
+	} else {
+		pl.ttl = d
+	}
+
+	if len(errs) > 0 {
+		return nil, newProblem(http.StatusUnprocessableEntity, "invalid sandbox request", errs...)
+	}
+	return pl, nil
+}
+
+// safeField keeps a client-chosen key short and printable in an error.
+func safeField(k string) string {
+	q := strconv.QuoteToASCII(clip(k))
+	return q[1 : len(q)-1]
+}
+
+func clip(s string) string {
+	if len(s) > 64 {
+		return s[:64] + "..."
+	}
+	return s
+}
+
+// requestHash identifies a request's content for Idempotency-Key reuse.
+// encoding/json writes map keys sorted, so equal requests hash equal.
+func requestHash(req api.CreateRequest) string {
+	b, _ := json.Marshal(req) // strings and maps of strings: cannot fail
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
+
+// idemRecord is the value of an Idempotency-Key in its bucket.
+type idemRecord struct {
+	SandboxID   string `json:"sandbox_id"`
+	RequestHash string `json:"request_hash"`
+}
+
+// idemClaim is an Idempotency-Key this request wrote.
+type idemClaim struct {
+	kv  jetstream.KeyValue
+	key string
+	rev uint64
+}
+
+// release drops the claim, unless it changed since, so the key can be
+// used again after a request that did not happen. A nil claim is a no-op.
+func (c *idemClaim) release(ctx context.Context) {
+	if c == nil {
+		return
+	}
+	_ = c.kv.Delete(ctx, c.key, jetstream.LastRevision(c.rev))
+}
+
+// idemBucketKey is hex SHA-256 of consumer NUL key: keys are per consumer,
+// and any header value maps to a valid bucket key.
+func idemBucketKey(consumer, key string) string {
+	sum := sha256.Sum256([]byte(consumer + "\x00" + key))
+	return hex.EncodeToString(sum[:])
+}
+
+// claim records that key stands for sandbox id. When the key already
+// stands for a sandbox, it returns that sandbox's record instead; for a
+// different request, a 422. A concurrent request with the same key that
+// has not recorded its sandbox yet is waited for, up to IdempotencyWait.
+func (g *Gateway) claim(ctx context.Context, st *state, c caller, key, hash, id string) (*idemClaim, *sandbox.Record, *api.Problem) {
+	k := idemBucketKey(c.Consumer, key)
+	val, _ := json.Marshal(idemRecord{SandboxID: id, RequestHash: hash})
+	deadline := time.Now().Add(g.opts.IdempotencyWait)
+	const attempts = 3
+	for range attempts {
+		rev, err := st.idem.Create(ctx, k, val)
+		if err == nil {
+			return &idemClaim{kv: st.idem, key: k, rev: rev}, nil, nil
+		}
+		if !errors.Is(err, jetstream.ErrKeyExists) {
+			g.log.Error("recording idempotency key", "err", err)
+			return nil, nil, newProblem(http.StatusServiceUnavailable, "cannot record the Idempotency-Key right now")
+		}
+		rec, p := g.awaitIdempotent(ctx, st, k, hash, deadline)
+		if p != nil || rec != nil {
+			return nil, rec, p
+		}
+		// The other request gave the key up: try to claim it again.
+	}
+	return nil, nil, g.inProgress()
+}
+
+// awaitIdempotent waits for the sandbox an existing Idempotency-Key stands
+// for to be recorded. It returns (nil, nil) when the key disappears.
+func (g *Gateway) awaitIdempotent(ctx context.Context, st *state, k, hash string, deadline time.Time) (*sandbox.Record, *api.Problem) {
+	const poll = 25 * time.Millisecond
+	for {
+		e, err := st.idem.Get(ctx, k)
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			return nil, nil
+		}
+		if err != nil {
+			g.log.Error("reading idempotency key", "err", err)
+			return nil, newProblem(http.StatusServiceUnavailable, "cannot read the Idempotency-Key right now")
+		}
+		var ir idemRecord
+		if err := json.Unmarshal(e.Value(), &ir); err != nil {
+			return nil, newProblem(http.StatusInternalServerError, "undecodable Idempotency-Key record")
+		}
+		if ir.RequestHash != hash {
+			return nil, newProblem(http.StatusUnprocessableEntity, "idempotency key reused with a different request",
+				extension.FieldError{Field: "header." + api.HeaderIdempotencyKey, Detail: "already used for a different request"})
+		}
+		rec, _, err := getRecord(ctx, st, ir.SandboxID)
+		if err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+			g.log.Error("reading sandbox", "sandbox", ir.SandboxID, "err", err)
+			return nil, newProblem(http.StatusServiceUnavailable, "cannot read sandboxes right now")
+		}
+		if rec != nil {
+			return rec, nil
+		}
+		if !time.Now().Add(poll).Before(deadline) {
+			return nil, g.inProgress()
+		}
+		t := time.NewTimer(poll)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, g.inProgress()
+		case <-t.C:
+		}
+	}
+}
+
+func (g *Gateway) inProgress() *api.Problem {
+	return newProblem(http.StatusConflict, "a request with this Idempotency-Key is still in progress; retry later")
+}
+
+// getRecord reads one sandbox from the bucket. A key that is not a valid
+// sandbox id is not found.
+func getRecord(ctx context.Context, st *state, id string) (*sandbox.Record, uint64, error) {
+	if !event.ValidName(id) {
+		return nil, 0, jetstream.ErrKeyNotFound
+	}
+	e, err := st.sandboxes.Get(ctx, id)
+	if err != nil {
+		return nil, 0, err
+	}
+	rec, err := sandbox.Unmarshal(e.Value())
+	if err != nil {
+		return nil, 0, err
+	}
+	return rec, e.Revision(), nil
+}

@@ -1,0 +1,293 @@
+// Package gateway is the HTTP edge of sand-boxer. It authenticates API keys,
+// validates sandbox requests against the catalog, routes and admits them,
+// records each requested sandbox in the inventory and publishes the create
+// and destroy commands. It answers reads from the sandboxes bucket and
+// streams lifecycle events as server-sent events.
+//
+// Every check of a request runs before anything is published: a request the
+// gateway refuses leaves no command on the bus. After a sandbox is
+// requested, the gateway owns none of its state: the registry projects
+// lifecycle events into the sandboxes bucket. The gateway only creates the
+// initial record and marks the sandboxes whose command it could not publish.
+//
+// The package must never import another service or an extension's code:
+// it knows extensions only as catalog data.
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/sand-boxer/sandboxer/pkg/apikey"
+	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/catalog"
+	"github.com/sand-boxer/sandboxer/pkg/event"
+)
+
+// Source is the CloudEvents source of every event the gateway publishes.
+const Source = "/sandboxer/gateway"
+
+// Options wires a gateway. JS, Catalog and Keys are required; every other
+// field has the documented default.
+type Options struct {
+	// JS is the bus. The streams and buckets of bus.Topology must exist.
+	// Required.
+	JS jetstream.JetStream
+	// Catalog is a live copy of the catalog: profiles and extensions.
+	// Required.
+	Catalog *catalog.Cache
+	// Keys checks bearer tokens. Required.
+	Keys *apikey.Store
+	// Resolver decides where a sandbox goes. Default &StaticResolver{}:
+	// the profile's extension, on its least recently picked host.
+	Resolver Resolver
+	// Admitter reserves credit for a sandbox before anything is published.
+	// Default nil: every valid request is admitted, without a hold.
+	Admitter Admitter
+	// Logger receives operational logs. Default: discard.
+	Logger *slog.Logger
+	// Now is the clock of request timestamps and the key cache. Default
+	// time.Now.
+	Now func() time.Time
+
+	// KeyCacheTTL is how long a successful API key lookup is remembered: a
+	// revoked key keeps working for at most this long. Default 30s.
+	KeyCacheTTL time.Duration
+	// KeyCacheSize bounds the remembered keys. Default 10,000.
+	KeyCacheSize int
+	// KeepAlive is the interval of comments on an idle event stream.
+	// Default 15s.
+	KeepAlive time.Duration
+	// WriteTimeout bounds the bus writes of one create or destroy request.
+	// They run to completion even when the client goes away, so a request
+	// is never left half done. Default 10s.
+	WriteTimeout time.Duration
+	// IdempotencyWait is how long a request waits for a concurrent request
+	// with the same Idempotency-Key to record its sandbox before answering
+	// 409. Default 5s.
+	IdempotencyWait time.Duration
+	// RetryAfter is the Retry-After of 503 answers. Default 1s.
+	RetryAfter time.Duration
+}
+
+func (o Options) withDefaults() Options {
+	if o.Resolver == nil {
+		o.Resolver = &StaticResolver{}
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.KeyCacheTTL <= 0 {
+		o.KeyCacheTTL = 30 * time.Second
+	}
+	if o.KeyCacheSize <= 0 {
+		o.KeyCacheSize = 10_000
+	}
+	if o.KeepAlive <= 0 {
+		o.KeepAlive = 15 * time.Second
+	}
+	if o.WriteTimeout <= 0 {
+		o.WriteTimeout = 10 * time.Second
+	}
+	if o.IdempotencyWait <= 0 {
+		o.IdempotencyWait = 5 * time.Second
+	}
+	if o.RetryAfter <= 0 {
+		o.RetryAfter = time.Second
+	}
+	return o
+}
+
+// Gateway serves the HTTP API. Create it with [New], call [Gateway.Start],
+// serve [Gateway.Handler] with an http.Server, and call
+// [Gateway.Shutdown] after the server's own Shutdown.
+type Gateway struct {
+	opts    Options
+	log     *slog.Logger
+	pub     *bus.Publisher
+	tracer  trace.Tracer
+	keys    *keyCache
+	handler http.Handler
+
+	state atomic.Pointer[state] // nil until Start succeeds
+
+	// bg lives until Shutdown: the inventory watch and every event
+	// stream end with it.
+	bg     context.Context
+	stopBg context.CancelFunc
+
+	mu       sync.Mutex
+	started  bool
+	shutdown bool
+	wg       sync.WaitGroup // the inventory watch and open event streams
+}
+
+// state is what Start opens.
+type state struct {
+	sandboxes jetstream.KeyValue
+	idem      jetstream.KeyValue
+	lifecycle jetstream.Stream
+	inv       *inventory
+}
+
+// New checks opts and returns a gateway. It does no I/O: [Gateway.Start]
+// opens the buckets.
+func New(opts Options) (*Gateway, error) {
+	var missing []string
+	if opts.JS == nil {
+		missing = append(missing, "JS")
+	}
+	if opts.Catalog == nil {
+		missing = append(missing, "Catalog")
+	}
+	if opts.Keys == nil {
+		missing = append(missing, "Keys")
+	}
+	if len(missing) > 0 {
+		return nil, fmt.Errorf("creating gateway: missing options %v", missing)
+	}
+	opts = opts.withDefaults()
+	bg, stop := context.WithCancel(context.Background())
+	g := &Gateway{
+		opts:   opts,
+		log:    opts.Logger,
+		pub:    bus.NewPublisher(opts.JS),
+		tracer: otel.Tracer("github.com/sand-boxer/sandboxer/services/gateway"),
+		keys:   newKeyCache(opts.Keys, opts.KeyCacheTTL, opts.KeyCacheSize, opts.Now),
+		bg:     bg,
+		stopBg: stop,
+	}
+	g.handler = g.routes()
+	return g, nil
+}
+
+// Start opens the sandboxes and idempotency buckets and the lifecycle
+// stream, and starts the watch that feeds sandbox listings. It returns once
+// the listing cache holds the bucket's contents, or when ctx ends. The
+// watch runs until [Gateway.Shutdown], whatever ctx does afterwards.
+func (g *Gateway) Start(ctx context.Context) error {
+	g.mu.Lock()
+	if g.started || g.shutdown {
+		g.mu.Unlock()
+		return errors.New("starting gateway: already started or shut down")
+	}
+	g.started = true
+	g.mu.Unlock()
+
+	sbx, err := g.opts.JS.KeyValue(ctx, bus.BucketSandboxes)
+	if err != nil {
+		return fmt.Errorf("opening bucket %s: %w", bus.BucketSandboxes, err)
+	}
+	idem, err := g.opts.JS.KeyValue(ctx, bus.BucketIdempotency)
+	if err != nil {
+		return fmt.Errorf("opening bucket %s: %w", bus.BucketIdempotency, err)
+	}
+	lc, err := g.opts.JS.Stream(ctx, event.StreamLifecycle)
+	if err != nil {
+		return fmt.Errorf("opening stream %s: %w", event.StreamLifecycle, err)
+	}
+	inv := newInventory(sbx, g.log)
+	if !g.track() {
+		return errors.New("starting gateway: shut down")
+	}
+	go func() {
+		defer g.wg.Done()
+		inv.run(g.bg)
+	}()
+	select {
+	case <-inv.ready:
+	case <-ctx.Done():
+		return fmt.Errorf("starting gateway: loading sandboxes: %w", ctx.Err())
+	}
+	g.state.Store(&state{sandboxes: sbx, idem: idem, lifecycle: lc, inv: inv})
+	return nil
+}
+
+// Handler returns the HTTP API. It answers 503 until Start has succeeded.
+func (g *Gateway) Handler() http.Handler { return g.handler }
+
+// Shutdown ends open event streams and the inventory watch, and waits for
+// them until ctx ends. Call it after http.Server.Shutdown, which does not
+// wait for event streams to finish. Requests after Shutdown get 503.
+func (g *Gateway) Shutdown(ctx context.Context) error {
+	g.mu.Lock()
+	g.shutdown = true
+	g.mu.Unlock()
+	g.stopBg()
+	done := make(chan struct{})
+	go func() {
+		g.wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("shutting down gateway: %w", ctx.Err())
+	}
+}
+
+// track registers a goroutine that Shutdown waits for, and reports false
+// once Shutdown has begun.
+func (g *Gateway) track() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.shutdown {
+		return false
+	}
+	g.wg.Add(1)
+	return true
+}
+
+// current returns what Start opened, or nil before Start and after
+// Shutdown.
+func (g *Gateway) current() *state {
+	if g.bg.Err() != nil {
+		return nil
+	}
+	return g.state.Load()
+}
+
+func (g *Gateway) healthz(w http.ResponseWriter, _ *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+}
+
+// readyz answers 200 when the bus is connected and the catalog and the
+// sandbox listing are loaded.
+func (g *Gateway) readyz(w http.ResponseWriter, r *http.Request) {
+	var not []string
+	st := g.current()
+	if st == nil {
+		not = append(not, "gateway not started")
+	} else if !st.inv.isReady() {
+		not = append(not, "sandbox listing not loaded")
+	}
+	if nc := g.opts.JS.Conn(); nc == nil || nc.Status() != nats.CONNECTED {
+		not = append(not, "nats not connected")
+	}
+	select {
+	case <-g.opts.Catalog.Ready():
+	default:
+		not = append(not, "catalog not loaded")
+	}
+	if len(not) > 0 {
+		p := newProblem(http.StatusServiceUnavailable, fmt.Sprintf("not ready: %v", not))
+		g.writeProblem(w, r, p)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
+}

@@ -1,0 +1,132 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"strings"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sand-boxer/sandboxer/pkg/api"
+	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/sandbox"
+)
+
+// visible reads sandbox id for c from the bucket (consistent right after a
+// create). It writes the answer and returns nil when the sandbox is
+// missing or belongs to another consumer: both are a 404, so a consumer
+// cannot learn that another's sandbox exists.
+func (g *Gateway) visible(ctx context.Context, w http.ResponseWriter, r *http.Request, st *state, c caller, id string) (*sandbox.Record, uint64) {
+	rec, rev, err := getRecord(ctx, st, id)
+	switch {
+	case errors.Is(err, jetstream.ErrKeyNotFound) || (err == nil && !c.owns(rec.Consumer)):
+		g.writeProblem(w, r, newProblem(http.StatusNotFound, "no such sandbox"))
+		return nil, 0
+	case err != nil:
+		g.log.Error("reading sandbox", "sandbox", id, "err", err)
+		g.writeProblem(w, r, newProblem(http.StatusServiceUnavailable, "cannot read sandboxes right now"))
+		return nil, 0
+	}
+	return rec, rev
+}
+
+// get handles GET /v1/sandboxes/{id}.
+func (g *Gateway) get(w http.ResponseWriter, r *http.Request, c caller) {
+	st := g.current()
+	if st == nil {
+		g.writeProblem(w, r, newProblem(http.StatusServiceUnavailable, "gateway is not ready"))
+		return
+	}
+	rec, _ := g.visible(r.Context(), w, r, st, c, r.PathValue("id"))
+	if rec == nil {
+		return
+	}
+	writeJSON(w, http.StatusOK, api.FromRecord(rec))
+}
+
+// list handles GET /v1/sandboxes?state=&profile=&label=k=v&consumer=. A
+// consumer sees only its own sandboxes, whatever it asks; an admin sees
+// every consumer's, or one's with consumer=.
+func (g *Gateway) list(w http.ResponseWriter, r *http.Request, c caller) {
+	st := g.current()
+	if st == nil || !st.inv.isReady() {
+		g.writeProblem(w, r, newProblem(http.StatusServiceUnavailable, "sandbox listing is not loaded"))
+		return
+	}
+	q := r.URL.Query()
+	var errs []extension.FieldError
+	f := listFilter{Consumer: q.Get("consumer"), Profile: q.Get("profile")}
+	if s := q.Get("state"); s != "" {
+		if !event.State(s).Valid() {
+			errs = append(errs, extension.FieldError{Field: "state", Detail: "unknown state " + safeField(s)})
+		}
+		f.State = event.State(s)
+	}
+	for _, l := range q["label"] {
+		k, v, ok := strings.Cut(l, "=")
+		if !ok || k == "" {
+			errs = append(errs, extension.FieldError{Field: "label", Detail: "want key=value, got " + safeField(l)})
+			continue
+		}
+		f.Labels = append(f.Labels, [2]string{k, v})
+	}
+	if len(errs) > 0 {
+		g.writeProblem(w, r, newProblem(http.StatusBadRequest, "invalid filter", errs...))
+		return
+	}
+	out := api.SandboxList{Sandboxes: []api.Sandbox{}}
+	if !c.admin() {
+		if f.Consumer != "" && f.Consumer != c.Consumer {
+			writeJSON(w, http.StatusOK, out)
+			return
+		}
+		f.Consumer = c.Consumer
+	}
+	for _, rec := range st.inv.list(f) {
+		out.Sandboxes = append(out.Sandboxes, api.FromRecord(rec))
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// destroy handles DELETE /v1/sandboxes/{id}: it publishes a destroy
+// command and answers 202 with the sandbox as it is. A sandbox already on
+// its way out (expired, destroying) or gone (destroyed, rejected) gets no
+// new command. A repeated destroy publishes the same command, which the
+// commands stream keeps once within its duplicate window.
+func (g *Gateway) destroy(w http.ResponseWriter, r *http.Request, c caller) {
+	st := g.current()
+	if st == nil {
+		g.writeProblem(w, r, newProblem(http.StatusServiceUnavailable, "gateway is not ready"))
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), g.opts.WriteTimeout)
+	defer cancel()
+	rec, _ := g.visible(ctx, w, r, st, c, r.PathValue("id"))
+	if rec == nil {
+		return
+	}
+	switch rec.State {
+	case event.StateExpired, event.StateDestroying, event.StateDestroyed, event.StateRejected:
+		writeJSON(w, http.StatusAccepted, api.FromRecord(rec))
+		return
+	}
+	ev, err := event.New(event.TypeDestroy, Source, rec.ID, rec.ID+"."+event.VerbDestroy, event.Destroy{
+		Ref: rec.Ref(), Reason: event.ReasonRequested, RequestedBy: c.Consumer, RequestedAt: g.opts.Now().UTC(),
+	})
+	if err == nil {
+		_, err = g.pub.Publish(ctx, event.CommandSubject(rec.Extension, event.VerbDestroy, rec.ID), ev)
+	}
+	if err != nil {
+		g.log.Warn("publishing destroy command", "sandbox", rec.ID, "err", err)
+		detail := "cannot publish the destroy command right now"
+		if errors.Is(err, bus.ErrBackPressure) {
+			detail = "too many pending commands; retry later"
+		}
+		g.writeProblem(w, r, newProblem(http.StatusServiceUnavailable, detail))
+		return
+	}
+	writeJSON(w, http.StatusAccepted, api.FromRecord(rec))
+}
