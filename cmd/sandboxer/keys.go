@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -16,11 +17,7 @@ import (
 type svcDeps struct {
 	js  jetstream.JetStream
 	nc  *nats.Conn
-	log interface {
-		Info(string, ...any)
-		Warn(string, ...any)
-		Error(string, ...any)
-	}
+	log *slog.Logger
 }
 
 func newKeysCmd(g *globals) *cobra.Command {

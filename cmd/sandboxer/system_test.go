@@ -16,11 +16,16 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/goleak"
 
+	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/telemetry"
 	"github.com/sand-boxer/sandboxer/pkg/api"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 )
 
 func TestMain(m *testing.M) {
+	// As in main: W3C trace context on every hop, no exporter.
+	if _, err := telemetry.Setup(context.Background(), "sandboxer-test"); err != nil {
+		panic(err)
+	}
 	goleak.VerifyTestMain(m,
 		// The OpenCensus-free OTel SDK starts no goroutines, but
 		// net/http's idle connections close asynchronously.
