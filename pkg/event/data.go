@@ -109,6 +109,22 @@ type Destroyed struct {
 	Ref
 	Reason  string        `json:"reason"`
 	Cleanup CleanupReport `json:"cleanup"`
+	// Meter is a metered backend's own account of what the sandbox used,
+	// read after Teardown. Metering settles to it when present and to the
+	// lifecycle timestamps otherwise.
+	Meter *MeterReading `json:"meter,omitempty"`
+}
+
+// MeterReading is a backend's own account of what a sandbox used, as it
+// travels on the bus. Amounts are integers in the credit minor unit.
+type MeterReading struct {
+	// Amount is the cost in credit minor units.
+	Amount int64 `json:"amount"`
+	// Quantity and Unit say what was measured (for example 3 minute).
+	Quantity int64  `json:"quantity"`
+	Unit     string `json:"unit"`
+	// Breakdown explains the amount, line by line.
+	Breakdown []string `json:"breakdown,omitempty"`
 }
 
 // Rejected is the data of a [TypeRejected] event.

@@ -73,7 +73,37 @@ const (
 	SubjectCatalog = "sandboxer.rpc.registry.catalog"
 	// SubjectWorkers is answered by the registry with the live workers.
 	SubjectWorkers = "sandboxer.rpc.registry.workers"
+
+	// SubjectMeteringHold is answered by metering: admission's quote and
+	// credit hold for one sandbox.
+	SubjectMeteringHold = "sandboxer.rpc.metering.hold"
+	// SubjectMeteringGrant is answered by metering: add credit to an
+	// account.
+	SubjectMeteringGrant = "sandboxer.rpc.metering.grant"
+	// SubjectMeteringBalance is answered by metering with an account's
+	// balance, holds and grants.
+	SubjectMeteringBalance = "sandboxer.rpc.metering.balance"
+	// SubjectMeteringLedger is answered by metering with an account's
+	// ledger entries.
+	SubjectMeteringLedger = "sandboxer.rpc.metering.ledger"
+	// SubjectMeteringUsage is answered by metering with usage records.
+	SubjectMeteringUsage = "sandboxer.rpc.metering.usage"
 )
+
+// QuoteSubject is sandboxer.rpc.quote.<extension>, answered by the workers
+// of a metered extension with the backend's own price ([QuoteRequest]).
+func QuoteSubject(extension string) string { return "sandboxer.rpc.quote." + extension }
+
+// AccrualScheduleSubject holds the repeating accrual schedule of a running
+// sandbox: sandboxer.timer.accrue.<sandbox>. Purging it stops accrual.
+func AccrualScheduleSubject(sandbox string) string { return "sandboxer.timer.accrue." + sandbox }
+
+// AccrualFireSubject is where an accrual schedule delivers each tick:
+// sandboxer.timer.accrual.<sandbox>.
+func AccrualFireSubject(sandbox string) string { return "sandboxer.timer.accrual." + sandbox }
+
+// AccrualFireFilter matches every fired accrual tick.
+const AccrualFireFilter = "sandboxer.timer.accrual.>"
 
 // CommandRef is what a command subject names.
 type CommandRef struct {

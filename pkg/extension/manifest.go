@@ -156,11 +156,78 @@ type Profile struct {
 	Labels map[string]string `yaml:"labels,omitempty" json:"labels,omitempty"`
 	// Config is passed to the backend with each sandbox.
 	Config Config `yaml:"config,omitempty" json:"config,omitzero"`
+	// Price is what a sandbox of a self-hosted extension costs. Metered
+	// extensions price themselves and ignore it. Nil means free.
+	Price *Price `yaml:"price,omitempty" json:"price,omitempty"`
 
 	// File is where the profile was loaded from.
 	File string `yaml:"-" json:"file,omitempty"`
 	// root is the parsed document, to position problems found later.
 	root *yaml.Node
+}
+
+// Price is the price list of a self-hosted profile, in credit minor units
+// (integers, never fractions: the minor unit is the smallest amount the
+// ledger records). A sandbox costs Start once it is ready, plus PerSecond
+// for every second, started or not, from ready to destroyed.
+type Price struct {
+	// Start is charged once, when the sandbox becomes ready.
+	Start int64 `yaml:"start,omitempty" json:"start,omitempty"`
+	// PerSecond is charged for each second the sandbox runs.
+	PerSecond int64 `yaml:"per_second,omitempty" json:"per_second,omitempty"`
+}
+
+// UnmarshalYAML decodes a price strictly, refusing unknown keys and
+// anything but integers: YAML would otherwise truncate 0.5 to 0 without a
+// word.
+func (p *Price) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind == yaml.MappingNode {
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			if k := n.Content[i]; k.Value != "start" && k.Value != "per_second" {
+				return fmt.Errorf("line %d, column %d: price: unknown field %q (known: per_second, start)", k.Line, k.Column, k.Value)
+			}
+			if v := n.Content[i+1]; v.Kind != yaml.ScalarNode || v.ShortTag() != "!!int" {
+				return fmt.Errorf("line %d, column %d: price.%s must be an integer number of credit minor units, not %q",
+					v.Line, v.Column, n.Content[i].Value, v.Value)
+			}
+		}
+	}
+	type plain Price
+	return n.Decode((*plain)(p))
+}
+
+// MaxPriceAmount bounds every price field, so that a price for any
+// duration up to a century fits an int64.
+const MaxPriceAmount = 1 << 30
+
+// Cost is the price of running for d: Start plus PerSecond for every
+// second, a started second counting whole. A nil price costs nothing; a
+// negative d costs Start.
+func (p *Price) Cost(d time.Duration) int64 {
+	if p == nil {
+		return 0
+	}
+	if d < 0 {
+		d = 0
+	}
+	secs := int64((d + time.Second - 1) / time.Second)
+	return p.Start + p.PerSecond*secs
+}
+
+func (p *Price) check(l locator) Problems {
+	if p == nil {
+		return nil
+	}
+	var ps Problems
+	for _, f := range []struct {
+		path string
+		v    int64
+	}{{"price.start", p.Start}, {"price.per_second", p.PerSecond}} {
+		if f.v < 0 || f.v > MaxPriceAmount {
+			ps = append(ps, l.at(f.path, "must be an integer from 0 to %d (credit minor units)", int64(MaxPriceAmount)))
+		}
+	}
+	return ps
 }
 
 // ParseManifest decodes and checks one manifest, reporting every problem.
@@ -293,6 +360,7 @@ func (p *Profile) check(l locator) Problems {
 			ps = append(ps, l.at("labels."+k, "%v", err))
 		}
 	}
+	ps = append(ps, p.Price.check(l)...)
 	return ps
 }
 
