@@ -11,6 +11,7 @@ import (
 	"unicode/utf8"
 
 	cloudevents "github.com/cloudevents/sdk-go/v2/event"
+	"github.com/cloudevents/sdk-go/v2/types"
 	"github.com/nats-io/nats.go"
 	"go.opentelemetry.io/otel"
 )
@@ -90,7 +91,8 @@ func Encode(ctx context.Context, subject string, e *Event) (*nats.Msg, error) {
 		if err != nil {
 			return nil, fmt.Errorf("encoding extension %q: %w", name, err)
 		}
-		set(name, s)
+		// An empty extension is not an absent one: keep the header.
+		h[HeaderPrefix+name] = []string{percentEncode(s)}
 	}
 	h[HeaderMsgID] = []string{MsgID(e)}
 	otel.GetTextMapPropagator().Inject(ctx, HeaderCarrier(h))
@@ -201,10 +203,32 @@ func decodeStructured(body []byte) (*Event, error) {
 	if err := json.Unmarshal(body, &e); err != nil {
 		return nil, fmt.Errorf("%w: structured mode: %v", ErrMalformed, err)
 	}
+	if err := checkUTF8(&e); err != nil {
+		return nil, fmt.Errorf("%w: structured mode: %v", ErrMalformed, err)
+	}
 	if err := e.Validate(); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrMalformed, strings.TrimSpace(err.Error()))
 	}
 	return &e, nil
+}
+
+// checkUTF8 rejects attribute and string extension values that are not
+// UTF-8, which the SDK's JSON reader lets through and no header can carry.
+func checkUTF8(e *Event) error {
+	for name, v := range map[string]string{
+		"id": e.ID(), "source": e.Source(), "type": e.Type(), "subject": e.Subject(),
+		"dataschema": e.DataSchema(), "datacontenttype": e.DataContentType(),
+	} {
+		if !utf8.ValidString(v) {
+			return fmt.Errorf("attribute %s is not UTF-8", name)
+		}
+	}
+	for name, v := range e.Extensions() {
+		if s, ok := v.(string); ok && !utf8.ValidString(s) {
+			return fmt.Errorf("extension %s is not UTF-8", name)
+		}
+	}
+	return nil
 }
 
 // DataAs decodes the JSON data of e into v, strictly: unknown fields are an
@@ -224,18 +248,15 @@ func DataAs(e *Event, v any) error {
 	return nil
 }
 
+// extensionString formats an extension value in its canonical CloudEvents
+// string form: every type the CloudEvents type system has (string,
+// integer, boolean, binary, URI, URI-reference, timestamp).
 func extensionString(v any) (string, error) {
-	switch x := v.(type) {
-	case string:
-		return x, nil
-	case fmt.Stringer:
-		return x.String(), nil
-	case int32, int64, int, bool:
-		return fmt.Sprint(x), nil
-	case time.Time:
-		return x.UTC().Format(time.RFC3339Nano), nil
+	s, err := types.Format(v)
+	if err != nil {
+		return "", fmt.Errorf("unsupported extension value: %w", err)
 	}
-	return "", fmt.Errorf("unsupported extension value type %T", v)
+	return s, nil
 }
 
 // percentEncode applies the CloudEvents HTTP/NATS binding rule: space,
@@ -269,6 +290,9 @@ func mustEscape(c byte) bool { return c <= 0x20 || c >= 0x7F || c == '"' || c ==
 // percentDecode reverses percentEncode and checks the result is UTF-8.
 func percentDecode(s string) (string, error) {
 	if strings.IndexByte(s, '%') < 0 {
+		if !utf8.ValidString(s) {
+			return "", fmt.Errorf("value is not UTF-8")
+		}
 		return s, nil
 	}
 	b := make([]byte, 0, len(s))
