@@ -1,0 +1,293 @@
+package registry_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/goleak"
+
+	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/extension/echo"
+	"github.com/sand-boxer/sandboxer/pkg/natstest"
+	"github.com/sand-boxer/sandboxer/pkg/sandbox"
+	"github.com/sand-boxer/sandboxer/services/registry"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// testExt is the extension of every test catalog.
+const testExt = "echo"
+
+// writeFiles writes name -> content into dir.
+func writeFiles(t *testing.T, dir string, files map[string]string) {
+	t.Helper()
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for name, content := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// testCatalog writes a valid catalog (ext.echo, profile.echo) and returns
+// its directories.
+func testCatalog(t *testing.T) (extDir, profDir string) {
+	t.Helper()
+	root := t.TempDir()
+	extDir, profDir = filepath.Join(root, "extensions"), filepath.Join(root, "profiles")
+	writeFiles(t, extDir, map[string]string{"ext.echo.yaml": goodManifest})
+	writeFiles(t, profDir, map[string]string{"profile.echo.yaml": goodProfile})
+	return extDir, profDir
+}
+
+const goodManifest = `name: echo
+handler: echo
+capabilities:
+  isolation_levels: [process]
+  pricing_model: self-hosted
+`
+
+const goodProfile = `slug: echo
+extension: echo
+isolation: process
+`
+
+// env is one bus and one running registry.
+type env struct {
+	srv *natstest.Server
+	nc  *nats.Conn
+	js  jetstream.JetStream
+	reg *registry.Registry
+	kv  jetstream.KeyValue
+	pub *bus.Publisher
+}
+
+// start starts a registry on srv with a fresh connection, shut down by
+// t.Cleanup (or earlier by stop).
+func start(t *testing.T, srv *natstest.Server) *env {
+	t.Helper()
+	nc := srv.Conn(t)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	extDir, profDir := testCatalog(t)
+	reg, err := registry.New(registry.Options{
+		JS: js, ExtensionsDir: extDir, ProfilesDir: profDir,
+		Extensions: extension.NewRegistry(echo.Info),
+		Policy:     bus.ConsumerPolicy{AckWait: 5 * time.Second, Backoff: []time.Duration{50 * time.Millisecond}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := testCtx(t, 10*time.Second)
+	if err := reg.Start(ctx); err != nil {
+		t.Fatalf("starting registry: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := reg.Shutdown(context.Background()); err != nil {
+			t.Errorf("shutting down registry: %v", err)
+		}
+	})
+	kv, err := js.KeyValue(ctx, bus.BucketSandboxes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &env{srv: srv, nc: nc, js: js, reg: reg, kv: kv, pub: bus.NewPublisher(js)}
+}
+
+// stop shuts the registry down and closes its connection.
+func (e *env) stop(t *testing.T) {
+	t.Helper()
+	if err := e.reg.Shutdown(testCtx(t, 10*time.Second)); err != nil {
+		t.Fatalf("shutting down registry: %v", err)
+	}
+	e.nc.Close()
+}
+
+// testCtx is a context bounded by d and by the test.
+func testCtx(t *testing.T, d time.Duration) context.Context {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// eventually polls cond until it holds or d passes, then fails with the
+// last reason cond gave.
+func eventually(t *testing.T, d time.Duration, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.NewTimer(d)
+	defer deadline.Stop()
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		ok, why := cond()
+		if ok {
+			return
+		}
+		select {
+		case <-deadline.C:
+			t.Fatalf("condition not met after %s: %s", d, why)
+		case <-tick.C:
+		}
+	}
+}
+
+// lifecycleEvent builds the event announcing state for sandbox id, from
+// source (one worker or another).
+func lifecycleEvent(t *testing.T, source, id string, state event.State, expiresAt time.Time) *event.Event {
+	t.Helper()
+	ref := event.Ref{SandboxID: id, Consumer: "team-a", Profile: "echo", Extension: testExt, Host: "localhost"}
+	var data any
+	switch state {
+	case event.StateProvisioning:
+		data = event.Provisioning{Ref: ref, Worker: "w1", Attempt: 1}
+	case event.StateReady:
+		now := time.Now().UTC()
+		var ttl int64
+		if !expiresAt.IsZero() {
+			ttl = int64(expiresAt.Sub(now).Round(time.Second) / time.Second)
+		}
+		data = event.Ready{
+			Ref: ref, Handle: event.Handle{SandboxID: id, Host: "localhost"},
+			Reachability: event.Reachability{Host: "localhost", RemoteDir: "/tmp/" + id},
+			TTLSeconds:   ttl, ReadyAt: now, ExpiresAt: expiresAt,
+		}
+	case event.StateDestroying:
+		data = event.Destroying{Ref: ref, Reason: event.ReasonRequested}
+	case event.StateDestroyed:
+		data = event.Destroyed{Ref: ref, Reason: event.ReasonRequested, Cleanup: event.CleanupReport{Removed: []string{"/tmp/" + id}}}
+	case event.StateFailed:
+		data = event.Failed{Ref: ref, Phase: "provision", Reason: "boom"}
+	default:
+		t.Fatalf("no test event for state %s", state)
+	}
+	e, err := event.New(event.LifecycleType(state), source, id, id+"."+string(state), data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+// publishState publishes the event announcing state and returns its
+// stream sequence.
+func (e *env) publishState(t *testing.T, source, id string, state event.State, expiresAt time.Time) uint64 {
+	t.Helper()
+	ev := lifecycleEvent(t, source, id, state, expiresAt)
+	ack, err := e.pub.Publish(testCtx(t, 5*time.Second), event.LifecycleSubject(testExt, id, state), ev)
+	if err != nil {
+		t.Fatalf("publishing %s of %s: %v", state, id, err)
+	}
+	if ack.Duplicate {
+		t.Fatalf("publishing %s of %s from %s: stream dropped it as a duplicate", state, id, source)
+	}
+	return ack.Sequence
+}
+
+// awaitRecord watches sandbox id until its record satisfies ok.
+func (e *env) awaitRecord(t *testing.T, id string, d time.Duration, ok func(*sandbox.Record) bool) *sandbox.Record {
+	t.Helper()
+	ctx := testCtx(t, d)
+	w, err := e.kv.Watch(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = w.Stop() }()
+	var last *sandbox.Record
+	for {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("sandbox %s: record not as awaited after %s; last: %+v", id, d, last)
+		case entry, open := <-w.Updates():
+			if !open {
+				t.Fatalf("sandbox %s: watch closed", id)
+			}
+			if entry == nil || entry.Operation() != jetstream.KeyValuePut {
+				continue
+			}
+			rec, err := sandbox.Unmarshal(entry.Value())
+			if err != nil {
+				t.Fatal(err)
+			}
+			last = rec
+			if ok(rec) {
+				return rec
+			}
+		}
+	}
+}
+
+func inState(s event.State) func(*sandbox.Record) bool {
+	return func(r *sandbox.Record) bool { return r.State == s }
+}
+
+// awaitAcked waits until consumer on stream has acknowledged every message
+// up to seq: the registry is done with them, whatever it did.
+func (e *env) awaitAcked(t *testing.T, stream, consumer string, seq uint64) {
+	t.Helper()
+	ctx := testCtx(t, 10*time.Second)
+	eventually(t, 10*time.Second, func() (bool, string) {
+		c, err := e.js.Consumer(ctx, stream, consumer)
+		if err != nil {
+			return false, err.Error()
+		}
+		info, err := c.Info(ctx)
+		if err != nil {
+			return false, err.Error()
+		}
+		return info.AckFloor.Stream >= seq, "ack floor " + itoa(info.AckFloor.Stream) + " < " + itoa(seq)
+	})
+}
+
+func itoa(n uint64) string { return strconv.FormatUint(n, 10) }
+
+// lastMsg returns the last message on subject in stream, or nil.
+func (e *env) lastMsg(t *testing.T, stream, subject string) *jetstream.RawStreamMsg {
+	t.Helper()
+	ctx := testCtx(t, 5*time.Second)
+	s, err := e.js.Stream(ctx, stream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := s.GetLastMsgForSubject(ctx, subject)
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return nil
+	}
+	if err != nil {
+		t.Fatalf("reading %s on %s: %v", subject, stream, err)
+	}
+	return m
+}
+
+// states lists the states of a record's history.
+func states(r *sandbox.Record) []event.State {
+	out := make([]event.State, len(r.History))
+	for i, tr := range r.History {
+		out[i] = tr.State
+	}
+	return out
+}
+
+// checkOnce fails when a state appears twice in the history.
+func checkOnce(t *testing.T, r *sandbox.Record) {
+	t.Helper()
+	seen := map[event.State]bool{}
+	for _, s := range states(r) {
+		if seen[s] {
+			t.Errorf("sandbox %s: state %s entered twice: %v", r.ID, s, states(r))
+		}
+		seen[s] = true
+	}
+}
