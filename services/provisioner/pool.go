@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nats.go/micro"
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
@@ -28,6 +29,7 @@ type pool struct {
 	source      string
 	log         *slog.Logger
 	inFlight    atomic.Int64
+	quotes      micro.Service // nil unless the backend is metered
 }
 
 // handle routes one command. Commands are idempotent: a redelivered create
@@ -202,7 +204,11 @@ func (pl *pool) destroy(ctx context.Context, d event.Destroy) ([]bus.Out, error)
 		// operator, with the reason.
 		return nil, fmt.Errorf("tearing down %s: %w", d.SandboxID, err)
 	}
-	out, err := pl.lifecycle(event.StateDestroyed, ref, event.Destroyed{Ref: ref, Reason: d.Reason, Cleanup: rep})
+	reading, err := pl.meter(ctx, h, rec)
+	if err != nil {
+		return nil, err
+	}
+	out, err := pl.lifecycle(event.StateDestroyed, ref, event.Destroyed{Ref: ref, Reason: d.Reason, Cleanup: rep, Meter: reading})
 	if err != nil {
 		return nil, err
 	}

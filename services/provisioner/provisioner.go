@@ -218,12 +218,19 @@ func (p *Provisioner) openPool(ctx context.Context, name string) (*pool, error) 
 	if conc <= 0 {
 		conc = w.Concurrency
 	}
-	return &pool{
+	pl := &pool{
 		p: p, name: name, ext: ext, manifest: m, policy: policy.WithDefaults(),
 		consumer: consumer, concurrency: conc,
 		source: "/sandboxer/provisioner/" + name,
 		log:    p.opts.Logger.With("extension", name, "worker", p.opts.WorkerID),
-	}, nil
+	}
+	if metered, ok := ext.(extension.Metered); ok {
+		if pl.quotes, err = pl.serveQuotes(metered); err != nil {
+			_ = extension.Close(ext)
+			return nil, err
+		}
+	}
+	return pl, nil
 }
 
 // Shutdown stops pulling commands and waits for the commands in flight,
@@ -257,6 +264,9 @@ func (p *Provisioner) Shutdown(ctx context.Context) error {
 
 func (p *Provisioner) closePools() {
 	for _, pl := range p.pools {
+		if pl.quotes != nil {
+			_ = pl.quotes.Stop()
+		}
 		if err := extension.Close(pl.ext); err != nil {
 			p.opts.Logger.Warn("closing backend", "extension", pl.name, "err", err)
 		}

@@ -1,0 +1,84 @@
+package provisioner
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/micro"
+
+	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/sandbox"
+)
+
+// quoteTimeout bounds one EstimateCost call.
+const quoteTimeout = 10 * time.Second
+
+// serveQuotes answers quote requests for a metered pool on
+// event.QuoteSubject, as a micro service whose instances (every worker of
+// the pool) share one queue group. Metering asks; it never links backend
+// code.
+func (pl *pool) serveQuotes(m extension.Metered) (micro.Service, error) {
+	svc, err := micro.AddService(pl.p.opts.JS.Conn(), micro.Config{
+		Name:        "sandboxer-quote-" + pl.name,
+		Version:     "0.1.0",
+		Description: "price quotes of the metered extension " + pl.name,
+		QueueGroup:  "provisioner-" + pl.name,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("serving quotes for %s: %w", pl.name, err)
+	}
+	err = svc.AddEndpoint("quote", micro.HandlerFunc(func(req micro.Request) {
+		reply := pl.quote(m, req.Data())
+		_ = req.RespondJSON(reply)
+	}), micro.WithEndpointSubject(event.QuoteSubject(pl.name)))
+	if err != nil {
+		_ = svc.Stop()
+		return nil, fmt.Errorf("serving quotes for %s: %w", pl.name, err)
+	}
+	return svc, nil
+}
+
+func (pl *pool) quote(m extension.Metered, data []byte) event.QuoteReply {
+	var q event.QuoteRequest
+	if err := json.Unmarshal(data, &q); err != nil {
+		return event.QuoteReply{Error: "decoding quote request: " + err.Error()}
+	}
+	if q.DurationSeconds < 0 {
+		return event.QuoteReply{Error: "duration_seconds must not be negative"}
+	}
+	prof, err := pl.p.opts.Catalog.Current().Profile(q.Profile)
+	if err != nil {
+		return event.QuoteReply{Error: err.Error()}
+	}
+	if prof.Extension != pl.name {
+		return event.QuoteReply{Error: fmt.Sprintf("profile %q is not bound to extension %q", q.Profile, pl.name)}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), quoteTimeout)
+	defer cancel()
+	mq, err := m.EstimateCost(ctx, *prof, time.Duration(q.DurationSeconds)*time.Second)
+	if err != nil {
+		return event.QuoteReply{Error: err.Error()}
+	}
+	return event.QuoteReply{Amount: mq.Amount, Breakdown: mq.Breakdown}
+}
+
+// meter asks a metered backend what a torn-down sandbox used. Backends
+// that do not meter return nil.
+func (pl *pool) meter(ctx context.Context, h extension.Handle, rec *sandbox.Record) (*event.MeterReading, error) {
+	m, ok := pl.ext.(extension.Metered)
+	if !ok {
+		return nil, nil
+	}
+	u := extension.Usage{DestroyedAt: time.Now().UTC()}
+	if rec != nil {
+		u.ReadyAt = rec.ReadyAt
+	}
+	r, err := m.MeterActual(ctx, h, u)
+	if err != nil {
+		return nil, fmt.Errorf("metering %s: %w", h.SandboxID, err)
+	}
+	return &event.MeterReading{Amount: r.Amount, Quantity: r.Quantity, Unit: r.Unit, Breakdown: r.Breakdown}, nil
+}

@@ -1,0 +1,79 @@
+package provisioner_test
+
+import (
+	"context"
+	"encoding/json"
+	"testing"
+	"time"
+
+	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/extension/echo"
+	"github.com/sand-boxer/sandboxer/pkg/sandbox"
+)
+
+// meteredEcho is echo with a price list: 3 units a second, and a meter
+// that bills 7 units a started minute.
+type meteredEcho struct{ *echo.Echo }
+
+func (meteredEcho) EstimateCost(_ context.Context, _ extension.Profile, d time.Duration) (extension.MeterQuote, error) {
+	return extension.MeterQuote{Amount: 3 * int64(d/time.Second), Duration: d, Breakdown: []string{"3/s"}}, nil
+}
+
+func (meteredEcho) MeterActual(_ context.Context, _ extension.Handle, u extension.Usage) (extension.MeterReading, error) {
+	mins := int64(u.DestroyedAt.Sub(u.ReadyAt)/time.Minute) + 1
+	return extension.MeterReading{Amount: 7 * mins, Quantity: mins, Unit: "minute"}, nil
+}
+
+var _ extension.Metered = meteredEcho{}
+
+func TestMeteredPoolQuotesAndMeters(t *testing.T) {
+	t.Parallel()
+	m := echo.Manifest("metered")
+	m.Capabilities.PricingModel = extension.PricingMetered
+	e := newEnv(t, m)
+	reg := extension.NewRegistry(extension.Info{Handler: echo.Handler, New: func() extension.Extension { return meteredEcho{echo.New()} }})
+	e.start(t, reg, "metered", "w1")
+
+	nc := e.srv.Conn(t)
+	req, _ := json.Marshal(event.QuoteRequest{Profile: "metered", DurationSeconds: 600})
+	msg, err := nc.Request(event.QuoteSubject("metered"), req, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var q event.QuoteReply
+	if err := json.Unmarshal(msg.Data, &q); err != nil {
+		t.Fatal(err)
+	}
+	if q.Error != "" || q.Amount != 1800 {
+		t.Fatalf("quote = %+v, want 1800 for 600s at 3/s", q)
+	}
+	req, _ = json.Marshal(event.QuoteRequest{Profile: "nope", DurationSeconds: 1})
+	msg, err = nc.Request(event.QuoteSubject("metered"), req, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(msg.Data, &q); err != nil || q.Error == "" {
+		t.Fatalf("quote of an unknown profile = %+v, %v; want an error", q, err)
+	}
+
+	id := sandbox.NewID()
+	e.publishCreate(t, "metered", id, nil)
+	seen := e.awaitEvent(t, id, event.StateReady)
+	rec := sandbox.NewRequested(event.Create{Ref: event.Ref{SandboxID: id, Consumer: "dev", Profile: "metered", Extension: "metered"}, RequestedAt: time.Now()})
+	for _, ev := range seen {
+		if _, err := sandbox.Apply(rec, ev); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.putRecord(t, rec)
+	e.publishDestroy(t, "metered", id)
+	seen = e.awaitEvent(t, id, event.StateDestroyed)
+	var d event.Destroyed
+	if err := event.DataAs(seen[len(seen)-1], &d); err != nil {
+		t.Fatal(err)
+	}
+	if d.Meter == nil || d.Meter.Amount != 7 || d.Meter.Unit != "minute" {
+		t.Fatalf("destroyed meter = %+v, want 7 for one started minute", d.Meter)
+	}
+}
