@@ -1,0 +1,324 @@
+package event_test
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/sand-boxer/sandboxer/pkg/event"
+)
+
+// subjectMatches is NATS subject matching: '*' matches one token, '>' one
+// or more trailing tokens.
+func subjectMatches(filter, subject string) bool {
+	f, s := strings.Split(filter, "."), strings.Split(subject, ".")
+	for i, tok := range f {
+		if tok == ">" {
+			return len(s) > i
+		}
+		if i >= len(s) || (tok != "*" && tok != s[i]) {
+			return false
+		}
+	}
+	return len(f) == len(s)
+}
+
+func TestSubjectMatchesHelper(t *testing.T) {
+	t.Parallel()
+	cases := []struct {
+		filter, subject string
+		want            bool
+	}{
+		{"a.b", "a.b", true},
+		{"a.*", "a.b", true},
+		{"a.*", "a.b.c", false},
+		{"a.>", "a.b.c", true},
+		{"a.>", "a", false},
+		{"a.b", "a.c", false},
+	}
+	for _, c := range cases {
+		if got := subjectMatches(c.filter, c.subject); got != c.want {
+			t.Errorf("subjectMatches(%q, %q) = %v, want %v", c.filter, c.subject, got, c.want)
+		}
+	}
+}
+
+func TestCommandSubjectRoundTrip(t *testing.T) {
+	t.Parallel()
+	cases := []struct {
+		name                     string
+		extension, verb, sandbox string
+	}{
+		{"create", "local", event.VerbCreate, "sbx-01"},
+		{"destroy", "compose-ssh", event.VerbDestroy, "sbx-0123456789abcdefghijklmnop"},
+		{"underscores and digits", "vm_packer2", event.VerbCreate, "0_a"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			s := event.CommandSubject(c.extension, c.verb, c.sandbox)
+			if want := "sandboxer.cmd." + c.extension + "." + c.verb + "." + c.sandbox; s != want {
+				t.Errorf("CommandSubject = %q, want %q", s, want)
+			}
+			ref, err := event.ParseCommandSubject(s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ref != (event.CommandRef{Extension: c.extension, Verb: c.verb, Sandbox: c.sandbox}) {
+				t.Errorf("ParseCommandSubject = %+v", ref)
+			}
+			if !subjectMatches(event.CommandFilter(c.extension), s) {
+				t.Errorf("CommandFilter(%q) does not match %q", c.extension, s)
+			}
+			if subjectMatches(event.CommandFilter(c.extension+"x"), s) {
+				t.Errorf("another extension's filter matches %q", s)
+			}
+			if !subjectMatches(event.SubjectCommands, s) {
+				t.Errorf("the commands stream does not capture %q", s)
+			}
+		})
+	}
+}
+
+func TestParseCommandSubjectErrors(t *testing.T) {
+	t.Parallel()
+	cases := []struct{ name, subject string }{
+		{"empty", ""},
+		{"lifecycle subject", "sandboxer.evt.local.sbx-01.ready"},
+		{"too few tokens", "sandboxer.cmd.local.create"},
+		{"too many tokens", "sandboxer.cmd.local.create.sbx-01.x"},
+		{"unknown verb", "sandboxer.cmd.local.restart.sbx-01"},
+		{"wrong root", "other.cmd.local.create.sbx-01"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			if ref, err := event.ParseCommandSubject(c.subject); err == nil {
+				t.Errorf("ParseCommandSubject(%q) = %+v, want an error", c.subject, ref)
+			}
+		})
+	}
+}
+
+func TestLifecycleSubjectRoundTrip(t *testing.T) {
+	t.Parallel()
+	for _, s := range event.States {
+		t.Run(string(s), func(t *testing.T) {
+			t.Parallel()
+			subj := event.LifecycleSubject("compose-ssh", "sbx-01", s)
+			if want := "sandboxer.evt.compose-ssh.sbx-01." + string(s); subj != want {
+				t.Errorf("LifecycleSubject = %q, want %q", subj, want)
+			}
+			ref, err := event.ParseLifecycleSubject(subj)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ref != (event.LifecycleRef{Extension: "compose-ssh", Sandbox: "sbx-01", State: s}) {
+				t.Errorf("ParseLifecycleSubject = %+v", ref)
+			}
+			if !subjectMatches(event.SandboxFilter("sbx-01"), subj) || subjectMatches(event.SandboxFilter("sbx-02"), subj) {
+				t.Errorf("SandboxFilter does not select exactly sbx-01's %q", subj)
+			}
+			if !subjectMatches(event.SubjectLifecycle, subj) {
+				t.Errorf("the lifecycle stream does not capture %q", subj)
+			}
+		})
+	}
+}
+
+func TestParseLifecycleSubjectErrors(t *testing.T) {
+	t.Parallel()
+	cases := []struct{ name, subject string }{
+		{"empty", ""},
+		{"command subject", "sandboxer.cmd.local.create.sbx-01"},
+		{"unknown state", "sandboxer.evt.local.sbx-01.exploded"},
+		{"too few tokens", "sandboxer.evt.local.ready"},
+		{"too many tokens", "sandboxer.evt.local.sbx-01.ready.x"},
+		{"wrong root", "x.evt.local.sbx-01.ready"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			if ref, err := event.ParseLifecycleSubject(c.subject); err == nil {
+				t.Errorf("ParseLifecycleSubject(%q) = %+v, want an error", c.subject, ref)
+			}
+		})
+	}
+}
+
+// TestStreamsCaptureTheirSubjects checks every subject builder against
+// the stream meant to hold it, and that no stream captures another's
+// subjects or a request-reply subject (a stream capturing an RPC subject
+// would answer the request itself with a publish ack).
+func TestStreamsCaptureTheirSubjects(t *testing.T) {
+	t.Parallel()
+	streams := map[string]string{
+		event.StreamCommands:  event.SubjectCommands,
+		event.StreamLifecycle: event.SubjectLifecycle,
+		event.StreamMetering:  event.SubjectMetering,
+		event.StreamDLQ:       event.SubjectDLQ,
+		event.StreamTimers:    event.SubjectTimers,
+	}
+	cases := []struct {
+		subject, stream string
+	}{
+		{event.CommandSubject("local", event.VerbCreate, "sbx-1"), event.StreamCommands},
+		{event.LifecycleSubject("local", "sbx-1", event.StateReady), event.StreamLifecycle},
+		{event.MeteringSubject("team-a", "debit"), event.StreamMetering},
+		{event.DLQSubject(event.StreamCommands, "local"), event.StreamDLQ},
+		{event.ExpiryScheduleSubject("sbx-1"), event.StreamTimers},
+		{event.ExpiryFireSubject("sbx-1"), event.StreamTimers},
+		{event.AccrualScheduleSubject("sbx-1"), event.StreamTimers},
+		{event.AccrualFireSubject("sbx-1"), event.StreamTimers},
+		{event.SubjectCatalog, ""},
+		{event.SubjectWorkers, ""},
+		{event.SubjectMeteringHold, ""},
+		{event.SubjectMeteringGrant, ""},
+		{event.SubjectMeteringBalance, ""},
+		{event.SubjectMeteringLedger, ""},
+		{event.SubjectMeteringUsage, ""},
+		{event.QuoteSubject("saas-stub"), ""},
+	}
+	for _, c := range cases {
+		for name, filter := range streams {
+			if got := subjectMatches(filter, c.subject); got != (name == c.stream) {
+				t.Errorf("stream %s (%s) captures %q: %v, want %v", name, filter, c.subject, got, name == c.stream)
+			}
+		}
+	}
+	if !subjectMatches(event.ExpiryFireFilter, event.ExpiryFireSubject("sbx-1")) || subjectMatches(event.ExpiryFireFilter, event.ExpiryScheduleSubject("sbx-1")) {
+		t.Error("ExpiryFireFilter must match fired expiries only")
+	}
+	if !subjectMatches(event.AccrualFireFilter, event.AccrualFireSubject("sbx-1")) || subjectMatches(event.AccrualFireFilter, event.AccrualScheduleSubject("sbx-1")) {
+		t.Error("AccrualFireFilter must match fired accruals only")
+	}
+	if subjectMatches(event.ExpiryFireFilter, event.AccrualFireSubject("sbx-1")) || subjectMatches(event.AccrualFireFilter, event.ExpiryFireSubject("sbx-1")) {
+		t.Error("expiry and accrual fire filters overlap")
+	}
+}
+
+func TestValidName(t *testing.T) {
+	t.Parallel()
+	cases := []struct {
+		name  string
+		value string
+		want  bool
+	}{
+		{"simple", "local", true},
+		{"digits first", "0abc", true},
+		{"dash and underscore", "a-b_c", true},
+		{"sandbox id", "sbx-0123456789abcdefghijklmnop", true},
+		{"63 characters", strings.Repeat("a", 63), true},
+		{"64 characters", strings.Repeat("a", 64), false},
+		{"empty", "", false},
+		{"upper case", "Local", false},
+		{"leading dash", "-x", false},
+		{"leading underscore", "_x", false},
+		{"dot (subject separator)", "a.b", false},
+		{"star wildcard", "a*", false},
+		{"gt wildcard", "a>", false},
+		{"space", "a b", false},
+		{"slash", "a/b", false},
+		{"shell metacharacter", "a;b", false},
+		{"non-ASCII", "café", false},
+		{"newline", "a\n", false},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			if got := event.ValidName(c.value); got != c.want {
+				t.Errorf("ValidName(%q) = %v, want %v", c.value, got, c.want)
+			}
+			err := event.CheckName("extension name", c.value)
+			if (err == nil) != c.want {
+				t.Errorf("CheckName(%q) = %v", c.value, err)
+			}
+			if err != nil && !strings.Contains(err.Error(), "extension name") {
+				t.Errorf("CheckName error %q does not name the kind", err)
+			}
+		})
+	}
+}
+
+func TestStates(t *testing.T) {
+	t.Parallel()
+	for _, s := range event.States {
+		if !s.Valid() {
+			t.Errorf("%s not Valid", s)
+		}
+		typ := event.LifecycleType(s)
+		if s == event.StateRequested {
+			if typ != "" {
+				t.Errorf("requested has type %q, want none", typ)
+			}
+			continue
+		}
+		if !strings.HasPrefix(string(typ), "dev.sandboxer.sandbox.") || !strings.HasSuffix(string(typ), ".v1") {
+			t.Errorf("LifecycleType(%s) = %q", s, typ)
+		}
+		back, ok := event.StateOf(typ)
+		if !ok || back != s {
+			t.Errorf("StateOf(%s) = %s, %v; want %s", typ, back, ok, s)
+		}
+		if s.Rank() < 0 {
+			t.Errorf("%s has no rank", s)
+		}
+	}
+	for _, typ := range []event.Type{event.TypeCreate, event.TypeDestroy, event.TypeExpiry, "", "dev.sandboxer.sandbox.unknown.v1"} {
+		if s, ok := event.StateOf(typ); ok {
+			t.Errorf("StateOf(%q) = %s, want none", typ, s)
+		}
+	}
+	if event.State("exploded").Valid() || event.State("exploded").Rank() != -1 {
+		t.Error("an unknown state is valid or ranked")
+	}
+}
+
+// TestTransitionsRaiseRank proves the property Apply relies on: every
+// allowed transition moves to a strictly higher rank, terminal states have
+// no way out, and every non-terminal state reaches destroyed or rejected.
+func TestTransitionsRaiseRank(t *testing.T) {
+	t.Parallel()
+	for _, from := range event.States {
+		exits := 0
+		for _, to := range event.States {
+			if !event.CanTransition(from, to) {
+				continue
+			}
+			exits++
+			if to.Rank() <= from.Rank() {
+				t.Errorf("%s -> %s allowed but rank %d -> %d does not rise", from, to, from.Rank(), to.Rank())
+			}
+		}
+		if from.Terminal() != (exits == 0) {
+			t.Errorf("%s: Terminal() = %v with %d exits", from, from.Terminal(), exits)
+		}
+	}
+	want := map[[2]event.State]bool{
+		{event.StateRequested, event.StateRejected}:     true,
+		{event.StateRequested, event.StateProvisioning}: true,
+		{event.StateProvisioning, event.StateReady}:     true,
+		{event.StateProvisioning, event.StateFailed}:    true,
+		{event.StateReady, event.StateDestroying}:       true,
+		{event.StateReady, event.StateExpired}:          true,
+		{event.StateFailed, event.StateDestroying}:      true,
+		{event.StateExpired, event.StateDestroying}:     true,
+		{event.StateDestroying, event.StateDestroyed}:   true,
+	}
+	for tr := range want {
+		if !event.CanTransition(tr[0], tr[1]) {
+			t.Errorf("design transition %s -> %s not allowed", tr[0], tr[1])
+		}
+	}
+	for _, bad := range [][2]event.State{
+		{event.StateReady, event.StateProvisioning},
+		{event.StateDestroyed, event.StateReady},
+		{event.StateRejected, event.StateProvisioning},
+		{event.StateFailed, event.StateReady},
+		{event.StateReady, event.StateFailed},
+		{event.StateExpired, event.StateReady},
+	} {
+		if event.CanTransition(bad[0], bad[1]) {
+			t.Errorf("%s -> %s allowed", bad[0], bad[1])
+		}
+	}
+}
