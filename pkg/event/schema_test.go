@@ -31,7 +31,7 @@ func payloads() map[event.Type]any {
 			Labels: map[string]string{"team": "a", "example.com/owner": "ops-1"}, TTLSeconds: 3600,
 			RequestedAt: at, Hold: "hold-sbx-0123",
 		},
-		event.TypeDestroy: event.Destroy{Ref: ref, Reason: event.ReasonCreditsExhausted, RequestedBy: "metering", RequestedAt: at},
+		event.TypeDestroy:      event.Destroy{Ref: ref, Reason: event.ReasonCreditsExhausted, RequestedBy: "metering", RequestedAt: at},
 		event.TypeProvisioning: event.Provisioning{Ref: ref, Worker: "provisioner-7f9c", Attempt: 2},
 		event.TypeReady: event.Ready{
 			Ref: ref, Handle: handle,
