@@ -283,8 +283,27 @@ func TestMalformedCommandIsDeadLettered(t *testing.T) {
 	if msg.Headers().Get(bus.HeaderDLQReason) == "" || msg.Subject() != event.DLQSubject(event.StreamCommands, "provisioner-local") {
 		t.Fatalf("dead letter %s headers %v", msg.Subject(), msg.Headers())
 	}
-	if got := p.Stats().DeadLettered.Load(); got != 1 {
-		t.Fatalf("dead-lettered %d, want 1", got)
+	// The router counts the dead letter once the publish is acked.
+	eventually(t, 10*time.Second, func() bool { return p.Stats().DeadLettered.Load() == 1 }, "router counts one dead letter")
+	cons, err := e.js.Consumer(ctx, event.StreamCommands, "provisioner-local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, func() bool {
+		info, err := cons.Info(ctx)
+		return err == nil && info.NumAckPending == 0 && info.NumPending == 0
+	}, "poison command is terminated, not redelivered")
+}
+
+// eventually polls cond until it holds or the deadline passes.
+func eventually(t *testing.T, d time.Duration, cond func() bool, what string) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("after %s: %s did not happen", d, what)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
