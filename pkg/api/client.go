@@ -125,6 +125,9 @@ type ListFilter struct {
 	State   string
 	Profile string
 	Labels  []string
+	// Consumer narrows an admin's listing to one consumer's sandboxes. A
+	// consumer's own listing holds only its own whatever this says.
+	Consumer string
 }
 
 // List returns the sandboxes the caller may see.
@@ -138,6 +141,9 @@ func (c *Client) List(ctx context.Context, f ListFilter) ([]Sandbox, error) {
 	}
 	for _, l := range f.Labels {
 		q.Add("label", l)
+	}
+	if f.Consumer != "" {
+		q.Set("consumer", f.Consumer)
 	}
 	path := "/v1/sandboxes"
 	if len(q) > 0 {

@@ -254,8 +254,18 @@ func (g *Gateway) reject(ctx context.Context, st *state, cr event.Create, code, 
 	}
 }
 
+// createBody mirrors api.CreateRequest with raw input and label values,
+// so a value of the wrong JSON type is reported under its own key.
+type createBody struct {
+	Profile string                     `json:"profile"`
+	Inputs  map[string]json.RawMessage `json:"inputs"`
+	Labels  map[string]json.RawMessage `json:"labels"`
+	TTL     string                     `json:"ttl"`
+}
+
 // decodeCreate reads the body strictly: one JSON object of at most
-// MaxBodyBytes with no unknown fields.
+// MaxBodyBytes with no unknown fields, whose inputs and labels are
+// strings.
 func decodeCreate(w http.ResponseWriter, r *http.Request) (api.CreateRequest, *api.Problem) {
 	var req api.CreateRequest
 	if ct := r.Header.Get("Content-Type"); ct != "" {
@@ -266,7 +276,8 @@ func decodeCreate(w http.ResponseWriter, r *http.Request) (api.CreateRequest, *a
 	}
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, MaxBodyBytes))
 	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
+	var body createBody
+	if err := dec.Decode(&body); err != nil {
 		return req, bodyProblem(err)
 	}
 	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
@@ -278,7 +289,52 @@ func decodeCreate(w http.ResponseWriter, r *http.Request) (api.CreateRequest, *a
 		return req, newProblem(http.StatusBadRequest, "malformed request body",
 			extension.FieldError{Field: "body", Detail: "want exactly one JSON object; found more after it"})
 	}
+	req.Profile, req.TTL = body.Profile, body.TTL
+	var errs []extension.FieldError
+	req.Inputs, errs = stringMap("inputs", body.Inputs, errs)
+	req.Labels, errs = stringMap("labels", body.Labels, errs)
+	if len(errs) > 0 {
+		return req, newProblem(http.StatusBadRequest, "malformed request body", errs...)
+	}
 	return req, nil
+}
+
+// stringMap converts raw JSON values that must be strings, adding an error
+// per value that is not.
+func stringMap(field string, raw map[string]json.RawMessage, errs []extension.FieldError) (map[string]string, []extension.FieldError) {
+	if raw == nil {
+		return nil, errs
+	}
+	out := make(map[string]string, len(raw))
+	for _, k := range slices.Sorted(maps.Keys(raw)) {
+		var s string
+		if string(raw[k]) == "null" || json.Unmarshal(raw[k], &s) != nil {
+			errs = append(errs, extension.FieldError{Field: field + "." + safeField(k), Detail: "want a JSON string, got " + jsonKindOf(raw[k])})
+			continue
+		}
+		out[k] = s
+	}
+	return out, errs
+}
+
+// jsonKindOf names the kind of a JSON value by its first byte.
+func jsonKindOf(v json.RawMessage) string {
+	if len(v) == 0 {
+		return "nothing"
+	}
+	switch v[0] {
+	case '{':
+		return "object"
+	case '[':
+		return "array"
+	case 't', 'f':
+		return "boolean"
+	case 'n':
+		return "null"
+	case '"':
+		return "string"
+	}
+	return "number"
 }
 
 // bodyProblem describes a JSON decoding error, naming the field where it

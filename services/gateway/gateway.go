@@ -113,8 +113,8 @@ func (o Options) withDefaults() Options {
 }
 
 // Gateway serves the HTTP API. Create it with [New], call [Gateway.Start],
-// serve [Gateway.Handler] with an http.Server, and call
-// [Gateway.Shutdown] after the server's own Shutdown.
+// serve [Gateway.Handler] with an http.Server, and stop it with
+// [Gateway.Shutdown].
 type Gateway struct {
 	opts    Options
 	log     *slog.Logger
@@ -221,8 +221,9 @@ func (g *Gateway) Start(ctx context.Context) error {
 func (g *Gateway) Handler() http.Handler { return g.handler }
 
 // Shutdown ends open event streams and the inventory watch, and waits for
-// them until ctx ends. Call it after http.Server.Shutdown, which does not
-// wait for event streams to finish. Requests after Shutdown get 503.
+// them until ctx ends. Requests after Shutdown get 503. Event streams end
+// only here: http.Server.Shutdown waits for them, so call Shutdown first
+// (or from http.Server.RegisterOnShutdown).
 func (g *Gateway) Shutdown(ctx context.Context) error {
 	g.mu.Lock()
 	g.shutdown = true

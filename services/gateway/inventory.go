@@ -144,7 +144,7 @@ func (f listFilter) match(r *sandbox.Record) bool {
 	return true
 }
 
-// list returns the records f matches, oldest first (ids are time-ordered).
+// list returns the records f matches, oldest first.
 func (v *inventory) list(f listFilter) []*sandbox.Record {
 	v.mu.RLock()
 	out := make([]*sandbox.Record, 0, 16)
@@ -154,6 +154,11 @@ func (v *inventory) list(f listFilter) []*sandbox.Record {
 		}
 	}
 	v.mu.RUnlock()
-	slices.SortFunc(out, func(a, b *sandbox.Record) int { return strings.Compare(a.ID, b.ID) })
+	slices.SortFunc(out, func(a, b *sandbox.Record) int {
+		if c := a.CreatedAt.Compare(b.CreatedAt); c != 0 {
+			return c
+		}
+		return strings.Compare(a.ID, b.ID)
+	})
 	return out
 }

@@ -122,7 +122,9 @@ type Admitter interface {
 type AdmitterFunc func(ctx context.Context, req AdmitRequest) (string, error)
 
 // Admit calls f.
-func (f AdmitterFunc) Admit(ctx context.Context, req AdmitRequest) (string, error) { return f(ctx, req) }
+func (f AdmitterFunc) Admit(ctx context.Context, req AdmitRequest) (string, error) {
+	return f(ctx, req)
+}
 
 var (
 	_ Resolver = (*StaticResolver)(nil)
