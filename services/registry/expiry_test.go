@@ -28,6 +28,7 @@ func TestExpiryAcrossRestart(t *testing.T) {
 	const id = "sbx-ttl-restart"
 
 	e.publishState(t, workerA, id, event.StateProvisioning, time.Time{})
+	e.awaitRecord(t, id, 5*time.Second, inState(event.StateProvisioning))
 	expiresAt := time.Now().UTC().Add(3 * time.Second)
 	e.publishState(t, workerA, id, event.StateReady, expiresAt)
 	e.awaitRecord(t, id, 5*time.Second, inState(event.StateReady))
@@ -106,6 +107,7 @@ func TestExpiryAcrossRestart(t *testing.T) {
 	t.Logf("destroy command checked %s after the deadline", time.Since(expiresAt))
 	// The provisioner's answer to the destroy.
 	e2.publishState(t, workerA, id, event.StateDestroying, time.Time{})
+	e2.awaitRecord(t, id, 5*time.Second, inState(event.StateDestroying))
 	last := e2.publishState(t, workerA, id, event.StateDestroyed, time.Time{})
 	rec = e2.awaitRecord(t, id, 5*time.Second, inState(event.StateDestroyed))
 	want := []event.State{event.StateProvisioning, event.StateReady, event.StateExpired, event.StateDestroying, event.StateDestroyed}
