@@ -37,3 +37,15 @@ func Join(argv []string) (string, error) {
 	}
 	return b.String(), nil
 }
+
+// inDir is a constant script: it changes to its first argument and runs
+// the rest. Arguments reach it only as quoted positional parameters.
+const inDir = `cd -- "$1" || exit 125
+shift
+exec "$@"`
+
+// InDir returns an argv that runs argv in directory dir on the remote
+// host, for commands without a -C or --project-directory option.
+func InDir(dir string, argv ...string) []string {
+	return append([]string{"sh", "-c", inDir, "sandboxer-cd", dir}, argv...)
+}
