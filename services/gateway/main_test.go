@@ -56,7 +56,7 @@ type envConfig struct {
 	topo *bus.Topology // re-ensured over the default topology
 }
 
-func newEnv(t *testing.T, cfg envConfig) *env {
+func newEnv(t testing.TB, cfg envConfig) *env {
 	t.Helper()
 	srv := natstest.Start(t)
 	js := srv.JetStream(t)
@@ -117,7 +117,7 @@ func newEnv(t *testing.T, cfg envConfig) *env {
 	return e
 }
 
-func (e *env) issue(t *testing.T, consumer, role string) string {
+func (e *env) issue(t testing.TB, consumer, role string) string {
 	t.Helper()
 	tok, err := e.keys.Issue(testCtx(t), consumer, role, "test")
 	if err != nil {
@@ -157,7 +157,7 @@ func testCatalog() *extension.Catalog {
 	}
 }
 
-func testCtx(t *testing.T) context.Context {
+func testCtx(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	t.Cleanup(cancel)
 	return ctx
