@@ -159,7 +159,9 @@ func (g *Gateway) request(ctx context.Context, st *state, c caller, id string, p
 			code, detail = CodeBackPressure, "too many pending commands; retry later"
 		}
 		g.log.Warn("publishing create command", "sandbox", id, "err", err)
-		g.reject(ctx, st, cr, code, err.Error())
+		if movedOn := g.reject(ctx, st, cr, code, err.Error()); movedOn != nil {
+			return movedOn, nil // the command arrived after all
+		}
 		return nil, rejection(http.StatusServiceUnavailable, id, detail)
 	}
 	return rec, nil
@@ -188,70 +190,84 @@ func checkRoute(rt Route) error {
 }
 
 // reject moves sandbox cr.SandboxID to rejected in the sandboxes bucket
-// (creating the record or compare-and-swapping it) and publishes the
-// rejected event, so metering releases any hold and watchers see the end.
-// It changes nothing when the sandbox has already moved past requested
-// (its command did arrive after all). It is best effort: failures are
-// logged, and the registry applies the event if the bucket write failed.
-func (g *Gateway) reject(ctx context.Context, st *state, cr event.Create, code, reason string) {
+// and publishes the rejected event, so metering releases any hold and
+// watchers see the end. It is best effort: failures are logged, and the
+// registry applies the event if the bucket write failed. When the sandbox
+// has already moved past requested (its create command did arrive after
+// an ambiguous publish error), it rejects nothing and returns the record.
+func (g *Gateway) reject(ctx context.Context, st *state, cr event.Create, code, reason string) (movedOn *sandbox.Record) {
 	id := cr.SandboxID
 	ev, err := event.New(event.TypeRejected, Source, id, id+"."+string(event.StateRejected),
 		event.Rejected{Ref: cr.Ref, Code: code, Reason: reason})
 	if err != nil {
 		g.log.Error("building rejected event", "sandbox", id, "err", err)
-		return
+		return nil
 	}
-	rejected := false
-	const attempts = 5
-	for i := 0; i < attempts && !rejected; i++ {
-		e, err := st.sandboxes.Get(ctx, id)
-		var rec *sandbox.Record
-		var rev uint64
-		switch {
-		case errors.Is(err, jetstream.ErrKeyNotFound):
-			rec = sandbox.NewRequested(cr)
-			if _, err := sandbox.Apply(rec, ev); err != nil {
-				g.log.Error("applying rejection", "sandbox", id, "err", err)
-				return
-			}
-			rev, err = st.sandboxes.Create(ctx, id, rec.Marshal())
-			if errors.Is(err, jetstream.ErrKeyExists) {
-				continue
-			}
-		case err != nil:
-		default:
-			rec, err = sandbox.Unmarshal(e.Value())
-			if err != nil {
-				break
-			}
-			var changed bool
-			changed, err = sandbox.Apply(rec, ev)
-			if err != nil {
-				break
-			}
-			if !changed {
-				if rec.State != event.StateRejected {
-					g.log.Warn("not rejecting a sandbox that moved on", "sandbox", id, "state", rec.State)
-					return
-				}
-				rejected = true // someone else rejected it
-				continue
-			}
-			rev, err = st.sandboxes.Update(ctx, id, rec.Marshal(), e.Revision())
-			if errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
-				continue
-			}
-		}
-		if err != nil {
-			g.log.Warn("recording rejection, the registry will apply the event", "sandbox", id, "err", err)
-			break
-		}
-		st.inv.put(id, rec, rev)
-		rejected = true
+	if rec := g.recordRejection(ctx, st, cr, ev); rec != nil {
+		g.log.Warn("not rejecting a sandbox that moved on", "sandbox", id, "state", rec.State)
+		return rec
 	}
 	if _, err := g.pub.Publish(ctx, event.LifecycleSubject(cr.Extension, id, event.StateRejected), ev); err != nil {
 		g.log.Error("publishing rejected event", "sandbox", id, "code", code, "err", err)
 	}
+	return nil
+}
+
+// recordRejection applies the rejected event ev to the sandbox's record,
+// creating the record or compare-and-swapping it. It returns the record
+// when the sandbox has moved past requested, and nil otherwise.
+func (g *Gateway) recordRejection(ctx context.Context, st *state, cr event.Create, ev *event.Event) *sandbox.Record {
+	id := cr.SandboxID
+	failed := func(err error) *sandbox.Record {
+		g.log.Warn("recording rejection; the registry will apply the event", "sandbox", id, "err", err)
+		return nil
+	}
+	const attempts = 5
+	for range attempts {
+		e, err := st.sandboxes.Get(ctx, id)
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			rec := sandbox.NewRequested(cr)
+			if _, err := sandbox.Apply(rec, ev); err != nil {
+				return failed(err)
+			}
+			rev, err := st.sandboxes.Create(ctx, id, rec.Marshal())
+			if errors.Is(err, jetstream.ErrKeyExists) {
+				continue
+			}
+			if err != nil {
+				return failed(err)
+			}
+			st.inv.put(id, rec, rev)
+			return nil
+		}
+		if err != nil {
+			return failed(err)
+		}
+		rec, err := sandbox.Unmarshal(e.Value())
+		if err != nil {
+			return failed(err)
+		}
+		changed, err := sandbox.Apply(rec, ev)
+		if err != nil {
+			return failed(err)
+		}
+		if !changed {
+			if rec.State == event.StateRejected {
+				return nil // rejected already; publishing again is harmless
+			}
+			return rec
+		}
+		rev, err := st.sandboxes.Update(ctx, id, rec.Marshal(), e.Revision())
+		if errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
+			continue
+		}
+		if err != nil {
+			return failed(err)
+		}
+		st.inv.put(id, rec, rev)
+		return nil
+	}
+	return failed(fmt.Errorf("%d compare-and-swap conflicts", attempts))
 }
 
 // createBody mirrors api.CreateRequest with raw input and label values,
