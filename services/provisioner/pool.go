@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
@@ -96,8 +97,18 @@ func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]b
 	}
 	in[extension.InputSandboxID] = c.SandboxID
 
-	if err := pl.emit(ctx, event.StateProvisioning, c.Ref, event.Provisioning{Ref: c.Ref, Worker: pl.p.opts.WorkerID, Attempt: int(m.Delivered)}); err != nil {
+	// Announce provisioning without waiting: the ack is checked before the
+	// ready event goes out, so events stay in order and nothing is lost,
+	// but the round trip overlaps the backend's work.
+	announced, err := pl.emitAsync(ctx, event.StateProvisioning, c.Ref, event.Provisioning{Ref: c.Ref, Worker: pl.p.opts.WorkerID, Attempt: int(m.Delivered)})
+	if err != nil {
 		return nil, err
+	}
+	fail = func(phase string, h *extension.Handle, reason error) ([]bus.Out, error) {
+		if err := announced(ctx); err != nil {
+			return nil, err
+		}
+		return pl.failed(c, phase, h, reason)
 	}
 
 	pctx, cancel := context.WithTimeout(ctx, prof.Deadlines.ProvisionDeadline())
@@ -135,6 +146,9 @@ func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]b
 	}
 	out, err := pl.lifecycle(event.StateReady, ready.Ref, ready)
 	if err != nil {
+		return nil, err
+	}
+	if err := announced(ctx); err != nil {
 		return nil, err
 	}
 	pl.log.Info("sandbox ready", "sandbox", c.SandboxID, "host", h.Host)
@@ -282,6 +296,40 @@ func (pl *pool) lifecycle(s event.State, ref event.Ref, data any) (bus.Out, erro
 		return bus.Out{}, bus.Permanent(err)
 	}
 	return bus.Out{Subject: event.LifecycleSubject(pl.name, ref.SandboxID, s), Event: e}, nil
+}
+
+// emitAsync publishes a lifecycle event without waiting for the stream's
+// ack; the returned function waits for it.
+func (pl *pool) emitAsync(ctx context.Context, s event.State, ref event.Ref, data any) (func(context.Context) error, error) {
+	out, err := pl.lifecycle(s, ref, data)
+	if err != nil {
+		return nil, err
+	}
+	msg, err := event.Encode(ctx, out.Subject, out.Event)
+	if err != nil {
+		return nil, bus.Permanent(err)
+	}
+	f, err := pl.p.opts.JS.PublishMsgAsync(msg)
+	if err != nil {
+		return nil, fmt.Errorf("announcing %s of %s: %w", s, ref.SandboxID, err)
+	}
+	return func(ctx context.Context) error {
+		if pl.p.opts.JS.Conn().IsClosed() {
+			return fmt.Errorf("announcing %s of %s: %w", s, ref.SandboxID, nats.ErrConnectionClosed)
+		}
+		t := time.NewTimer(pl.policy.AckWait)
+		defer t.Stop()
+		select {
+		case <-f.Ok():
+			return nil
+		case err := <-f.Err():
+			return fmt.Errorf("announcing %s of %s: %w", s, ref.SandboxID, err)
+		case <-t.C:
+			return fmt.Errorf("announcing %s of %s: no ack after %s", s, ref.SandboxID, pl.policy.AckWait)
+		case <-ctx.Done():
+			return fmt.Errorf("announcing %s of %s: %w", s, ref.SandboxID, ctx.Err())
+		}
+	}, nil
 }
 
 // emit publishes a lifecycle event now, before the work it announces.
