@@ -1,46 +1,282 @@
-// Package metering owns credits: accounts, holds, the ledger and usage, and
-// the metering stream billing systems subscribe to. It consumes lifecycle
-// events and never links extension code: metered backends answer quotes
-// through their own provisioner workers over the bus.
+// Package metering is the metering service: it owns credits (an account
+// per consumer with grants, holds and an append-only ledger), prices
+// sandboxes, admits them against credit, accrues their usage while they
+// run, settles it when they end, and publishes the metering stream billing
+// systems subscribe to.
 //
-// Until credits land, the service declares its place in the topology and
-// does nothing else.
+// It consumes lifecycle events and its own accrual timers, and produces
+// metering events and, when a consumer's credit runs out, destroy
+// commands. It answers admission and the credits API over NATS
+// request-reply as the micro service "sandboxer-metering" ([Client]).
+//
+// Every piece of state is in the credits and ledger buckets, changed by
+// compare-and-swap, and every timer is a schedule on the timers stream, so
+// any number of instances run side by side and any of them may restart at
+// any time. The package never links extension code: metered backends quote
+// through their own provisioner workers over request-reply. It must never
+// import another service.
 package metering
 
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
+	"sync"
+	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nats.go/micro"
+
+	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/catalog"
+	"github.com/sand-boxer/sandboxer/pkg/event"
 )
 
-// Options configures the metering service.
+// Names the metering service uses on the bus.
+const (
+	// Source is the CloudEvents source of every event metering emits.
+	Source = "/sandboxer/metering"
+	// ConsumerLifecycle is the durable consumer of lifecycle events.
+	ConsumerLifecycle = "metering"
+	// ConsumerAccrual is the durable consumer of fired accrual timers.
+	ConsumerAccrual = "metering-accrual"
+	// ServiceName is the micro service answering admission and the
+	// credits API.
+	ServiceName = "sandboxer-metering"
+	// ServiceVersion is the version the micro service announces.
+	ServiceVersion = "0.1.0"
+)
+
+// Options configures a [Metering].
 type Options struct {
-	// JS is the JetStream context. Required.
+	// JS is the JetStream context. Required. The streams and buckets of
+	// [bus.Topology] must exist.
 	JS jetstream.JetStream
-	// Logger logs. Default: discard.
+	// NC is the connection requests are answered and quotes asked on.
+	// Default JS.Conn().
+	NC *nats.Conn
+	// Logger logs. Default discards.
 	Logger *slog.Logger
+	// AccrualInterval is how often a running sandbox's usage is debited.
+	// At least 1s (the schedule's precision). Default 30s.
+	AccrualInterval time.Duration
+	// Lookahead is how much running time a hold must cover beyond what
+	// was debited; when it cannot be extended that far, a low notice goes
+	// out. Default twice AccrualInterval.
+	Lookahead time.Duration
+	// DefaultHoldDuration is the duration admission holds credit for when
+	// a sandbox has no TTL. Default 1h.
+	DefaultHoldDuration time.Duration
+	// QuoteTimeout bounds a quote request to a metered extension's
+	// workers. Default 5s.
+	QuoteTimeout time.Duration
+	// Concurrency is how many lifecycle events and accrual ticks this
+	// instance handles at once, each. Default 16.
+	Concurrency int
+	// Policy is the delivery policy of both durable consumers. Zero fields
+	// take the [bus.ConsumerPolicy] defaults.
+	Policy bus.ConsumerPolicy
+	// Now is the clock. Default time.Now.
+	Now func() time.Time
 }
 
-// Metering is the metering service.
+func (o Options) withDefaults() Options {
+	if o.NC == nil && o.JS != nil {
+		o.NC = o.JS.Conn()
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.AccrualInterval <= 0 {
+		o.AccrualInterval = 30 * time.Second
+	}
+	if o.AccrualInterval < time.Second {
+		o.AccrualInterval = time.Second
+	}
+	o.AccrualInterval = o.AccrualInterval.Truncate(time.Second)
+	if o.Lookahead <= 0 {
+		o.Lookahead = 2 * o.AccrualInterval
+	}
+	if o.DefaultHoldDuration <= 0 {
+		o.DefaultHoldDuration = time.Hour
+	}
+	if o.QuoteTimeout <= 0 {
+		o.QuoteTimeout = 5 * time.Second
+	}
+	if o.Concurrency <= 0 {
+		o.Concurrency = 16
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	o.Policy = o.Policy.WithDefaults()
+	return o
+}
+
+// Metering is the metering service. Build it with [New], run it with
+// [Metering.Start] and stop it with [Metering.Shutdown].
 type Metering struct {
 	opts Options
+	log  *slog.Logger
+
+	mu      sync.Mutex
+	started bool
+	stopped bool
+
+	store     *store
+	pricer    *pricer
+	lifecycle jetstream.Stream
+	timers    jetstream.Stream
+	svc       micro.Service
+	router    *bus.Router
+
+	stopPull     context.CancelFunc
+	stopHandlers context.CancelFunc
+	stopWatch    context.CancelFunc
+	routersDone  chan struct{}
 }
 
-// New returns a metering service that has not started.
+// New checks opts and returns a metering service that has not started: it
+// does no I/O.
 func New(opts Options) (*Metering, error) {
 	if opts.JS == nil {
-		return nil, errors.New("metering: JS is required")
+		return nil, errors.New("creating metering: Options.JS is required")
 	}
-	if opts.Logger == nil {
-		opts.Logger = slog.New(slog.DiscardHandler)
+	opts = opts.withDefaults()
+	if opts.NC == nil {
+		return nil, errors.New("creating metering: no NATS connection")
 	}
-	return &Metering{opts: opts}, nil
+	return &Metering{opts: opts, log: opts.Logger}, nil
 }
 
-// Start starts the service.
-func (m *Metering) Start(ctx context.Context) error { return nil }
+// Start opens the buckets, follows the catalog, ensures the durable
+// consumers, starts answering requests and starts consuming. ctx bounds
+// start-up only; the service runs until [Metering.Shutdown]. Start may be
+// called once.
+func (m *Metering) Start(ctx context.Context) (err error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.started {
+		return errors.New("starting metering: already started")
+	}
+	m.started = true
+	js := m.opts.JS
+	credits, err := js.KeyValue(ctx, bus.BucketCredits)
+	if err != nil {
+		return fmt.Errorf("opening bucket %s: %w", bus.BucketCredits, err)
+	}
+	ledger, err := js.KeyValue(ctx, bus.BucketLedger)
+	if err != nil {
+		return fmt.Errorf("opening bucket %s: %w", bus.BucketLedger, err)
+	}
+	catKV, err := js.KeyValue(ctx, bus.BucketCatalog)
+	if err != nil {
+		return fmt.Errorf("opening bucket %s: %w", bus.BucketCatalog, err)
+	}
+	if m.lifecycle, err = js.Stream(ctx, event.StreamLifecycle); err != nil {
+		return fmt.Errorf("opening stream %s: %w", event.StreamLifecycle, err)
+	}
+	if m.timers, err = js.Stream(ctx, event.StreamTimers); err != nil {
+		return fmt.Errorf("opening stream %s: %w", event.StreamTimers, err)
+	}
+	if _, err := bus.EnsureConsumer(ctx, js, event.StreamLifecycle, ConsumerLifecycle, event.SubjectLifecycle, m.opts.Policy); err != nil {
+		return err
+	}
+	if _, err := bus.EnsureConsumer(ctx, js, event.StreamTimers, ConsumerAccrual, event.AccrualFireFilter, m.opts.Policy); err != nil {
+		return err
+	}
 
-// Shutdown stops the service.
-func (m *Metering) Shutdown(ctx context.Context) error { return nil }
+	watchCtx, stopWatch := context.WithCancel(context.Background())
+	defer func() {
+		if err != nil {
+			stopWatch()
+		}
+	}()
+	cat, err := catalog.Watch(watchCtx, catKV)
+	if err != nil {
+		return err
+	}
+	select {
+	case <-cat.Ready():
+	case <-ctx.Done():
+		return fmt.Errorf("loading catalog: %w", ctx.Err())
+	}
+	m.store = &store{credits: credits, ledger: ledger, pub: bus.NewPublisher(js), log: m.log, now: m.opts.Now}
+	m.pricer = &pricer{cat: cat, nc: m.opts.NC, timeout: m.opts.QuoteTimeout}
+
+	if m.svc, err = m.serve(); err != nil {
+		return err
+	}
+
+	pullCtx, stopPull := context.WithCancel(context.Background())
+	handlerCtx, stopHandlers := context.WithCancel(context.Background())
+	m.stopWatch, m.stopPull, m.stopHandlers = stopWatch, stopPull, stopHandlers
+	m.router = bus.NewRouter(js, m.log)
+	routes := []bus.Route{
+		{
+			Stream: event.StreamLifecycle, Consumer: ConsumerLifecycle, Policy: m.opts.Policy,
+			Concurrency: m.opts.Concurrency, Handler: m.onLifecycle, HandlerContext: handlerCtx,
+		},
+		{
+			Stream: event.StreamTimers, Consumer: ConsumerAccrual, Policy: m.opts.Policy,
+			Concurrency: m.opts.Concurrency, Handler: m.onAccrual, HandlerContext: handlerCtx,
+		},
+	}
+	m.routersDone = make(chan struct{})
+	var wg sync.WaitGroup
+	for _, rt := range routes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := m.router.Run(pullCtx, rt); err != nil {
+				m.log.Error("router stopped", "consumer", rt.Consumer, "err", err)
+			}
+		}()
+	}
+	go func() { wg.Wait(); close(m.routersDone) }()
+	m.log.Info("metering started", "accrual_interval", m.opts.AccrualInterval)
+	return nil
+}
+
+// Stats returns the counters of the service's consume loops, or nil before
+// start.
+func (m *Metering) Stats() *bus.RouterStats {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.router == nil {
+		return nil
+	}
+	return &m.router.Stats
+}
+
+// Shutdown stops answering requests, stops pulling messages and waits for
+// the handlers in flight. When ctx ends first, it cancels them (their
+// messages are redelivered to another instance), waits for them to return
+// and reports ctx's error. Shutdown is safe to call more than once and
+// before Start.
+func (m *Metering) Shutdown(ctx context.Context) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if !m.started || m.stopped || m.routersDone == nil {
+		m.stopped = true
+		return nil
+	}
+	m.stopped = true
+	var errs []error
+	if err := m.svc.Stop(); err != nil {
+		errs = append(errs, fmt.Errorf("stopping request service: %w", err))
+	}
+	m.stopPull()
+	select {
+	case <-m.routersDone:
+	case <-ctx.Done():
+		m.stopHandlers()
+		<-m.routersDone
+		errs = append(errs, fmt.Errorf("draining handlers: %w", ctx.Err()))
+	}
+	m.stopHandlers()
+	m.stopWatch()
+	return errors.Join(errs...)
+}

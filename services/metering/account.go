@@ -1,0 +1,451 @@
+package metering
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/sand-boxer/sandboxer/pkg/extension"
+)
+
+// Amounts are int64 counts of the credit minor unit, the smallest amount the
+// ledger records. sand-boxer never divides a minor unit: prices are integers
+// per second or per started minute, so every charge is an integer.
+
+// ErrInsufficientCredits is wrapped by every refusal for lack of credit: a
+// hold larger than the available balance.
+var ErrInsufficientCredits = errors.New("insufficient credits")
+
+// ErrHoldClosed is wrapped when admission is asked again for a sandbox
+// whose hold was already settled or released.
+var ErrHoldClosed = errors.New("hold already closed")
+
+// EntryKind is the kind of a ledger entry.
+type EntryKind string
+
+// Ledger entry kinds. Amount is the change of the balance, Held the change
+// of the credit on hold; available = balance - held.
+const (
+	// EntryGrant adds credit: Amount > 0.
+	EntryGrant EntryKind = "grant"
+	// EntryHold reserves credit for a sandbox at admission: Held > 0.
+	EntryHold EntryKind = "hold"
+	// EntryExtend reserves more credit for a running sandbox: Held > 0.
+	EntryExtend EntryKind = "extend"
+	// EntryDebit charges usage: Amount < 0, Held <= 0 (charged from the
+	// hold first).
+	EntryDebit EntryKind = "debit"
+	// EntryRefund gives back what was charged beyond the actual usage at
+	// settlement: Amount > 0.
+	EntryRefund EntryKind = "refund"
+	// EntryRelease frees the rest of a hold: Held <= 0. Every hold is
+	// released exactly once.
+	EntryRelease EntryKind = "release"
+	// EntryExpire removes the unspent rest of an expired grant: Amount < 0.
+	EntryExpire EntryKind = "expire"
+)
+
+// Draw is the part of an amount taken from, or given back to, one grant.
+type Draw struct {
+	Grant  string `json:"grant"`
+	Amount int64  `json:"amount"`
+}
+
+// Entry is one ledger entry. Its key is derived from the event or request
+// that caused it and is written once, ever: a second write of the same key
+// fails, so redelivery never records twice. Folding Amount over a
+// consumer's entries gives the balance; folding Held gives the credit on
+// hold.
+type Entry struct {
+	// Key is the ledger key: <consumer>.<derivation of the cause>.
+	Key string `json:"key"`
+	// Seq numbers a consumer's entries from 1, without gaps, in the order
+	// they were applied.
+	Seq      uint64    `json:"seq"`
+	Consumer string    `json:"consumer"`
+	Kind     EntryKind `json:"kind"`
+	// Amount is the change of the balance.
+	Amount int64 `json:"amount"`
+	// Held is the change of the credit on hold.
+	Held int64 `json:"held"`
+	// BalanceAfter and HeldAfter are the account after the entry.
+	BalanceAfter int64 `json:"balance_after"`
+	HeldAfter    int64 `json:"held_after"`
+	// Sandbox and Hold name the sandbox an entry is about, if any.
+	Sandbox string `json:"sandbox_id,omitempty"`
+	Hold    string `json:"hold,omitempty"`
+	// Grant names the grant a grant or expire entry is about.
+	Grant string `json:"grant,omitempty"`
+	// Draws are the grants a debit was taken from or a refund given to.
+	Draws []Draw `json:"draws,omitempty"`
+	// Cause is the id of the event or request that caused the entry.
+	Cause string `json:"cause"`
+	// Reason explains the entry in words.
+	Reason string    `json:"reason,omitempty"`
+	At     time.Time `json:"at"`
+}
+
+// Grant is credit added to an account.
+type Grant struct {
+	ID string `json:"id"`
+	// Amount is what was granted; Remaining what is left unspent.
+	Amount    int64 `json:"amount"`
+	Remaining int64 `json:"remaining"`
+	// Priority orders spending: lower first.
+	Priority int `json:"priority"`
+	// ExpiresAt, when set, is when the unspent rest expires. Among equal
+	// priorities, the earliest expiry is spent first.
+	ExpiresAt time.Time `json:"expires_at,omitzero"`
+	// Promo marks promotional (unpaid) credit.
+	Promo     bool      `json:"promo,omitempty"`
+	GrantedAt time.Time `json:"granted_at"`
+	// Expiries counts the expire entries of this grant.
+	Expiries int `json:"expiries,omitempty"`
+}
+
+// Quote is a price for a duration, with its breakdown.
+type Quote struct {
+	Amount          int64    `json:"amount"`
+	DurationSeconds int64    `json:"duration_seconds"`
+	Breakdown       []string `json:"breakdown,omitempty"`
+}
+
+// Hold is the credit reserved for one sandbox and the sandbox's meter.
+type Hold struct {
+	// ID is the hold id admission returns; it is the sandbox id.
+	ID           string                 `json:"id"`
+	Sandbox      string                 `json:"sandbox_id"`
+	Profile      string                 `json:"profile"`
+	Extension    string                 `json:"extension"`
+	Host         string                 `json:"host,omitempty"`
+	PricingModel extension.PricingModel `json:"pricing_model"`
+	// Price is the self-hosted price list, fixed at admission.
+	Price *extension.Price `json:"price,omitempty"`
+	// Amount is what is on hold now.
+	Amount int64 `json:"amount"`
+	// Reserved is everything ever reserved (hold and extensions).
+	Reserved int64 `json:"reserved"`
+	// Debited is everything charged to the sandbox so far.
+	Debited int64 `json:"debited"`
+	// Quote is admission's quote.
+	Quote     Quote     `json:"quote"`
+	CreatedAt time.Time `json:"created_at"`
+	// ReadyAt starts the meter; zero until the sandbox is ready.
+	ReadyAt time.Time `json:"ready_at,omitzero"`
+	// ThroughSeconds is the usage the debits cover, in seconds from ready.
+	ThroughSeconds int64 `json:"through_seconds,omitempty"`
+	// Debits and Extends count entries, to derive their keys.
+	Debits  int `json:"debits,omitempty"`
+	Extends int `json:"extends,omitempty"`
+	// Draws are the grants the debits were taken from, net of refunds.
+	Draws []Draw `json:"draws,omitempty"`
+	// Low is set once the low-credit notice went out; Exhausted once the
+	// destroy did.
+	Low       bool `json:"low,omitempty"`
+	Exhausted bool `json:"exhausted,omitempty"`
+	// Implicit marks a hold opened at ready for a sandbox that was never
+	// admitted.
+	Implicit bool `json:"implicit,omitempty"`
+}
+
+// Account is one consumer's credit: the balance projection of its ledger,
+// its grants and its open holds. It is one value in the credits bucket,
+// changed only by compare-and-swap.
+type Account struct {
+	Consumer string `json:"consumer"`
+	// Balance is the sum of the grants' remaining credit, and the fold of
+	// the ledger's Amount.
+	Balance int64 `json:"balance"`
+	// Held is the sum of the open holds, and the fold of the ledger's Held.
+	Held int64 `json:"held"`
+	// Seq is the sequence of the last ledger entry.
+	Seq    uint64           `json:"seq"`
+	Grants []*Grant         `json:"grants,omitempty"`
+	Holds  map[string]*Hold `json:"holds,omitempty"`
+	// Outbox lists what the last change must still write and publish: its
+	// ledger entries, notices and usage records. Whoever loads the account
+	// next finishes it first, so a crash between the compare-and-swap and
+	// the ledger write loses nothing.
+	Outbox    []*Item   `json:"outbox,omitempty"`
+	UpdatedAt time.Time `json:"updated_at"`
+}
+
+// Available is the credit neither spent nor on hold.
+func (a *Account) Available() int64 { return a.Balance - a.Held }
+
+// Item is one thing an account change must write or publish.
+type Item struct {
+	Entry  *Entry       `json:"entry,omitempty"`
+	Notice *Notice      `json:"notice,omitempty"`
+	Usage  *UsageRecord `json:"usage,omitempty"`
+}
+
+// newAccount is the account of a consumer with no history.
+func newAccount(consumer string) *Account {
+	return &Account{Consumer: consumer, Holds: map[string]*Hold{}}
+}
+
+// check verifies the account's invariants.
+func (a *Account) check() error {
+	var sum int64
+	for _, g := range a.Grants {
+		if g.Remaining < 0 {
+			return fmt.Errorf("grant %s remaining %d < 0", g.ID, g.Remaining)
+		}
+		sum += g.Remaining
+	}
+	if sum != a.Balance {
+		return fmt.Errorf("balance %d != sum of grants %d", a.Balance, sum)
+	}
+	var held int64
+	for _, h := range a.Holds {
+		if h.Amount < 0 {
+			return fmt.Errorf("hold %s amount %d < 0", h.ID, h.Amount)
+		}
+		held += h.Amount
+	}
+	if held != a.Held {
+		return fmt.Errorf("held %d != sum of holds %d", a.Held, held)
+	}
+	if a.Held > a.Balance {
+		return fmt.Errorf("held %d > balance %d", a.Held, a.Balance)
+	}
+	return nil
+}
+
+// record completes e with the account's next sequence and state, and adds
+// it to the outbox.
+func (a *Account) record(e *Entry) *Entry {
+	a.Seq++
+	e.Seq = a.Seq
+	e.Consumer = a.Consumer
+	e.BalanceAfter, e.HeldAfter = a.Balance, a.Held
+	a.Outbox = append(a.Outbox, &Item{Entry: e})
+	return e
+}
+
+// Ledger key derivations. Consumer names, sandbox ids and grant ids are
+// names without dots, so keys never collide.
+func grantKey(consumer, id string) string { return consumer + ".grant." + id }
+func expireKey(consumer, id string, n int) string {
+	return fmt.Sprintf("%s.grant.%s.expire.%d", consumer, id, n)
+}
+func holdKey(consumer, sb string) string    { return consumer + ".sb." + sb + ".hold" }
+func releaseKey(consumer, sb string) string { return consumer + ".sb." + sb + ".release" }
+func extendKey(consumer, sb string, n int) string {
+	return fmt.Sprintf("%s.sb.%s.extend.%d", consumer, sb, n)
+}
+func debitKey(consumer, sb string, n int) string {
+	return fmt.Sprintf("%s.sb.%s.debit.%d", consumer, sb, n)
+}
+func settleKey(consumer, sb string) string { return consumer + ".sb." + sb + ".settle" }
+func refundKey(consumer, sb string) string { return consumer + ".sb." + sb + ".refund" }
+
+// spendingOrder returns the grants with credit left in the order they are
+// spent: priority (lower first), then earliest expiry (none last), then
+// oldest.
+func (a *Account) spendingOrder() []*Grant {
+	out := make([]*Grant, 0, len(a.Grants))
+	for _, g := range a.Grants {
+		if g.Remaining > 0 {
+			out = append(out, g)
+		}
+	}
+	slices.SortStableFunc(out, func(x, y *Grant) int {
+		if x.Priority != y.Priority {
+			return x.Priority - y.Priority
+		}
+		switch {
+		case x.ExpiresAt.IsZero() && !y.ExpiresAt.IsZero():
+			return 1
+		case !x.ExpiresAt.IsZero() && y.ExpiresAt.IsZero():
+			return -1
+		case !x.ExpiresAt.Equal(y.ExpiresAt):
+			return x.ExpiresAt.Compare(y.ExpiresAt)
+		}
+		if c := x.GrantedAt.Compare(y.GrantedAt); c != 0 {
+			return c
+		}
+		if x.ID < y.ID {
+			return -1
+		}
+		return 1
+	})
+	return out
+}
+
+func (a *Account) grant(id string) *Grant {
+	for _, g := range a.Grants {
+		if g.ID == id {
+			return g
+		}
+	}
+	return nil
+}
+
+// take removes amount from the balance in spending order. The caller has
+// checked amount <= balance.
+func (a *Account) take(amount int64) []Draw {
+	var draws []Draw
+	for _, g := range a.spendingOrder() {
+		if amount == 0 {
+			break
+		}
+		n := min(amount, g.Remaining)
+		g.Remaining -= n
+		a.Balance -= n
+		amount -= n
+		draws = append(draws, Draw{Grant: g.ID, Amount: n})
+	}
+	return draws
+}
+
+// addGrant applies a grant. The caller has checked the key is new.
+func (a *Account) addGrant(g Grant, cause string, now time.Time) *Entry {
+	g.Remaining = g.Amount
+	if g.GrantedAt.IsZero() {
+		g.GrantedAt = now
+	}
+	a.Grants = append(a.Grants, &g)
+	a.Balance += g.Amount
+	reason := "paid credit"
+	if g.Promo {
+		reason = "promotional credit"
+	}
+	return a.record(&Entry{Key: grantKey(a.Consumer, g.ID), Kind: EntryGrant, Amount: g.Amount, Grant: g.ID, Cause: cause, Reason: reason, At: now})
+}
+
+// expire removes the unspent, unreserved rest of every grant past its
+// expiry. Credit on hold is not taken: a grant's rest that backs a hold
+// expires once the hold lets it go.
+func (a *Account) expire(now time.Time) {
+	for _, g := range a.Grants {
+		if g.ExpiresAt.IsZero() || now.Before(g.ExpiresAt) || g.Remaining == 0 {
+			continue
+		}
+		n := min(g.Remaining, a.Available())
+		if n <= 0 {
+			continue
+		}
+		g.Remaining -= n
+		a.Balance -= n
+		g.Expiries++
+		a.record(&Entry{
+			Key: expireKey(a.Consumer, g.ID, g.Expiries), Kind: EntryExpire, Amount: -n, Grant: g.ID,
+			Draws: []Draw{{Grant: g.ID, Amount: n}}, Cause: "grant." + g.ID + ".expiry", Reason: "grant expired", At: now,
+		})
+	}
+}
+
+// reserve opens hold h for amount. It refuses with
+// [ErrInsufficientCredits] when amount exceeds the available credit.
+func (a *Account) reserve(h *Hold, amount int64, cause string, now time.Time) error {
+	if amount < 0 {
+		return fmt.Errorf("reserving %d: negative amount", amount)
+	}
+	if amount > a.Available() {
+		return fmt.Errorf("%w: hold of %d for sandbox %s, available %d", ErrInsufficientCredits, amount, h.Sandbox, a.Available())
+	}
+	h.Amount, h.Reserved = amount, amount
+	if a.Holds == nil {
+		a.Holds = map[string]*Hold{}
+	}
+	a.Holds[h.ID] = h
+	a.Held += amount
+	reason := "admission"
+	if h.Implicit {
+		reason = "ready without admission"
+	}
+	a.record(&Entry{Key: holdKey(a.Consumer, h.Sandbox), Kind: EntryHold, Held: amount, Sandbox: h.Sandbox, Hold: h.ID, Cause: cause, Reason: reason, At: now})
+	return nil
+}
+
+// extend adds up to amount to hold h, as far as the available credit
+// allows, and returns what it added.
+func (a *Account) extend(h *Hold, amount int64, cause string, now time.Time) int64 {
+	n := min(amount, a.Available())
+	if n <= 0 {
+		return 0
+	}
+	h.Amount += n
+	h.Reserved += n
+	a.Held += n
+	h.Extends++
+	a.record(&Entry{Key: extendKey(a.Consumer, h.Sandbox, h.Extends), Kind: EntryExtend, Held: n, Sandbox: h.Sandbox, Hold: h.ID, Cause: cause, Reason: "running sandbox", At: now})
+	return n
+}
+
+// debit charges up to amount for hold h's sandbox: from the hold first,
+// then from the available credit, never below zero. It returns what it
+// charged; less than amount means the consumer could not pay the rest.
+func (a *Account) debit(h *Hold, key string, amount int64, cause, reason string, now time.Time) int64 {
+	fromHold := min(amount, h.Amount)
+	extra := min(amount-fromHold, a.Available())
+	total := fromHold + max(extra, 0)
+	if total <= 0 {
+		return 0
+	}
+	h.Amount -= fromHold
+	a.Held -= fromHold
+	draws := a.take(total)
+	h.Debited += total
+	h.Draws = mergeDraws(h.Draws, draws)
+	a.record(&Entry{Key: key, Kind: EntryDebit, Amount: -total, Held: -fromHold, Sandbox: h.Sandbox, Hold: h.ID, Draws: draws, Cause: cause, Reason: reason, At: now})
+	return total
+}
+
+// refund gives amount back to the grants h's debits were drawn from, the
+// last spent first.
+func (a *Account) refund(h *Hold, amount int64, cause string, now time.Time) {
+	if amount <= 0 {
+		return
+	}
+	left := amount
+	var draws []Draw
+	for i := len(h.Draws) - 1; i >= 0 && left > 0; i-- {
+		d := &h.Draws[i]
+		n := min(left, d.Amount)
+		if n <= 0 {
+			continue
+		}
+		g := a.grant(d.Grant)
+		if g == nil {
+			continue
+		}
+		g.Remaining += n
+		d.Amount -= n
+		left -= n
+		draws = append(draws, Draw{Grant: g.ID, Amount: n})
+	}
+	given := amount - left
+	a.Balance += given
+	h.Debited -= given
+	a.record(&Entry{Key: refundKey(a.Consumer, h.Sandbox), Kind: EntryRefund, Amount: given, Sandbox: h.Sandbox, Hold: h.ID, Draws: draws, Cause: cause, Reason: "charged beyond actual usage", At: now})
+}
+
+// release frees what is left of hold h and closes it.
+func (a *Account) release(h *Hold, cause, reason string, now time.Time) {
+	a.Held -= h.Amount
+	freed := h.Amount
+	h.Amount = 0
+	delete(a.Holds, h.ID)
+	a.record(&Entry{Key: releaseKey(a.Consumer, h.Sandbox), Kind: EntryRelease, Held: -freed, Sandbox: h.Sandbox, Hold: h.ID, Cause: cause, Reason: reason, At: now})
+}
+
+func mergeDraws(into, add []Draw) []Draw {
+	for _, d := range add {
+		found := false
+		for i := range into {
+			if into[i].Grant == d.Grant {
+				into[i].Amount += d.Amount
+				found = true
+				break
+			}
+		}
+		if !found {
+			into = append(into, d)
+		}
+	}
+	return into
+}

@@ -1,0 +1,281 @@
+package metering
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/pkg/extension"
+)
+
+// onLifecycle is the handler of lifecycle events. ready starts the meter;
+// failed and rejected release the hold (a sandbox that never became ready
+// costs nothing); destroyed settles the usage and releases the rest. Every
+// other state changes nothing here. Each change is keyed in the ledger, so
+// a redelivered event changes nothing twice.
+func (m *Metering) onLifecycle(ctx context.Context, msg *bus.Message) ([]bus.Out, error) {
+	ref, err := event.ParseLifecycleSubject(msg.Subject)
+	if err != nil {
+		return nil, bus.Permanent(fmt.Errorf("handling lifecycle event: %w", err))
+	}
+	e := msg.Event
+	if t := event.LifecycleType(ref.State); t == "" || event.Type(e.Type()) != t {
+		return nil, bus.Permanent(fmt.Errorf("handling %s: unexpected event type %s", msg.Subject, e.Type()))
+	}
+	switch ref.State {
+	case event.StateReady:
+		var d event.Ready
+		if err := decode(e, &d, ref); err != nil {
+			return nil, err
+		}
+		return m.onReady(ctx, e, d)
+	case event.StateFailed:
+		var d event.Failed
+		if err := decode(e, &d, ref); err != nil {
+			return nil, err
+		}
+		return nil, m.settle(ctx, e, d.Ref, event.StateFailed, "failed: "+d.Reason, nil)
+	case event.StateRejected:
+		var d event.Rejected
+		if err := decode(e, &d, ref); err != nil {
+			return nil, err
+		}
+		return nil, m.settle(ctx, e, d.Ref, event.StateRejected, "rejected: "+d.Code, nil)
+	case event.StateDestroyed:
+		var d event.Destroyed
+		if err := decode(e, &d, ref); err != nil {
+			return nil, err
+		}
+		return nil, m.settle(ctx, e, d.Ref, event.StateDestroyed, d.Reason, d.Meter)
+	}
+	return nil, nil
+}
+
+// decode reads e's data into v strictly and checks it names the sandbox
+// its subject names, and a consumer.
+func decode(e *event.Event, v any, ref event.LifecycleRef) error {
+	if err := event.DataAs(e, v); err != nil {
+		return bus.Permanent(fmt.Errorf("handling %s: %w", e.ID(), err))
+	}
+	var r event.Ref
+	switch d := v.(type) {
+	case *event.Ready:
+		r = d.Ref
+	case *event.Failed:
+		r = d.Ref
+	case *event.Rejected:
+		r = d.Ref
+	case *event.Destroyed:
+		r = d.Ref
+	}
+	if r.SandboxID != ref.Sandbox {
+		return bus.Permanent(fmt.Errorf("handling %s: %w: data names sandbox %q", e.ID(), event.ErrMalformed, r.SandboxID))
+	}
+	if err := event.CheckName("consumer", r.Consumer); err != nil {
+		return bus.Permanent(fmt.Errorf("handling %s: %w: %w", e.ID(), event.ErrMalformed, err))
+	}
+	return nil
+}
+
+// onReady starts the meter of a sandbox: its hold records when it became
+// ready, and its accrual schedule fires every interval from now on. A
+// sandbox that was never admitted gets an empty hold, extended as it runs.
+func (m *Metering) onReady(ctx context.Context, e *event.Event, d event.Ready) ([]bus.Out, error) {
+	c, sb := d.Consumer, d.SandboxID
+	readyAt := d.ReadyAt
+	if readyAt.IsZero() {
+		readyAt = e.Time()
+	}
+	running := false
+	_, err := m.store.update(ctx, c, func(t *tx) error {
+		running = false
+		h := t.a.Holds[sb]
+		if h == nil {
+			// Never admitted, or already settled.
+			for _, k := range []string{holdKey(c, sb), releaseKey(c, sb)} {
+				seen, err := t.seen(k)
+				if err != nil {
+					return err
+				}
+				if seen {
+					return errNoChange
+				}
+			}
+			tm, err := m.pricer.terms(d.Profile, d.Extension, "")
+			if err != nil {
+				m.log.Warn("sandbox ready without admission and without a price: metering it as free", "sandbox", sb, "err", err)
+				tm = terms{Profile: d.Profile, Extension: d.Extension, Model: extension.PricingSelfHosted}
+			}
+			h = &Hold{
+				ID: sb, Sandbox: sb, Profile: d.Profile, Extension: d.Extension, PricingModel: tm.Model,
+				Price: tm.Price, CreatedAt: t.now, Implicit: true,
+			}
+			if err := t.a.reserve(h, 0, e.ID(), t.now); err != nil {
+				return err
+			}
+		}
+		running = !h.Exhausted
+		if !h.ReadyAt.IsZero() {
+			return errNoChange
+		}
+		h.ReadyAt = readyAt.UTC()
+		h.Host = d.Host
+		return nil
+	})
+	if err != nil || !running {
+		return nil, err
+	}
+	tick, err := event.New(TypeAccrual, Source, sb, sb+".accrual", Accrual{Consumer: c, Sandbox: sb})
+	if err != nil {
+		return nil, err
+	}
+	// One repeating schedule per sandbox: publishing it again replaces it.
+	// Each tick rolls up the one before, so a backlog never builds.
+	return []bus.Out{{
+		Subject: event.AccrualScheduleSubject(sb), Event: tick,
+		Opts: []jetstream.PublishOpt{
+			jetstream.WithScheduleEvery(m.opts.AccrualInterval),
+			jetstream.WithScheduleTarget(event.AccrualFireSubject(sb)),
+			jetstream.WithScheduleRollup(),
+		},
+	}}, nil
+}
+
+// settle ends the meter of a sandbox that reached state: it charges the
+// actual usage (the backend's meter when given, else the lifecycle
+// timestamps at the hold's price) less what was already debited, refunds
+// what was debited beyond it, records the usage and releases the rest of
+// the hold. A sandbox that failed or was rejected costs nothing.
+func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, state event.State, reason string, meter *event.MeterReading) error {
+	c, sb := ref.Consumer, ref.SandboxID
+	defer m.stopAccrual(ctx, sb)
+	a, _, err := m.store.load(ctx, c)
+	if err != nil {
+		return err
+	}
+	h := a.Holds[sb]
+	var (
+		actual  = Actual{Source: SourceLifecycle, Unit: "second"}
+		readyAt time.Time
+		endAt   = e.Time().UTC()
+	)
+	if h != nil && state == event.StateDestroyed {
+		readyAt = h.ReadyAt
+		if readyAt.IsZero() {
+			// The ready event may not have been handled yet: the stream
+			// has it.
+			if readyAt, err = m.readyAt(ctx, ref.Extension, sb); err != nil {
+				return err
+			}
+		}
+		if !readyAt.IsZero() {
+			if actual, err = m.actual(ctx, h, readyAt, endAt, meter); err != nil {
+				return err
+			}
+		}
+	}
+	_, err = m.store.update(ctx, c, func(t *tx) error {
+		h := t.a.Holds[sb]
+		if h == nil {
+			if state != event.StateDestroyed {
+				return errNoChange
+			}
+			// A destroyed sandbox with no hold: close its account so a
+			// late ready or admission cannot open one.
+			for _, k := range []string{holdKey(c, sb), releaseKey(c, sb)} {
+				seen, err := t.seen(k)
+				if err != nil {
+					return err
+				}
+				if seen {
+					return errNoChange
+				}
+			}
+			t.a.record(&Entry{Key: releaseKey(c, sb), Kind: EntryRelease, Sandbox: sb, Hold: sb, Cause: e.ID(), Reason: "destroyed without a hold", At: t.now})
+			return nil
+		}
+		if h.ReadyAt.IsZero() && !readyAt.IsZero() {
+			h.ReadyAt = readyAt
+		}
+		u := &UsageRecord{
+			Key: usageKey(c, sb), Consumer: c, Sandbox: sb, Hold: h.ID, Profile: h.Profile, Extension: h.Extension,
+			PricingModel: string(h.PricingModel), ReadyAt: h.ReadyAt, DestroyedAt: endAt, Quote: h.Quote,
+			Actual: actual, Reason: reason, Cause: e.ID(),
+		}
+		if !h.ReadyAt.IsZero() && endAt.After(h.ReadyAt) {
+			u.Seconds = int64((endAt.Sub(h.ReadyAt) + time.Second - 1) / time.Second)
+		}
+		switch diff := actual.Amount - h.Debited; {
+		case diff > 0:
+			charged := t.a.debit(h, settleKey(c, sb), diff, e.ID(), "settlement: "+actual.Source, t.now)
+			u.Unpaid = diff - charged
+		case diff < 0:
+			before := h.Debited
+			t.a.refund(h, -diff, e.ID(), t.now)
+			u.Refunded = before - h.Debited
+		}
+		u.Charged = h.Debited
+		u.Reserved = h.Reserved
+		t.a.release(h, e.ID(), reason, t.now)
+		t.a.Outbox = append(t.a.Outbox, &Item{Usage: u})
+		return nil
+	})
+	return err
+}
+
+// actual is what a ready sandbox of hold h used from readyAt to endAt.
+func (m *Metering) actual(ctx context.Context, h *Hold, readyAt, endAt time.Time, meter *event.MeterReading) (Actual, error) {
+	if meter != nil {
+		if meter.Amount < 0 {
+			return Actual{}, bus.Permanent(fmt.Errorf("settling %s: %w: negative meter reading %d", h.Sandbox, event.ErrMalformed, meter.Amount))
+		}
+		return Actual{Source: SourceMeter, Amount: meter.Amount, Quantity: meter.Quantity, Unit: meter.Unit, Breakdown: meter.Breakdown}, nil
+	}
+	d := max(endAt.Sub(readyAt), 0)
+	q, err := m.pricer.cost(ctx, terms{Profile: h.Profile, Extension: h.Extension, Model: h.PricingModel, Price: h.Price}, d)
+	if err != nil {
+		// A metered backend that cannot be asked: settle at what the
+		// accrual charged, rather than hold the credit forever.
+		m.log.Warn("settling at the accrued amount", "sandbox", h.Sandbox, "err", err)
+		return Actual{Source: SourceLifecycle, Amount: h.Debited, Quantity: int64((d + time.Second - 1) / time.Second), Unit: "second",
+			Breakdown: []string{"no quote: settled at the accrued amount"}}, nil
+	}
+	return Actual{Source: SourceLifecycle, Amount: q.Amount, Quantity: q.DurationSeconds, Unit: "second", Breakdown: q.Breakdown}, nil
+}
+
+// readyAt reads when sandbox sb became ready from its ready event on the
+// lifecycle stream, or zero when it has none.
+func (m *Metering) readyAt(ctx context.Context, ext, sb string) (time.Time, error) {
+	raw, err := m.lifecycle.GetLastMsgForSubject(ctx, event.LifecycleSubject(ext, sb, event.StateReady))
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return time.Time{}, nil
+	}
+	if err != nil {
+		return time.Time{}, fmt.Errorf("reading ready event of %s: %w", sb, err)
+	}
+	_, e, err := event.Decode(ctx, raw.Header, raw.Data)
+	if err != nil {
+		return time.Time{}, nil
+	}
+	var d event.Ready
+	if err := event.DataAs(e, &d); err != nil {
+		return time.Time{}, nil
+	}
+	if d.ReadyAt.IsZero() {
+		return e.Time().UTC(), nil
+	}
+	return d.ReadyAt.UTC(), nil
+}
+
+// stopAccrual removes the accrual schedule of sb, if any. It is best
+// effort: a tick for a settled sandbox removes it again.
+func (m *Metering) stopAccrual(ctx context.Context, sb string) {
+	if err := m.timers.Purge(ctx, jetstream.WithPurgeSubject(event.AccrualScheduleSubject(sb))); err != nil {
+		m.log.Warn("removing accrual schedule", "sandbox", sb, "err", err)
+	}
+}

@@ -1,0 +1,102 @@
+package metering
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/sand-boxer/sandboxer/pkg/catalog"
+	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/pkg/extension"
+)
+
+// ErrNoPrice is wrapped when a sandbox cannot be priced: an unknown profile
+// or extension, or a metered backend that gave no quote.
+var ErrNoPrice = errors.New("no price")
+
+// pricer prices sandboxes: self-hosted ones by the profile's price list
+// from the catalog, metered ones by asking their extension's workers for a
+// quote over request-reply. It never links extension code.
+type pricer struct {
+	cat     *catalog.Cache
+	nc      *nats.Conn
+	timeout time.Duration
+}
+
+// terms are what a sandbox is priced by.
+type terms struct {
+	Profile, Extension string
+	Model              extension.PricingModel
+	Price              *extension.Price
+}
+
+// terms looks up how a sandbox of profile on ext is priced. model, when
+// given, is the caller's word for the extension's pricing model.
+func (p *pricer) terms(profile, ext string, model extension.PricingModel) (terms, error) {
+	t := terms{Profile: profile, Extension: ext, Model: model}
+	cur := p.cat.Current()
+	if t.Model == "" {
+		m, err := cur.Extension(ext)
+		if err != nil {
+			return t, fmt.Errorf("%w: %w", ErrNoPrice, err)
+		}
+		t.Model = m.Capabilities.PricingModel
+	}
+	switch t.Model {
+	case extension.PricingMetered:
+		return t, nil
+	case extension.PricingSelfHosted:
+		pr, err := cur.Profile(profile)
+		if err != nil {
+			return t, fmt.Errorf("%w: %w", ErrNoPrice, err)
+		}
+		if pr.Price != nil {
+			cp := *pr.Price
+			t.Price = &cp
+		}
+		return t, nil
+	}
+	return t, fmt.Errorf("%w: unknown pricing model %q", ErrNoPrice, t.Model)
+}
+
+// cost prices running for d under t.
+func (p *pricer) cost(ctx context.Context, t terms, d time.Duration) (Quote, error) {
+	secs := max(int64((d+time.Second-1)/time.Second), 0)
+	if t.Model != extension.PricingMetered {
+		q := Quote{Amount: t.Price.Cost(d), DurationSeconds: secs}
+		if t.Price == nil {
+			q.Breakdown = []string{"profile " + t.Profile + " has no price: free"}
+		} else {
+			q.Breakdown = []string{
+				fmt.Sprintf("start: %d", t.Price.Start),
+				fmt.Sprintf("%d second(s) x %d: %d", secs, t.Price.PerSecond, secs*t.Price.PerSecond),
+			}
+		}
+		return q, nil
+	}
+	body, err := json.Marshal(event.QuoteRequest{Profile: t.Profile, DurationSeconds: secs})
+	if err != nil {
+		return Quote{}, fmt.Errorf("encoding quote request: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, p.timeout)
+	defer cancel()
+	msg, err := p.nc.RequestWithContext(ctx, event.QuoteSubject(t.Extension), body)
+	if err != nil {
+		return Quote{}, fmt.Errorf("%w: asking %s for a quote: %w", ErrNoPrice, t.Extension, err)
+	}
+	var r event.QuoteReply
+	if err := json.Unmarshal(msg.Data, &r); err != nil {
+		return Quote{}, fmt.Errorf("%w: decoding quote from %s: %w", ErrNoPrice, t.Extension, err)
+	}
+	if r.Error != "" {
+		return Quote{}, fmt.Errorf("%w: %s quoted an error: %s", ErrNoPrice, t.Extension, r.Error)
+	}
+	if r.Amount < 0 {
+		return Quote{}, fmt.Errorf("%w: %s quoted a negative amount %d", ErrNoPrice, t.Extension, r.Amount)
+	}
+	return Quote{Amount: r.Amount, DurationSeconds: secs, Breakdown: r.Breakdown}, nil
+}
