@@ -178,7 +178,8 @@ func New(opts Options) (*Gateway, error) {
 // Start opens the sandboxes and idempotency buckets and the lifecycle
 // stream, and starts the watch that feeds sandbox listings. It returns once
 // the listing cache holds the bucket's contents, or when ctx ends. The
-// watch runs until [Gateway.Shutdown], whatever ctx does afterwards.
+// watch runs until [Gateway.Shutdown], whatever ctx does afterwards; after
+// an error, call Shutdown to stop what Start began. Start runs once.
 func (g *Gateway) Start(ctx context.Context) error {
 	g.mu.Lock()
 	if g.started || g.shutdown {
