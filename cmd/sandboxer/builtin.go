@@ -3,6 +3,7 @@ package main
 import (
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/extension/local"
+	"github.com/sand-boxer/sandboxer/pkg/extension/saasstub"
 )
 
 // builtinExtensions are the backends this binary links, in one place. The
@@ -11,5 +12,6 @@ import (
 func builtinExtensions() []extension.Info {
 	return []extension.Info{
 		local.Info,
+		saasstub.Info,
 	}
 }

@@ -255,6 +255,13 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 		return nil, fmt.Errorf("listening on %s: %w", cfg.HTTPAddr, err)
 	}
 	hs := &http.Server{Handler: gw.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	// Event streams end when the gateway shuts down, so the server's own
+	// shutdown does not wait on them until its deadline.
+	hs.RegisterOnShutdown(func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = gw.Shutdown(sctx)
+	})
 	go func() {
 		if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			log.Error("http server", "err", err)

@@ -73,6 +73,8 @@ func (c *Client) do(ctx context.Context, method, path string, hdr http.Header, b
 	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
 		return fmt.Errorf("decoding %s %s response: %w", method, path, err)
 	}
+	// Read to EOF so the connection goes back to the pool.
+	_, _ = io.Copy(io.Discard, resp.Body)
 	return nil
 }
 

@@ -1,0 +1,464 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"path/filepath"
+	"runtime"
+	"runtime/pprof"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"text/tabwriter"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spf13/cobra"
+
+	"github.com/sand-boxer/sandboxer/pkg/api"
+	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/extension/echo"
+)
+
+// benchConfig sizes a benchmark run.
+type benchConfig struct {
+	Sequential int           // sequential samples per latency figure
+	InFlight   int           // concurrency of the throughput figures
+	Duration   time.Duration // length of each throughput window
+	Live       int           // live sandboxes for the memory figure
+}
+
+var (
+	quickBench = benchConfig{Sequential: 1000, InFlight: 64, Duration: 4 * time.Second, Live: 10_000}
+	fullBench  = benchConfig{Sequential: 5000, InFlight: 64, Duration: 15 * time.Second, Live: 10_000}
+)
+
+// benchResult is every figure of a run; the JSON field names are the
+// issue's.
+type benchResult struct {
+	RawLoopP50us         float64 `json:"raw_loop_p50_us"`
+	RawLoopP99us         float64 `json:"raw_loop_p99_us"`
+	RawLoopsPerS         float64 `json:"raw_loops_per_s"`
+	CreateReadyP50us     float64 `json:"create_ready_p50_us"`
+	CreateReadyP99us     float64 `json:"create_ready_p99_us"`
+	LifecyclesPerS       float64 `json:"lifecycles_per_s"`
+	MeteringEventsPerS   float64 `json:"metering_events_per_s"`
+	RSSMB10k             float64 `json:"rss_mb_10k"`
+	Mode                 string  `json:"mode"`
+	GoVersion            string  `json:"go_version"`
+	CPUs                 int     `json:"cpus"`
+	SequentialSamples    int     `json:"sequential_samples"`
+	InFlight             int     `json:"in_flight"`
+	ThroughputWindowSecs float64 `json:"throughput_window_s"`
+}
+
+func newBenchCmd(g *globals) *cobra.Command {
+	var (
+		quick, asJSON bool
+		only          []string
+		cpuProfile    string
+	)
+	cmd := &cobra.Command{
+		Use:   "bench [--quick] [--json]",
+		Short: "Measure the control plane against raw JetStream on an embedded NATS with file storage",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, mode := fullBench, "full"
+			if quick {
+				cfg, mode = quickBench, "quick"
+			}
+			if cpuProfile != "" {
+				f, err := os.Create(cpuProfile)
+				if err != nil {
+					return err
+				}
+				defer f.Close()
+				if err := pprof.StartCPUProfile(f); err != nil {
+					return err
+				}
+				defer pprof.StopCPUProfile()
+			}
+			res, err := runBench(cmd.Context(), cfg, only, cmd.ErrOrStderr())
+			if err != nil {
+				return err
+			}
+			res.Mode, res.GoVersion, res.CPUs = mode, runtime.Version(), runtime.NumCPU()
+			res.SequentialSamples, res.InFlight, res.ThroughputWindowSecs = cfg.Sequential, cfg.InFlight, cfg.Duration.Seconds()
+			printBench(cmd.OutOrStdout(), res)
+			if asJSON {
+				b, _ := json.Marshal(res)
+				fmt.Fprintf(cmd.OutOrStdout(), "%s\n", b)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&quick, "quick", false, "short run (under 90 seconds)")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the figures as one JSON object on the last line")
+	cmd.Flags().StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the whole run (server and client) to this file")
+	cmd.Flags().StringSliceVar(&only, "only", nil, "run only these phases: raw, create, lifecycle, metering, memory")
+	return cmd
+}
+
+func printBench(w io.Writer, r *benchResult) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "FIGURE\tVALUE\tTARGET")
+	row := func(name string, v float64, unit, target string) {
+		fmt.Fprintf(tw, "%s\t%.1f %s\t%s\n", name, v, unit, target)
+	}
+	row("raw_loop_p50_us", r.RawLoopP50us, "us", "")
+	row("raw_loop_p99_us", r.RawLoopP99us, "us", "")
+	row("raw_loops_per_s", r.RawLoopsPerS, "/s", "")
+	row("create_ready_p50_us", r.CreateReadyP50us, "us", fmt.Sprintf("<= %.0f (2 x raw p50)", 2*r.RawLoopP50us))
+	row("create_ready_p99_us", r.CreateReadyP99us, "us", fmt.Sprintf("<= %.0f (3 x raw p99)", 3*r.RawLoopP99us))
+	row("lifecycles_per_s", r.LifecyclesPerS, "/s", ">= 2000")
+	row("metering_events_per_s", r.MeteringEventsPerS, "/s", ">= 20000")
+	row("rss_mb_10k", r.RSSMB10k, "MB", "<= 200")
+	_ = tw.Flush()
+}
+
+func runBench(ctx context.Context, cfg benchConfig, only []string, logw io.Writer) (*benchResult, error) {
+	want := func(phase string) bool { return len(only) == 0 || slices.Contains(only, phase) }
+	dir, err := os.MkdirTemp("", "sandboxer-bench-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	logf := func(format string, args ...any) { fmt.Fprintf(logw, "bench: "+format+"\n", args...) }
+	res := &benchResult{}
+
+	sys, err := startBenchSystem(ctx, dir)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		sys.Shutdown(sctx)
+	}()
+
+	if want("raw") {
+		logf("raw JetStream two-hop loop")
+		if err := benchRaw(ctx, sys, cfg, res); err != nil {
+			return nil, fmt.Errorf("raw loop: %w", err)
+		}
+	}
+	if want("create") || want("lifecycle") {
+		tok, err := os.ReadFile(keyPath(filepath.Join(dir, "system"), "dev"))
+		if err != nil {
+			return nil, err
+		}
+		w, err := newWatcher(sys.NC)
+		if err != nil {
+			return nil, err
+		}
+		defer w.close()
+		c := api.NewClient(sys.URL, strings.TrimSpace(string(tok)), &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256}})
+		if want("create") {
+			logf("create to ready, sequential")
+			if err := benchCreateReady(ctx, c, w, cfg, res); err != nil {
+				return nil, fmt.Errorf("create to ready: %w", err)
+			}
+		}
+		if want("lifecycle") {
+			logf("full lifecycles, %d in flight", cfg.InFlight)
+			if err := benchLifecycles(ctx, c, w, cfg, res); err != nil {
+				return nil, fmt.Errorf("lifecycles: %w", err)
+			}
+		}
+	}
+	return res, nil
+}
+
+const benchManifest = `name: echo
+handler: echo
+description: No-op backend for benchmarks.
+capabilities:
+  isolation_levels: [process]
+  pricing_model: self-hosted
+workers:
+  concurrency: 128
+inputs: {}
+`
+
+const benchProfile = `slug: echo
+extension: echo
+ttl:
+  default: 1h
+  max: 24h
+`
+
+// startBenchSystem runs the control plane with the echo backend on a file
+// store under dir.
+func startBenchSystem(ctx context.Context, dir string) (*system, error) {
+	ext, prof := filepath.Join(dir, "extensions"), filepath.Join(dir, "profiles")
+	for _, f := range []struct{ dir, name, body string }{
+		{ext, "ext.echo.yaml", benchManifest},
+		{prof, "profile.echo.yaml", benchProfile},
+	} {
+		if err := os.MkdirAll(f.dir, 0o755); err != nil {
+			return nil, err
+		}
+		if err := os.WriteFile(filepath.Join(f.dir, f.name), []byte(f.body), 0o644); err != nil {
+			return nil, err
+		}
+	}
+	return startSystem(ctx, systemConfig{
+		DataDir: filepath.Join(dir, "system"), HTTPAddr: "127.0.0.1:0",
+		ExtensionsDir: ext, ProfilesDir: prof, Pools: []string{"echo"},
+		Extensions: extension.NewRegistry(append(builtinExtensions(), echo.Info)...),
+		Logger:     slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+	})
+}
+
+// percentiles returns p50 and p99 of ds in microseconds.
+func percentiles(ds []time.Duration) (float64, float64) {
+	slices.Sort(ds)
+	at := func(q float64) float64 {
+		i := int(q * float64(len(ds)-1))
+		return float64(ds[i].Nanoseconds()) / 1e3
+	}
+	return at(0.50), at(0.99)
+}
+
+// benchRaw measures the floor: publish with ack to one stream, a durable
+// pull consumer receives and double-acks it and publishes a reply with ack
+// to a second stream, a second consumer receives it.
+func benchRaw(ctx context.Context, sys *system, cfg benchConfig, res *benchResult) error {
+	js := sys.JS
+	for _, s := range []string{"BENCH_IN", "BENCH_OUT"} {
+		subj := "bench." + strings.ToLower(strings.TrimPrefix(s, "BENCH_"))
+		if _, err := js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{Name: s, Subjects: []string{subj}, Storage: jetstream.FileStorage}); err != nil {
+			return err
+		}
+		defer func() { _ = js.DeleteStream(context.Background(), s) }()
+	}
+	in, err := js.CreateOrUpdateConsumer(ctx, "BENCH_IN", jetstream.ConsumerConfig{Durable: "worker", AckPolicy: jetstream.AckExplicitPolicy, MaxAckPending: 1024})
+	if err != nil {
+		return err
+	}
+	out, err := js.CreateOrUpdateConsumer(ctx, "BENCH_OUT", jetstream.ConsumerConfig{Durable: "client", AckPolicy: jetstream.AckExplicitPolicy, MaxAckPending: 1024})
+	if err != nil {
+		return err
+	}
+	wcc, err := in.Consume(func(m jetstream.Msg) {
+		_ = m.DoubleAck(ctx)
+		_, _ = js.Publish(ctx, "bench.out", m.Data())
+	}, jetstream.PullMaxMessages(256))
+	if err != nil {
+		return err
+	}
+	defer wcc.Stop()
+	var waiters sync.Map // id -> chan struct{}
+	ccc, err := out.Consume(func(m jetstream.Msg) {
+		_ = m.Ack()
+		if ch, ok := waiters.LoadAndDelete(string(m.Data())); ok {
+			close(ch.(chan struct{}))
+		}
+	}, jetstream.PullMaxMessages(256))
+	if err != nil {
+		return err
+	}
+	defer ccc.Stop()
+	var seq atomic.Int64
+	loop := func() (time.Duration, error) {
+		id := fmt.Sprint(seq.Add(1))
+		ch := make(chan struct{})
+		waiters.Store(id, ch)
+		t0 := time.Now()
+		if _, err := js.Publish(ctx, "bench.in", []byte(id)); err != nil {
+			return 0, err
+		}
+		select {
+		case <-ch:
+			return time.Since(t0), nil
+		case <-time.After(10 * time.Second):
+			return 0, errors.New("loop reply lost")
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
+	}
+	for range 100 { // warm up
+		if _, err := loop(); err != nil {
+			return err
+		}
+	}
+	ds := make([]time.Duration, 0, cfg.Sequential)
+	for range cfg.Sequential {
+		d, err := loop()
+		if err != nil {
+			return err
+		}
+		ds = append(ds, d)
+	}
+	res.RawLoopP50us, res.RawLoopP99us = percentiles(ds)
+	n, err := throughput(ctx, cfg, func() error { _, err := loop(); return err })
+	if err != nil {
+		return err
+	}
+	res.RawLoopsPerS = n
+	return nil
+}
+
+// throughput runs op from cfg.InFlight goroutines for cfg.Duration and
+// returns completed operations per second.
+func throughput(ctx context.Context, cfg benchConfig, op func() error) (float64, error) {
+	var (
+		done   atomic.Int64
+		wg     sync.WaitGroup
+		errMu  sync.Mutex
+		first  error
+		stopAt = time.Now().Add(cfg.Duration)
+	)
+	start := time.Now()
+	for range cfg.InFlight {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Now().Before(stopAt) && ctx.Err() == nil {
+				if err := op(); err != nil {
+					errMu.Lock()
+					if first == nil {
+						first = err
+					}
+					errMu.Unlock()
+					return
+				}
+				done.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if first != nil {
+		return 0, first
+	}
+	return float64(done.Load()) / time.Since(start).Seconds(), nil
+}
+
+// watcher sees lifecycle events as any client of the bus does: a core NATS
+// subscription on the lifecycle subjects, which JetStream delivers to as it
+// stores.
+type watcher struct {
+	sub     *nats.Subscription
+	mu      sync.Mutex
+	waiting map[string]chan struct{} // "<sandbox>.<state>"
+	seen    map[string]bool          // arrived before anyone waited
+}
+
+func newWatcher(nc *nats.Conn) (*watcher, error) {
+	w := &watcher{waiting: map[string]chan struct{}{}, seen: map[string]bool{}}
+	sub, err := nc.Subscribe(event.SubjectLifecycle, func(m *nats.Msg) {
+		ref, err := event.ParseLifecycleSubject(m.Subject)
+		if err != nil {
+			return
+		}
+		key := ref.Sandbox + "." + string(ref.State)
+		w.mu.Lock()
+		ch, ok := w.waiting[key]
+		if ok {
+			delete(w.waiting, key)
+		} else if ref.State == event.StateReady || ref.State == event.StateDestroyed {
+			w.seen[key] = true
+		}
+		w.mu.Unlock()
+		if ok {
+			close(ch)
+		}
+	})
+	if err != nil {
+		return nil, err
+	}
+	sub.SetPendingLimits(-1, -1)
+	w.sub = sub
+	return w, nil
+}
+
+func (w *watcher) close() { _ = w.sub.Unsubscribe() }
+
+// expect registers interest in a sandbox's state before the event can
+// arrive.
+func (w *watcher) expect(id string, s event.State) chan struct{} {
+	ch := make(chan struct{})
+	key := id + "." + string(s)
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.seen[key] {
+		delete(w.seen, key)
+		close(ch)
+		return ch
+	}
+	w.waiting[key] = ch
+	return ch
+}
+
+func await(ctx context.Context, ch chan struct{}, what string) error {
+	select {
+	case <-ch:
+		return nil
+	case <-time.After(30 * time.Second):
+		return fmt.Errorf("%s not seen within 30s", what)
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// createAndReady creates a sandbox over HTTP and waits for its ready event.
+// The id is only known from the answer, and the event may beat it: the
+// watcher keeps ready and destroyed events nobody waited for yet.
+func createAndReady(ctx context.Context, c *api.Client, w *watcher) (string, time.Duration, error) {
+	t0 := time.Now()
+	s, err := c.Create(ctx, api.CreateRequest{Profile: "echo"}, "")
+	if err != nil {
+		return "", 0, err
+	}
+	if err := await(ctx, w.expect(s.ID, event.StateReady), s.ID+" ready"); err != nil {
+		return "", 0, err
+	}
+	return s.ID, time.Since(t0), nil
+}
+
+func benchCreateReady(ctx context.Context, c *api.Client, w *watcher, cfg benchConfig, res *benchResult) error {
+	n := cfg.Sequential / 2
+	for range 50 {
+		if _, _, err := createAndReady(ctx, c, w); err != nil {
+			return err
+		}
+	}
+	ds := make([]time.Duration, 0, n)
+	for range n {
+		_, d, err := createAndReady(ctx, c, w)
+		if err != nil {
+			return err
+		}
+		ds = append(ds, d)
+	}
+	res.CreateReadyP50us, res.CreateReadyP99us = percentiles(ds)
+	return nil
+}
+
+func benchLifecycles(ctx context.Context, c *api.Client, w *watcher, cfg benchConfig, res *benchResult) error {
+	n, err := throughput(ctx, cfg, func() error {
+		id, _, err := createAndReady(ctx, c, w)
+		if err != nil {
+			return err
+		}
+		ch := w.expect(id, event.StateDestroyed)
+		if _, err := c.Destroy(ctx, id); err != nil {
+			return err
+		}
+		return await(ctx, ch, id+" destroyed")
+	})
+	if err != nil {
+		return err
+	}
+	res.LifecyclesPerS = n
+	return nil
+}
