@@ -57,7 +57,10 @@ func (p *Publisher) PublishMsg(ctx context.Context, msg *nats.Msg, opts ...jetst
 }
 
 // PublishAll publishes outs concurrently and waits for every ack, so n
-// events cost one round trip, not n. It returns the first error.
+// events cost one round trip, not n. It returns the first error. When ctx
+// has no deadline the wait is bounded by the JetStream context's default
+// timeout, as a single Publish is: an ack that never comes is an error,
+// not a hang.
 func (p *Publisher) PublishAll(ctx context.Context, outs []Out) error {
 	switch len(outs) {
 	case 0:
@@ -65,6 +68,11 @@ func (p *Publisher) PublishAll(ctx context.Context, outs []Out) error {
 	case 1:
 		_, err := p.Publish(ctx, outs[0].Subject, outs[0].Event, outs[0].Opts...)
 		return err
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, p.js.Options().DefaultTimeout)
+		defer cancel()
 	}
 	futures := make([]jetstream.PubAckFuture, 0, len(outs))
 	for _, o := range outs {
