@@ -5,6 +5,8 @@ go 1.26.0
 require (
 	github.com/nats-io/nats.go v1.55.0
 	github.com/sand-boxer/sandboxer/pkg v0.0.0
+	github.com/santhosh-tekuri/jsonschema/v6 v6.0.3
+	go.uber.org/goleak v1.3.0
 )
 
 require (
@@ -30,7 +32,9 @@ require (
 	go.opentelemetry.io/otel/trace v1.47.0 // indirect
 	golang.org/x/crypto v0.59.0 // indirect
 	golang.org/x/sys v0.50.0 // indirect
+	golang.org/x/text v0.44.0 // indirect
 	golang.org/x/time v0.16.0 // indirect
+	gopkg.in/yaml.v3 v3.0.1 // indirect
 )
 
 replace github.com/sand-boxer/sandboxer/pkg => ../../pkg

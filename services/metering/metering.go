@@ -209,6 +209,12 @@ func (m *Metering) Start(ctx context.Context) (err error) {
 	if m.svc, err = m.serve(); err != nil {
 		return err
 	}
+	// Answer from the moment Start returns: the server must know the
+	// endpoints' subscriptions.
+	if err := m.opts.NC.FlushWithContext(ctx); err != nil {
+		_ = m.svc.Stop()
+		return fmt.Errorf("starting request service: %w", err)
+	}
 
 	pullCtx, stopPull := context.WithCancel(context.Background())
 	handlerCtx, stopHandlers := context.WithCancel(context.Background())

@@ -1,0 +1,448 @@
+package metering_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/goleak"
+
+	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/catalog"
+	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/extension/saasstub"
+	"github.com/sand-boxer/sandboxer/pkg/natstest"
+	"github.com/sand-boxer/sandboxer/services/metering"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// Names of the test catalog.
+const (
+	extSelf    = "selfhost"
+	extSaaS    = "saas-stub"
+	profCheap  = "cheap"  // start 5, 1 per second
+	profPricey = "pricey" // start 0, 10 per second
+	profFree   = "free"   // no price
+	profSaaS   = "saas"
+)
+
+// testCatalog is a self-hosted extension with three profiles and the SaaS
+// stub with one.
+func testCatalog() *extension.Catalog {
+	self := &extension.Manifest{Name: extSelf, Handler: "echo", Capabilities: extension.Capabilities{
+		IsolationLevels: []extension.IsolationLevel{extension.IsolationProcess}, PricingModel: extension.PricingSelfHosted}}
+	saas := &extension.Manifest{Name: extSaaS, Handler: saasstub.Handler, Capabilities: extension.Capabilities{
+		IsolationLevels: []extension.IsolationLevel{extension.IsolationRemote}, PricingModel: extension.PricingMetered}}
+	return &extension.Catalog{
+		Extensions: map[string]*extension.Manifest{extSelf: self, extSaaS: saas},
+		Profiles: map[string]*extension.Profile{
+			profCheap:  {Slug: profCheap, Extension: extSelf, Price: &extension.Price{Start: 5, PerSecond: 1}},
+			profPricey: {Slug: profPricey, Extension: extSelf, Price: &extension.Price{PerSecond: 10}},
+			profFree:   {Slug: profFree, Extension: extSelf},
+			profSaaS:   {Slug: profSaaS, Extension: extSaaS},
+		},
+	}
+}
+
+// env is one bus with the test catalog published.
+type env struct {
+	srv    *natstest.Server
+	nc     *nats.Conn
+	js     jetstream.JetStream
+	pub    *bus.Publisher
+	client *metering.Client
+	ledger jetstream.KeyValue
+	cred   jetstream.KeyValue
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	srv := natstest.Start(t)
+	nc := srv.Conn(t)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := testCtx(t)
+	kv, err := js.KeyValue(ctx, bus.BucketCatalog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := catalog.Publish(ctx, kv, testCatalog()); err != nil {
+		t.Fatal(err)
+	}
+	e := &env{srv: srv, nc: nc, js: js, pub: bus.NewPublisher(js), client: metering.NewClient(nc)}
+	if e.ledger, err = js.KeyValue(ctx, bus.BucketLedger); err != nil {
+		t.Fatal(err)
+	}
+	if e.cred, err = js.KeyValue(ctx, bus.BucketCredits); err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+func testCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// start starts a metering instance on its own connection, shut down by
+// t.Cleanup. Zero options get test defaults: accrual every hour (no ticks
+// unless a test asks for them).
+func (e *env) start(t *testing.T, opts metering.Options) *metering.Metering {
+	t.Helper()
+	nc := e.srv.Conn(t)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts.JS = js
+	if opts.AccrualInterval == 0 {
+		opts.AccrualInterval = time.Hour
+	}
+	if len(opts.Policy.Backoff) == 0 {
+		opts.Policy.Backoff = []time.Duration{50 * time.Millisecond, 200 * time.Millisecond}
+	}
+	m, err := metering.New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Start(testCtx(t)); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := m.Shutdown(ctx); err != nil {
+			t.Errorf("shutdown: %v", err)
+		}
+	})
+	return m
+}
+
+// answerQuotes answers quote requests for the SaaS stub the way its
+// provisioner workers do, with the stub's own EstimateCost.
+func (e *env) answerQuotes(t *testing.T, stub *saasstub.SaaSStub) {
+	t.Helper()
+	sub, err := e.nc.Subscribe(event.QuoteSubject(extSaaS), func(msg *nats.Msg) {
+		var r event.QuoteRequest
+		var reply event.QuoteReply
+		if err := json.Unmarshal(msg.Data, &r); err != nil {
+			reply.Error = err.Error()
+		} else if q, err := stub.EstimateCost(context.Background(), extension.Profile{Slug: r.Profile}, time.Duration(r.DurationSeconds)*time.Second); err != nil {
+			reply.Error = err.Error()
+		} else {
+			reply.Amount, reply.Breakdown = q.Amount, q.Breakdown
+		}
+		b, _ := json.Marshal(reply)
+		_ = msg.Respond(b)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sub.Unsubscribe() })
+}
+
+// ref is the reference of sandbox sb of consumer on profile.
+func ref(consumer, sb, profile string) event.Ref {
+	ext := extSelf
+	if profile == profSaaS {
+		ext = extSaaS
+	}
+	return event.Ref{SandboxID: sb, Consumer: consumer, Profile: profile, Extension: ext}
+}
+
+// publish publishes a lifecycle event of r's sandbox at time at. With
+// redeliver, the event gets a fresh Nats-Msg-Id so the stream keeps it a
+// second time, as a redelivery past the de-duplication window would.
+func (e *env) publish(t *testing.T, r event.Ref, s event.State, at time.Time, redeliver bool) {
+	t.Helper()
+	var data any
+	switch s {
+	case event.StateReady:
+		data = event.Ready{Ref: r, Handle: event.Handle{SandboxID: r.SandboxID, Host: "localhost"}, Reachability: event.Reachability{Host: "localhost"}, ReadyAt: at}
+	case event.StateFailed:
+		data = event.Failed{Ref: r, Phase: "provision", Reason: "test"}
+	case event.StateRejected:
+		data = event.Rejected{Ref: r, Code: "test", Reason: "test"}
+	case event.StateDestroyed:
+		data = event.Destroyed{Ref: r, Reason: event.ReasonRequested}
+	default:
+		t.Fatalf("publish: state %s", s)
+	}
+	e.publishData(t, r, s, at, data, redeliver)
+}
+
+func (e *env) publishData(t *testing.T, r event.Ref, s event.State, at time.Time, data any, redeliver bool) {
+	t.Helper()
+	ev, err := event.New(event.LifecycleType(s), "/test", r.SandboxID, r.SandboxID+"."+string(s), data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev.SetTime(at)
+	msg, err := event.Encode(context.Background(), event.LifecycleSubject(r.Extension, r.SandboxID, s), ev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if redeliver {
+		msg.Header.Set(event.HeaderMsgID, event.MsgID(ev)+fmt.Sprintf("#again-%d", time.Now().UnixNano()))
+	}
+	if _, err := e.pub.PublishMsg(testCtx(t), msg); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitFor polls cond every 20ms until it holds or the deadline passes.
+func waitFor(t *testing.T, d time.Duration, what string, cond func() (bool, error)) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	var last error
+	for time.Now().Before(deadline) {
+		ok, err := cond()
+		if ok {
+			return
+		}
+		last = err
+		tk := time.NewTimer(20 * time.Millisecond)
+		<-tk.C
+	}
+	t.Fatalf("waiting for %s: not after %s (last: %v)", what, d, last)
+}
+
+// drained waits until the lifecycle consumer has handled everything.
+func (e *env) drained(t *testing.T) {
+	t.Helper()
+	waitFor(t, 20*time.Second, "lifecycle events handled", func() (bool, error) {
+		c, err := e.js.Consumer(testCtx(t), event.StreamLifecycle, metering.ConsumerLifecycle)
+		if err != nil {
+			return false, err
+		}
+		info, err := c.Info(testCtx(t))
+		if err != nil {
+			return false, err
+		}
+		return info.NumPending == 0 && info.NumAckPending == 0 && info.NumRedelivered == 0, fmt.Errorf("pending %d, ack pending %d", info.NumPending, info.NumAckPending)
+	})
+}
+
+// snapshot is an account and its ledger, read consistently.
+type snapshot struct {
+	acct    metering.Account
+	entries []metering.Entry
+}
+
+// snap reads consumer's account and ledger until the account did not
+// change while the ledger was read.
+func (e *env) snap(t *testing.T, consumer string) snapshot {
+	t.Helper()
+	ctx := testCtx(t)
+	for range 50 {
+		a1, r1 := e.account(t, consumer)
+		entries := e.entries(t, ctx, consumer)
+		_, r2 := e.account(t, consumer)
+		if r1 == r2 && len(a1.Outbox) == 0 {
+			return snapshot{acct: a1, entries: entries}
+		}
+	}
+	t.Fatalf("account %s never stood still", consumer)
+	return snapshot{}
+}
+
+func (e *env) account(t *testing.T, consumer string) (metering.Account, uint64) {
+	t.Helper()
+	en, err := e.cred.Get(testCtx(t), "account."+consumer)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return metering.Account{Consumer: consumer}, 0
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	var a metering.Account
+	if err := json.Unmarshal(en.Value(), &a); err != nil {
+		t.Fatal(err)
+	}
+	return a, en.Revision()
+}
+
+func (e *env) entries(t *testing.T, ctx context.Context, consumer string) []metering.Entry {
+	t.Helper()
+	lister, err := e.ledger.ListKeysFiltered(ctx, consumer+".>")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []metering.Entry
+	for k := range lister.Keys() {
+		en, err := e.ledger.Get(ctx, k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var x metering.Entry
+		if err := json.Unmarshal(en.Value(), &x); err != nil {
+			t.Fatal(err)
+		}
+		if x.Key != k {
+			t.Fatalf("ledger key %s holds entry %s", k, x.Key)
+		}
+		out = append(out, x)
+	}
+	return out
+}
+
+// checkInvariants checks what must hold of an account at every moment:
+// the balance and the held credit are the folds of the ledger, no cause
+// has two entries of one kind, entries are numbered without gaps, nothing
+// is below zero, and every hold is released at most once (exactly once
+// when closed).
+func checkInvariants(t *testing.T, s snapshot) {
+	t.Helper()
+	var bal, held int64
+	seqs := map[uint64]bool{}
+	releases := map[string]int{}
+	holds := map[string]int{}
+	byCause := map[string]string{}
+	for _, x := range s.entries {
+		bal += x.Amount
+		held += x.Held
+		if seqs[x.Seq] {
+			t.Fatalf("two entries with seq %d", x.Seq)
+		}
+		seqs[x.Seq] = true
+		ck := x.Cause + "/" + string(x.Kind) + "/" + x.Sandbox + x.Grant
+		if x.Kind != metering.EntryExtend && x.Kind != metering.EntryDebit && x.Kind != metering.EntryExpire {
+			if prev, dup := byCause[ck]; dup {
+				t.Fatalf("cause %s has two %s entries: %s and %s", x.Cause, x.Kind, prev, x.Key)
+			}
+			byCause[ck] = x.Key
+		}
+		switch x.Kind {
+		case metering.EntryRelease:
+			releases[x.Sandbox]++
+		case metering.EntryHold:
+			holds[x.Sandbox]++
+		}
+		if x.BalanceAfter < 0 || x.HeldAfter < 0 || x.HeldAfter > x.BalanceAfter {
+			t.Fatalf("entry %s leaves balance %d, held %d", x.Key, x.BalanceAfter, x.HeldAfter)
+		}
+	}
+	for i := uint64(1); i <= uint64(len(s.entries)); i++ {
+		if !seqs[i] {
+			t.Fatalf("ledger of %d entries lacks seq %d", len(s.entries), i)
+		}
+	}
+	a := s.acct
+	if uint64(len(s.entries)) != a.Seq {
+		t.Fatalf("account seq %d, ledger has %d entries", a.Seq, len(s.entries))
+	}
+	if bal != a.Balance || held != a.Held {
+		t.Fatalf("account balance %d held %d, ledger folds to %d and %d", a.Balance, a.Held, bal, held)
+	}
+	if a.Balance < 0 || a.Held < 0 || a.Held > a.Balance {
+		t.Fatalf("account balance %d, held %d", a.Balance, a.Held)
+	}
+	for sb, n := range releases {
+		if n != 1 {
+			t.Fatalf("sandbox %s released %d times", sb, n)
+		}
+		if _, open := a.Holds[sb]; open {
+			t.Fatalf("sandbox %s released but its hold is open", sb)
+		}
+	}
+	for sb, n := range holds {
+		if n != 1 {
+			t.Fatalf("sandbox %s held %d times", sb, n)
+		}
+		if _, open := a.Holds[sb]; !open && releases[sb] != 1 {
+			t.Fatalf("hold of %s closed without a release", sb)
+		}
+	}
+}
+
+// commands reads the destroy commands on the commands stream.
+func (e *env) destroyCommands(t *testing.T) []event.Destroy {
+	t.Helper()
+	ctx := testCtx(t)
+	s, err := e.js.Stream(ctx, event.StreamCommands)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := s.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []event.Destroy
+	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
+		raw, err := s.GetMsg(ctx, seq)
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(raw.Subject, ".destroy.") {
+			continue
+		}
+		_, ev, err := event.Decode(ctx, raw.Header, raw.Data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var d event.Destroy
+		if err := event.DataAs(ev, &d); err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, d)
+	}
+	return out
+}
+
+// meteringEvents reads every event of the metering stream.
+func (e *env) meteringEvents(t *testing.T) []*event.Event {
+	t.Helper()
+	ctx := testCtx(t)
+	c, err := e.js.OrderedConsumer(ctx, event.StreamMetering, jetstream.OrderedConsumerConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := e.js.Stream(ctx, event.StreamMetering)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := s.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []*event.Event
+	for uint64(len(out)) < info.State.Msgs {
+		msg, err := c.Next(jetstream.FetchMaxWait(5 * time.Second))
+		if err != nil {
+			t.Fatalf("reading metering stream: %v", err)
+		}
+		_, ev, err := event.Decode(ctx, msg.Headers(), msg.Data())
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, ev)
+	}
+	return out
+}
+
+// collector gathers values from goroutines.
+type collector[T any] struct {
+	mu  sync.Mutex
+	out []T
+}
+
+func (c *collector[T]) add(v T) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.out = append(c.out, v)
+}
