@@ -18,17 +18,25 @@ func (d Duration) D() time.Duration { return time.Duration(d) }
 // String formats d like time.Duration.
 func (d Duration) String() string { return time.Duration(d).String() }
 
-// UnmarshalYAML reads a duration string.
+// UnmarshalYAML reads a duration string. Its errors are *yaml.TypeError,
+// which the decoder collects and goes on: one bad duration does not hide
+// the problems after it.
 func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
 	if n.Kind != yaml.ScalarNode {
-		return fmt.Errorf("line %d: want a duration such as 30s or 1h", n.Line)
+		return nodeError(n, "want a duration such as 30s or 1h")
 	}
 	v, err := time.ParseDuration(n.Value)
 	if err != nil {
-		return fmt.Errorf("line %d: invalid duration %q: want a value such as 30s or 1h", n.Line, n.Value)
+		return nodeError(n, "invalid duration %q: want a value such as 30s or 1h", n.Value)
 	}
 	*d = Duration(v)
 	return nil
+}
+
+// nodeError is a decoding error at n, as a *yaml.TypeError so that the
+// decoder records it and carries on with the rest of the document.
+func nodeError(n *yaml.Node, format string, args ...any) error {
+	return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d, column %d: ", n.Line, n.Column) + fmt.Sprintf(format, args...)}}
 }
 
 // MarshalYAML writes a duration string.

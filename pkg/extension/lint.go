@@ -89,13 +89,66 @@ func decodeStrict(file string, data []byte, v any) (*yaml.Node, Problems) {
 		var te *yaml.TypeError
 		if ok := asTypeError(err, &te); ok {
 			for _, msg := range te.Errors {
-				ps = append(ps, lineProblem(file, msg))
+				ps = append(ps, placeProblem(root, "", lineProblem(file, msg)))
 			}
 		} else {
 			ps = append(ps, yamlErrorProblem(file, err))
 		}
 	}
 	return root, ps
+}
+
+var snippetRE = regexp.MustCompile("`([^`]*)`")
+
+// placeProblem completes a problem the YAML decoder reported without a
+// path, and possibly with a line only ("cannot unmarshal !!str `many` into
+// int"), with the path and column of the value it is about: the node at
+// that line and column, or on that line whose value matches the message's
+// quoted snippet, or whose kind matches for a sequence or mapping.
+func placeProblem(root *yaml.Node, prefix string, p Problem) Problem {
+	if p.Line == 0 || p.Path != "" {
+		return p
+	}
+	snippet, hasSnippet := "", false
+	if m := snippetRE.FindStringSubmatch(p.Message); m != nil {
+		snippet, hasSnippet = strings.TrimSuffix(m[1], "..."), true
+	}
+	kind := yaml.ScalarNode
+	switch {
+	case strings.Contains(p.Message, "!!seq"):
+		kind = yaml.SequenceNode
+	case strings.Contains(p.Message, "!!map"):
+		kind = yaml.MappingNode
+	}
+	var found *yaml.Node
+	var foundPath string
+	var walk func(n *yaml.Node, path string)
+	walk = func(n *yaml.Node, path string) {
+		if found != nil || n == nil {
+			return
+		}
+		atColumn := p.Column > 0 && n.Column == p.Column
+		byContent := p.Column == 0 && n.Kind == kind && (!hasSnippet || strings.HasPrefix(n.Value, snippet))
+		if n.Line == p.Line && (atColumn || byContent) && path != prefix {
+			found, foundPath = n, path
+			return
+		}
+		switch n.Kind {
+		case yaml.MappingNode:
+			for i := 0; i+1 < len(n.Content); i += 2 {
+				walk(n.Content[i+1], joinPath(path, n.Content[i].Value))
+			}
+		case yaml.SequenceNode:
+			for i, item := range n.Content {
+				walk(item, fmt.Sprintf("%s[%d]", path, i))
+			}
+		}
+	}
+	walk(root, prefix)
+	if found != nil {
+		p.Column, p.Path = found.Column, foundPath
+	}
+	return p
 }
 
 func asTypeError(err error, te **yaml.TypeError) bool {
@@ -307,7 +360,7 @@ type Config struct {
 // UnmarshalYAML keeps the node.
 func (c *Config) UnmarshalYAML(n *yaml.Node) error {
 	if n.Kind != yaml.MappingNode {
-		return fmt.Errorf("line %d: config must be a mapping", n.Line)
+		return nodeError(n, "config must be a mapping")
 	}
 	var raw map[string]any
 	if err := n.Decode(&raw); err != nil {
@@ -344,7 +397,7 @@ func (c Config) Decode(v any) error {
 			var te *yaml.TypeError
 			if asTypeError(err, &te) {
 				for _, m := range te.Errors {
-					ps = append(ps, lineProblem(c.file, m))
+					ps = append(ps, placeProblem(c.node, "config", lineProblem(c.file, m)))
 				}
 			} else {
 				ps = append(ps, Problem{File: c.file, Message: err.Error()})

@@ -182,14 +182,21 @@ type Price struct {
 // word.
 func (p *Price) UnmarshalYAML(n *yaml.Node) error {
 	if n.Kind == yaml.MappingNode {
+		// Every problem, as a *yaml.TypeError the decoder collects before
+		// going on with the rest of the document.
+		var errs []string
 		for i := 0; i+1 < len(n.Content); i += 2 {
 			if k := n.Content[i]; k.Value != "start" && k.Value != "per_second" {
-				return fmt.Errorf("line %d, column %d: price: unknown field %q (known: per_second, start)", k.Line, k.Column, k.Value)
+				errs = append(errs, fmt.Sprintf("line %d, column %d: price: unknown field %q (known: per_second, start)", k.Line, k.Column, k.Value))
+				continue
 			}
 			if v := n.Content[i+1]; v.Kind != yaml.ScalarNode || v.ShortTag() != "!!int" {
-				return fmt.Errorf("line %d, column %d: price.%s must be an integer number of credit minor units, not %q",
-					v.Line, v.Column, n.Content[i].Value, v.Value)
+				errs = append(errs, fmt.Sprintf("line %d, column %d: price.%s must be an integer number of credit minor units, not %q",
+					v.Line, v.Column, n.Content[i].Value, v.Value))
 			}
+		}
+		if len(errs) > 0 {
+			return &yaml.TypeError{Errors: errs}
 		}
 	}
 	type plain Price
