@@ -61,11 +61,19 @@ func allTypes() []event.Type {
 	return out
 }
 
+// eventFamilies are the type prefixes package event owns. Services own
+// others (dev.sandboxer.credits.* is metering's) and test their schemas.
+var eventFamilies = []string{"dev.sandboxer.command.", "dev.sandboxer.sandbox.", "dev.sandboxer.timer."}
+
 func TestEverySchemaHasAType(t *testing.T) {
 	t.Parallel()
-	files, err := filepath.Glob(filepath.Join(schemaDir, "dev.sandboxer.*.json"))
-	if err != nil {
-		t.Fatal(err)
+	var files []string
+	for _, fam := range eventFamilies {
+		f, err := filepath.Glob(filepath.Join(schemaDir, fam+"*.json"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		files = append(files, f...)
 	}
 	types := allTypes()
 	for _, f := range files {
