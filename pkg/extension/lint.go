@@ -230,6 +230,13 @@ func checkKnown(file string, node *yaml.Node, t reflect.Type, path string, ps *P
 		for i, item := range node.Content {
 			checkKnown(file, item, t.Elem(), fmt.Sprintf("%s[%d]", path, i), ps)
 		}
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		// The decoder truncates a float into an integer without a word.
+		if node.Kind == yaml.ScalarNode && node.ShortTag() == "!!float" {
+			*ps = append(*ps, Problem{File: file, Line: node.Line, Column: node.Column, Path: path,
+				Message: fmt.Sprintf("want an integer, got %s", node.Value)})
+		}
 	}
 }
 
