@@ -69,6 +69,20 @@ func CheckRel(p string) error {
 	return nil
 }
 
+// RepoScheme returns the kind of a repository reference that passed
+// extension.CheckFormat(FormatRepo): its URL scheme, "file" for an
+// absolute path, "ssh" for scp-like user@host:path. Backends check it
+// against their allow-list.
+func RepoScheme(repo string) string {
+	if strings.HasPrefix(repo, "/") {
+		return "file"
+	}
+	if i := strings.Index(repo, "://"); i > 0 {
+		return repo[:i]
+	}
+	return "ssh"
+}
+
 // Dir returns the workspace directory of a sandbox: base/id.
 func Dir(base, id string) string { return path.Join(base, id) }
 

@@ -236,3 +236,21 @@ func TestCheckIDMatchesEventNames(t *testing.T) {
 		}
 	}
 }
+
+func TestRepoScheme(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct{ repo, want string }{
+		{"https://example.com/r.git", "https"},
+		{"ssh://git@example.com/r.git", "ssh"},
+		{"git@example.com:r.git", "ssh"},
+		{"/srv/r.git", "file"},
+		{"file:///srv/r.git", "file"},
+	} {
+		t.Run(tc.repo, func(t *testing.T) {
+			t.Parallel()
+			if got := workspace.RepoScheme(tc.repo); got != tc.want {
+				t.Errorf("RepoScheme(%q) = %q, want %q", tc.repo, got, tc.want)
+			}
+		})
+	}
+}

@@ -1,0 +1,262 @@
+package composessh_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/extension/composessh"
+	"github.com/sand-boxer/sandboxer/pkg/extension/local"
+	"github.com/sand-boxer/sandboxer/pkg/extension/vmpacker"
+)
+
+type injection struct {
+	name  string
+	in    extension.Inputs
+	host  string
+	field string
+}
+
+// injections are requests that must be refused before anything runs:
+// shell and option injection in every input that reaches a command.
+func injections(repo string) []injection {
+	in := func(kv ...string) extension.Inputs {
+		m := extension.Inputs{extension.InputSandboxID: "inj-1", composessh.InputRepo: "file://" + repo}
+		for i := 0; i+1 < len(kv); i += 2 {
+			m[kv[i]] = kv[i+1]
+		}
+		return m
+	}
+	return []injection{
+		{"repo option", in("repo", "--upload-pack=touch /tmp/pwned"), "local", "inputs.repo"},
+		{"repo option no space", in("repo", "-uhttps://example.com/x"), "local", "inputs.repo"},
+		{"repo ext transport", in("repo", "ext::sh%20-c%20touch%20/tmp/pwned"), "local", "inputs.repo"},
+		{"repo command substitution", in("repo", "https://example.com/$(touch /tmp/pwned)"), "local", "inputs.repo"},
+		{"repo backticks", in("repo", "https://example.com/`id`"), "local", "inputs.repo"},
+		{"repo semicolon", in("repo", "https://example.com/x;id"), "local", "inputs.repo"},
+		{"repo newline", in("repo", "https://example.com/x\nid"), "local", "inputs.repo"},
+		{"repo scheme", in("repo", "gopher://example.com/x"), "local", "inputs.repo"},
+		{"compose_file escapes", in("compose_file", "../../etc/passwd"), "local", "inputs.compose_file"},
+		{"compose_file absolute", in("compose_file", "/etc/passwd"), "local", "inputs.compose_file"},
+		{"compose_file option", in("compose_file", "--help"), "local", "inputs.compose_file"},
+		{"compose_file space", in("compose_file", "a b.yml"), "local", "inputs.compose_file"},
+		{"env substitution", in("env", "A=$(id)"), "local", "inputs.env"},
+		{"env semicolon", in("env", "A=1;touch /tmp/pwned"), "local", "inputs.env"},
+		{"env newline", in("env", "A=1\nB=2"), "local", "inputs.env"},
+		{"env quote", in("env", "A='x'"), "local", "inputs.env"},
+		{"env name", in("env", "A B=1"), "local", "inputs.env"},
+		{"sandbox id traversal", in("sandbox_id", "../../etc"), "local", "inputs.sandbox_id"},
+		{"sandbox id glob", in("sandbox_id", "*"), "local", "inputs.sandbox_id"},
+		{"missing repo", extension.Inputs{extension.InputSandboxID: "inj-2"}, "local", "inputs.repo"},
+		{"unknown input", in("command", "id"), "local", "unknown input"},
+		{"unknown host", in(), "elsewhere", "host"},
+	}
+}
+
+// unreachable returns a backend whose one host is a port nothing listens
+// on: an input that got as far as SSH would fail with a connection error,
+// not a field error.
+func unreachable(t *testing.T) *composessh.ComposeSSH {
+	t.Helper()
+	m, ps := extension.ParseManifest("ext.compose-ssh.yaml", []byte(`name: compose-ssh
+handler: compose-ssh
+capabilities: {isolation_levels: [container], pricing_model: self-hosted}
+hosts: [local]
+inputs:
+  repo: {type: string, required: true, format: repo}
+  compose_file: {type: string, format: path}
+  env: {type: string, format: env}
+config:
+  hosts:
+    local:
+      ssh: nobody@127.0.0.1:1
+      known_hosts: /nonexistent/known_hosts
+      identity: /nonexistent/id
+      base_dir: /nonexistent/sandboxes
+`))
+	if len(ps) > 0 {
+		t.Fatal(ps)
+	}
+	ext, err := extension.NewRegistry(composessh.Info).Open(context.Background(), m, extension.Env{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = extension.Close(ext) })
+	return ext.(*composessh.ComposeSSH)
+}
+
+func TestInjectionRefusedBeforeSSH(t *testing.T) {
+	t.Parallel()
+	c := unreachable(t)
+	for _, tc := range injections("/srv/repo") {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			_, err := c.Provision(context.Background(), extension.Profile{}, tc.in, tc.host)
+			var fe extension.FieldErrors
+			if !errors.As(err, &fe) || !strings.Contains(err.Error(), tc.field) {
+				t.Fatalf("Provision = %v, want a field error on %s", err, tc.field)
+			}
+		})
+	}
+}
+
+func TestBadHandleRefusedBeforeSSH(t *testing.T) {
+	t.Parallel()
+	c := unreachable(t)
+	for _, tc := range []struct {
+		name string
+		h    extension.Handle
+	}{
+		{"traversal id", extension.Handle{SandboxID: "../etc", Host: "local"}},
+		{"unknown host", extension.Handle{SandboxID: "ok", Host: "other"}},
+		{"compose file escapes", extension.Handle{SandboxID: "ok", Host: "local", Data: map[string]string{"compose_file": "../x"}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			var fe extension.FieldErrors
+			if _, err := c.Teardown(context.Background(), tc.h); !errors.As(err, &fe) {
+				t.Errorf("Teardown = %v, want a field error", err)
+			}
+			if _, err := c.WaitReady(context.Background(), tc.h); !errors.As(err, &fe) {
+				t.Errorf("WaitReady = %v, want a field error", err)
+			}
+		})
+	}
+}
+
+func TestRepoSchemesConfig(t *testing.T) {
+	t.Parallel()
+	m, ps := extension.ParseManifest("", []byte(`name: compose-ssh
+handler: compose-ssh
+capabilities: {isolation_levels: [container], pricing_model: self-hosted}
+hosts: [h]
+inputs:
+  repo: {type: string, required: true, format: repo}
+config:
+  repo_schemes: [https]
+  hosts:
+    h: {ssh: u@127.0.0.1:1, known_hosts: /k, identity: /i, base_dir: /b}
+`))
+	if len(ps) > 0 {
+		t.Fatal(ps)
+	}
+	ext, err := extension.NewRegistry(composessh.Info).Open(context.Background(), m, extension.Env{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer extension.Close(ext)
+	_, err = ext.Provision(context.Background(), extension.Profile{}, extension.Inputs{"sandbox_id": "s", "repo": "file:///etc/repo"}, "h")
+	if err == nil || !strings.Contains(err.Error(), `repository kind "file" not allowed`) {
+		t.Fatalf("Provision with a file repo where only https is allowed = %v", err)
+	}
+}
+
+func TestCheckManifest(t *testing.T) {
+	t.Parallel()
+	const head = `name: compose-ssh
+handler: compose-ssh
+capabilities: {isolation_levels: [container], pricing_model: self-hosted}
+`
+	for _, tc := range []struct {
+		name, yaml string
+		want       []string // substrings of problems, all must appear
+	}{
+		{"unknown config key", head + `hosts: [h]
+inputs: {repo: {type: string, required: true, format: repo}}
+config:
+  hosts:
+    h: {ssh: u@h:22, known_hosts: /k, identity: /i, base_dir: /b, password: x}
+`, []string{`unknown field "password"`}},
+		{"every problem at once", head + `hosts: [h, other]
+inputs:
+  repo: {type: string, format: word}
+  command: {type: string}
+config:
+  compose: podman
+  project_prefix: "-x"
+  repo_schemes: [ftp]
+  hosts:
+    h: {ssh: "u@h;id", known_hosts: relative, base_dir: /}
+`, []string{"config.compose", "config.project_prefix", "config.repo_schemes", "config.hosts.h.ssh", "config.hosts.h.known_hosts",
+			"config.hosts.h: set identity", "config.hosts.h.base_dir", `host "other" has no entry`, "needs a required repo input",
+			"format: repo", `does not read input "command"`}},
+		{"no hosts", head + `inputs: {repo: {type: string, required: true, format: repo}}
+config: {}
+`, []string{"config.hosts: required"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			m, ps := extension.ParseManifest("", []byte(tc.yaml))
+			if m == nil {
+				t.Fatal(ps)
+			}
+			got := (&extension.Catalog{Extensions: map[string]*extension.Manifest{m.Name: m}}).Check(extension.NewRegistry(composessh.Info))
+			all := got.Error()
+			for _, w := range tc.want {
+				if !strings.Contains(all, w) {
+					t.Errorf("problems lack %q:\n%s", w, all)
+				}
+			}
+		})
+	}
+}
+
+// TestShippedCatalog loads the shipped ext.local, ext.compose-ssh and
+// ext.vm-packer manifests and their profiles together, with their
+// backends linked, as `sandboxer up` does. (The files are copied to a
+// directory of their own, so that other extensions shipped alongside,
+// whose backends this test does not link, do not count.)
+func TestShippedCatalog(t *testing.T) {
+	t.Parallel()
+	extDir, profDir := t.TempDir(), t.TempDir()
+	for _, f := range []struct{ dir, name string }{
+		{extDir, "ext.local.yaml"}, {extDir, "ext.compose-ssh.yaml"}, {extDir, "ext.vm-packer.yaml"},
+		{profDir, "profile.local.yaml"}, {profDir, "profile.compose.yaml"}, {profDir, "profile.vm.yaml"},
+	} {
+		src := "../../../extensions/" + f.name
+		if f.dir == profDir {
+			src = "../../../profiles/" + f.name
+		}
+		b, err := os.ReadFile(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(f.dir, f.name), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	reg := extension.NewRegistry(local.Info, composessh.Info, vmpacker.Info)
+	cat, ps := extension.LoadCatalog(extDir, profDir, reg)
+	if len(ps) > 0 {
+		t.Fatalf("shipped catalog:\n%v", ps)
+	}
+	for _, want := range []struct{ ext, profile string }{{"local", "local"}, {"compose-ssh", "compose"}, {"vm-packer", "vm"}} {
+		if _, err := cat.Extension(want.ext); err != nil {
+			t.Error(err)
+		}
+		p, err := cat.Profile(want.profile)
+		if err != nil {
+			t.Error(err)
+			continue
+		}
+		if p.Extension != want.ext {
+			t.Errorf("profile %s binds %s, want %s", want.profile, p.Extension, want.ext)
+		}
+	}
+	for _, name := range []string{"compose-ssh", "vm-packer"} {
+		m, err := cat.Extension(name)
+		if err != nil {
+			continue
+		}
+		ext, err := reg.Open(context.Background(), m, extension.Env{})
+		if err != nil {
+			t.Errorf("the shipped %s manifest does not configure: %v", name, err)
+			continue
+		}
+		_ = extension.Close(ext)
+	}
+}

@@ -1,0 +1,185 @@
+package composessh
+
+import (
+	"fmt"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"sort"
+	"time"
+
+	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/sshx"
+	"github.com/sand-boxer/sandboxer/pkg/sshx/workspace"
+)
+
+// Config is the manifest's config block.
+type Config struct {
+	// Hosts maps every name of the manifest's hosts list to how to reach
+	// it. Required.
+	Hosts map[string]HostConfig `yaml:"hosts" json:"hosts"`
+	// Compose picks the compose command: "auto" (the default: `docker
+	// compose` when the host has the plugin, else `docker-compose`),
+	// "plugin" or "standalone".
+	Compose string `yaml:"compose,omitempty" json:"compose,omitempty"`
+	// Docker is the docker CLI on the hosts. Default "docker".
+	Docker string `yaml:"docker,omitempty" json:"docker,omitempty"`
+	// DockerCompose is the standalone compose CLI. Default "docker-compose".
+	DockerCompose string `yaml:"docker_compose,omitempty" json:"docker_compose,omitempty"`
+	// ProjectPrefix is put before the sandbox id to name its compose
+	// project. Default "sbx-".
+	ProjectPrefix string `yaml:"project_prefix,omitempty" json:"project_prefix,omitempty"`
+	// RepoSchemes are the repository kinds the repo input may use, among
+	// https, http, ssh, git and file (file covers absolute paths on the
+	// host; ssh covers scp-like user@host:path). Default: https, ssh, git,
+	// file.
+	RepoSchemes []string `yaml:"repo_schemes,omitempty" json:"repo_schemes,omitempty"`
+	// StopTimeout is how long compose down lets containers stop. Default 10s.
+	StopTimeout extension.Duration `yaml:"stop_timeout,omitempty" json:"stop_timeout,omitempty"`
+	// PollInterval is how often WaitReady looks at the stack. Default 1s.
+	PollInterval extension.Duration `yaml:"poll_interval,omitempty" json:"poll_interval,omitempty"`
+	// ConnectTimeout bounds each SSH connection attempt. Default 15s.
+	ConnectTimeout extension.Duration `yaml:"connect_timeout,omitempty" json:"connect_timeout,omitempty"`
+}
+
+// HostConfig says how to reach one compose host.
+type HostConfig struct {
+	// SSH is the target, user@host[:port]. Required.
+	SSH string `yaml:"ssh" json:"ssh"`
+	// KnownHosts is an OpenSSH known_hosts file holding the host's key.
+	// Required: an unknown or changed key is refused.
+	KnownHosts string `yaml:"known_hosts" json:"known_hosts"`
+	// Identity is an unencrypted private key file.
+	Identity string `yaml:"identity,omitempty" json:"identity,omitempty"`
+	// Agent authenticates with the ssh-agent at $SSH_AUTH_SOCK. Identity
+	// or Agent is required.
+	Agent bool `yaml:"agent,omitempty" json:"agent,omitempty"`
+	// BaseDir is the absolute directory on the host holding one
+	// directory per sandbox. Required.
+	BaseDir string `yaml:"base_dir" json:"base_dir"`
+}
+
+// Compose command choices.
+const (
+	ComposeAuto       = "auto"
+	ComposePlugin     = "plugin"
+	ComposeStandalone = "standalone"
+)
+
+// DefaultRepoSchemes are the repo kinds allowed when the config names none.
+var DefaultRepoSchemes = []string{"https", "ssh", "git", "file"}
+
+var (
+	prefixRE  = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,31}$`)
+	programRE = regexp.MustCompile(`^[A-Za-z0-9_./-]+$`)
+)
+
+// host is one resolved host.
+type host struct {
+	name string
+	ssh  sshx.Config
+	base string
+}
+
+// settings is a checked config with defaults applied.
+type settings struct {
+	hosts         map[string]host
+	compose       string
+	docker        string
+	dockerCompose string
+	prefix        string
+	schemes       []string
+	stopTimeout   time.Duration
+	poll          time.Duration
+}
+
+// check validates cfg and returns it resolved, or every problem.
+func (cfg Config) check() (settings, []extension.Problem) {
+	var ps []extension.Problem
+	bad := func(path, format string, args ...any) {
+		ps = append(ps, extension.Problem{Path: "config." + path, Message: fmt.Sprintf(format, args...)})
+	}
+	s := settings{
+		hosts:         map[string]host{},
+		compose:       orDefault(cfg.Compose, ComposeAuto),
+		docker:        orDefault(cfg.Docker, "docker"),
+		dockerCompose: orDefault(cfg.DockerCompose, "docker-compose"),
+		prefix:        orDefault(cfg.ProjectPrefix, "sbx-"),
+		schemes:       cfg.RepoSchemes,
+		stopTimeout:   cfg.StopTimeout.D(),
+		poll:          cfg.PollInterval.D(),
+	}
+	if len(s.schemes) == 0 {
+		s.schemes = DefaultRepoSchemes
+	}
+	if s.stopTimeout <= 0 {
+		s.stopTimeout = 10 * time.Second
+	}
+	if s.poll <= 0 {
+		s.poll = time.Second
+	}
+	if !slices.Contains([]string{ComposeAuto, ComposePlugin, ComposeStandalone}, s.compose) {
+		bad("compose", "want auto, plugin or standalone, got %q", s.compose)
+	}
+	if !programRE.MatchString(s.docker) || s.docker[0] == '-' {
+		bad("docker", "want a program name or path, got %q", s.docker)
+	}
+	if !programRE.MatchString(s.dockerCompose) || s.dockerCompose[0] == '-' {
+		bad("docker_compose", "want a program name or path, got %q", s.dockerCompose)
+	}
+	if !prefixRE.MatchString(s.prefix) {
+		bad("project_prefix", "want 1-32 of [a-z0-9_-] starting with a letter or digit, got %q", s.prefix)
+	}
+	for _, sc := range s.schemes {
+		if !slices.Contains(extension.RepoSchemes, sc) {
+			bad("repo_schemes", "unknown scheme %q (known: %v)", sc, extension.RepoSchemes)
+		}
+	}
+	if len(cfg.Hosts) == 0 {
+		bad("hosts", "required: one entry per host of the manifest")
+	}
+	names := make([]string, 0, len(cfg.Hosts))
+	for n := range cfg.Hosts {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		hc := cfg.Hosts[name]
+		path := "hosts." + name
+		t, err := sshx.ParseTarget(hc.SSH, "")
+		if err != nil {
+			bad(path+".ssh", "%v", err)
+		}
+		if hc.KnownHosts == "" || !filepath.IsAbs(hc.KnownHosts) {
+			bad(path+".known_hosts", "required: the absolute path of a known_hosts file holding the host's key")
+		}
+		if hc.Identity != "" && !filepath.IsAbs(hc.Identity) {
+			bad(path+".identity", "want an absolute path")
+		}
+		if hc.Identity == "" && !hc.Agent {
+			bad(path, "set identity (a private key file) or agent: true")
+		}
+		if err := workspace.CheckBase(hc.BaseDir); err != nil {
+			bad(path+".base_dir", "%v", err)
+		}
+		s.hosts[name] = host{
+			name: name,
+			base: hc.BaseDir,
+			ssh: sshx.Config{
+				Target:         t,
+				KnownHostsFile: hc.KnownHosts,
+				IdentityFile:   hc.Identity,
+				Agent:          hc.Agent,
+				ConnectTimeout: cfg.ConnectTimeout.D(),
+			},
+		}
+	}
+	return s, ps
+}
+
+func orDefault(v, def string) string {
+	if v == "" {
+		return def
+	}
+	return v
+}
