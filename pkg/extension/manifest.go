@@ -144,8 +144,17 @@ func orDefault(d, def time.Duration) time.Duration {
 type Profile struct {
 	Slug        string `yaml:"slug" json:"slug"`
 	Description string `yaml:"description,omitempty" json:"description,omitempty"`
-	// Extension binds the profile to one extension.
-	Extension string `yaml:"extension" json:"extension"`
+	// Extension binds the profile to one extension. A profile names either
+	// Extension or Candidates.
+	Extension string `yaml:"extension,omitempty" json:"extension,omitempty"`
+	// Candidates route the profile over several extensions, in order of
+	// preference: a sandbox goes to the first candidate that has room
+	// (its manifest's capacity) and is not failing, and falls over to the
+	// next otherwise. See [Profile.ExtensionNames].
+	Candidates []Candidate `yaml:"candidates,omitempty" json:"candidates,omitempty"`
+	// Placement is how a host is picked among the chosen extension's
+	// hosts. Default [PlacementLeastLoaded].
+	Placement Placement `yaml:"placement,omitempty" json:"placement,omitempty"`
 	// Isolation is the level the profile needs; the extension must offer it.
 	Isolation IsolationLevel `yaml:"isolation,omitempty" json:"isolation,omitempty"`
 	TTL       TTLPolicy      `yaml:"ttl,omitempty" json:"ttl,omitzero"`
@@ -164,6 +173,47 @@ type Profile struct {
 	File string `yaml:"-" json:"file,omitempty"`
 	// root is the parsed document, to position problems found later.
 	root *yaml.Node
+}
+
+// Candidate is one extension a routed profile may place sandboxes on.
+type Candidate struct {
+	// Extension names the candidate's manifest.
+	Extension string `yaml:"extension" json:"extension"`
+}
+
+// Placement is how a sandbox's host is picked among an extension's hosts.
+type Placement string
+
+// Known placements.
+const (
+	// PlacementLeastLoaded picks the host with the fewest live sandboxes
+	// that has room under the manifest's capacity.per_host.
+	PlacementLeastLoaded Placement = "least-loaded"
+)
+
+// Placements lists the known placements.
+var Placements = []Placement{PlacementLeastLoaded}
+
+// ExtensionNames returns the extensions a profile may place sandboxes on,
+// in order of preference: its one Extension, or its Candidates.
+func (p *Profile) ExtensionNames() []string {
+	if len(p.Candidates) == 0 {
+		if p.Extension == "" {
+			return nil
+		}
+		return []string{p.Extension}
+	}
+	out := make([]string, len(p.Candidates))
+	for i, c := range p.Candidates {
+		out[i] = c.Extension
+	}
+	return out
+}
+
+// Binds reports whether a sandbox of the profile may run on extension
+// name.
+func (p *Profile) Binds(name string) bool {
+	return name != "" && slices.Contains(p.ExtensionNames(), name)
 }
 
 // Price is the price list of a self-hosted profile, in credit minor units
@@ -238,7 +288,7 @@ func (p *Price) check(l locator) Problems {
 }
 
 // ParseManifest decodes and checks one manifest, reporting every problem.
-// The file name, when given, must be ext.<name>.yaml.
+// The file name, when given, must be ext.<name>.yaml (or .yml).
 func ParseManifest(file string, data []byte) (*Manifest, Problems) {
 	var m Manifest
 	root, ps := decodeStrict(file, data, &m)
@@ -285,7 +335,7 @@ func (m *Manifest) check(l locator) Problems {
 	} else if err := event.CheckName("extension name", m.Name); err != nil {
 		ps = append(ps, l.at("name", "%v", err))
 	} else if l.file != "" {
-		if want := "ext." + m.Name + ".yaml"; filepath.Base(l.file) != want {
+		if want := "ext." + m.Name + ".yaml"; trimExt(filepath.Base(l.file)) != trimExt(want) {
 			ps = append(ps, l.at("name", "extension %q must be declared in %s, not %s", m.Name, want, filepath.Base(l.file)))
 		}
 	}
@@ -338,12 +388,31 @@ func (p *Profile) check(l locator) Problems {
 	} else if err := event.CheckName("profile slug", p.Slug); err != nil {
 		ps = append(ps, l.at("slug", "%v", err))
 	} else if l.file != "" {
-		if want := "profile." + p.Slug + ".yaml"; filepath.Base(l.file) != want {
+		if want := "profile." + p.Slug + ".yaml"; trimExt(filepath.Base(l.file)) != trimExt(want) {
 			ps = append(ps, l.at("slug", "profile %q must be declared in %s, not %s", p.Slug, want, filepath.Base(l.file)))
 		}
 	}
-	if p.Extension == "" {
-		ps = append(ps, l.at("extension", "required: the extension this profile binds"))
+	switch {
+	case p.Extension == "" && len(p.Candidates) == 0:
+		ps = append(ps, l.at("extension", "required: the extension this profile binds (or candidates to route over)"))
+	case p.Extension != "" && len(p.Candidates) > 0:
+		ps = append(ps, l.at("candidates", "give extension or candidates, not both"))
+	}
+	seen := map[string]bool{}
+	for i, c := range p.Candidates {
+		path := fmt.Sprintf("candidates[%d].extension", i)
+		switch {
+		case c.Extension == "":
+			ps = append(ps, l.at(path, "required"))
+		case event.CheckName("extension name", c.Extension) != nil:
+			ps = append(ps, l.at(path, "%v", event.CheckName("extension name", c.Extension)))
+		case seen[c.Extension]:
+			ps = append(ps, l.at(path, "extension %q is already a candidate", c.Extension))
+		}
+		seen[c.Extension] = true
+	}
+	if p.Placement != "" && !slices.Contains(Placements, p.Placement) {
+		ps = append(ps, l.at("placement", "unknown placement %q (known: %v)", p.Placement, Placements))
 	}
 	if p.Isolation != "" && !slices.Contains(IsolationLevels, p.Isolation) {
 		ps = append(ps, l.at("isolation", "unknown isolation level %q (known: %v)", p.Isolation, IsolationLevels))
