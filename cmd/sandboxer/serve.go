@@ -76,7 +76,13 @@ func serveGateway() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				gw, err := gateway.New(gateway.Options{JS: d.js, Catalog: cat, Keys: apikey.NewStore(mustKV(ctx, d.js, bus.BucketAPIKeys)), Logger: d.log})
+				// Admission and the credits API ask the metering service,
+				// which must be running on the same cluster.
+				mc := metering.NewClient(d.nc)
+				gw, err := gateway.New(gateway.Options{
+					JS: d.js, Catalog: cat, Keys: apikey.NewStore(mustKV(ctx, d.js, bus.BucketAPIKeys)),
+					Admitter: meteringAdmitter{mc}, Credits: meteringCredits{mc}, Logger: d.log,
+				})
 				if err != nil {
 					return err
 				}

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -19,6 +20,7 @@ import (
 	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/telemetry"
 	"github.com/sand-boxer/sandboxer/pkg/api"
 	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/pkg/extension"
 )
 
 func TestMain(m *testing.M) {
@@ -43,9 +45,10 @@ func startTestSystem(t *testing.T) (*system, *api.Client, string) {
 	dir := t.TempDir()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
+	extDir, profDir := shippedCatalog(t)
 	sys, err := startSystem(ctx, systemConfig{
 		DataDir: dir, HTTPAddr: "127.0.0.1:0", NATSListen: "127.0.0.1:-1",
-		ExtensionsDir: "../../extensions", ProfilesDir: "../../profiles",
+		ExtensionsDir: extDir, ProfilesDir: profDir,
 		Pools: []string{"local"}, Extensions: linkedExtensions(),
 	})
 	if err != nil {
@@ -65,6 +68,55 @@ func startTestSystem(t *testing.T) (*system, *api.Client, string) {
 	}
 	hc := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
 	return sys, api.NewClient(sys.URL, strings.TrimSpace(string(tok)), hc), dir
+}
+
+// shippedCatalog copies the repository's manifests whose handler this
+// binary links, and the profiles bound only to them, into temporary
+// directories: a backend still being written elsewhere in the tree does not
+// stop the system from starting.
+func shippedCatalog(t *testing.T) (extDir, profDir string) {
+	t.Helper()
+	extDir, profDir = t.TempDir(), t.TempDir()
+	reg := linkedExtensions()
+	linked := map[string]bool{}
+	exts, _ := filepath.Glob("../../extensions/ext.*.yaml")
+	for _, f := range exts {
+		m, ps := extension.LoadManifestFile(f)
+		if m == nil || len(ps) > 0 {
+			continue
+		}
+		if _, err := reg.Lookup(m.Handler); err != nil {
+			continue
+		}
+		linked[m.Name] = true
+		copyFile(t, f, filepath.Join(extDir, filepath.Base(f)))
+	}
+	profs, _ := filepath.Glob("../../profiles/profile.*.yaml")
+	for _, f := range profs {
+		p, ps := extension.LoadProfileFile(f)
+		if p == nil || len(ps) > 0 {
+			continue
+		}
+		ok := true
+		for _, name := range p.ExtensionNames() {
+			ok = ok && linked[name]
+		}
+		if ok {
+			copyFile(t, f, filepath.Join(profDir, filepath.Base(f)))
+		}
+	}
+	return extDir, profDir
+}
+
+func copyFile(t *testing.T, from, to string) {
+	t.Helper()
+	b, err := os.ReadFile(from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(to, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // TestEndToEndOverHTTP creates a local sandbox over HTTP, waits until it is

@@ -242,7 +242,11 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 		sys.Pools = append(sys.Pools, name)
 	}
 
-	gw, err := gateway.New(gateway.Options{JS: js, Catalog: cat, Keys: apikey.NewStore(mustKV(ctx, js, bus.BucketAPIKeys)), Logger: log.With("service", "gateway")})
+	mc := metering.NewClient(nc)
+	gw, err := gateway.New(gateway.Options{
+		JS: js, Catalog: cat, Keys: apikey.NewStore(mustKV(ctx, js, bus.BucketAPIKeys)),
+		Admitter: meteringAdmitter{mc}, Credits: meteringCredits{mc}, Logger: log.With("service", "gateway"),
+	})
 	if err != nil {
 		return nil, err
 	}

@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"time"
 
 	cloudevents "github.com/cloudevents/sdk-go/v2/event"
 
@@ -282,4 +283,70 @@ func (c *Client) Wait(ctx context.Context, id string, until func(event.State) bo
 		return nil, fmt.Errorf("waiting for sandbox %s: stream ended", id)
 	}
 	return c.Get(ctx, id)
+}
+
+// CreditBalance returns the account of consumer; empty means the caller's
+// own. Only an admin key reads another consumer's account.
+func (c *Client) CreditBalance(ctx context.Context, consumer string) (*CreditBalance, error) {
+	path := "/v1/credits/balance"
+	if consumer != "" {
+		path += "?" + url.Values{"consumer": {consumer}}.Encode()
+	}
+	var out CreditBalance
+	if err := c.do(ctx, http.MethodGet, path, nil, nil, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// Grant adds credit to an account. It needs an admin key.
+func (c *Client) Grant(ctx context.Context, req GrantRequest) (*GrantResult, error) {
+	var out GrantResult
+	if err := c.do(ctx, http.MethodPost, "/v1/credits/grants", nil, req, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// Ledger returns the ledger entries q selects, in sequence order.
+func (c *Client) Ledger(ctx context.Context, q LedgerQuery) (*Ledger, error) {
+	v := url.Values{}
+	if q.Consumer != "" {
+		v.Set("consumer", q.Consumer)
+	}
+	if !q.Since.IsZero() {
+		v.Set("since", q.Since.UTC().Format(time.RFC3339Nano))
+	}
+	path := "/v1/credits/ledger"
+	if len(v) > 0 {
+		path += "?" + v.Encode()
+	}
+	var out Ledger
+	if err := c.do(ctx, http.MethodGet, path, nil, nil, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// Usage returns the usage records q selects, oldest first.
+func (c *Client) Usage(ctx context.Context, q UsageQuery) (*UsageList, error) {
+	v := url.Values{}
+	if q.Consumer != "" {
+		v.Set("consumer", q.Consumer)
+	}
+	if !q.From.IsZero() {
+		v.Set("from", q.From.UTC().Format(time.RFC3339Nano))
+	}
+	if !q.To.IsZero() {
+		v.Set("to", q.To.UTC().Format(time.RFC3339Nano))
+	}
+	path := "/v1/credits/usage"
+	if len(v) > 0 {
+		path += "?" + v.Encode()
+	}
+	var out UsageList
+	if err := c.do(ctx, http.MethodGet, path, nil, nil, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
 }

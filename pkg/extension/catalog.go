@@ -123,25 +123,31 @@ func (c *Catalog) Check(reg *Registry) Problems {
 		}
 	}
 	for _, p := range c.ProfileList() {
-		if p.Extension == "" {
-			continue
-		}
-		m, ok := c.Extensions[p.Extension]
-		if !ok {
-			ps = append(ps, p.problemAt("extension", "unknown extension %q (known: %s)", p.Extension, strings.Join(sortedKeys(c.Extensions), ", ")))
-			continue
-		}
-		if p.Isolation != "" && !slices.Contains(m.Capabilities.IsolationLevels, p.Isolation) {
-			ps = append(ps, p.problemAt("isolation", "extension %q does not offer isolation %q (offers %v)", m.Name, p.Isolation, m.Capabilities.IsolationLevels))
-		}
-		for _, k := range sortedKeys(p.Inputs) {
-			spec, ok := m.Inputs[k]
-			if !ok {
-				ps = append(ps, p.problemAt("inputs."+k, "extension %q has no input %q", m.Name, k))
+		for i, name := range p.ExtensionNames() {
+			path := "extension"
+			if len(p.Candidates) > 0 {
+				path = fmt.Sprintf("candidates[%d].extension", i)
+			}
+			if name == "" {
 				continue
 			}
-			if err := spec.validate(p.Inputs[k]); err != nil {
-				ps = append(ps, p.problemAt("inputs."+k, "%v", err))
+			m, ok := c.Extensions[name]
+			if !ok {
+				ps = append(ps, p.problemAt(path, "unknown extension %q (known: %s)", name, strings.Join(sortedKeys(c.Extensions), ", ")))
+				continue
+			}
+			if p.Isolation != "" && !slices.Contains(m.Capabilities.IsolationLevels, p.Isolation) {
+				ps = append(ps, p.problemAt("isolation", "extension %q does not offer isolation %q (offers %v)", m.Name, p.Isolation, m.Capabilities.IsolationLevels))
+			}
+			for _, k := range sortedKeys(p.Inputs) {
+				spec, ok := m.Inputs[k]
+				if !ok {
+					ps = append(ps, p.problemAt("inputs."+k, "extension %q has no input %q", m.Name, k))
+					continue
+				}
+				if err := spec.validate(p.Inputs[k]); err != nil {
+					ps = append(ps, p.problemAt("inputs."+k, "%v", err))
+				}
 			}
 		}
 	}

@@ -38,10 +38,13 @@ const (
 // plan is a request that passed every check: what the sandbox will be.
 type plan struct {
 	profile  *extension.Profile
-	manifest *extension.Manifest
-	inputs   extension.Inputs
-	labels   map[string]string
-	ttl      time.Duration
+	manifest *extension.Manifest // the first of manifests
+	// manifests are the extensions the profile may use, in order.
+	manifests []*extension.Manifest
+	// inputs are the request's inputs validated for each of manifests.
+	inputs map[string]extension.Inputs
+	labels map[string]string
+	ttl    time.Duration
 }
 
 // create handles POST /v1/sandboxes. Every check runs before anything is
@@ -105,14 +108,20 @@ func (g *Gateway) accepted(w http.ResponseWriter, rec *sandbox.Record) {
 func (g *Gateway) request(ctx context.Context, st *state, c caller, id string, pl *plan) (*sandbox.Record, *api.Problem) {
 	cr := event.Create{
 		Ref:         event.Ref{SandboxID: id, Consumer: c.Consumer, Profile: pl.profile.Slug, Extension: pl.manifest.Name},
-		Inputs:      pl.inputs,
+		Inputs:      pl.inputs[pl.manifest.Name],
 		Labels:      pl.labels,
 		TTLSeconds:  int64((pl.ttl + time.Second - 1) / time.Second),
 		RequestedAt: g.opts.Now().UTC(),
 	}
-	route, err := g.opts.Resolver.Resolve(ctx, RouteRequest{SandboxID: id, Consumer: c.Consumer, Profile: pl.profile, Manifest: pl.manifest})
+	route, err := g.opts.Resolver.Resolve(ctx, RouteRequest{
+		SandboxID: id, Consumer: c.Consumer, Profile: pl.profile, Manifest: pl.manifest,
+		Candidates: pl.manifests, Load: st.inv,
+	})
 	if err == nil {
 		err = checkRoute(route)
+	}
+	if err == nil && !pl.profile.Binds(route.Extension) {
+		err = fmt.Errorf("checking route: profile %s does not bind extension %q", pl.profile.Slug, route.Extension)
 	}
 	switch {
 	case errors.Is(err, ErrNoRoute):
@@ -123,6 +132,7 @@ func (g *Gateway) request(ctx context.Context, st *state, c caller, id string, p
 		return nil, newProblem(http.StatusServiceUnavailable, "cannot route sandboxes right now")
 	}
 	cr.Extension, cr.Host = route.Extension, route.Host
+	cr.Inputs = pl.inputs[route.Extension]
 
 	if g.opts.Admitter != nil {
 		hold, err := g.opts.Admitter.Admit(ctx, AdmitRequest{SandboxID: id, Consumer: c.Consumer, Profile: pl.profile, Route: route, TTL: pl.ttl})
@@ -437,13 +447,37 @@ func (g *Gateway) validate(req api.CreateRequest) (*plan, *api.Problem) {
 	} else if p, err := cat.Profile(req.Profile); err != nil {
 		errs = append(errs, extension.FieldError{Field: "profile", Detail: fmt.Sprintf("unknown profile %s (known: %s)",
 			strconv.Quote(clip(req.Profile)), strings.Join(slices.Sorted(maps.Keys(cat.Profiles)), ", "))})
-	} else if m, err := cat.Extension(p.Extension); err != nil {
-		errs = append(errs, extension.FieldError{Field: "profile", Detail: fmt.Sprintf("profile %s binds extension %s, which is not in the catalog", p.Slug, p.Extension)})
 	} else {
-		pl.profile, pl.manifest = p, m
-		in, ierrs := extension.ValidateInputs(m.Inputs, p.Inputs, req.Inputs)
-		errs = append(errs, ierrs...)
-		pl.inputs = in
+		// A routed profile's request must suit every candidate, so that
+		// where it lands never decides whether it is valid.
+		names := p.ExtensionNames()
+		pl.inputs = make(map[string]extension.Inputs, len(names))
+		seen := map[extension.FieldError]bool{}
+		for _, name := range names {
+			m, err := cat.Extension(name)
+			if err != nil {
+				errs = append(errs, extension.FieldError{Field: "profile", Detail: fmt.Sprintf("profile %s binds extension %s, which is not in the catalog", p.Slug, name)})
+				continue
+			}
+			pl.manifests = append(pl.manifests, m)
+			in, ierrs := extension.ValidateInputs(m.Inputs, p.Inputs, req.Inputs)
+			for _, fe := range ierrs {
+				if len(names) > 1 {
+					fe.Detail = "extension " + name + ": " + fe.Detail
+				}
+				if !seen[fe] {
+					seen[fe] = true
+					errs = append(errs, fe)
+				}
+			}
+			pl.inputs[name] = in
+		}
+		if len(names) == 0 {
+			errs = append(errs, extension.FieldError{Field: "profile", Detail: fmt.Sprintf("profile %s binds no extension", p.Slug)})
+		}
+		if len(pl.manifests) == len(names) && len(names) > 0 {
+			pl.profile, pl.manifest = p, pl.manifests[0]
+		}
 	}
 
 	if len(req.Labels) > MaxLabels {

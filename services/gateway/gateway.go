@@ -49,12 +49,16 @@ type Options struct {
 	Catalog *catalog.Cache
 	// Keys checks bearer tokens. Required.
 	Keys *apikey.Store
-	// Resolver decides where a sandbox goes. Default &StaticResolver{}:
-	// the profile's extension, on its least recently picked host.
+	// Resolver decides where a sandbox goes. Default &CapacityResolver{}:
+	// the profile's first extension with room under its manifest's
+	// capacity, on its least loaded host.
 	Resolver Resolver
 	// Admitter reserves credit for a sandbox before anything is published.
 	// Default nil: every valid request is admitted, without a hold.
 	Admitter Admitter
+	// Credits answers the credits API (/v1/credits/...). Default nil: those
+	// endpoints answer 503.
+	Credits Credits
 	// Logger receives operational logs. Default: discard.
 	Logger *slog.Logger
 	// Now is the clock of request timestamps and the key cache. Default
@@ -83,7 +87,7 @@ type Options struct {
 
 func (o Options) withDefaults() Options {
 	if o.Resolver == nil {
-		o.Resolver = &StaticResolver{}
+		o.Resolver = &CapacityResolver{}
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)

@@ -32,6 +32,10 @@ func (g *Gateway) routes() http.Handler {
 		{"/v1/sandboxes/{id}/events", map[string]http.Handler{"GET": g.authed(g.events)}},
 		{"/v1/profiles", map[string]http.Handler{"GET": g.authed(g.profiles)}},
 		{"/v1/extensions", map[string]http.Handler{"GET": g.authed(g.extensions)}},
+		{"/v1/credits/balance", map[string]http.Handler{"GET": g.authed(g.creditBalance)}},
+		{"/v1/credits/grants", map[string]http.Handler{"POST": g.authed(g.creditGrant)}},
+		{"/v1/credits/ledger", map[string]http.Handler{"GET": g.authed(g.creditLedger)}},
+		{"/v1/credits/usage", map[string]http.Handler{"GET": g.authed(g.creditUsage)}},
 	}
 	for _, p := range paths {
 		allow := ""

@@ -43,8 +43,14 @@ type RouteRequest struct {
 	SandboxID string
 	Consumer  string
 	Profile   *extension.Profile
-	// Manifest is the profile's extension.
+	// Manifest is the profile's extension, or its first candidate.
 	Manifest *extension.Manifest
+	// Candidates are the manifests of every extension the profile may
+	// use, in order of preference (Manifest first). A route must name one
+	// of them.
+	Candidates []*extension.Manifest
+	// Load is the gateway's view of live sandboxes.
+	Load Load
 }
 
 // Resolver maps a valid request to the place its sandbox goes. An error
@@ -62,8 +68,9 @@ func (f ResolverFunc) Resolve(ctx context.Context, req RouteRequest) (Route, err
 	return f(ctx, req)
 }
 
-// StaticResolver routes every profile to its own extension and spreads its
-// sandboxes over the manifest's hosts: each request gets the host picked
+// StaticResolver routes every profile to its own extension (a routed
+// profile to its first candidate) and spreads its sandboxes over the
+// manifest's hosts: each request gets the host picked
 // least recently in this process. The zero value is ready to use and safe
 // for concurrent use.
 type StaticResolver struct {

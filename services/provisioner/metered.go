@@ -53,7 +53,7 @@ func (pl *pool) quote(m extension.Metered, data []byte) event.QuoteReply {
 	if err != nil {
 		return event.QuoteReply{Error: err.Error()}
 	}
-	if prof.Extension != pl.name {
+	if !prof.Binds(pl.name) {
 		return event.QuoteReply{Error: fmt.Sprintf("profile %q is not bound to extension %q", q.Profile, pl.name)}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), quoteTimeout)
