@@ -10,6 +10,7 @@ import (
 
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/extension/composessh"
+	"github.com/sand-boxer/sandboxer/pkg/extension/composessh/composetest"
 	"github.com/sand-boxer/sandboxer/pkg/extension/local"
 	"github.com/sand-boxer/sandboxer/pkg/extension/vmpacker"
 )
@@ -258,5 +259,18 @@ func TestShippedCatalog(t *testing.T) {
 			continue
 		}
 		_ = extension.Close(ext)
+	}
+}
+
+// TestDeployDockerfileMatches keeps deploy/e2e/busybox.Dockerfile, the
+// copy for building by hand, equal to the one the tests build.
+func TestDeployDockerfileMatches(t *testing.T) {
+	t.Parallel()
+	b, err := os.ReadFile("../../../deploy/e2e/busybox.Dockerfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(b) != composetest.Dockerfile {
+		t.Fatalf("deploy/e2e/busybox.Dockerfile differs from composetest.Dockerfile:\n%s\nvs\n%s", b, composetest.Dockerfile)
 	}
 }

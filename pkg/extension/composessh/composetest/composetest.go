@@ -34,7 +34,10 @@ const Busybox = "/bin/busybox"
 // ImageRepository is the repository of the images Image builds.
 const ImageRepository = "sandboxer-e2e/busybox"
 
-const dockerfile = `FROM scratch
+// Dockerfile builds the test image from a build context holding the
+// busybox binary. deploy/e2e/busybox.Dockerfile is a copy, for building it
+// by hand.
+const Dockerfile = `FROM scratch
 COPY busybox /bin/busybox
 RUN ["/bin/busybox", "--install", "-s", "/bin"]
 LABEL org.sand-boxer.e2e="true"
@@ -65,7 +68,7 @@ func Image(t testing.TB) string {
 	if err := requireStatic(Busybox); err != nil {
 		t.Fatalf("composetest: %v (install busybox-static: .ci/install-e2e.sh)", err)
 	}
-	sum := sha256.Sum256(append(bin, dockerfile...))
+	sum := sha256.Sum256(append(bin, Dockerfile...))
 	tag := ImageRepository + ":" + hex.EncodeToString(sum[:6])
 	if _, err := docker(t, "image", "inspect", "--format", "{{.Id}}", tag); err == nil {
 		return tag
@@ -74,7 +77,7 @@ func Image(t testing.TB) string {
 	if err := os.WriteFile(filepath.Join(dir, "busybox"), bin, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte(dockerfile), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte(Dockerfile), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := docker(t, "build", "--quiet", "--tag", tag, dir); err != nil {
