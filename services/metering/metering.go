@@ -211,7 +211,9 @@ func (m *Metering) Start(ctx context.Context) (err error) {
 	}
 	// Answer from the moment Start returns: the server must know the
 	// endpoints' subscriptions.
-	if err := m.opts.NC.FlushWithContext(ctx); err != nil {
+	fctx, cancel := context.WithTimeout(ctx, 10*time.Second) // FlushWithContext needs a deadline
+	defer cancel()
+	if err := m.opts.NC.FlushWithContext(fctx); err != nil {
 		_ = m.svc.Stop()
 		return fmt.Errorf("starting request service: %w", err)
 	}
