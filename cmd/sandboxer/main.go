@@ -80,6 +80,7 @@ func newRoot() *cobra.Command {
 		newProfilesCmd(g),
 		newExtensionsCmd(g),
 		newKeysCmd(g),
+		newCreditsCmd(g),
 		newBenchCmd(g),
 	)
 	return root
