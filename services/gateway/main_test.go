@@ -52,8 +52,9 @@ type env struct {
 }
 
 type envConfig struct {
-	opts func(*gateway.Options)
-	topo *bus.Topology // re-ensured over the default topology
+	opts    func(*gateway.Options)
+	catalog func(*extension.Catalog) // edits the test catalog before it is published
+	topo    *bus.Topology            // re-ensured over the default topology
 }
 
 func newEnv(t testing.TB, cfg envConfig) *env {
@@ -70,7 +71,11 @@ func newEnv(t testing.TB, cfg envConfig) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := catalog.Publish(ctx, catKV, testCatalog()); err != nil {
+	cat := testCatalog()
+	if cfg.catalog != nil {
+		cfg.catalog(cat)
+	}
+	if err := catalog.Publish(ctx, catKV, cat); err != nil {
 		t.Fatal(err)
 	}
 	wctx, cancelWatch := context.WithCancel(context.Background())
