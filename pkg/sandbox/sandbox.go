@@ -11,6 +11,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -105,26 +106,35 @@ func Apply(r *Record, e *event.Event) (bool, error) {
 		return false, nil
 	}
 	at := e.Time().UTC()
-	var ref event.Ref
+	// Decode and check everything before touching r: a refused event
+	// changes nothing.
+	var (
+		ref    event.Ref
+		update func()
+	)
+	// A failed sandbox keeps its failure as the reason through teardown.
+	failed := slices.ContainsFunc(r.History, func(t Transition) bool { return t.State == event.StateFailed })
 	switch to {
 	case event.StateProvisioning:
 		var d event.Provisioning
 		if err := event.DataAs(e, &d); err != nil {
 			return false, err
 		}
-		ref = d.Ref
+		ref, update = d.Ref, func() {}
 	case event.StateReady:
 		var d event.Ready
 		if err := event.DataAs(e, &d); err != nil {
 			return false, err
 		}
 		ref = d.Ref
-		h, reach := d.Handle, d.Reachability
-		r.Handle, r.Reachability = &h, &reach
-		r.ReadyAt = d.ReadyAt
-		r.ExpiresAt = d.ExpiresAt
-		if d.TTLSeconds > 0 {
-			r.TTLSeconds = d.TTLSeconds
+		update = func() {
+			h, reach := d.Handle, d.Reachability
+			r.Handle, r.Reachability = &h, &reach
+			r.ReadyAt = d.ReadyAt
+			r.ExpiresAt = d.ExpiresAt
+			if d.TTLSeconds > 0 {
+				r.TTLSeconds = d.TTLSeconds
+			}
 		}
 	case event.StateFailed:
 		var d event.Failed
@@ -132,26 +142,29 @@ func Apply(r *Record, e *event.Event) (bool, error) {
 			return false, err
 		}
 		ref = d.Ref
-		r.Reason = d.Reason
-		if d.Handle != nil {
-			h := *d.Handle
-			r.Handle = &h
+		update = func() {
+			r.Reason = d.Reason
+			if d.Handle != nil {
+				h := *d.Handle
+				r.Handle = &h
+			}
 		}
 	case event.StateExpired:
 		var d event.Expired
 		if err := event.DataAs(e, &d); err != nil {
 			return false, err
 		}
-		ref = d.Ref
-		r.Reason = d.Reason
+		ref, update = d.Ref, func() { r.Reason = d.Reason }
 	case event.StateDestroying:
 		var d event.Destroying
 		if err := event.DataAs(e, &d); err != nil {
 			return false, err
 		}
 		ref = d.Ref
-		if r.Reason == "" || r.State != event.StateFailed {
-			r.Reason = d.Reason
+		update = func() {
+			if r.Reason == "" || !failed {
+				r.Reason = d.Reason
+			}
 		}
 	case event.StateDestroyed:
 		var d event.Destroyed
@@ -159,27 +172,30 @@ func Apply(r *Record, e *event.Event) (bool, error) {
 			return false, err
 		}
 		ref = d.Ref
-		if r.Reason == "" || r.State != event.StateFailed {
-			r.Reason = d.Reason
+		update = func() {
+			if r.Reason == "" || !failed {
+				r.Reason = d.Reason
+			}
+			r.DestroyedAt = at
+			r.Reachability = nil
 		}
-		r.DestroyedAt = at
-		r.Reachability = nil
 	case event.StateRejected:
 		var d event.Rejected
 		if err := event.DataAs(e, &d); err != nil {
 			return false, err
 		}
-		ref = d.Ref
-		r.Reason, r.Code = d.Reason, d.Code
+		ref, update = d.Ref, func() { r.Reason, r.Code = d.Reason, d.Code }
 	default:
 		return false, fmt.Errorf("%w: no event enters state %s", event.ErrMalformed, to)
 	}
+	if r.ID != "" && ref.SandboxID != r.ID {
+		return false, fmt.Errorf("%w: event for sandbox %q applied to %q", event.ErrMalformed, ref.SandboxID, r.ID)
+	}
+	update()
 	if r.ID == "" {
 		// The first thing the inventory hears of this sandbox.
 		r.ID, r.Consumer, r.Profile, r.Extension = ref.SandboxID, ref.Consumer, ref.Profile, ref.Extension
 		r.CreatedAt = at
-	} else if ref.SandboxID != r.ID {
-		return false, fmt.Errorf("%w: event for sandbox %q applied to %q", event.ErrMalformed, ref.SandboxID, r.ID)
 	}
 	if ref.Host != "" {
 		r.Host = ref.Host
