@@ -7,6 +7,7 @@ require (
 	github.com/sand-boxer/sandboxer/pkg v0.0.0
 	github.com/santhosh-tekuri/jsonschema/v6 v6.0.3
 	go.uber.org/goleak v1.3.0
+	pgregory.net/rapid v1.3.0
 )
 
 require (

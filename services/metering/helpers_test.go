@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
+	"log/slog"
 	"fmt"
 	"strings"
 	"sync"
@@ -23,7 +25,37 @@ import (
 	"github.com/sand-boxer/sandboxer/services/metering"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+func TestMain(m *testing.M) {
+	flag.Parse()
+	// Keep the property test bounded on small machines unless asked
+	// otherwise on the command line.
+	set := map[string]bool{}
+	flag.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	for name, v := range map[string]string{"rapid.checks": "30", "rapid.steps": "25"} {
+		if !set[name] {
+			_ = flag.Set(name, v)
+		}
+	}
+	goleak.VerifyTestMain(m)
+}
+
+// tb is what helpers need of a *testing.T or a *rapid.T.
+type tb interface {
+	Helper()
+	Fatal(args ...any)
+	Fatalf(format string, args ...any)
+	Errorf(format string, args ...any)
+	Logf(format string, args ...any)
+	Cleanup(func())
+}
+
+// logWriter writes a service's log to the test's.
+type logWriter struct{ t tb }
+
+func (w logWriter) Write(b []byte) (int, error) {
+	w.t.Logf("%s", strings.TrimSpace(string(b)))
+	return len(b), nil
+}
 
 // Names of the test catalog.
 const (
@@ -90,7 +122,7 @@ func newEnv(t *testing.T) *env {
 	return e
 }
 
-func testCtx(t *testing.T) context.Context {
+func testCtx(t tb) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	t.Cleanup(cancel)
 	return ctx
@@ -99,19 +131,30 @@ func testCtx(t *testing.T) context.Context {
 // start starts a metering instance on its own connection, shut down by
 // t.Cleanup. Zero options get test defaults: accrual every hour (no ticks
 // unless a test asks for them).
-func (e *env) start(t *testing.T, opts metering.Options) *metering.Metering {
+func (e *env) start(t tb, opts metering.Options) *metering.Metering {
 	t.Helper()
-	nc := e.srv.Conn(t)
+	nc, err := nats.Connect(e.srv.ClientURL(), nats.Name("metering"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
 	js, err := jetstream.New(nc)
 	if err != nil {
 		t.Fatal(err)
 	}
 	opts.JS = js
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.NewTextHandler(logWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	}
 	if opts.AccrualInterval == 0 {
 		opts.AccrualInterval = time.Hour
 	}
 	if len(opts.Policy.Backoff) == 0 {
 		opts.Policy.Backoff = []time.Duration{50 * time.Millisecond, 200 * time.Millisecond}
+	}
+	if opts.Policy.AckWait == 0 {
+		// A stopped instance's undelivered pull buffer comes back quickly.
+		opts.Policy.AckWait = 2 * time.Second
 	}
 	m, err := metering.New(opts)
 	if err != nil {
@@ -165,7 +208,7 @@ func ref(consumer, sb, profile string) event.Ref {
 // publish publishes a lifecycle event of r's sandbox at time at. With
 // redeliver, the event gets a fresh Nats-Msg-Id so the stream keeps it a
 // second time, as a redelivery past the de-duplication window would.
-func (e *env) publish(t *testing.T, r event.Ref, s event.State, at time.Time, redeliver bool) {
+func (e *env) publish(t tb, r event.Ref, s event.State, at time.Time, redeliver bool) {
 	t.Helper()
 	var data any
 	switch s {
@@ -183,7 +226,7 @@ func (e *env) publish(t *testing.T, r event.Ref, s event.State, at time.Time, re
 	e.publishData(t, r, s, at, data, redeliver)
 }
 
-func (e *env) publishData(t *testing.T, r event.Ref, s event.State, at time.Time, data any, redeliver bool) {
+func (e *env) publishData(t tb, r event.Ref, s event.State, at time.Time, data any, redeliver bool) {
 	t.Helper()
 	ev, err := event.New(event.LifecycleType(s), "/test", r.SandboxID, r.SandboxID+"."+string(s), data)
 	if err != nil {
@@ -203,7 +246,7 @@ func (e *env) publishData(t *testing.T, r event.Ref, s event.State, at time.Time
 }
 
 // waitFor polls cond every 20ms until it holds or the deadline passes.
-func waitFor(t *testing.T, d time.Duration, what string, cond func() (bool, error)) {
+func waitFor(t tb, d time.Duration, what string, cond func() (bool, error)) {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	var last error
@@ -219,19 +262,30 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() (bool, erro
 	t.Fatalf("waiting for %s: not after %s (last: %v)", what, d, last)
 }
 
-// drained waits until the lifecycle consumer has handled everything.
-func (e *env) drained(t *testing.T) {
+// drained waits until the lifecycle consumer has acknowledged every event
+// on the lifecycle stream.
+func (e *env) drained(t tb) {
 	t.Helper()
+	ctx := testCtx(t)
+	st, err := e.js.Stream(ctx, event.StreamLifecycle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	si, err := st.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	last := si.State.LastSeq
 	waitFor(t, 20*time.Second, "lifecycle events handled", func() (bool, error) {
-		c, err := e.js.Consumer(testCtx(t), event.StreamLifecycle, metering.ConsumerLifecycle)
+		c, err := e.js.Consumer(ctx, event.StreamLifecycle, metering.ConsumerLifecycle)
 		if err != nil {
 			return false, err
 		}
-		info, err := c.Info(testCtx(t))
+		info, err := c.Info(ctx)
 		if err != nil {
 			return false, err
 		}
-		return info.NumPending == 0 && info.NumAckPending == 0 && info.NumRedelivered == 0, fmt.Errorf("pending %d, ack pending %d", info.NumPending, info.NumAckPending)
+		return info.AckFloor.Stream >= last, fmt.Errorf("acked through %d of %d, %d pending, %d in flight", info.AckFloor.Stream, last, info.NumPending, info.NumAckPending)
 	})
 }
 
@@ -243,7 +297,7 @@ type snapshot struct {
 
 // snap reads consumer's account and ledger until the account did not
 // change while the ledger was read.
-func (e *env) snap(t *testing.T, consumer string) snapshot {
+func (e *env) snap(t tb, consumer string) snapshot {
 	t.Helper()
 	ctx := testCtx(t)
 	for range 50 {
@@ -258,7 +312,7 @@ func (e *env) snap(t *testing.T, consumer string) snapshot {
 	return snapshot{}
 }
 
-func (e *env) account(t *testing.T, consumer string) (metering.Account, uint64) {
+func (e *env) account(t tb, consumer string) (metering.Account, uint64) {
 	t.Helper()
 	en, err := e.cred.Get(testCtx(t), "account."+consumer)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
@@ -274,7 +328,7 @@ func (e *env) account(t *testing.T, consumer string) (metering.Account, uint64) 
 	return a, en.Revision()
 }
 
-func (e *env) entries(t *testing.T, ctx context.Context, consumer string) []metering.Entry {
+func (e *env) entries(t tb, ctx context.Context, consumer string) []metering.Entry {
 	t.Helper()
 	lister, err := e.ledger.ListKeysFiltered(ctx, consumer+".>")
 	if err != nil {
@@ -303,7 +357,7 @@ func (e *env) entries(t *testing.T, ctx context.Context, consumer string) []mete
 // has two entries of one kind, entries are numbered without gaps, nothing
 // is below zero, and every hold is released at most once (exactly once
 // when closed).
-func checkInvariants(t *testing.T, s snapshot) {
+func checkInvariants(t tb, s snapshot) {
 	t.Helper()
 	var bal, held int64
 	seqs := map[uint64]bool{}
