@@ -197,4 +197,3 @@ func TestPropertyLedger(t *testing.T) {
 		})
 	})
 }
-
