@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -9,6 +10,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"runtime/pprof"
@@ -66,6 +68,7 @@ func newBenchCmd(g *globals) *cobra.Command {
 		quick, asJSON bool
 		only          []string
 		cpuProfile    string
+		live          int
 	)
 	cmd := &cobra.Command{
 		Use:   "bench [--quick] [--json]",
@@ -75,6 +78,9 @@ func newBenchCmd(g *globals) *cobra.Command {
 			cfg, mode := fullBench, "full"
 			if quick {
 				cfg, mode = quickBench, "quick"
+			}
+			if live > 0 {
+				cfg.Live = live
 			}
 			if cpuProfile != "" {
 				f, err := os.Create(cpuProfile)
@@ -101,8 +107,10 @@ func newBenchCmd(g *globals) *cobra.Command {
 			return nil
 		},
 	}
+	cmd.AddCommand(newBenchServeCmd())
 	cmd.Flags().BoolVar(&quick, "quick", false, "short run (under 90 seconds)")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the figures as one JSON object on the last line")
+	cmd.Flags().IntVar(&live, "live", 0, "live sandboxes for the memory figure (default 10000; the figure is named for 10k)")
 	cmd.Flags().StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the whole run (server and client) to this file")
 	cmd.Flags().StringSliceVar(&only, "only", nil, "run only these phases: raw, create, lifecycle, metering, memory")
 	return cmd
@@ -175,7 +183,135 @@ func runBench(ctx context.Context, cfg benchConfig, only []string, logw io.Write
 			}
 		}
 	}
+	if want("memory") {
+		logf("resident set of a separate process holding %d live sandboxes", cfg.Live)
+		if err := benchMemory(ctx, cfg, filepath.Join(dir, "memory"), res); err != nil {
+			return nil, fmt.Errorf("memory: %w", err)
+		}
+	}
 	return res, nil
+}
+
+// newBenchServeCmd is the process whose memory the benchmark measures:
+// the whole system, as `sandboxer up` runs it, with the echo backend.
+func newBenchServeCmd() *cobra.Command {
+	var dir string
+	cmd := &cobra.Command{
+		Use:    "serve --dir DIR",
+		Short:  "run the benchmark's system in this process (used by bench)",
+		Hidden: true,
+		Args:   cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			sys, err := startBenchSystem(cmd.Context(), dir)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "url %s\n", sys.URL)
+			<-cmd.Context().Done()
+			sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			sys.Shutdown(sctx)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&dir, "dir", "", "data directory")
+	return cmd
+}
+
+// benchMemory starts the system in a child process, creates cfg.Live
+// sandboxes through its gateway, waits until every one is ready, and reads
+// the child's resident set from /proc.
+func benchMemory(ctx context.Context, cfg benchConfig, dir string, res *benchResult) error {
+	exe, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	child := exec.CommandContext(cctx, exe, "bench", "serve", "--dir", dir)
+	child.Cancel = func() error { return child.Process.Signal(os.Interrupt) }
+	child.WaitDelay = 30 * time.Second
+	child.Stderr = os.Stderr
+	out, err := child.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	if err := child.Start(); err != nil {
+		return err
+	}
+	defer func() { cancel(); _ = child.Wait() }()
+	var url string
+	if _, err := fmt.Fscanf(out, "url %s\n", &url); err != nil {
+		return fmt.Errorf("reading the child's address: %w", err)
+	}
+	tok, err := os.ReadFile(keyPath(filepath.Join(dir, "system"), "dev"))
+	if err != nil {
+		return err
+	}
+	c := api.NewClient(url, strings.TrimSpace(string(tok)), &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256}})
+	var (
+		next  atomic.Int64
+		wg    sync.WaitGroup
+		errMu sync.Mutex
+		first error
+	)
+	for range cfg.InFlight {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for next.Add(1) <= int64(cfg.Live) {
+				if _, err := c.Create(ctx, api.CreateRequest{Profile: "echo"}, ""); err != nil {
+					errMu.Lock()
+					first = cmp.Or(first, err)
+					errMu.Unlock()
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if first != nil {
+		return first
+	}
+	// Every sandbox ready: the inventory, as the gateway sees it.
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		list, err := c.List(ctx, api.ListFilter{State: string(event.StateReady)})
+		if err != nil {
+			return err
+		}
+		if len(list) >= cfg.Live {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%d of %d sandboxes ready after 2 minutes", len(list), cfg.Live)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	rss, err := residentMB(child.Process.Pid)
+	if err != nil {
+		return err
+	}
+	res.RSSMB10k = rss
+	return nil
+}
+
+// residentMB reads VmRSS of pid from /proc, in MB.
+func residentMB(pid int) (float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
+			var kb float64
+			if _, err := fmt.Sscan(f[1], &kb); err != nil {
+				return 0, err
+			}
+			return kb / 1024, nil
+		}
+	}
+	return 0, errors.New("no VmRSS in /proc status")
 }
 
 const benchManifest = `name: echo
