@@ -225,6 +225,19 @@ func (a *Account) record(e *Entry) *Entry {
 	return e
 }
 
+// prune forgets grants that are spent or expired to nothing and that no
+// open hold may refund to, so the account stays small. The ledger keeps
+// them, and a grant's id stays taken: the ledger key decides.
+func (a *Account) prune() {
+	refs := map[string]bool{}
+	for _, h := range a.Holds {
+		for _, d := range h.Draws {
+			refs[d.Grant] = true
+		}
+	}
+	a.Grants = slices.DeleteFunc(a.Grants, func(g *Grant) bool { return g.Remaining == 0 && !refs[g.ID] })
+}
+
 // Ledger key derivations. Consumer names, sandbox ids and grant ids are
 // names without dots, so keys never collide.
 func grantKey(consumer, id string) string { return consumer + ".grant." + id }

@@ -167,6 +167,7 @@ func (s *store) update(ctx context.Context, consumer string, fn func(t *tx) erro
 		case err != nil:
 			return nil, err
 		}
+		a.prune()
 		if err := a.check(); err != nil {
 			return nil, fmt.Errorf("changing account %s: invariant broken, nothing written: %w", consumer, err)
 		}
