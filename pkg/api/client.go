@@ -261,7 +261,10 @@ func (c *Client) Wait(ctx context.Context, id string, until func(event.State) bo
 	} else if until(s.State) {
 		return s, nil
 	}
-	var reached bool
+	var (
+		reached bool
+		state   event.State
+	)
 	err := c.Events(ctx, id, true, func(se StreamEvent) error {
 		st, ok := event.StateOf(event.Type(se.Event.Type()))
 		if !ok {
@@ -271,7 +274,7 @@ func (c *Client) Wait(ctx context.Context, id string, until func(event.State) bo
 			onState(st, se.Event)
 		}
 		if until(st) {
-			reached = true
+			reached, state = true, st
 			return ErrStop
 		}
 		return nil
@@ -282,7 +285,22 @@ func (c *Client) Wait(ctx context.Context, id string, until func(event.State) bo
 	if !reached {
 		return nil, fmt.Errorf("waiting for sandbox %s: stream ended", id)
 	}
-	return c.Get(ctx, id)
+	// The event can arrive before the inventory applies it: read until
+	// the record shows the state too, for a bounded while.
+	const poll, attempts = 20 * time.Millisecond, 250
+	for i := 0; ; i++ {
+		s, err := c.Get(ctx, id)
+		if err != nil || s.State.Rank() >= state.Rank() || i == attempts {
+			return s, err
+		}
+		t := time.NewTimer(poll)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return s, nil
+		case <-t.C:
+		}
+	}
 }
 
 // CreditBalance returns the account of consumer; empty means the caller's
