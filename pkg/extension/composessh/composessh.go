@@ -399,15 +399,12 @@ func (c *ComposeSSH) WaitReady(ctx context.Context, hd extension.Handle) (extens
 	}
 	t := time.NewTimer(0)
 	defer t.Stop()
-	var waiting []string
-	var lastErr error
+	var waiting []string // what the last look found not ready
+	var lastErr error    // why the last look failed, if it did
 	for {
 		select {
 		case <-ctx.Done():
-			if lastErr != nil {
-				return extension.Reachability{}, fmt.Errorf("compose-ssh: stack %s not ready: %w (last error: %v)", project, ctx.Err(), lastErr)
-			}
-			return extension.Reachability{}, fmt.Errorf("compose-ssh: stack %s not ready: %s: %w", project, strings.Join(waiting, "; "), ctx.Err())
+			return extension.Reachability{}, notReadyError(project, waiting, lastErr, ctx.Err())
 		case <-t.C:
 		}
 		states, err := c.containers(ctx, b.host, project)
@@ -415,6 +412,8 @@ func (c *ComposeSSH) WaitReady(ctx context.Context, hd extension.Handle) (extens
 		switch {
 		case errors.As(err, &hke):
 			return extension.Reachability{}, fmt.Errorf("compose-ssh: %w", err)
+		case err != nil && ctx.Err() != nil:
+			return extension.Reachability{}, notReadyError(project, waiting, lastErr, ctx.Err())
 		case err != nil:
 			lastErr = err
 		default:
@@ -431,6 +430,22 @@ func (c *ComposeSSH) WaitReady(ctx context.Context, hd extension.Handle) (extens
 		}
 		t.Reset(c.s.poll)
 	}
+}
+
+// notReadyError says why a stack is not ready when the wait ends: what
+// the last look found, and the last error looking.
+func notReadyError(project string, waiting []string, lastErr, cause error) error {
+	var why []string
+	if len(waiting) > 0 {
+		why = append(why, strings.Join(waiting, "; "))
+	}
+	if lastErr != nil {
+		why = append(why, "last error: "+lastErr.Error())
+	}
+	if len(why) == 0 {
+		why = append(why, "not looked at yet")
+	}
+	return fmt.Errorf("compose-ssh: stack %s not ready (%s): %w", project, strings.Join(why, "; "), cause)
 }
 
 // container is what WaitReady needs of one container.
