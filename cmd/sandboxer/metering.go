@@ -8,7 +8,11 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/sand-boxer/sandboxer/pkg/api"
+	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/workers"
 	"github.com/sand-boxer/sandboxer/services/gateway"
 	"github.com/sand-boxer/sandboxer/services/metering"
 )
@@ -101,6 +105,38 @@ func creditsError(err error) error {
 		return fmt.Errorf("%w: %w", gateway.ErrInvalidRequest, err)
 	}
 	return err
+}
+
+// watchWorkers starts a cache of live workers for the gateway's resolver.
+// It follows the workers bucket until the returned stop is called, which
+// waits for the watch to end.
+func watchWorkers(ctx context.Context, js jetstream.JetStream) (*workers.Cache, func(context.Context) error, error) {
+	kv, err := js.KeyValue(ctx, bus.BucketWorkers)
+	if err != nil {
+		return nil, nil, fmt.Errorf("opening workers bucket: %w", err)
+	}
+	wctx, cancel := context.WithCancel(context.Background())
+	wc, err := workers.Watch(wctx, kv)
+	if err != nil {
+		cancel()
+		return nil, nil, err
+	}
+	stop := func(ctx context.Context) error {
+		cancel()
+		select {
+		case <-wc.Done():
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	select {
+	case <-wc.Ready():
+	case <-ctx.Done():
+		_ = stop(context.Background())
+		return nil, nil, fmt.Errorf("loading workers: %w", ctx.Err())
+	}
+	return wc, stop, nil
 }
 
 // convert copies v into a T through JSON.

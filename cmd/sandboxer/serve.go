@@ -78,9 +78,15 @@ func serveGateway() *cobra.Command {
 				}
 				// Admission and the credits API ask the metering service,
 				// which must be running on the same cluster.
+				wc, stopWorkers, err := watchWorkers(ctx, d.js)
+				if err != nil {
+					return err
+				}
+				st.add(stopWorkers)
 				mc := metering.NewClient(d.nc)
 				gw, err := gateway.New(gateway.Options{
 					JS: d.js, Catalog: cat, Keys: apikey.NewStore(mustKV(ctx, d.js, bus.BucketAPIKeys)),
+					Resolver: &gateway.CapacityResolver{Liveness: wc},
 					Admitter: meteringAdmitter{mc}, Credits: meteringCredits{mc}, Logger: d.log,
 				})
 				if err != nil {

@@ -242,9 +242,15 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 		sys.Pools = append(sys.Pools, name)
 	}
 
+	wc, stopWorkers, err := watchWorkers(ctx, js)
+	if err != nil {
+		return nil, err
+	}
+	sys.st.add(stopWorkers)
 	mc := metering.NewClient(nc)
 	gw, err := gateway.New(gateway.Options{
 		JS: js, Catalog: cat, Keys: apikey.NewStore(mustKV(ctx, js, bus.BucketAPIKeys)),
+		Resolver: &gateway.CapacityResolver{Liveness: wc},
 		Admitter: meteringAdmitter{mc}, Credits: meteringCredits{mc}, Logger: log.With("service", "gateway"),
 	})
 	if err != nil {
