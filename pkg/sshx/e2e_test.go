@@ -523,3 +523,25 @@ func (p *freezingProxy) dropAll() {
 		c.Close()
 	}
 }
+
+// TestE2EStopWithOpenConnection stops sshd while a client is connected:
+// Stop must not wait for the connection's own sshd process, and a new
+// connection must then fail.
+func TestE2EStopWithOpenConnection(t *testing.T) {
+	srv := sshtest.Start(t, sshtest.Options{})
+	c, err := sshx.Dial(ctxFor(t, 30*time.Second), srv.Config())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	stopped := make(chan struct{})
+	go func() { srv.Stop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(15 * time.Second):
+		t.Fatal("Stop waits for an open connection")
+	}
+	if _, err := sshx.Dial(ctxFor(t, 10*time.Second), srv.Config()); err == nil {
+		t.Fatal("Dial succeeded after Stop")
+	}
+}

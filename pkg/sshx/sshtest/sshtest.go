@@ -65,6 +65,7 @@ type Server struct {
 	ClientKey ssh.PublicKey
 
 	cmd     *exec.Cmd
+	logPipe *os.File
 	exited  chan struct{}
 	logDone chan struct{}
 	log     *logBuffer
@@ -146,21 +147,27 @@ func (s *Server) start(t testing.TB, port int, hostKeyFile, authKeys string, opt
 		t.Fatalf("sshtest: %v", err)
 	}
 	cmd := exec.Command(SSHD, "-D", "-e", "-f", cfgFile)
-	stderr, err := cmd.StderrPipe()
+	// sshd's per-connection processes inherit its stderr and outlive it
+	// while their connections last: read the log from a pipe of our own,
+	// so that waiting for sshd does not wait for them.
+	r, w, err := os.Pipe()
 	if err != nil {
 		t.Fatalf("sshtest: %v", err)
 	}
+	cmd.Stderr = w
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
+	err = cmd.Start()
+	w.Close()
+	if err != nil {
+		r.Close()
 		return fmt.Errorf("running %s: %w", SSHD, err)
 	}
-	s.cmd, s.exited, s.logDone, s.log = cmd, make(chan struct{}), make(chan struct{}), newLogBuffer()
+	s.cmd, s.logPipe, s.exited, s.logDone, s.log = cmd, r, make(chan struct{}), make(chan struct{}), newLogBuffer()
 	go func() {
 		defer close(s.logDone)
-		s.log.readFrom(stderr)
+		s.log.readFrom(r)
 	}()
 	go func() {
-		<-s.logDone // Wait closes the pipe: read it all first
 		_ = cmd.Wait()
 		close(s.exited)
 	}()
@@ -199,20 +206,25 @@ func (s *Server) WaitLog(ctx context.Context, substr string) error {
 	return s.log.waitFor(ctx, s.exited, func(l string) bool { return strings.Contains(l, substr) })
 }
 
-// Stop stops sshd and waits for it. Connections already open keep their
-// own sshd process until they close. Stop is idempotent.
+// Stop stops sshd, waits for it and stops reading its log. Connections
+// already open keep their own sshd process until they close (their log
+// lines are no longer read). Stop is idempotent.
 func (s *Server) Stop() {
 	s.stop.Do(func() {
 		if s.cmd == nil || s.cmd.Process == nil {
 			return
 		}
 		_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGTERM)
+		t := time.NewTimer(10 * time.Second)
+		defer t.Stop()
 		select {
 		case <-s.exited:
-		case <-time.After(10 * time.Second):
+		case <-t.C:
 			_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
 			<-s.exited
 		}
+		_ = s.logPipe.Close()
+		<-s.logDone
 	})
 }
 
