@@ -270,7 +270,9 @@ func (m *Metering) handleHold(ctx context.Context, data []byte) (any, error) {
 	return m.Hold(ctx, r)
 }
 
-// Hold is admission in-process: what the hold endpoint answers.
+// Hold is admission in-process: what the hold endpoint answers. Like
+// every in-process call of the API, it is valid between Start and
+// Shutdown.
 func (m *Metering) Hold(ctx context.Context, r HoldRequest) (HoldReply, error) {
 	c, sb := r.Consumer, r.SandboxID
 	tm, err := m.pricer.terms(r.Profile, r.Extension, r.PricingModel)
