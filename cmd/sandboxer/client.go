@@ -368,7 +368,7 @@ func newProfilesCmd(g *globals) *cobra.Command {
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "SLUG\tEXTENSION\tTTL\tDESCRIPTION")
 			for _, p := range list.Profiles {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", p.Slug, p.Extension, p.TTL.Default, p.Description)
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", p.Slug, strings.Join(p.ExtensionNames(), ","), p.TTL.Default, p.Description)
 			}
 			return tw.Flush()
 		},
