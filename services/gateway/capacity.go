@@ -10,6 +10,7 @@ import (
 
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/sandbox"
 	"github.com/sand-boxer/sandboxer/pkg/workers"
 )
 
@@ -223,49 +224,101 @@ func cloneCounts(m map[string]int) map[string]int {
 	return out
 }
 
+// extLoad is what the resolver reads of one extension, kept up to date
+// as records change, so a route costs the same however many sandboxes the
+// bucket holds.
+type extLoad struct {
+	total   int
+	perHost map[string]int
+	// outcomes are the latest provisioning outcomes, newest first, at most
+	// maxOutcomes.
+	outcomes []outcome
+}
+
+type outcome struct {
+	at     time.Time
+	failed bool
+}
+
+// maxOutcomes bounds the outcomes remembered per extension: more than any
+// sensible FailureThreshold.
+const maxOutcomes = 32
+
+// outcomeOf returns a record's provisioning outcome: ready (a success) or
+// failed before ready.
+func outcomeOf(r *sandbox.Record) (outcome, bool) {
+	if r == nil {
+		return outcome{}, false
+	}
+	if !r.ReadyAt.IsZero() {
+		return outcome{at: r.ReadyAt}, true
+	}
+	for _, t := range r.History {
+		if t.State == event.StateFailed {
+			return outcome{at: t.At, failed: true}, true
+		}
+	}
+	return outcome{}, false
+}
+
+// account moves the counts from the old version of a record to the new
+// one. Either may be nil. The caller holds v.mu.
+func (v *inventory) account(old, cur *sandbox.Record) {
+	load := func(ext string) *extLoad {
+		l := v.loads[ext]
+		if l == nil {
+			l = &extLoad{perHost: map[string]int{}}
+			v.loads[ext] = l
+		}
+		return l
+	}
+	if old != nil && !old.State.Terminal() {
+		l := load(old.Extension)
+		l.total--
+		if l.perHost[old.Host]--; l.perHost[old.Host] <= 0 {
+			delete(l.perHost, old.Host)
+		}
+	}
+	if cur != nil && !cur.State.Terminal() {
+		l := load(cur.Extension)
+		l.total++
+		l.perHost[cur.Host]++
+	}
+	if _, had := outcomeOf(old); had || cur == nil {
+		return
+	}
+	if o, ok := outcomeOf(cur); ok {
+		l := load(cur.Extension)
+		i, _ := slices.BinarySearchFunc(l.outcomes, o, func(a, b outcome) int { return b.at.Compare(a.at) })
+		l.outcomes = slices.Insert(l.outcomes, i, o)
+		if len(l.outcomes) > maxOutcomes {
+			l.outcomes = l.outcomes[:maxOutcomes]
+		}
+	}
+}
+
 // Live counts the live sandboxes of extension.
 func (v *inventory) Live(extension string) (int, map[string]int) {
 	v.mu.RLock()
 	defer v.mu.RUnlock()
-	total, perHost := 0, map[string]int{}
-	for _, e := range v.recs {
-		if e.rec == nil || e.rec.Extension != extension || e.rec.State.Terminal() {
-			continue
-		}
-		total++
-		perHost[e.rec.Host]++
+	l := v.loads[extension]
+	if l == nil {
+		return 0, map[string]int{}
 	}
-	return total, perHost
+	return l.total, cloneCounts(l.perHost)
 }
 
 // ConsecutiveFailures counts the extension's latest failures before ready
-// since the given time, up to its latest success.
+// since the given time, up to its latest success (at most maxOutcomes).
 func (v *inventory) ConsecutiveFailures(extension string, since time.Time) int {
-	type outcome struct {
-		at     time.Time
-		failed bool
-	}
-	var outs []outcome
 	v.mu.RLock()
-	for _, e := range v.recs {
-		if e.rec == nil || e.rec.Extension != extension {
-			continue
-		}
-		if !e.rec.ReadyAt.IsZero() {
-			outs = append(outs, outcome{at: e.rec.ReadyAt})
-			continue
-		}
-		for _, t := range e.rec.History {
-			if t.State == event.StateFailed {
-				outs = append(outs, outcome{at: t.At, failed: true})
-				break
-			}
-		}
+	defer v.mu.RUnlock()
+	l := v.loads[extension]
+	if l == nil {
+		return 0
 	}
-	v.mu.RUnlock()
-	slices.SortFunc(outs, func(a, b outcome) int { return b.at.Compare(a.at) })
 	n := 0
-	for _, o := range outs {
+	for _, o := range l.outcomes {
 		if o.at.Before(since) || !o.failed {
 			break
 		}

@@ -25,8 +25,9 @@ type inventory struct {
 
 	mu    sync.RWMutex
 	recs  map[string]invEntry
-	ready chan struct{} // closed after the first full load
-	live  bool          // the watch is running and loaded
+	loads map[string]*extLoad // extension -> its live sandboxes and outcomes, kept with recs
+	ready chan struct{}       // closed after the first full load
+	live  bool                // the watch is running and loaded
 	once  sync.Once
 }
 
@@ -36,7 +37,7 @@ type invEntry struct {
 }
 
 func newInventory(kv jetstream.KeyValue, log *slog.Logger) *inventory {
-	return &inventory{kv: kv, log: log, recs: make(map[string]invEntry), ready: make(chan struct{})}
+	return &inventory{kv: kv, log: log, recs: make(map[string]invEntry), loads: make(map[string]*extLoad), ready: make(chan struct{})}
 }
 
 // run watches the bucket until ctx ends. When the watch breaks, it starts
@@ -100,10 +101,12 @@ func (v *inventory) apply(e jetstream.KeyValueEntry) {
 func (v *inventory) put(id string, rec *sandbox.Record, rev uint64) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if cur, ok := v.recs[id]; ok && cur.rev >= rev {
+	cur, ok := v.recs[id]
+	if ok && cur.rev >= rev {
 		return
 	}
 	v.recs[id] = invEntry{rec: rec, rev: rev}
+	v.account(cur.rec, rec)
 }
 
 func (v *inventory) setLive(b bool) {
