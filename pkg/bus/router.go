@@ -149,8 +149,12 @@ func (r *Router) Run(ctx context.Context, rt Route) error {
 	if err != nil {
 		return fmt.Errorf("consuming %s/%s: %w", rt.Stream, rt.Consumer, err)
 	}
-	stop := context.AfterFunc(ctx, it.Stop)
+	// On cancellation, drain rather than stop: messages already pulled
+	// into the buffer come out of Next and are handed back (nak) at once,
+	// instead of waiting out AckWait on a consumer nobody reads.
+	stop := context.AfterFunc(ctx, it.Drain)
 	defer stop()
+	defer it.Stop()
 
 	hctx := ctx
 	if rt.HandlerContext != nil {
@@ -163,16 +167,27 @@ func (r *Router) Run(ctx context.Context, rt Route) error {
 		select {
 		case sem <- struct{}{}:
 		case <-ctx.Done():
+			r.handBack(it)
 			return nil
 		}
 		msg, err := it.Next()
 		if err != nil {
 			<-sem
-			if ctx.Err() != nil || errors.Is(err, jetstream.ErrMsgIteratorClosed) {
+			if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
+				return nil
+			}
+			if ctx.Err() != nil {
+				r.handBack(it)
 				return nil
 			}
 			r.log.Warn("pulling messages", "consumer", rt.Consumer, "err", err)
 			continue
+		}
+		if ctx.Err() != nil {
+			<-sem
+			_ = msg.Nak()
+			r.handBack(it)
+			return nil
 		}
 		wg.Add(1)
 		go func() {
@@ -180,6 +195,19 @@ func (r *Router) Run(ctx context.Context, rt Route) error {
 			defer func() { <-sem }()
 			r.handle(hctx, rt, msg)
 		}()
+	}
+}
+
+// handBack naks what a draining iterator still holds, so another instance
+// gets it now. It returns when the iterator is closed, or after a bound.
+func (r *Router) handBack(it jetstream.MessagesContext) {
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		msg, err := it.Next()
+		if err != nil {
+			return
+		}
+		_ = msg.Nak()
 	}
 }
 

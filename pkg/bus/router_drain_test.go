@@ -1,0 +1,63 @@
+package bus_test
+
+import (
+	"context"
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/event"
+)
+
+// TestRouterHandsBackOnShutdown stops a router while one handler runs and
+// more messages wait in its pull buffer. Everything it did not finish must
+// reach the next router at once, not after the 30s AckWait.
+func TestRouterHandsBackOnShutdown(t *testing.T) {
+	t.Parallel()
+	policy := bus.ConsumerPolicy{AckWait: 30 * time.Second, MaxDeliver: 5, Backoff: []time.Duration{10 * time.Millisecond}}
+	h := newHarness(t, policy)
+	const n = 6
+	for i := range n {
+		h.publishCreate(fmt.Sprintf("sbx-%d", i))
+	}
+	entered := make(chan struct{}, n)
+	first := bus.NewRouter(h.js, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- first.Run(ctx, bus.Route{Stream: event.StreamCommands, Consumer: h.consumer, Policy: policy, Concurrency: 2,
+			Handler: func(ctx context.Context, m *bus.Message) ([]bus.Out, error) {
+				entered <- struct{}{}
+				<-ctx.Done() // a long command, interrupted by shutdown
+				return nil, ctx.Err()
+			}})
+	}()
+	for range 2 {
+		select {
+		case <-entered:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the first router never started handling")
+		}
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not return after cancellation")
+	}
+
+	var handled atomic.Int64
+	h.run(func(ctx context.Context, m *bus.Message) ([]bus.Out, error) {
+		handled.Add(1)
+		return nil, nil
+	}, 4)
+	// Well under AckWait: only handed-back messages can arrive this soon.
+	await(t, 10*time.Second, "every message at the second router", func() (bool, string) {
+		return handled.Load() == n, fmt.Sprintf("%d of %d handled", handled.Load(), n)
+	})
+}
