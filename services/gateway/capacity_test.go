@@ -201,3 +201,66 @@ func TestCreditsWithoutBackend(t *testing.T) {
 		})
 	}
 }
+
+// TestFailingCandidate: a candidate whose last sandboxes all failed is
+// passed over, as the gateway's inventory sees them, until one succeeds.
+func TestFailingCandidate(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envConfig{catalog: func(c *extension.Catalog) {
+		c.Extensions["flaky"], c.Extensions["steady"] = manifest("flaky", 0, 0), manifest("steady", 0, 0)
+		c.Profiles["spill"] = &extension.Profile{Slug: "spill",
+			Candidates: []extension.Candidate{{Extension: "flaky"}, {Extension: "steady"}}}
+	}})
+	ctx := testCtx(t)
+	alice := e.client("alice")
+	create := func() *api.Sandbox {
+		t.Helper()
+		s, err := alice.Create(ctx, api.CreateRequest{Profile: "spill"}, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	// seen waits until the gateway's listing (its inventory) shows n
+	// sandboxes in state st.
+	seen := func(st event.State, n int) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			list, err := alice.List(ctx, api.ListFilter{State: string(st), Profile: "spill"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(list) == n {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("listing shows %d %s sandboxes, want %d", len(list), st, n)
+			}
+			timer := time.NewTimer(20 * time.Millisecond)
+			<-timer.C
+		}
+	}
+	var flaky []*api.Sandbox
+	for range 4 {
+		s := create()
+		if s.Extension != "flaky" {
+			t.Fatalf("sandbox went to %s before any failure", s.Extension)
+		}
+		flaky = append(flaky, s)
+	}
+	for _, s := range flaky[:3] {
+		e.advance(t, s.ID, true, event.StateProvisioning, event.StateFailed)
+	}
+	seen(event.StateFailed, 3)
+	if s := create(); s.Extension != "steady" {
+		t.Fatalf("after 3 failures on flaky, a sandbox went to %s", s.Extension)
+	}
+	// The sandbox placed on flaky before the failures becomes ready: the
+	// latest outcome is a success, so flaky is healthy again.
+	e.advance(t, flaky[3].ID, true, event.StateProvisioning, event.StateReady)
+	seen(event.StateReady, 1)
+	if s := create(); s.Extension != "flaky" {
+		t.Fatalf("after a success on flaky, a sandbox went to %s", s.Extension)
+	}
+}

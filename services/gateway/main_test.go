@@ -277,6 +277,8 @@ func lifecycleEvent(t *testing.T, rec *sandbox.Record, s event.State) *event.Eve
 	case event.StateReady:
 		data = event.Ready{Ref: ref, Handle: event.Handle{SandboxID: rec.ID, Host: rec.Host},
 			Reachability: event.Reachability{Host: rec.Host, RemoteDir: "/tmp/" + rec.ID}, ReadyAt: now}
+	case event.StateFailed:
+		data = event.Failed{Ref: ref, Phase: "provision", Reason: "test failure"}
 	case event.StateDestroying:
 		data = event.Destroying{Ref: ref, Reason: event.ReasonRequested}
 	case event.StateDestroyed:
