@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -529,5 +530,47 @@ func TestBurstOverflow(t *testing.T) {
 		if r := usageOf(t, cs.dev, id); r.Charged != 0 || r.Extension != "local" {
 			t.Fatalf("local burst usage %+v: want free", r)
 		}
+	}
+}
+
+// TestConcurrentAdmission sends many creates at once against credit for
+// a few through the gateway: exactly that many are admitted, the rest get
+// 402, and the holds add up to the credit.
+func TestConcurrentAdmission(t *testing.T) {
+	const (
+		quote    = 250 // ext.saas-stub: start fee 50 + 10 started minutes x 20
+		afford   = 5
+		requests = 40
+	)
+	cs := startCreditsSystem(t, nil)
+	ctx := testContext(t)
+	if _, err := cs.admin.Grant(ctx, api.GrantRequest{Consumer: "dev", Amount: quote * afford}); err != nil {
+		t.Fatal(err)
+	}
+	statuses := make(chan int, requests)
+	var wg sync.WaitGroup
+	for range requests {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := cs.dev.Create(ctx, api.CreateRequest{Profile: "saas", TTL: "10m"}, "")
+			statuses <- api.StatusOf(err)
+		}()
+	}
+	wg.Wait()
+	close(statuses)
+	count := map[int]int{}
+	for st := range statuses {
+		count[st]++
+	}
+	if count[0] != afford || count[http.StatusPaymentRequired] != requests-afford {
+		t.Fatalf("answers %v: want %d admitted and %d refused with 402", count, afford, requests-afford)
+	}
+	b, err := cs.dev.CreditBalance(ctx, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b.Held != quote*afford || b.Available != 0 || len(b.Holds) != afford {
+		t.Fatalf("account after the rush: %+v", b)
 	}
 }
