@@ -18,7 +18,7 @@ func TestRouterHandsBackOnShutdown(t *testing.T) {
 	t.Parallel()
 	policy := bus.ConsumerPolicy{AckWait: 30 * time.Second, MaxDeliver: 5, Backoff: []time.Duration{10 * time.Millisecond}}
 	h := newHarness(t, policy)
-	const n = 6
+	const n = 12
 	for i := range n {
 		h.publishCreate(fmt.Sprintf("sbx-%d", i))
 	}
@@ -27,20 +27,25 @@ func TestRouterHandsBackOnShutdown(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		done <- first.Run(ctx, bus.Route{Stream: event.StreamCommands, Consumer: h.consumer, Policy: policy, Concurrency: 2,
+		done <- first.Run(ctx, bus.Route{Stream: event.StreamCommands, Consumer: h.consumer, Policy: policy, Concurrency: 4,
 			Handler: func(ctx context.Context, m *bus.Message) ([]bus.Out, error) {
 				entered <- struct{}{}
 				<-ctx.Done() // a long command, interrupted by shutdown
 				return nil, ctx.Err()
 			}})
 	}()
-	for range 2 {
+	for range 4 {
 		select {
 		case <-entered:
 		case <-time.After(10 * time.Second):
 			t.Fatal("the first router never started handling")
 		}
 	}
+	// Four messages in handlers, more pulled into the buffer.
+	await(t, 10*time.Second, "messages waiting in the pull buffer", func() (bool, string) {
+		info := h.consumerInfo()
+		return info.NumAckPending > 4, fmt.Sprintf("%d pending ack", info.NumAckPending)
+	})
 	cancel()
 	select {
 	case err := <-done:
