@@ -27,8 +27,11 @@ test: vet
 # End-to-end tests against a real sshd and the Docker engine. They fail,
 # never skip, when either is missing (.ci/install-e2e.sh installs them).
 e2e: build
-	@echo "== e2e"
-	cd pkg && $(GO) test -tags e2e $(TESTFLAGS) ./sshx/... ./extension/composessh/... ./extension/vmpacker/...
+	sh .ci/install-e2e.sh
+	@echo "== e2e: backends against a real sshd and Docker engine"
+	cd pkg && $(GO) test -tags e2e -count=1 -timeout 20m ./sshx/... ./extension/composessh/... ./extension/vmpacker/...
+	@echo "== e2e: through the gateway"
+	cd cmd/sandboxer && $(GO) test -tags e2e -count=1 -timeout 20m -run 'E2E' -v ./...
 
 bench: build
 	./$(BIN) bench --quick

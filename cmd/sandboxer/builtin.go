@@ -2,8 +2,10 @@ package main
 
 import (
 	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/extension/composessh"
 	"github.com/sand-boxer/sandboxer/pkg/extension/local"
 	"github.com/sand-boxer/sandboxer/pkg/extension/saasstub"
+	"github.com/sand-boxer/sandboxer/pkg/extension/vmpacker"
 )
 
 // builtinExtensions are the backends this binary links, in one place. The
@@ -12,6 +14,8 @@ import (
 func builtinExtensions() []extension.Info {
 	return []extension.Info{
 		local.Info,
+		composessh.Info,
+		vmpacker.Info,
 		saasstub.Info,
 	}
 }

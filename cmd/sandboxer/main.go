@@ -67,7 +67,7 @@ func newRoot() *cobra.Command {
 	pf.StringVar(&g.token, "token", os.Getenv("SANDBOXER_TOKEN"), "API key (env SANDBOXER_TOKEN; default: the key of --as read from --data-dir)")
 	pf.StringVar(&g.dataDir, "data-dir", defaultDataDir(), "data directory (env SANDBOXER_DATA_DIR)")
 	pf.StringVar(&g.as, "as", "dev", "which key from the data directory to use when no token is given: dev or admin")
-	pf.StringVarP(&g.output, "output", "o", "table", "output format: table or json")
+	pf.StringVarP(&g.output, "output", "o", "table", "output format: table or json (credits ledger and usage also take csv)")
 
 	root.AddCommand(
 		newUpCmd(g),
