@@ -106,7 +106,7 @@ func (l *Local) Provision(ctx context.Context, _ extension.Profile, in extension
 	if err := os.RemoveAll(dir); err != nil {
 		return h, fmt.Errorf("local: removing partial workspace: %w", err)
 	}
-	tmp, err := os.MkdirTemp(l.base, ".tmp-"+id+"-")
+	tmp, err := os.MkdirTemp(l.base, ".tmp-"+id+".")
 	if err != nil {
 		return h, fmt.Errorf("local: creating workspace: %w", err)
 	}
@@ -177,7 +177,7 @@ func (l *Local) Teardown(ctx context.Context, h extension.Handle) (extension.Cle
 	if err := event.CheckName("sandbox id", h.SandboxID); err != nil {
 		return rep, fmt.Errorf("local: %w", err)
 	}
-	paths, _ := filepath.Glob(filepath.Join(l.base, ".tmp-"+h.SandboxID+"-*"))
+	paths, _ := filepath.Glob(filepath.Join(l.base, ".tmp-"+h.SandboxID+".*"))
 	paths = append(paths, l.Dir(h.SandboxID))
 	for _, p := range paths {
 		if _, err := os.Lstat(p); errors.Is(err, os.ErrNotExist) {
@@ -199,7 +199,7 @@ func (l *Local) Instances(sandboxID string) int {
 	if _, err := os.Stat(l.Dir(sandboxID)); err == nil {
 		n++
 	}
-	tmps, _ := filepath.Glob(filepath.Join(l.base, ".tmp-"+sandboxID+"-*"))
+	tmps, _ := filepath.Glob(filepath.Join(l.base, ".tmp-"+sandboxID+".*"))
 	return n + len(tmps)
 }
 
