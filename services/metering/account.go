@@ -462,3 +462,29 @@ func mergeDraws(into, add []Draw) []Draw {
 	}
 	return into
 }
+
+// Fold folds a consumer's ledger entries into the balance and the credit
+// on hold they add up to. It checks that the entries are one consumer's,
+// numbered 1, 2, 3... without gap or repeat in the order given (sort them
+// by Seq first), and that no entry leaves anything below zero; it returns
+// the first violation.
+func Fold(entries []Entry) (balance, held int64, err error) {
+	for i := range entries {
+		e := &entries[i]
+		if e.Seq != uint64(i+1) {
+			return 0, 0, fmt.Errorf("folding ledger: entry %s has seq %d, want %d", e.Key, e.Seq, i+1)
+		}
+		if e.Consumer != entries[0].Consumer {
+			return 0, 0, fmt.Errorf("folding ledger: entry %s is of consumer %s, not %s", e.Key, e.Consumer, entries[0].Consumer)
+		}
+		balance += e.Amount
+		held += e.Held
+		if balance != e.BalanceAfter || held != e.HeldAfter {
+			return 0, 0, fmt.Errorf("folding ledger: entry %s leaves balance %d held %d, the fold gives %d and %d", e.Key, e.BalanceAfter, e.HeldAfter, balance, held)
+		}
+		if balance < 0 || held < 0 || held > balance {
+			return 0, 0, fmt.Errorf("folding ledger: entry %s leaves balance %d, held %d", e.Key, balance, held)
+		}
+	}
+	return balance, held, nil
+}

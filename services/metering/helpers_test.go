@@ -96,7 +96,7 @@ type env struct {
 	cred   jetstream.KeyValue
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t testing.TB) *env {
 	t.Helper()
 	srv := natstest.Start(t)
 	nc := srv.Conn(t)

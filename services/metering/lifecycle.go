@@ -13,6 +13,15 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 )
 
+// countLifecycle is onLifecycle, counting what it handled.
+func (m *Metering) countLifecycle(ctx context.Context, msg *bus.Message) ([]bus.Out, error) {
+	outs, err := m.onLifecycle(ctx, msg)
+	if err == nil {
+		m.processed.Add(1)
+	}
+	return outs, err
+}
+
 // onLifecycle is the handler of lifecycle events. ready starts the meter;
 // failed and rejected release the hold (a sandbox that never became ready
 // costs nothing); destroyed settles the usage and releases the rest. Every

@@ -23,6 +23,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -132,6 +133,10 @@ type Metering struct {
 	svc       micro.Service
 	router    *bus.Router
 
+	// processed counts lifecycle events fully handled: their changes
+	// durable in the ledger (or found to change nothing).
+	processed atomic.Uint64
+
 	stopPull     context.CancelFunc
 	stopHandlers context.CancelFunc
 	stopWatch    context.CancelFunc
@@ -225,7 +230,7 @@ func (m *Metering) Start(ctx context.Context) (err error) {
 	routes := []bus.Route{
 		{
 			Stream: event.StreamLifecycle, Consumer: ConsumerLifecycle, Policy: m.opts.Policy,
-			Concurrency: m.opts.Concurrency, Handler: m.onLifecycle, HandlerContext: handlerCtx,
+			Concurrency: m.opts.Concurrency, Handler: m.countLifecycle, HandlerContext: handlerCtx,
 		},
 		{
 			Stream: event.StreamTimers, Consumer: ConsumerAccrual, Policy: m.opts.Policy,
@@ -258,6 +263,14 @@ func (m *Metering) Stats() *bus.RouterStats {
 	}
 	return &m.router.Stats
 }
+
+// Processed returns how many lifecycle events this instance has fully
+// handled since it started: each one's ledger entries are written (or it
+// was found to change nothing, as a redelivery is), whatever its state.
+// It only grows. A benchmark that publishes N lifecycle events reads it
+// before, then waits until it has grown by N; with several instances,
+// sum theirs.
+func (m *Metering) Processed() uint64 { return m.processed.Load() }
 
 // Shutdown stops answering requests, stops pulling messages and waits for
 // the handlers in flight. When ctx ends first, it cancels them (their
