@@ -29,6 +29,8 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/extension/echo"
+	"github.com/sand-boxer/sandboxer/pkg/sandbox"
+	"github.com/sand-boxer/sandboxer/services/metering"
 )
 
 // benchConfig sizes a benchmark run.
@@ -183,6 +185,12 @@ func runBench(ctx context.Context, cfg benchConfig, only []string, logw io.Write
 			}
 		}
 	}
+	if want("metering") {
+		logf("metering: lifecycle events folded into balances")
+		if err := benchMetering(ctx, sys, cfg, res); err != nil {
+			return nil, fmt.Errorf("metering: %w", err)
+		}
+	}
 	if want("memory") {
 		logf("resident set of a separate process holding %d live sandboxes", cfg.Live)
 		if err := benchMemory(ctx, cfg, filepath.Join(dir, "memory"), res); err != nil {
@@ -190,6 +198,131 @@ func runBench(ctx context.Context, cfg benchConfig, only []string, logw io.Write
 		}
 	}
 	return res, nil
+}
+
+// benchMetering admits cfg.Sequential sandboxes through metering, then
+// publishes a ready and a destroyed event for each into the lifecycle
+// stream as fast as the stream takes them, and times how long metering's
+// durable consumer takes to fold them all: settle, release, usage record,
+// every entry exactly once. The registry consumes the same events at the
+// same time, as it does in service.
+func benchMetering(ctx context.Context, sys *system, cfg benchConfig, res *benchResult) error {
+	n := cfg.Sequential * 2
+	mc := metering.NewClient(sys.NC)
+	ids := make([]string, n)
+	var (
+		next  atomic.Int64
+		wg    sync.WaitGroup
+		errMu sync.Mutex
+		first error
+	)
+	for i := range ids {
+		ids[i] = sandbox.NewID()
+	}
+	for range cfg.InFlight {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := next.Add(1) - 1; i < int64(n); i = next.Add(1) - 1 {
+				_, err := mc.Hold(ctx, metering.HoldRequest{SandboxID: ids[i], Consumer: "bench", Profile: "echo", Extension: "echo", TTLSeconds: 3600})
+				if err != nil {
+					errMu.Lock()
+					first = cmp.Or(first, err)
+					errMu.Unlock()
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if first != nil {
+		return first
+	}
+	cons, err := sys.JS.Consumer(ctx, event.StreamLifecycle, metering.ConsumerLifecycle)
+	if err != nil {
+		return err
+	}
+	caughtUp := func() (bool, error) {
+		info, err := cons.Info(ctx)
+		if err != nil {
+			return false, err
+		}
+		return info.NumPending == 0 && info.NumAckPending == 0, nil
+	}
+	// Start from a quiet consumer.
+	for deadline := time.Now().Add(time.Minute); ; {
+		ok, err := caughtUp()
+		if err != nil {
+			return err
+		}
+		if ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			return errors.New("metering consumer never caught up before the run")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	start := time.Now()
+	readyAt := start.UTC()
+	var futures []jetstream.PubAckFuture
+	for _, id := range ids {
+		ref := event.Ref{SandboxID: id, Consumer: "bench", Profile: "echo", Extension: "echo", Host: "localhost"}
+		for _, e := range []struct {
+			s    event.State
+			data any
+		}{
+			{event.StateReady, event.Ready{Ref: ref, Handle: event.Handle{SandboxID: id, Host: "localhost"}, Reachability: event.Reachability{Host: "localhost"}, ReadyAt: readyAt}},
+			{event.StateDestroyed, event.Destroyed{Ref: ref, Reason: event.ReasonRequested}},
+		} {
+			ev, err := event.New(event.LifecycleType(e.s), "/sandboxer/bench", id, id+"."+string(e.s), e.data)
+			if err != nil {
+				return err
+			}
+			msg, err := event.Encode(ctx, event.LifecycleSubject("echo", id, e.s), ev)
+			if err != nil {
+				return err
+			}
+			f, err := sys.JS.PublishMsgAsync(msg)
+			if err != nil {
+				return err
+			}
+			futures = append(futures, f)
+		}
+	}
+	for _, f := range futures {
+		select {
+		case <-f.Ok():
+		case err := <-f.Err():
+			return err
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	for deadline := time.Now().Add(5 * time.Minute); ; {
+		ok, err := caughtUp()
+		if err != nil {
+			return err
+		}
+		if ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			return errors.New("metering did not fold the events within 5 minutes")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	res.MeteringEventsPerS = float64(2*n) / time.Since(start).Seconds()
+	// Exactly once, checked: every sandbox settled to one usage record,
+	// and the account's holds all released.
+	bal, err := mc.Balance(ctx, "bench")
+	if err != nil {
+		return err
+	}
+	if bal.Held != 0 {
+		return fmt.Errorf("after settlement %d credits are still held", bal.Held)
+	}
+	return nil
 }
 
 // newBenchServeCmd is the process whose memory the benchmark measures:
@@ -484,6 +617,7 @@ func throughput(ctx context.Context, cfg benchConfig, op func() error) (float64,
 // stores.
 type watcher struct {
 	sub     *nats.Subscription
+	usage   *nats.Subscription
 	mu      sync.Mutex
 	waiting map[string]chan struct{} // "<sandbox>.<state>"
 	seen    map[string]bool          // arrived before anyone waited
@@ -514,16 +648,54 @@ func newWatcher(nc *nats.Conn) (*watcher, error) {
 	}
 	sub.SetPendingLimits(-1, -1)
 	w.sub = sub
+	usage, err := nc.Subscribe(event.MeteringSubject("*", "usage"), func(m *nats.Msg) {
+		id := m.Header.Get("ce-subject")
+		if id == "" {
+			return
+		}
+		w.arrived(id + ".settled")
+	})
+	if err != nil {
+		_ = sub.Unsubscribe()
+		return nil, err
+	}
+	usage.SetPendingLimits(-1, -1)
+	w.usage = usage
 	return w, nil
 }
 
-func (w *watcher) close() { _ = w.sub.Unsubscribe() }
+// arrived wakes whoever waits for key, or remembers it for them.
+func (w *watcher) arrived(key string) {
+	w.mu.Lock()
+	ch, ok := w.waiting[key]
+	if ok {
+		delete(w.waiting, key)
+	} else {
+		w.seen[key] = true
+	}
+	w.mu.Unlock()
+	if ok {
+		close(ch)
+	}
+}
+
+func (w *watcher) close() {
+	_ = w.sub.Unsubscribe()
+	_ = w.usage.Unsubscribe()
+}
 
 // expect registers interest in a sandbox's state before the event can
 // arrive.
 func (w *watcher) expect(id string, s event.State) chan struct{} {
+	return w.expectKey(id + "." + string(s))
+}
+
+// expectSettled registers interest in a sandbox's usage record: metering
+// has settled it.
+func (w *watcher) expectSettled(id string) chan struct{} { return w.expectKey(id + ".settled") }
+
+func (w *watcher) expectKey(key string) chan struct{} {
 	ch := make(chan struct{})
-	key := id + "." + string(s)
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.seen[key] {
@@ -586,11 +758,14 @@ func benchLifecycles(ctx context.Context, c *api.Client, w *watcher, cfg benchCo
 		if err != nil {
 			return err
 		}
-		ch := w.expect(id, event.StateDestroyed)
+		destroyed, settled := w.expect(id, event.StateDestroyed), w.expectSettled(id)
 		if _, err := c.Destroy(ctx, id); err != nil {
 			return err
 		}
-		return await(ctx, ch, id+" destroyed")
+		if err := await(ctx, destroyed, id+" destroyed"); err != nil {
+			return err
+		}
+		return await(ctx, settled, id+" settled by metering")
 	})
 	if err != nil {
 		return err
