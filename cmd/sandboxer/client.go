@@ -191,30 +191,11 @@ func newCreateCmd(g *globals) *cobra.Command {
 }
 
 func newGetCmd(g *globals) *cobra.Command {
-	return &cobra.Command{
-		Use:   "get ID",
-		Short: "Show a sandbox",
-		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			asJSON, err := g.json()
-			if err != nil {
-				return err
-			}
-			c, err := g.client()
-			if err != nil {
-				return err
-			}
-			s, err := c.Get(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			if asJSON {
-				return printJSON(cmd.OutOrStdout(), s)
-			}
-			printSandbox(cmd.OutOrStdout(), s)
-			return nil
+	return readCmd(g, &cobra.Command{Use: "get ID", Short: "Show a sandbox", Args: cobra.ExactArgs(1)},
+		func(ctx context.Context, c *api.Client, args []string) (*api.Sandbox, error) {
+			return c.Get(ctx, args[0])
 		},
-	}
+		func(w io.Writer, s *api.Sandbox) error { printSandbox(w, s); return nil })
 }
 
 func newListCmd(g *globals) *cobra.Command {
@@ -344,59 +325,50 @@ func newEventsCmd(g *globals) *cobra.Command {
 	return cmd
 }
 
+// readCmd is a client verb that fetches one thing and prints it as a
+// table, or as JSON with -o json.
+func readCmd[T any](g *globals, cmd *cobra.Command, fetch func(ctx context.Context, c *api.Client, args []string) (T, error), table func(w io.Writer, v T) error) *cobra.Command {
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		asJSON, err := g.json()
+		if err != nil {
+			return err
+		}
+		c, err := g.client()
+		if err != nil {
+			return err
+		}
+		v, err := fetch(cmd.Context(), c, args)
+		if err != nil {
+			return err
+		}
+		if asJSON {
+			return printJSON(cmd.OutOrStdout(), v)
+		}
+		return table(cmd.OutOrStdout(), v)
+	}
+	return cmd
+}
+
 func newProfilesCmd(g *globals) *cobra.Command {
-	return &cobra.Command{
-		Use:   "profiles",
-		Short: "List the profiles sandboxes can be asked for",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			asJSON, err := g.json()
-			if err != nil {
-				return err
-			}
-			c, err := g.client()
-			if err != nil {
-				return err
-			}
-			list, err := c.Profiles(cmd.Context())
-			if err != nil {
-				return err
-			}
-			if asJSON {
-				return printJSON(cmd.OutOrStdout(), list)
-			}
-			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+	return readCmd(g, &cobra.Command{Use: "profiles", Short: "List the profiles sandboxes can be asked for", Args: cobra.NoArgs},
+		func(ctx context.Context, c *api.Client, _ []string) (*api.ProfileList, error) { return c.Profiles(ctx) },
+		func(w io.Writer, list *api.ProfileList) error {
+			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "SLUG\tEXTENSION\tTTL\tDESCRIPTION")
 			for _, p := range list.Profiles {
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", p.Slug, strings.Join(p.ExtensionNames(), ","), p.TTL.Default, p.Description)
 			}
 			return tw.Flush()
-		},
-	}
+		})
 }
 
 func newExtensionsCmd(g *globals) *cobra.Command {
-	return &cobra.Command{
-		Use:   "extensions",
-		Short: "List the backends",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			asJSON, err := g.json()
-			if err != nil {
-				return err
-			}
-			c, err := g.client()
-			if err != nil {
-				return err
-			}
-			list, err := c.Extensions(cmd.Context())
-			if err != nil {
-				return err
-			}
-			if asJSON {
-				return printJSON(cmd.OutOrStdout(), list)
-			}
-			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+	return readCmd(g, &cobra.Command{Use: "extensions", Short: "List the backends", Args: cobra.NoArgs},
+		func(ctx context.Context, c *api.Client, _ []string) (*api.ExtensionList, error) {
+			return c.Extensions(ctx)
+		},
+		func(w io.Writer, list *api.ExtensionList) error {
+			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "NAME\tHANDLER\tISOLATION\tPRICING\tINPUTS")
 			for _, m := range list.Extensions {
 				var lv []string
@@ -414,6 +386,5 @@ func newExtensionsCmd(g *globals) *cobra.Command {
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", m.Name, m.Handler, strings.Join(lv, ","), m.Capabilities.PricingModel, strings.Join(in, ","))
 			}
 			return tw.Flush()
-		},
-	}
+		})
 }
