@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -36,7 +37,7 @@ func (r *Registry) project(ctx context.Context, m *bus.Message) ([]bus.Out, erro
 	if to, ok := event.StateOf(event.Type(m.Event.Type())); !ok || to != ref.State {
 		return nil, bus.Permanent(fmt.Errorf("projecting %s: event type %s does not announce state %s", m.Subject, m.Event.Type(), ref.State))
 	}
-	rec, _, err := r.applyEvent(ctx, ref.Sandbox, m.Event)
+	rec, prev, err := r.applyEvent(ctx, ref.Sandbox, m.Event)
 	if err != nil {
 		return nil, err
 	}
@@ -48,8 +49,11 @@ func (r *Registry) project(ctx context.Context, m *bus.Message) ([]bus.Out, erro
 		if err := r.schedule(ctx, rec); err != nil {
 			return nil, err
 		}
-	case rec.State.Rank() > event.StateReady.Rank() && !rec.ExpiresAt.IsZero():
-		// Past ready (expired, destroying, destroyed): nothing may fire.
+	case prev.Rank() <= event.StateReady.Rank() && rec.State.Rank() > event.StateReady.Rank() && !rec.ExpiresAt.IsZero():
+		// This event moved the sandbox past ready (expired, destroying,
+		// destroyed): nothing may fire. Once is enough: a purge that fails
+		// after the record moved leaves a schedule whose fire finds the
+		// sandbox no longer ready and does nothing.
 		if err := r.cancelExpiry(ctx, rec.ID); err != nil {
 			return nil, err
 		}
@@ -58,47 +62,123 @@ func (r *Registry) project(ctx context.Context, m *bus.Message) ([]bus.Out, erro
 }
 
 // applyEvent applies e to the record of sandbox id in the sandboxes
-// bucket: read, [sandbox.Apply], then Update at the read revision (or
-// Create when there is no record), re-reading on a conflict, a bounded
-// number of times. It returns the record as stored and whether e changed
-// it. An event Apply refuses is [bus.Permanent].
-func (r *Registry) applyEvent(ctx context.Context, id string, e *event.Event) (*sandbox.Record, bool, error) {
+// bucket: read (from the cache of records this instance wrote, or the
+// bucket), [sandbox.Apply], then Update at the read revision (or Create
+// when there is no record), re-reading from the bucket on a conflict, a
+// bounded number of times. It returns the record as stored and the state
+// it had before e; an event that does not move the record returns that
+// same state. An event Apply refuses is [bus.Permanent].
+func (r *Registry) applyEvent(ctx context.Context, id string, e *event.Event) (*sandbox.Record, event.State, error) {
+	cached := true
 	for range maxCASAttempts {
-		rec, rev, err := r.readRecord(ctx, id)
-		if err != nil {
-			return nil, false, err
+		var (
+			rec *sandbox.Record
+			rev uint64
+			err error
+		)
+		if cached {
+			rec, rev = r.records.get(id)
+		}
+		if rec == nil {
+			if rec, rev, err = r.readRecord(ctx, id); err != nil {
+				return nil, "", err
+			}
 		}
 		if rec == nil {
 			rec = &sandbox.Record{}
 		}
+		prev := rec.State
 		changed, err := sandbox.Apply(rec, e)
 		if err != nil {
-			return nil, false, bus.Permanent(fmt.Errorf("applying %s to sandbox %s: %w", e.Type(), id, err))
+			return nil, "", bus.Permanent(fmt.Errorf("applying %s to sandbox %s: %w", e.Type(), id, err))
 		}
 		if !changed {
-			return rec, false, nil
+			return rec, prev, nil
 		}
 		if rec.ID != id {
-			return nil, false, bus.Permanent(fmt.Errorf("applying %s: %w: data names sandbox %q, subject %q", e.Type(), event.ErrMalformed, rec.ID, id))
+			return nil, "", bus.Permanent(fmt.Errorf("applying %s: %w: data names sandbox %q, subject %q", e.Type(), event.ErrMalformed, rec.ID, id))
 		}
+		b := rec.Marshal()
+		var newRev uint64
 		if rev == 0 {
-			_, err = r.sandboxes.Create(ctx, id, rec.Marshal())
+			newRev, err = r.sandboxes.Create(ctx, id, b)
 			if errors.Is(err, jetstream.ErrKeyExists) {
+				cached = false
 				continue
 			}
 		} else {
-			_, err = r.sandboxes.Update(ctx, id, rec.Marshal(), rev)
+			newRev, err = r.sandboxes.Update(ctx, id, b, rev)
 			if errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
+				cached = false
 				continue
 			}
 		}
 		if err != nil {
-			return nil, false, fmt.Errorf("writing sandbox %s: %w", id, err)
+			r.records.drop(id)
+			return nil, "", fmt.Errorf("writing sandbox %s: %w", id, err)
+		}
+		if rec.State.Terminal() {
+			r.records.drop(id)
+		} else {
+			r.records.put(id, b, newRev)
 		}
 		r.log.Debug("sandbox moved", "sandbox", id, "state", rec.State)
-		return rec, true, nil
+		return rec, prev, nil
 	}
-	return nil, false, fmt.Errorf("applying %s to sandbox %s: %w after %d attempts", e.Type(), id, errConflict, maxCASAttempts)
+	r.records.drop(id)
+	return nil, "", fmt.Errorf("applying %s to sandbox %s: %w after %d attempts", e.Type(), id, errConflict, maxCASAttempts)
+}
+
+// recordCache remembers the records this instance wrote, with their
+// revisions, so the next event of a live sandbox needs no read. It is only
+// a hint: a stale entry fails its compare-and-swap and the record is read
+// again. Terminal records leave it; its size is bounded.
+type recordCache struct {
+	mu sync.Mutex
+	m  map[string]cachedRecord
+}
+
+type cachedRecord struct {
+	b   []byte
+	rev uint64
+}
+
+// maxCachedRecords bounds the cache; past it, an arbitrary entry goes.
+const maxCachedRecords = 100_000
+
+func (c *recordCache) get(id string) (*sandbox.Record, uint64) {
+	c.mu.Lock()
+	e, ok := c.m[id]
+	c.mu.Unlock()
+	if !ok {
+		return nil, 0
+	}
+	rec, err := sandbox.Unmarshal(e.b)
+	if err != nil {
+		return nil, 0
+	}
+	return rec, e.rev
+}
+
+func (c *recordCache) put(id string, b []byte, rev uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil {
+		c.m = make(map[string]cachedRecord)
+	}
+	if _, ok := c.m[id]; !ok && len(c.m) >= maxCachedRecords {
+		for k := range c.m {
+			delete(c.m, k)
+			break
+		}
+	}
+	c.m[id] = cachedRecord{b: b, rev: rev}
+}
+
+func (c *recordCache) drop(id string) {
+	c.mu.Lock()
+	delete(c.m, id)
+	c.mu.Unlock()
 }
 
 // readRecord returns the record of sandbox id and its revision, or nil and

@@ -124,6 +124,7 @@ type Registry struct {
 	catalog     *extension.Catalog
 	catalogJSON []byte
 	sandboxes   jetstream.KeyValue
+	records     recordCache
 	timers      jetstream.Stream
 	workers     *workers.Cache
 	svc         micro.Service
