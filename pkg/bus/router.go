@@ -315,29 +315,35 @@ func (r *Router) deadLetter(ctx context.Context, rt Route, msg jetstream.Msg, me
 }
 
 // heartbeat tells the server the message is in progress every third of
-// ackWait until the returned stop is called.
+// ackWait until the returned stop is called. It costs a timer, not a
+// goroutine, for the many messages handled in well under ackWait.
 func heartbeat(msg jetstream.Msg, ackWait time.Duration) (stop func()) {
 	every := ackWait / 3
 	if every <= 0 {
 		return func() {}
 	}
-	done := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		t := time.NewTicker(every)
-		defer t.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case <-t.C:
-				_ = msg.InProgress()
-			}
+	var (
+		mu      sync.Mutex
+		stopped bool
+		t       *time.Timer
+	)
+	beat := func() {
+		_ = msg.InProgress()
+		mu.Lock()
+		defer mu.Unlock()
+		if !stopped {
+			t.Reset(every)
 		}
-	}()
-	return func() { close(done); wg.Wait() }
+	}
+	mu.Lock()
+	t = time.AfterFunc(every, beat)
+	mu.Unlock()
+	return func() {
+		mu.Lock()
+		stopped = true
+		t.Stop()
+		mu.Unlock()
+	}
 }
 
 func truncate(s string, n int) string {
