@@ -80,6 +80,7 @@ func TestGatewayE2E(t *testing.T) {
 
 	// First, alone: it counts the connections sshd accepts.
 	t.Run("InjectionRefusedBeforeSSH", func(t *testing.T) { e2eInjectionRefused(t, e, s, bases) })
+	t.Run("ComposeStackUpExecDestroy", func(t *testing.T) { t.Parallel(); e2eCompose(t, e, s, bases[extCompose]) })
 }
 
 // e2eRequireDocker fails t unless the Docker engine answers.
@@ -344,6 +345,103 @@ func e2eInjectionRefused(t *testing.T, e *e2eEnv, s *e2eSystem, bases map[string
 		if names := e2eDirEntries(t, base); len(names) != 0 {
 			t.Fatalf("%s base dir holds %v after refused requests", ext, names)
 		}
+	}
+}
+
+// e2eCleanup makes sure a sandbox a case created is gone when the case
+// ends, failed or not: destroyed through the gateway, then whatever still
+// carries its compose project's label removed from Docker directly.
+func e2eCleanup(t *testing.T, s *e2eSystem, id, project string) {
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		if sb, err := s.c.Get(ctx, id); err == nil && !sb.State.Terminal() {
+			if _, err := s.c.Destroy(ctx, id); err == nil {
+				_, _ = s.c.Wait(ctx, id, event.State.Terminal, nil)
+			}
+		}
+		if project == "" {
+			return
+		}
+		f := "label=com.docker.compose.project=" + project
+		script := `ids=$(docker ps -aq --filter "$1"); [ -z "$ids" ] || docker rm -f $ids
+ids=$(docker network ls -q --filter "$1"); [ -z "$ids" ] || docker network rm $ids
+ids=$(docker volume ls -q --filter "$1"); [ -z "$ids" ] || docker volume rm -f $ids
+true`
+		if out, err := exec.CommandContext(ctx, "sh", "-c", script, "sweep", f).CombinedOutput(); err != nil {
+			t.Logf("sweeping %s: %v: %s", project, err, out)
+		}
+	})
+}
+
+// e2eCompose creates a compose-ssh sandbox through the gateway, reaches
+// into its stack over SSH, destroys it, and finds nothing left of it in
+// Docker or on the host.
+func e2eCompose(t *testing.T, e *e2eEnv, s *e2eSystem, base string) {
+	ctx := e2eCtx(t, 3*time.Minute)
+	sb, err := s.c.Create(ctx, api.CreateRequest{Profile: profCompose, TTL: "10m", Inputs: map[string]string{
+		"repo": "file://" + e.repo, "env": "GREETING=" + greetingForTest,
+	}}, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	project := "sbx-" + sb.ID // the manifest's default project prefix
+	e2eCleanup(t, s, sb.ID, project)
+	ready, err := s.c.Wait(ctx, sb.ID, func(st event.State) bool { return st.Rank() >= event.StateReady.Rank() }, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ready.State != event.StateReady || ready.Reachability == nil {
+		t.Fatalf("sandbox = %+v (reason %q), want ready with reachability", ready.State, ready.Reason)
+	}
+	r := ready.Reachability
+	dir := filepath.Join(base, sb.ID)
+	if r.SSH != e.srv.Target().String() || r.ComposeProject != project || r.RemoteDir != filepath.Join(dir, "repo") || r.Host != composetest.Host {
+		t.Fatalf("reachability %+v, want ssh %s, project %s, remote_dir under %s, host %s", r, e.srv.Target(), project, dir, composetest.Host)
+	}
+
+	// As the sandbox's user: SSH to the reachability and run a command
+	// inside the stack, in its remote dir.
+	cl := e2eSSH(ctx, t, e, r.SSH)
+	out, err := cl.Run(ctx, "sh", "-c", `cd "$1" && exec docker exec "$(docker ps -q --filter "label=com.docker.compose.project=$2" --filter "label=com.docker.compose.service=$3")" cat /data/greeting`,
+		"exec", r.RemoteDir, r.ComposeProject, composetest.Service)
+	if err != nil || string(out) != greetingForTest {
+		t.Fatalf("command inside the stack = %q, %v; want the env input's GREETING %q", out, err, greetingForTest)
+	}
+	if !e2eRemoteExists(ctx, t, cl, filepath.Join(r.RemoteDir, "docker-compose.yml")) {
+		t.Fatal("the repository is not cloned at remote_dir")
+	}
+	res := composetest.ProjectResources(t, project)
+	if len(res.Containers) != 1 || len(res.Networks) != 1 || len(res.Volumes) != 1 {
+		t.Fatalf("the stack holds %s, want one container, network and volume", res)
+	}
+
+	if _, err := s.c.Destroy(ctx, sb.ID); err != nil {
+		t.Fatal(err)
+	}
+	gone, err := s.c.Wait(ctx, sb.ID, event.State.Terminal, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if gone.State != event.StateDestroyed {
+		t.Fatalf("state after destroy = %s (reason %q), want destroyed", gone.State, gone.Reason)
+	}
+	destroyed := e2eDataOf[event.Destroyed](t, e2eLifecycle(ctx, t, s.sys.JS, sb.ID, event.StateDestroyed))
+	for _, w := range []string{"container:" + res.Containers[0], "network:" + res.Networks[0], "volume:" + res.Volumes[0], "dir:" + dir} {
+		if !slices.Contains(destroyed.Cleanup.Removed, w) {
+			t.Errorf("destroyed event's cleanup %v lacks %s", destroyed.Cleanup.Removed, w)
+		}
+	}
+	// Independently of the backend: Docker by the project's label, the
+	// host's file system over SSH.
+	if left := composetest.ProjectResources(t, project); !left.Empty() {
+		t.Fatalf("after destroyed Docker still holds %s", left)
+	}
+	if e2eRemoteExists(ctx, t, cl, dir) {
+		t.Fatalf("after destroyed %s is still on the host", dir)
+	}
+	if names := e2eDirEntries(t, base); len(names) != 0 {
+		t.Fatalf("after destroyed the base dir holds %v", names)
 	}
 }
 
