@@ -74,13 +74,27 @@ func TestGatewayE2E(t *testing.T) {
 		composetest.ManifestYAML(e.srv, bases[extCompose], composetest.ManifestOptions{})+e2eWorkersYAML(10*time.Second))
 	e2eWriteFile(t, filepath.Join(extDir, "ext."+extVM+".yaml"),
 		vmtest.ManifestYAML(e.srv, bases[extVM], vmtest.ManifestOptions{})+e2eWorkersYAML(10*time.Second))
+	// The same host under another extension whose known_hosts lists a
+	// different key for it: what a client sees of a host whose key changed.
+	changedKH := e.srv.ChangedKnownHosts(t)
+	rekeyed := composetest.ManifestYAML(e.srv, bases[extRekeyed], composetest.ManifestOptions{KnownHosts: changedKH})
+	if !strings.HasPrefix(rekeyed, "name: "+extCompose+"\n") {
+		t.Fatalf("composetest manifest does not start with its name:\n%s", rekeyed)
+	}
+	rekeyed = "name: " + extRekeyed + strings.TrimPrefix(rekeyed, "name: "+extCompose)
+	e2eWriteFile(t, filepath.Join(extDir, "ext."+extRekeyed+".yaml"), rekeyed+e2eWorkersYAML(10*time.Second))
 	e2eWriteProfile(t, profDir, profCompose, extCompose, "container")
+	e2eWriteProfile(t, profDir, profRekeyed, extRekeyed, "container")
 	e2eWriteProfile(t, profDir, profVM, extVM, "vm")
 	s := startE2ESystem(t, extDir, profDir, nil)
 
 	// First, alone: it counts the connections sshd accepts.
 	t.Run("InjectionRefusedBeforeSSH", func(t *testing.T) { e2eInjectionRefused(t, e, s, bases) })
 	t.Run("ComposeStackUpExecDestroy", func(t *testing.T) { t.Parallel(); e2eCompose(t, e, s, bases[extCompose]) })
+	t.Run("ChangedHostKeyFailsAndLeavesNothing", func(t *testing.T) {
+		t.Parallel()
+		e2eChangedHostKey(t, e, s, bases[extRekeyed], changedKH)
+	})
 }
 
 // e2eRequireDocker fails t unless the Docker engine answers.
@@ -442,6 +456,82 @@ func e2eCompose(t *testing.T, e *e2eEnv, s *e2eSystem, base string) {
 	}
 	if names := e2eDirEntries(t, base); len(names) != 0 {
 		t.Fatalf("after destroyed the base dir holds %v", names)
+	}
+}
+
+// e2eChangedHostKey creates a sandbox on a host whose key changed: the
+// create ends in a failed event naming the host key problem, nothing is
+// made, and the teardown that follows refuses the host too, rather than
+// pretending it cleaned up, until the operator puts the host's real key in
+// known_hosts; then the sandbox is destroyed.
+func e2eChangedHostKey(t *testing.T, e *e2eEnv, s *e2eSystem, base, knownHosts string) {
+	ctx := e2eCtx(t, 3*time.Minute)
+	sb, err := s.c.Create(ctx, api.CreateRequest{Profile: profRekeyed, Inputs: map[string]string{"repo": "file://" + e.repo}}, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	project := "sbx-" + sb.ID
+	e2eCleanup(t, s, sb.ID, project)
+	restored := false
+	restore := func() {
+		if !restored {
+			sshtest.WriteKnownHosts(t, knownHosts, e.srv.Addr(), e.srv.HostKey)
+			restored = true
+		}
+	}
+	t.Cleanup(restore) // before e2eCleanup's destroy, on failure
+
+	evs := e2eLifecycle(ctx, t, s.sys.JS, sb.ID, event.StateFailed)
+	failed := e2eDataOf[event.Failed](t, evs)
+	if failed.Phase != "provision" {
+		t.Errorf("failed in phase %q, want provision", failed.Phase)
+	}
+	for _, want := range []string{"host key", "changed", e.srv.Addr(), knownHosts} {
+		if !strings.Contains(failed.Reason, want) {
+			t.Errorf("failed event's reason %q does not name %q", failed.Reason, want)
+		}
+	}
+	if left := composetest.ProjectResources(t, project); !left.Empty() {
+		t.Fatalf("a create refused at the host key left %s", left)
+	}
+	if names := e2eDirEntries(t, base); len(names) != 0 {
+		t.Fatalf("a create refused at the host key left %v on the host", names)
+	}
+
+	// The destroy that follows a failed create cannot check the host
+	// either: it fails and is retried, and the sandbox stays destroying.
+	e2eLifecycle(ctx, t, s.sys.JS, sb.ID, event.StateDestroying)
+	cons, err := s.sys.JS.Consumer(ctx, event.StreamCommands, "provisioner-"+extRekeyed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e2eAwait(ctx, t, "the destroy command to be redelivered", func() bool {
+		info, err := cons.Info(ctx)
+		return err == nil && info.NumRedelivered > 0
+	})
+	if got, err := s.c.Get(ctx, sb.ID); err != nil || got.State != event.StateDestroying {
+		t.Fatalf("while the host key is wrong the sandbox is %+v, %v; want destroying", got, err)
+	}
+
+	// The operator puts the host's real key back: the next retry tears
+	// down what there is (nothing) and the sandbox is destroyed.
+	restore()
+	destroyed := e2eDataOf[event.Destroyed](t, e2eLifecycle(ctx, t, s.sys.JS, sb.ID, event.StateDestroyed))
+	if !destroyed.Cleanup.AlreadyGone || len(destroyed.Cleanup.Removed) != 0 {
+		t.Errorf("cleanup %+v, want already gone: the failed create made nothing", destroyed.Cleanup)
+	}
+	got, err := s.c.Wait(ctx, sb.ID, event.State.Terminal, nil)
+	if err != nil || got.State != event.StateDestroyed {
+		t.Fatalf("sandbox = %+v, %v; want destroyed", got, err)
+	}
+	if !strings.Contains(got.Reason, "host key") {
+		t.Errorf("the sandbox's reason %q does not name the host key", got.Reason)
+	}
+	if left := composetest.ProjectResources(t, project); !left.Empty() {
+		t.Fatalf("after destroyed Docker holds %s", left)
+	}
+	if names := e2eDirEntries(t, base); len(names) != 0 {
+		t.Fatalf("after destroyed the host holds %v", names)
 	}
 }
 
