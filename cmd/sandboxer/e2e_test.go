@@ -91,6 +91,7 @@ func TestGatewayE2E(t *testing.T) {
 	// First, alone: it counts the connections sshd accepts.
 	t.Run("InjectionRefusedBeforeSSH", func(t *testing.T) { e2eInjectionRefused(t, e, s, bases) })
 	t.Run("ComposeStackUpExecDestroy", func(t *testing.T) { t.Parallel(); e2eCompose(t, e, s, bases[extCompose]) })
+	t.Run("VMWorkspaceAndTunnel", func(t *testing.T) { t.Parallel(); e2eVM(t, e, s, bases[extVM]) })
 	t.Run("ChangedHostKeyFailsAndLeavesNothing", func(t *testing.T) {
 		t.Parallel()
 		e2eChangedHostKey(t, e, s, bases[extRekeyed], changedKH)
@@ -532,6 +533,74 @@ func e2eChangedHostKey(t *testing.T, e *e2eEnv, s *e2eSystem, base, knownHosts s
 	}
 	if names := e2eDirEntries(t, base); len(names) != 0 {
 		t.Fatalf("after destroyed the host holds %v", names)
+	}
+}
+
+// e2eVM creates a vm-packer sandbox with a tunnel through the gateway:
+// traffic through reachability.ports["tunnel"] reaches the listener on the
+// VM side; after destroyed the tunnel refuses connections and the
+// workspace is gone.
+func e2eVM(t *testing.T, e *e2eEnv, s *e2eSystem, base string) {
+	ctx := e2eCtx(t, 3*time.Minute)
+	sb, err := s.c.Create(ctx, api.CreateRequest{Profile: profVM, TTL: "10m", Inputs: map[string]string{
+		"vm": vmtest.VM, "repo": "file://" + e.repo, "tunnel_port": strconv.Itoa(e.echoPort),
+	}}, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e2eCleanup(t, s, sb.ID, "")
+	ready, err := s.c.Wait(ctx, sb.ID, func(st event.State) bool { return st.Rank() >= event.StateReady.Rank() }, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ready.State != event.StateReady || ready.Reachability == nil {
+		t.Fatalf("sandbox = %s (reason %q), want ready with reachability", ready.State, ready.Reason)
+	}
+	r := ready.Reachability
+	dir := filepath.Join(base, sb.ID)
+	if r.SSH != e.srv.Target().String() || r.RemoteDir != filepath.Join(dir, "workspace") || r.Host != vmtest.VM {
+		t.Fatalf("reachability %+v, want ssh %s, remote_dir under %s, host %s", r, e.srv.Target(), dir, vmtest.VM)
+	}
+	tunnel := r.Ports["tunnel"]
+	if tunnel == "" {
+		t.Fatalf("reachability has no tunnel port: %+v", r)
+	}
+	for i := range 3 {
+		msg := "through the tunnel " + strconv.Itoa(i)
+		if got, err := e2eEcho(tunnel, msg); err != nil || got != msg {
+			t.Fatalf("echo through the tunnel = %q, %v; want %q", got, err, msg)
+		}
+	}
+	cl := e2eSSH(ctx, t, e, r.SSH)
+	if !e2eRemoteExists(ctx, t, cl, filepath.Join(r.RemoteDir, "docker-compose.yml")) {
+		t.Fatal("the repository is not cloned in the workspace")
+	}
+
+	if _, err := s.c.Destroy(ctx, sb.ID); err != nil {
+		t.Fatal(err)
+	}
+	gone, err := s.c.Wait(ctx, sb.ID, event.State.Terminal, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if gone.State != event.StateDestroyed {
+		t.Fatalf("state after destroy = %s (reason %q), want destroyed", gone.State, gone.Reason)
+	}
+	destroyed := e2eDataOf[event.Destroyed](t, e2eLifecycle(ctx, t, s.sys.JS, sb.ID, event.StateDestroyed))
+	for _, w := range []string{"tunnel:" + tunnel, "dir:" + dir} {
+		if !slices.Contains(destroyed.Cleanup.Removed, w) {
+			t.Errorf("destroyed event's cleanup %v lacks %s", destroyed.Cleanup.Removed, w)
+		}
+	}
+	if c, err := net.DialTimeout("tcp", tunnel, 5*time.Second); err == nil {
+		c.Close()
+		t.Fatalf("the tunnel %s still accepts connections after destroyed", tunnel)
+	}
+	if e2eRemoteExists(ctx, t, cl, dir) {
+		t.Fatalf("after destroyed the workspace %s is still on the VM", dir)
+	}
+	if names := e2eDirEntries(t, base); len(names) != 0 {
+		t.Fatalf("after destroyed the VM's base dir holds %v", names)
 	}
 }
 
