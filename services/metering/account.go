@@ -102,6 +102,9 @@ type Grant struct {
 	GrantedAt time.Time `json:"granted_at"`
 	// Expiries counts the expire entries of this grant.
 	Expiries int `json:"expiries,omitempty"`
+	// Holds counts the open holds whose debits drew from this grant and
+	// may be refunded to it: a spent grant is forgotten once none is.
+	Holds int `json:"holds,omitempty"`
 }
 
 // Quote is a price for a duration, with its breakdown.
@@ -111,7 +114,10 @@ type Quote struct {
 	Breakdown       []string `json:"breakdown,omitempty"`
 }
 
-// Hold is the credit reserved for one sandbox and the sandbox's meter.
+// Hold is the credit reserved for one sandbox and the sandbox's meter. An
+// open hold is one value in the credits bucket under
+// hold.<consumer>.<sandbox>, written only through its account's outbox;
+// it is deleted when released.
 type Hold struct {
 	// ID is the hold id admission returns; it is the sandbox id.
 	ID           string                 `json:"id"`
@@ -149,9 +155,12 @@ type Hold struct {
 	Implicit bool `json:"implicit,omitempty"`
 }
 
-// Account is one consumer's credit: the balance projection of its ledger,
-// its grants and its open holds. It is one value in the credits bucket,
-// changed only by compare-and-swap.
+// Account is one consumer's credit: the balance projection of its ledger
+// and its grants. It is one value in the credits bucket under
+// account.<consumer>, changed only by compare-and-swap, and its size does
+// not grow with the consumer's sandboxes: open holds are values of their
+// own (hold.<consumer>.<sandbox>), and spent grants no open hold may
+// refund to are forgotten (the ledger keeps them).
 type Account struct {
 	Consumer string `json:"consumer"`
 	// Balance is the sum of the grants' remaining credit, and the fold of
@@ -160,13 +169,19 @@ type Account struct {
 	// Held is the sum of the open holds, and the fold of the ledger's Held.
 	Held int64 `json:"held"`
 	// Seq is the sequence of the last ledger entry.
-	Seq    uint64           `json:"seq"`
-	Grants []*Grant         `json:"grants,omitempty"`
-	Holds  map[string]*Hold `json:"holds,omitempty"`
+	Seq    uint64   `json:"seq"`
+	Grants []*Grant `json:"grants,omitempty"`
+	// Open counts the open holds.
+	Open int `json:"open_holds,omitempty"`
+	// LegacyHolds are the open holds of an account written before holds
+	// had keys of their own; the next change moves them out.
+	LegacyHolds map[string]*Hold `json:"holds,omitempty"`
 	// Outbox lists what the last change must still write and publish: its
-	// ledger entries, notices and usage records. Whoever loads the account
-	// next finishes it first, so a crash between the compare-and-swap and
-	// the ledger write loses nothing.
+	// ledger entries, hold values, notices and usage records. Whoever
+	// loads the account next finishes it first, so a crash between the
+	// compare-and-swap and the writes loses nothing. Finished items may
+	// stay listed until the next change: every write of an item is
+	// idempotent.
 	Outbox    []*Item   `json:"outbox,omitempty"`
 	UpdatedAt time.Time `json:"updated_at"`
 }
@@ -179,11 +194,35 @@ type Item struct {
 	Entry  *Entry       `json:"entry,omitempty"`
 	Notice *Notice      `json:"notice,omitempty"`
 	Usage  *UsageRecord `json:"usage,omitempty"`
+	Hold   *HoldWrite   `json:"hold,omitempty"`
+}
+
+// HoldWrite is a write of one hold's value: its new state, or its
+// deletion when the hold closed. Rev is the revision the key must be at
+// (0: the key must never have existed), so a late or repeated write of an
+// older state fails instead of overwriting a newer one.
+type HoldWrite struct {
+	Key    string `json:"key"`
+	Rev    uint64 `json:"rev"`
+	Hold   *Hold  `json:"value,omitempty"`
+	Delete bool   `json:"delete,omitempty"`
 }
 
 // newAccount is the account of a consumer with no history.
 func newAccount(consumer string) *Account {
-	return &Account{Consumer: consumer, Holds: map[string]*Hold{}}
+	return &Account{Consumer: consumer}
+}
+
+// clone returns a copy of a that shares nothing a change may modify.
+func (a *Account) clone() *Account {
+	c := *a
+	c.Grants = make([]*Grant, len(a.Grants))
+	for i, g := range a.Grants {
+		cp := *g
+		c.Grants[i] = &cp
+	}
+	c.Outbox = slices.Clone(a.Outbox)
+	return &c
 }
 
 // check verifies the account's invariants.
@@ -198,15 +237,8 @@ func (a *Account) check() error {
 	if sum != a.Balance {
 		return fmt.Errorf("balance %d != sum of grants %d", a.Balance, sum)
 	}
-	var held int64
-	for _, h := range a.Holds {
-		if h.Amount < 0 {
-			return fmt.Errorf("hold %s amount %d < 0", h.ID, h.Amount)
-		}
-		held += h.Amount
-	}
-	if held != a.Held {
-		return fmt.Errorf("held %d != sum of holds %d", a.Held, held)
+	if a.Held < 0 || a.Open < 0 {
+		return fmt.Errorf("held %d, %d open holds", a.Held, a.Open)
 	}
 	if a.Held > a.Balance {
 		return fmt.Errorf("held %d > balance %d", a.Held, a.Balance)
@@ -229,13 +261,7 @@ func (a *Account) record(e *Entry) *Entry {
 // open hold may refund to, so the account stays small. The ledger keeps
 // them, and a grant's id stays taken: the ledger key decides.
 func (a *Account) prune() {
-	refs := map[string]bool{}
-	for _, h := range a.Holds {
-		for _, d := range h.Draws {
-			refs[d.Grant] = true
-		}
-	}
-	a.Grants = slices.DeleteFunc(a.Grants, func(g *Grant) bool { return g.Remaining == 0 && !refs[g.ID] })
+	a.Grants = slices.DeleteFunc(a.Grants, func(g *Grant) bool { return g.Remaining == 0 && g.Holds <= 0 })
 }
 
 // Ledger key derivations. Consumer names, sandbox ids and grant ids are
@@ -361,10 +387,7 @@ func (a *Account) reserve(h *Hold, amount int64, cause string, now time.Time) er
 		return fmt.Errorf("%w: hold of %d for sandbox %s, available %d", ErrInsufficientCredits, amount, h.Sandbox, a.Available())
 	}
 	h.Amount, h.Reserved = amount, amount
-	if a.Holds == nil {
-		a.Holds = map[string]*Hold{}
-	}
-	a.Holds[h.ID] = h
+	a.Open++
 	a.Held += amount
 	reason := "admission"
 	if h.Implicit {
@@ -403,7 +426,7 @@ func (a *Account) debit(h *Hold, key string, amount int64, cause, reason string,
 	a.Held -= fromHold
 	draws := a.take(total)
 	h.Debited += total
-	h.Draws = mergeDraws(h.Draws, draws)
+	h.Draws = a.mergeDraws(h.Draws, draws)
 	a.record(&Entry{Key: key, Kind: EntryDebit, Amount: -total, Held: -fromHold, Sandbox: h.Sandbox, Hold: h.ID, Draws: draws, Cause: cause, Reason: reason, At: now})
 	return total
 }
@@ -442,11 +465,18 @@ func (a *Account) release(h *Hold, cause, reason string, now time.Time) {
 	a.Held -= h.Amount
 	freed := h.Amount
 	h.Amount = 0
-	delete(a.Holds, h.ID)
+	a.Open--
+	for _, d := range h.Draws {
+		if g := a.grant(d.Grant); g != nil {
+			g.Holds--
+		}
+	}
 	a.record(&Entry{Key: releaseKey(a.Consumer, h.Sandbox), Kind: EntryRelease, Held: -freed, Sandbox: h.Sandbox, Hold: h.ID, Cause: cause, Reason: reason, At: now})
 }
 
-func mergeDraws(into, add []Draw) []Draw {
+// mergeDraws adds draws to a hold's, counting the hold on each grant it
+// draws from for the first time.
+func (a *Account) mergeDraws(into, add []Draw) []Draw {
 	for _, d := range add {
 		found := false
 		for i := range into {
@@ -458,6 +488,9 @@ func mergeDraws(into, add []Draw) []Draw {
 		}
 		if !found {
 			into = append(into, d)
+			if g := a.grant(d.Grant); g != nil {
+				g.Holds++
+			}
 		}
 	}
 	return into

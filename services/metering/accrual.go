@@ -42,11 +42,10 @@ func (m *Metering) onAccrual(ctx context.Context, msg *bus.Message) ([]bus.Out, 
 		return nil, bus.Permanent(fmt.Errorf("handling accrual %s: %w: data names sandbox %q, consumer %q", msg.Subject, event.ErrMalformed, d.Sandbox, d.Consumer))
 	}
 	c := d.Consumer
-	a, _, err := m.store.load(ctx, c)
+	h, err := m.store.peek(ctx, c, sb)
 	if err != nil {
 		return nil, err
 	}
-	h := a.Holds[sb]
 	switch {
 	case h == nil:
 		m.stopAccrual(ctx, sb)
@@ -82,7 +81,10 @@ func (m *Metering) accrue(ctx context.Context, c, sb, cause string, cur, next Qu
 	_, err := m.store.update(ctx, c, func(t *tx) error {
 		exhausted = false
 		a := t.a
-		h := a.Holds[sb]
+		h, err := t.hold(sb)
+		if err != nil {
+			return err
+		}
 		if h == nil || h.ReadyAt.IsZero() || h.Exhausted {
 			return errNoChange
 		}

@@ -136,3 +136,6 @@ type Accrual struct {
 
 func usageKey(consumer, sb string) string { return "usage." + consumer + "." + sb }
 func accountKey(consumer string) string   { return "account." + consumer }
+
+// holdStoreKey is the credits key of the open hold of sandbox sb.
+func holdStoreKey(consumer, sb string) string { return "hold." + consumer + "." + sb }

@@ -1,12 +1,14 @@
 package metering_test
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -289,27 +291,64 @@ func (e *env) drained(t tb) {
 	})
 }
 
-// snapshot is an account and its ledger, read consistently.
+// snapshot is an account, its open holds and its ledger, read
+// consistently.
 type snapshot struct {
 	acct    metering.Account
+	holds   map[string]metering.Hold
 	entries []metering.Entry
 }
 
-// snap reads consumer's account and ledger until the account did not
-// change while the ledger was read.
+// snap reads consumer's account, holds and ledger until the account did
+// not change while they were read and its outbox was finished.
 func (e *env) snap(t tb, consumer string) snapshot {
 	t.Helper()
 	ctx := testCtx(t)
-	for range 50 {
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
 		a1, r1 := e.account(t, consumer)
+		holds := e.holds(t, ctx, consumer)
 		entries := e.entries(t, ctx, consumer)
 		_, r2 := e.account(t, consumer)
 		if r1 == r2 && len(a1.Outbox) == 0 {
-			return snapshot{acct: a1, entries: entries}
+			return snapshot{acct: a1, holds: holds, entries: entries}
 		}
+		tk := time.NewTimer(10 * time.Millisecond)
+		<-tk.C
 	}
 	t.Fatalf("account %s never stood still", consumer)
 	return snapshot{}
+}
+
+// holds reads the open holds of consumer.
+func (e *env) holds(t tb, ctx context.Context, consumer string) map[string]metering.Hold {
+	t.Helper()
+	out := map[string]metering.Hold{}
+	lister, err := e.cred.ListKeysFiltered(ctx, "hold."+consumer+".>")
+	if errors.Is(err, jetstream.ErrNoKeysFound) {
+		return out
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k := range lister.Keys() {
+		en, err := e.cred.Get(ctx, k)
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		var h metering.Hold
+		if err := json.Unmarshal(en.Value(), &h); err != nil {
+			t.Fatal(err)
+		}
+		if "hold."+consumer+"."+h.Sandbox != k {
+			t.Fatalf("hold key %s holds the hold of %s", k, h.Sandbox)
+		}
+		out[h.Sandbox] = h
+	}
+	return out
 }
 
 func (e *env) account(t tb, consumer string) (metering.Account, uint64) {
@@ -403,11 +442,27 @@ func checkInvariants(t tb, s snapshot) {
 	if a.Balance < 0 || a.Held < 0 || a.Held > a.Balance {
 		t.Fatalf("account balance %d, held %d", a.Balance, a.Held)
 	}
+	if fb, fh, err := metering.Fold(slices.SortedFunc(slices.Values(s.entries), func(x, y metering.Entry) int { return cmp.Compare(x.Seq, y.Seq) })); err != nil || fb != a.Balance || fh != a.Held {
+		t.Fatalf("Fold: %d, %d, %v; account %d, %d", fb, fh, err, a.Balance, a.Held)
+	}
+	var sumHeld int64
+	for sb, h := range s.holds {
+		if h.Amount < 0 {
+			t.Fatalf("hold %s amount %d", sb, h.Amount)
+		}
+		sumHeld += h.Amount
+	}
+	if sumHeld != a.Held || len(s.holds) != a.Open {
+		t.Fatalf("%d open holds sum to %d; account held %d in %d holds", len(s.holds), sumHeld, a.Held, a.Open)
+	}
+	if len(a.LegacyHolds) != 0 {
+		t.Fatalf("account still has %d holds in its document", len(a.LegacyHolds))
+	}
 	for sb, n := range releases {
 		if n != 1 {
 			t.Fatalf("sandbox %s released %d times", sb, n)
 		}
-		if _, open := a.Holds[sb]; open {
+		if _, open := s.holds[sb]; open {
 			t.Fatalf("sandbox %s released but its hold is open", sb)
 		}
 	}
@@ -415,7 +470,7 @@ func checkInvariants(t tb, s snapshot) {
 		if n != 1 {
 			t.Fatalf("sandbox %s held %d times", sb, n)
 		}
-		if _, open := a.Holds[sb]; !open && releases[sb] != 1 {
+		if _, open := s.holds[sb]; !open && releases[sb] != 1 {
 			t.Fatalf("hold of %s closed without a release", sb)
 		}
 	}

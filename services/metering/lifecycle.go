@@ -103,17 +103,18 @@ func (m *Metering) onReady(ctx context.Context, e *event.Event, d event.Ready) (
 	running := false
 	_, err := m.store.update(ctx, c, func(t *tx) error {
 		running = false
-		h := t.a.Holds[sb]
+		h, err := t.hold(sb)
+		if err != nil {
+			return err
+		}
 		if h == nil {
 			// Never admitted, or already settled.
-			for _, k := range []string{holdKey(c, sb), releaseKey(c, sb)} {
-				seen, err := t.seen(k)
-				if err != nil {
-					return err
-				}
-				if seen {
-					return errNoChange
-				}
+			seen, err := t.seen(releaseKey(c, sb))
+			if err != nil {
+				return err
+			}
+			if seen {
+				return errNoChange
 			}
 			tm, err := m.pricer.terms(d.Profile, d.Extension, "")
 			if err != nil {
@@ -127,6 +128,7 @@ func (m *Metering) onReady(ctx context.Context, e *event.Event, d event.Ready) (
 			if err := t.a.reserve(h, 0, e.ID(), t.now); err != nil {
 				return err
 			}
+			t.open(h)
 		}
 		running = !h.Exhausted
 		if !h.ReadyAt.IsZero() {
@@ -163,11 +165,10 @@ func (m *Metering) onReady(ctx context.Context, e *event.Event, d event.Ready) (
 func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, state event.State, reason string, meter *event.MeterReading) error {
 	c, sb := ref.Consumer, ref.SandboxID
 	defer m.stopAccrual(ctx, sb)
-	a, _, err := m.store.load(ctx, c)
+	h, err := m.store.peek(ctx, c, sb)
 	if err != nil {
 		return err
 	}
-	h := a.Holds[sb]
 	var (
 		actual  = Actual{Source: SourceLifecycle, Unit: "second"}
 		readyAt time.Time
@@ -189,21 +190,22 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 		}
 	}
 	_, err = m.store.update(ctx, c, func(t *tx) error {
-		h := t.a.Holds[sb]
+		h, err := t.hold(sb)
+		if err != nil {
+			return err
+		}
 		if h == nil {
 			if state != event.StateDestroyed {
 				return errNoChange
 			}
 			// A destroyed sandbox with no hold: close its account so a
 			// late ready or admission cannot open one.
-			for _, k := range []string{holdKey(c, sb), releaseKey(c, sb)} {
-				seen, err := t.seen(k)
-				if err != nil {
-					return err
-				}
-				if seen {
-					return errNoChange
-				}
+			seen, err := t.seen(releaseKey(c, sb))
+			if err != nil {
+				return err
+			}
+			if seen {
+				return errNoChange
 			}
 			t.a.record(&Entry{Key: releaseKey(c, sb), Kind: EntryRelease, Sandbox: sb, Hold: sb, Cause: e.ID(), Reason: "destroyed without a hold", At: t.now})
 			return nil
@@ -231,6 +233,7 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 		u.Charged = h.Debited
 		u.Reserved = h.Reserved
 		t.a.release(h, e.ID(), reason, t.now)
+		t.close(sb)
 		t.a.Outbox = append(t.a.Outbox, &Item{Usage: u})
 		return nil
 	})

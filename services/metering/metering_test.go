@@ -1,6 +1,7 @@
 package metering_test
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"sync"
@@ -206,8 +207,8 @@ func TestExhaustion(t *testing.T) {
 	e.drained(t)
 	s := e.snap(t, "short")
 	checkInvariants(t, s)
-	if len(s.acct.Holds) != 0 {
-		t.Fatalf("holds left open: %v", s.acct.Holds)
+	if len(s.holds) != 0 {
+		t.Fatalf("holds left open: %v", s.holds)
 	}
 	// Every unit: granted = debited + what is left.
 	var debited, extended int64
@@ -393,8 +394,8 @@ func TestFailedAndRejectedCostNothing(t *testing.T) {
 	e.drained(t)
 	s := e.snap(t, "dev")
 	checkInvariants(t, s)
-	if s.acct.Balance != 500 || s.acct.Held != 0 || len(s.acct.Holds) != 0 {
-		t.Fatalf("balance %d held %d holds %v", s.acct.Balance, s.acct.Held, s.acct.Holds)
+	if s.acct.Balance != 500 || s.acct.Held != 0 || len(s.holds) != 0 {
+		t.Fatalf("balance %d held %d holds %v", s.acct.Balance, s.acct.Held, s.holds)
 	}
 }
 
@@ -421,8 +422,8 @@ func TestReadyWithoutAdmission(t *testing.T) {
 	e.drained(t)
 	s := e.snap(t, "dev")
 	checkInvariants(t, s)
-	if s.acct.Balance != 100-10 || len(s.acct.Holds) != 0 {
-		t.Fatalf("balance %d, holds %v; want 90 and none", s.acct.Balance, s.acct.Holds)
+	if s.acct.Balance != 100-10 || len(s.holds) != 0 {
+		t.Fatalf("balance %d, holds %v; want 90 and none", s.acct.Balance, s.holds)
 	}
 }
 
@@ -500,5 +501,55 @@ func TestGrantsSpendingOrderAndExpiry(t *testing.T) {
 	all, err := e.client.LedgerAll(ctx, metering.LedgerRequest{Consumer: "dev", Limit: 2})
 	if err != nil || len(all) != len(s.entries) {
 		t.Fatalf("LedgerAll: %d entries, %v; want %d", len(all), err, len(s.entries))
+	}
+}
+
+// TestLegacyAccountMigrates: an account written when holds lived in its
+// document has them moved to keys of their own by its next change, and
+// they settle as before.
+func TestLegacyAccountMigrates(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := testCtx(t)
+	now := time.Now().UTC().Truncate(time.Second)
+	legacy := map[string]any{
+		"consumer": "old", "balance": 100, "held": 30, "seq": 2,
+		"grants": []map[string]any{{"id": "g", "amount": 100, "remaining": 100, "priority": 0, "granted_at": now}},
+		"holds": map[string]any{"sb1": map[string]any{"id": "sb1", "sandbox_id": "sb1", "profile": profCheap, "extension": extSelf,
+			"pricing_model": "self-hosted", "price": map[string]any{"start": 5, "per_second": 1}, "amount": 30, "reserved": 30,
+			"debited": 0, "quote": map[string]any{"amount": 30, "duration_seconds": 25}, "created_at": now}},
+		"updated_at": now,
+	}
+	for _, x := range []metering.Entry{
+		{Key: "old.grant.g", Seq: 1, Consumer: "old", Kind: metering.EntryGrant, Amount: 100, BalanceAfter: 100, Grant: "g", Cause: "grant.g", At: now},
+		{Key: "old.sb.sb1.hold", Seq: 2, Consumer: "old", Kind: metering.EntryHold, Held: 30, BalanceAfter: 100, HeldAfter: 30, Sandbox: "sb1", Hold: "sb1", Cause: "admission.sb1", At: now},
+	} {
+		b, _ := json.Marshal(x)
+		if _, err := e.ledger.Create(ctx, x.Key, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, _ := json.Marshal(legacy)
+	if _, err := e.cred.Create(ctx, "account.old", b); err != nil {
+		t.Fatal(err)
+	}
+	e.start(t, metering.Options{})
+	bal, err := e.client.Balance(ctx, "old")
+	if err != nil || bal.Held != 30 || len(bal.Holds) != 1 {
+		t.Fatalf("balance of a legacy account: %+v, %v", bal, err)
+	}
+	s := e.snap(t, "old")
+	checkInvariants(t, s)
+	if _, ok := s.holds["sb1"]; !ok {
+		t.Fatalf("hold sb1 not moved to its key: %v", s.holds)
+	}
+	r := ref("old", "sb1", profCheap)
+	e.publish(t, r, event.StateReady, now, false)
+	e.publish(t, r, event.StateDestroyed, now.Add(10*time.Second), false)
+	e.drained(t)
+	s = e.snap(t, "old")
+	checkInvariants(t, s)
+	if s.acct.Balance != 85 || s.acct.Held != 0 || len(s.holds) != 0 || len(s.acct.Grants) != 1 {
+		t.Fatalf("after settlement: %+v, holds %v", s.acct, s.holds)
 	}
 }

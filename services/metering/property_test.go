@@ -167,7 +167,7 @@ func TestPropertyLedger(t *testing.T) {
 					rt.Fatalf("balance %d, but granted %d - debited %d + refunded %d - expired %d", s.acct.Balance, granted, debited, refunded, expired)
 				}
 				for _, sb := range sandboxes {
-					_, open := s.acct.Holds[sb.id]
+					_, open := s.holds[sb.id]
 					switch {
 					case sb.terminal && open:
 						rt.Fatalf("sandbox %s ended but its hold is open", sb.id)

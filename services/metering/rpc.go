@@ -293,26 +293,29 @@ func (m *Metering) Hold(ctx context.Context, r HoldRequest) (HoldReply, error) {
 	}
 	var reply HoldReply
 	_, err = m.store.update(ctx, c, func(t *tx) error {
-		if h := t.a.Holds[sb]; h != nil {
+		h, err := t.hold(sb)
+		if err != nil {
+			return err
+		}
+		if h != nil {
 			reply = HoldReply{Hold: h.ID, Amount: h.Reserved, Quote: h.Quote, Available: t.a.Available()}
 			return errNoChange
 		}
-		for _, k := range []string{holdKey(c, sb), releaseKey(c, sb)} {
-			seen, err := t.seen(k)
-			if err != nil {
-				return err
-			}
-			if seen {
-				return fmt.Errorf("%w: sandbox %s", ErrHoldClosed, sb)
-			}
+		seen, err := t.seen(releaseKey(c, sb))
+		if err != nil {
+			return err
 		}
-		h := &Hold{
+		if seen {
+			return fmt.Errorf("%w: sandbox %s", ErrHoldClosed, sb)
+		}
+		h = &Hold{
 			ID: sb, Sandbox: sb, Profile: r.Profile, Extension: r.Extension, PricingModel: tm.Model,
 			Price: tm.Price, Quote: q, CreatedAt: t.now,
 		}
 		if err := t.a.reserve(h, q.Amount, "admission."+sb, t.now); err != nil {
 			return err
 		}
+		t.open(h)
 		reply = HoldReply{Hold: h.ID, Amount: q.Amount, Quote: q, Available: t.a.Available()}
 		return nil
 	})
@@ -350,7 +353,7 @@ func (m *Metering) Grant(ctx context.Context, r GrantRequest) (GrantReply, error
 		return GrantReply{}, fmt.Errorf("%w: priority %d: want 0 to 1000", ErrInvalidRequest, r.Priority)
 	}
 	var reply GrantReply
-	a, err := m.store.update(ctx, r.Consumer, func(t *tx) error {
+	_, err := m.store.update(ctx, r.Consumer, func(t *tx) error {
 		seen, err := t.seen(grantKey(r.Consumer, r.ID))
 		if err != nil {
 			return err
@@ -365,10 +368,16 @@ func (m *Metering) Grant(ctx context.Context, r GrantRequest) (GrantReply, error
 	if err != nil {
 		return GrantReply{}, err
 	}
+	a, holds, err := m.store.read(ctx, r.Consumer)
+	if err != nil {
+		return GrantReply{}, err
+	}
 	if g := a.grant(r.ID); g != nil {
 		reply.Grant = *g
+	} else if !reply.Duplicate {
+		reply.Grant = Grant{ID: r.ID, Amount: r.Amount, Priority: r.Priority, ExpiresAt: r.ExpiresAt.UTC(), Promo: r.Promo}
 	}
-	reply.Balance = balanceOf(a)
+	reply.Balance = balanceOf(a, holds)
 	return reply, nil
 }
 
@@ -386,20 +395,20 @@ func (m *Metering) Balance(ctx context.Context, consumer string) (BalanceReply, 
 	if err := checkNames("consumer", consumer); err != nil {
 		return BalanceReply{}, err
 	}
-	a, err := m.store.read(ctx, consumer)
+	a, holds, err := m.store.read(ctx, consumer)
 	if err != nil {
 		return BalanceReply{}, err
 	}
-	return balanceOf(a), nil
+	return balanceOf(a, holds), nil
 }
 
-func balanceOf(a *Account) BalanceReply {
+func balanceOf(a *Account, holds []*Hold) BalanceReply {
 	r := BalanceReply{Consumer: a.Consumer, Balance: a.Balance, Held: a.Held, Available: a.Available(), Seq: a.Seq,
 		Grants: []Grant{}, Holds: []HoldView{}}
 	for _, g := range a.spendingOrder() {
 		r.Grants = append(r.Grants, *g)
 	}
-	for _, h := range a.Holds {
+	for _, h := range holds {
 		r.Holds = append(r.Holds, HoldView{Hold: h.ID, Sandbox: h.Sandbox, Profile: h.Profile, Extension: h.Extension,
 			Amount: h.Amount, Debited: h.Debited, ReadyAt: h.ReadyAt})
 	}

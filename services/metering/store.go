@@ -8,6 +8,7 @@ import (
 	"hash/fnv"
 	"log/slog"
 	"math/rand/v2"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -20,22 +21,28 @@ import (
 )
 
 // Accounts live in the credits bucket under account.<consumer>, changed
-// only by compare-and-swap; ledger entries in the ledger bucket under their
-// key, written once with Create; usage records in the credits bucket under
+// only by compare-and-swap; open holds under hold.<consumer>.<sandbox>;
+// ledger entries in the ledger bucket under their key, written once with
+// Create; usage records in the credits bucket under
 // usage.<consumer>.<sandbox>, written once with Create.
 //
-// A change is one compare-and-swap of the account that also stores the
-// change's ledger entries, notices and usage records in the account's
-// outbox. The outbox is then written (ledger Create, which refuses a key
-// that exists, so a second write records nothing) and published (with
-// Nats-Msg-Id from the entry's key), and cleared by a second
-// compare-and-swap. Whoever loads an account with an outbox finishes it
-// before changing anything, so a crash anywhere leaves nothing half-done
-// for longer than the next change of that account.
+// A change is one compare-and-swap of the account that also stores, in
+// the account's outbox, everything else the change writes: its ledger
+// entries, the new values of the holds it changed, its notices and usage
+// records. The outbox is then written and published; every write of it is
+// idempotent (a ledger entry or usage record is a Create, which refuses a
+// key that exists; a hold write names the revision its key must be at, so
+// it applies once and never over a newer value; a publish carries
+// Nats-Msg-Id from the item's key). Whoever loads an account with an
+// outbox finishes it before changing anything, so a crash anywhere leaves
+// nothing half-done for longer than the next change of that account, and
+// a hold's key is current whenever its account's outbox is finished.
 //
 // A change is applied once: its ledger key is either in the outbox of the
 // account it reads, or (once written) in the ledger, and the
-// compare-and-swap fails if the account moved since it was read.
+// compare-and-swap fails if the account moved since it was read; every
+// hold change goes with a change of its account, so the same
+// compare-and-swap guards the holds a change read.
 
 // errNoChange tells update that fn changed nothing.
 var errNoChange = errors.New("no change")
@@ -47,6 +54,7 @@ type store struct {
 	credits jetstream.KeyValue
 	ledger  jetstream.KeyValue
 	pub     *bus.Publisher
+	js      jetstream.JetStream
 	log     *slog.Logger
 	now     func() time.Time
 	// locks serialise the changes this process makes to one account, so
@@ -64,24 +72,59 @@ func (s *store) lock(consumer string) func() {
 	return m.Unlock
 }
 
+// holdRef is a hold's key as a writer knows it: its value (nil: no open
+// hold) and its revision.
+type holdRef struct {
+	h   *Hold
+	rev uint64
+}
+
+// state is an account as one writer knows it: the document at revision
+// rev (0: none stored) and the hold keys read since.
+type state struct {
+	a     *Account
+	rev   uint64
+	holds map[string]holdRef
+	// migrated are holds moved out of a legacy account document: the
+	// next compare-and-swap must create their keys.
+	migrated map[string]*Hold
+}
+
 // load reads the account of consumer and its revision; a consumer with no
-// account gets an empty one at revision 0.
-func (s *store) load(ctx context.Context, consumer string) (*Account, uint64, error) {
+// account gets an empty one at revision 0. An account written before holds
+// had keys of their own has them moved out by the next change.
+func (s *store) load(ctx context.Context, consumer string) (*state, error) {
+	st := &state{holds: map[string]holdRef{}}
 	e, err := s.credits.Get(ctx, accountKey(consumer))
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return newAccount(consumer), 0, nil
+		st.a = newAccount(consumer)
+		return st, nil
 	}
 	if err != nil {
-		return nil, 0, fmt.Errorf("reading account %s: %w", consumer, err)
+		return nil, fmt.Errorf("reading account %s: %w", consumer, err)
 	}
 	var a Account
 	if err := json.Unmarshal(e.Value(), &a); err != nil {
-		return nil, 0, fmt.Errorf("decoding account %s: %w", consumer, err)
+		return nil, fmt.Errorf("decoding account %s: %w", consumer, err)
 	}
-	if a.Holds == nil {
-		a.Holds = map[string]*Hold{}
+	st.a, st.rev = &a, e.Revision()
+	if len(a.LegacyHolds) > 0 {
+		st.migrated = a.LegacyHolds
+		a.LegacyHolds = nil
+		a.Open = len(st.migrated)
+		for _, g := range a.Grants {
+			g.Holds = 0
+		}
+		for sb, h := range st.migrated {
+			st.holds[sb] = holdRef{} // never had a key: created below
+			for _, d := range h.Draws {
+				if g := a.grant(d.Grant); g != nil {
+					g.Holds++
+				}
+			}
+		}
 	}
-	return &a, e.Revision(), nil
+	return st, nil
 }
 
 // save writes a over revision rev.
@@ -101,24 +144,157 @@ func isConflict(err error) bool {
 		strings.Contains(err.Error(), "wrong last sequence")
 }
 
-// tx is what a change function may ask while it runs.
+// readHold reads the open hold of sb, if any.
+func (s *store) readHold(ctx context.Context, consumer, sb string) (holdRef, error) {
+	e, err := s.credits.Get(ctx, holdStoreKey(consumer, sb))
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return holdRef{}, nil
+	}
+	if err != nil {
+		return holdRef{}, fmt.Errorf("reading hold %s: %w", sb, err)
+	}
+	var h Hold
+	if err := json.Unmarshal(e.Value(), &h); err != nil {
+		return holdRef{}, fmt.Errorf("decoding hold %s: %w", sb, err)
+	}
+	return holdRef{h: &h, rev: e.Revision()}, nil
+}
+
+// batch is what one compare-and-swap of an account writes: the account as
+// its changes left it, and the holds they read or changed.
+type batch struct {
+	st *state
+	a  *Account
+	// holds are the batch's copies of the holds its changes touched; nil
+	// is a hold closed by the batch.
+	holds map[string]*Hold
+	// pending are the ledger keys the batch recorded.
+	pending map[string]bool
+	// ledger caches which ledger keys exist.
+	ledger map[string]bool
+	dirty  bool // write even when no change changed anything
+}
+
+func newBatch(st *state, now time.Time) *batch {
+	b := &batch{st: st, a: st.a.clone(), holds: map[string]*Hold{}, pending: map[string]bool{}, ledger: map[string]bool{}}
+	b.a.Outbox = nil // finished before the batch: the write clears it
+	b.dirty = len(st.a.Outbox) > 0 || len(st.migrated) > 0
+	for sb, h := range st.migrated {
+		b.holds[sb] = h
+	}
+	seq := b.a.Seq
+	b.a.expire(now)
+	if b.a.Seq != seq {
+		b.dirty = true
+		b.note(0)
+	}
+	return b
+}
+
+// note records the ledger keys of the outbox items from index i on.
+func (b *batch) note(i int) {
+	for _, it := range b.a.Outbox[i:] {
+		if it.Entry != nil {
+			b.pending[it.Entry.Key] = true
+		}
+	}
+}
+
+// tx is one change of a batch: what its function may read and change.
+// Its changes reach the batch only when the function succeeds.
 type tx struct {
 	ctx   context.Context
 	s     *store
+	b     *batch
 	a     *Account
 	now   time.Time
-	dirty bool // the load finished an outbox or expired credit: save even when fn changes nothing
+	holds map[string]*Hold
 }
 
-// seen reports whether the ledger entry key was already recorded: in the
-// outbox of the account being changed, or in the ledger.
+func (b *batch) tx(ctx context.Context, s *store, now time.Time) *tx {
+	return &tx{ctx: ctx, s: s, b: b, a: b.a.clone(), now: now, holds: map[string]*Hold{}}
+}
+
+// commit merges a successful change into its batch.
+func (t *tx) commit() {
+	n := len(t.b.a.Outbox)
+	t.b.a = t.a
+	t.b.note(n)
+	for sb, h := range t.holds {
+		t.b.holds[sb] = h
+	}
+}
+
+// hold returns the open hold of sandbox sb for the change to read and
+// modify, or nil.
+func (t *tx) hold(sb string) (*Hold, error) {
+	if h, ok := t.holds[sb]; ok {
+		return h, nil
+	}
+	var h *Hold
+	if bh, ok := t.b.holds[sb]; ok {
+		h = bh
+	} else {
+		ref, ok := t.b.st.holds[sb]
+		if !ok {
+			var err error
+			if ref, err = t.s.readHold(t.ctx, t.a.Consumer, sb); err != nil {
+				return nil, err
+			}
+			t.b.st.holds[sb] = ref
+		}
+		h = ref.h
+	}
+	if h == nil {
+		return nil, nil
+	}
+	cp := cloneHold(h)
+	t.holds[sb] = cp
+	return cp, nil
+}
+
+// open opens hold h; the account change (reserve) is the caller's.
+func (t *tx) open(h *Hold) { t.holds[h.Sandbox] = h }
+
+// close closes the hold of sb; the account change (release) is the
+// caller's.
+func (t *tx) close(sb string) { t.holds[sb] = nil }
+
+func cloneHold(h *Hold) *Hold {
+	cp := *h
+	cp.Draws = slices.Clone(h.Draws)
+	cp.Quote.Breakdown = slices.Clone(h.Quote.Breakdown)
+	if h.Price != nil {
+		p := *h.Price
+		cp.Price = &p
+	}
+	return &cp
+}
+
+// seen reports whether the ledger entry key was already recorded: by this
+// batch, in the outbox of the change, or in the ledger.
 func (t *tx) seen(key string) (bool, error) {
+	if t.b.pending[key] {
+		return true, nil
+	}
 	for _, it := range t.a.Outbox {
 		if it.Entry != nil && it.Entry.Key == key {
 			return true, nil
 		}
 	}
-	_, err := t.s.ledger.Get(t.ctx, key)
+	if ok, known := t.b.ledger[key]; known {
+		return ok, nil
+	}
+	ok, err := t.s.inLedger(t.ctx, key)
+	if err != nil {
+		return false, err
+	}
+	t.b.ledger[key] = ok
+	return ok, nil
+}
+
+func (s *store) inLedger(ctx context.Context, key string) (bool, error) {
+	_, err := s.ledger.Get(ctx, key)
 	switch {
 	case err == nil:
 		return true, nil
@@ -126,6 +302,56 @@ func (t *tx) seen(key string) (bool, error) {
 		return false, nil
 	}
 	return false, fmt.Errorf("reading ledger entry %s: %w", key, err)
+}
+
+// seal adds the batch's hold writes to its outbox and checks the account.
+func (b *batch) seal() error {
+	for _, sb := range slices.Sorted(mapKeys(b.holds)) {
+		h := b.holds[sb]
+		base := b.st.holds[sb]
+		key := holdStoreKey(b.a.Consumer, sb)
+		switch {
+		case h == nil && base.h == nil:
+		case h == nil:
+			b.a.Outbox = append(b.a.Outbox, &Item{Hold: &HoldWrite{Key: key, Rev: base.rev, Delete: true}})
+		case base.h == nil:
+			b.a.Outbox = append(b.a.Outbox, &Item{Hold: &HoldWrite{Key: key, Hold: h}})
+		case !reflect.DeepEqual(h, base.h):
+			b.a.Outbox = append(b.a.Outbox, &Item{Hold: &HoldWrite{Key: key, Rev: base.rev, Hold: h}})
+		}
+	}
+	b.a.prune()
+	if err := b.a.check(); err != nil {
+		return fmt.Errorf("changing account %s: invariant broken, nothing written: %w", b.a.Consumer, err)
+	}
+	return nil
+}
+
+func mapKeys[V any](m map[string]V) func(func(string) bool) {
+	return func(yield func(string) bool) {
+		for k := range m {
+			if !yield(k) {
+				return
+			}
+		}
+	}
+}
+
+// changed reports whether the batch must be written.
+func (b *batch) changed() bool { return b.dirty || len(b.a.Outbox) > 0 }
+
+// settled is the state after the batch was written at revision rev: the
+// hold revisions of its writes are unknown until the outbox is written.
+func (b *batch) settled(rev uint64) *state {
+	st := &state{a: b.a, rev: rev, holds: b.st.holds}
+	for sb, h := range b.holds {
+		if h == nil {
+			st.holds[sb] = holdRef{}
+			continue
+		}
+		st.holds[sb] = holdRef{h: h, rev: b.st.holds[sb].rev}
+	}
+	return st
 }
 
 // update applies fn to consumer's account and stores the result with a
@@ -141,58 +367,56 @@ func (s *store) update(ctx context.Context, consumer string, fn func(t *tx) erro
 				return nil, err
 			}
 		}
-		a, rev, err := s.load(ctx, consumer)
+		st, err := s.load(ctx, consumer)
 		if err != nil {
 			return nil, err
 		}
-		t := &tx{ctx: ctx, s: s, a: a, now: s.now().UTC()}
-		if len(a.Outbox) > 0 {
-			if err := s.flush(ctx, a.Outbox); err != nil {
+		if len(st.a.Outbox) > 0 {
+			if err := s.flush(ctx, st, st.a.Outbox); err != nil {
 				return nil, err
 			}
-			a.Outbox = nil
-			t.dirty = true
 		}
-		seq := a.Seq
-		a.expire(t.now)
-		if a.Seq != seq {
-			t.dirty = true
-		}
+		now := s.now().UTC()
+		b := newBatch(st, now)
+		t := b.tx(ctx, s, now)
 		err = fn(t)
 		switch {
 		case errors.Is(err, errNoChange):
-			if !t.dirty {
-				return a, nil
-			}
 		case err != nil:
 			return nil, err
+		default:
+			t.commit()
 		}
-		a.prune()
-		if err := a.check(); err != nil {
-			return nil, fmt.Errorf("changing account %s: invariant broken, nothing written: %w", consumer, err)
+		if err := b.seal(); err != nil {
+			return nil, err
 		}
-		a.UpdatedAt = t.now
-		newRev, err := s.save(ctx, a, rev)
+		if !b.changed() {
+			return b.a, nil
+		}
+		b.a.UpdatedAt = now
+		newRev, err := s.save(ctx, b.a, st.rev)
 		if err != nil {
 			if isConflict(err) {
 				continue
 			}
 			return nil, fmt.Errorf("writing account %s: %w", consumer, err)
 		}
-		if len(a.Outbox) == 0 {
-			return a, nil
+		st = b.settled(newRev)
+		if len(b.a.Outbox) == 0 {
+			return b.a, nil
 		}
-		if err := s.flush(ctx, a.Outbox); err != nil {
+		if err := s.flush(ctx, st, b.a.Outbox); err != nil {
 			// Stored in the outbox: the next change of the account finishes it.
 			s.log.Warn("finishing account change later", "consumer", consumer, "err", err)
-			return a, nil
+			return b.a, nil
 		}
-		a.Outbox = nil
-		if _, err := s.save(ctx, a, newRev); err != nil && !isConflict(err) {
+		done := *b.a
+		done.Outbox = nil
+		if _, err := s.save(ctx, &done, newRev); err != nil && !isConflict(err) {
 			s.log.Warn("clearing account outbox", "consumer", consumer, "err", err)
 		}
 		// On a conflict another change loaded the outbox and finished it.
-		return a, nil
+		return &done, nil
 	}
 	return nil, fmt.Errorf("changing account %s: too much contention after %d attempts", consumer, maxAttempts)
 }
@@ -210,11 +434,32 @@ func backoff(ctx context.Context, attempt int) error {
 	}
 }
 
-// flush writes and publishes the outbox items, in order. Writing is
-// idempotent (Create, and a key that exists is the same item) and so is
-// publishing (Nats-Msg-Id is the item's key).
-func (s *store) flush(ctx context.Context, items []*Item) error {
-	outs := make([]bus.Out, 0, len(items))
+// flush writes and publishes the outbox items of st's account, all at
+// once, and waits for every write: one round trip. Every write is
+// idempotent (see the top of this file). A hold write that finds its key
+// at another revision was done before (by this or another instance): the
+// key's value is then forgotten from st and read again when needed. Events
+// are published asynchronously in outbox order on one connection, so they
+// reach the stream in ledger order.
+func (s *store) flush(ctx context.Context, st *state, items []*Item) error {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+	}
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		first error
+	)
+	fail := func(err error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if first == nil {
+			first = err
+		}
+	}
+	futures := make([]jetstream.PubAckFuture, 0, len(items))
 	for _, it := range items {
 		var (
 			key, consumer, subject string
@@ -228,9 +473,11 @@ func (s *store) flush(ctx context.Context, items []*Item) error {
 			if err != nil {
 				return fmt.Errorf("encoding ledger entry %s: %w", e.Key, err)
 			}
-			if _, err := s.ledger.Create(ctx, e.Key, b); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
-				return fmt.Errorf("writing ledger entry %s: %w", e.Key, err)
-			}
+			wg.Go(func() {
+				if _, err := s.ledger.Create(ctx, e.Key, b); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
+					fail(fmt.Errorf("writing ledger entry %s: %w", e.Key, err))
+				}
+			})
 			key, consumer, kind, data, subject = e.Key, e.Consumer, kindOf(e.Kind), e, e.Sandbox
 			if subject == "" {
 				subject = e.Grant
@@ -241,13 +488,42 @@ func (s *store) flush(ctx context.Context, items []*Item) error {
 			if err != nil {
 				return fmt.Errorf("encoding usage record %s: %w", u.Key, err)
 			}
-			if _, err := s.credits.Create(ctx, u.Key, b); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
-				return fmt.Errorf("writing usage record %s: %w", u.Key, err)
-			}
+			wg.Go(func() {
+				if _, err := s.credits.Create(ctx, u.Key, b); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
+					fail(fmt.Errorf("writing usage record %s: %w", u.Key, err))
+				}
+			})
 			key, consumer, kind, data, subject = u.Key, u.Consumer, KindUsage, u, u.Sandbox
 		case it.Notice != nil:
 			n := it.Notice
 			key, consumer, kind, data, subject = n.Key, n.Consumer, n.Kind, n, n.Sandbox
+		case it.Hold != nil:
+			w := it.Hold
+			var b []byte
+			if !w.Delete {
+				var err error
+				if b, err = json.Marshal(w.Hold); err != nil {
+					return fmt.Errorf("encoding hold %s: %w", w.Key, err)
+				}
+			}
+			wg.Go(func() {
+				rev, err := s.writeHold(ctx, w, b)
+				sb := w.Key[strings.LastIndexByte(w.Key, '.')+1:]
+				mu.Lock()
+				defer mu.Unlock()
+				switch {
+				case err == nil && !w.Delete:
+					st.holds[sb] = holdRef{h: w.Hold, rev: rev}
+				case err == nil:
+				case isConflict(err):
+					delete(st.holds, sb) // done before: read it again when needed
+				default:
+					if first == nil {
+						first = fmt.Errorf("writing hold %s: %w", w.Key, err)
+					}
+				}
+			})
+			continue
 		default:
 			continue
 		}
@@ -255,22 +531,60 @@ func (s *store) flush(ctx context.Context, items []*Item) error {
 		if err != nil {
 			return err
 		}
-		outs = append(outs, bus.Out{Subject: event.MeteringSubject(consumer, string(kind)), Event: ev})
-	}
-	// One at a time, in order: a consumer's events reach the stream in
-	// ledger order.
-	for _, o := range outs {
-		if _, err := s.pub.Publish(ctx, o.Subject, o.Event); err != nil {
+		msg, err := event.Encode(ctx, event.MeteringSubject(consumer, string(kind)), ev)
+		if err != nil {
 			return err
 		}
+		f, err := s.js.PublishMsgAsync(msg)
+		if err != nil {
+			wg.Wait()
+			return fmt.Errorf("publishing %s: %w", msg.Subject, err)
+		}
+		futures = append(futures, f)
 	}
-	return nil
+	for _, f := range futures {
+		select {
+		case <-f.Ok():
+		case err := <-f.Err():
+			fail(fmt.Errorf("publishing %s: %w", f.Msg().Subject, err))
+		case <-ctx.Done():
+			fail(fmt.Errorf("waiting for publish acks: %w", ctx.Err()))
+		}
+	}
+	wg.Wait()
+	return first
+}
+
+// writeHold applies one hold write at its expected revision.
+func (s *store) writeHold(ctx context.Context, w *HoldWrite, b []byte) (uint64, error) {
+	if w.Delete {
+		return 0, s.credits.Delete(ctx, w.Key, jetstream.LastRevision(w.Rev))
+	}
+	// Update at revision 0 fails on a key that ever existed, even
+	// deleted: a closed hold never opens again.
+	return s.credits.Update(ctx, w.Key, b, w.Rev)
 }
 
 // read returns consumer's account without changing it, finishing a
-// pending outbox and expiring credit on the way.
-func (s *store) read(ctx context.Context, consumer string) (*Account, error) {
-	return s.update(ctx, consumer, func(*tx) error { return errNoChange })
+// pending outbox and expiring credit on the way, and its open holds.
+func (s *store) read(ctx context.Context, consumer string) (*Account, []*Hold, error) {
+	a, err := s.update(ctx, consumer, func(*tx) error { return errNoChange })
+	if err != nil {
+		return nil, nil, err
+	}
+	var holds []*Hold
+	err = watchAll(ctx, s.credits, holdStoreKey(consumer, ">"), func(b []byte) error {
+		var h Hold
+		if err := json.Unmarshal(b, &h); err != nil {
+			return fmt.Errorf("decoding hold: %w", err)
+		}
+		holds = append(holds, &h)
+		return nil
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("reading holds of %s: %w", consumer, err)
+	}
+	return a, holds, nil
 }
 
 // entries returns consumer's ledger, in sequence order.
@@ -351,4 +665,21 @@ func watchAll(ctx context.Context, kv jetstream.KeyValue, filter string, fn func
 			}
 		}
 	}
+}
+
+// peek returns a copy of the open hold of sb as of the account's last
+// change, or nil.
+func (s *store) peek(ctx context.Context, consumer, sb string) (*Hold, error) {
+	var out *Hold
+	_, err := s.update(ctx, consumer, func(t *tx) error {
+		h, err := t.hold(sb)
+		if h != nil {
+			out = cloneHold(h)
+		}
+		if err != nil {
+			return err
+		}
+		return errNoChange
+	})
+	return out, err
 }
