@@ -11,12 +11,16 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/event"
 )
 
-// TestRouterHandsBackOnShutdown stops a router while one handler runs and
+// TestRouterHandsBackOnShutdown stops a router while its handlers run and
 // more messages wait in its pull buffer. Everything it did not finish must
-// reach the next router at once, not after the 30s AckWait.
+// reach the next router at once, not after the 60s AckWait.
 func TestRouterHandsBackOnShutdown(t *testing.T) {
 	t.Parallel()
-	policy := bus.ConsumerPolicy{AckWait: 30 * time.Second, MaxDeliver: 5, Backoff: []time.Duration{10 * time.Millisecond}}
+	// MaxAckPending 7: four messages in handlers and three in the pull
+	// buffer, after which the server delivers no more, so none is in
+	// flight when the router stops (what the client never saw cannot be
+	// handed back; it returns after AckWait).
+	policy := bus.ConsumerPolicy{AckWait: 60 * time.Second, MaxDeliver: 5, Backoff: []time.Duration{10 * time.Millisecond}, MaxAckPending: 7}
 	h := newHarness(t, policy)
 	const n = 12
 	for i := range n {
@@ -44,7 +48,7 @@ func TestRouterHandsBackOnShutdown(t *testing.T) {
 	// Four messages in handlers, more pulled into the buffer.
 	await(t, 10*time.Second, "messages waiting in the pull buffer", func() (bool, string) {
 		info := h.consumerInfo()
-		return info.NumAckPending > 4, fmt.Sprintf("%d pending ack", info.NumAckPending)
+		return info.NumAckPending == 7, fmt.Sprintf("%d pending ack", info.NumAckPending)
 	})
 	cancel()
 	select {
@@ -62,7 +66,7 @@ func TestRouterHandsBackOnShutdown(t *testing.T) {
 		return nil, nil
 	}, 4)
 	// Well under AckWait: only handed-back messages can arrive this soon.
-	await(t, 10*time.Second, "every message at the second router", func() (bool, string) {
+	await(t, 20*time.Second, "every message at the second router", func() (bool, string) {
 		return handled.Load() == n, fmt.Sprintf("%d of %d handled", handled.Load(), n)
 	})
 }
