@@ -20,18 +20,22 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/extension/composessh"
 	"github.com/sand-boxer/sandboxer/pkg/extension/composessh/composetest"
 	"github.com/sand-boxer/sandboxer/pkg/extension/vmpacker/vmtest"
 	"github.com/sand-boxer/sandboxer/pkg/sshx"
 	"github.com/sand-boxer/sandboxer/pkg/sshx/sshtest"
+	"github.com/sand-boxer/sandboxer/services/provisioner"
 )
 
 // e2eEnv is what the cases share: one sshd standing for the compose host
@@ -96,6 +100,7 @@ func TestGatewayE2E(t *testing.T) {
 		t.Parallel()
 		e2eChangedHostKey(t, e, s, bases[extRekeyed], changedKH)
 	})
+	t.Run("ProvisionerKilledDuringComposeUp", func(t *testing.T) { t.Parallel(); e2eKilledProvisioner(t, e) })
 }
 
 // e2eRequireDocker fails t unless the Docker engine answers.
@@ -604,13 +609,205 @@ func e2eVM(t *testing.T, e *e2eEnv, s *e2eSystem, base string) {
 	}
 }
 
-// Keep the imports of the later cases in use while they are written.
-var (
-	_ = strconv.Itoa
-	_ = e2eEcho
-	_ = e2eRemoteExists
-	_ = e2eSSH
-	_ = e2eLifecycleCount
-	_ = e2eDataOf[event.Failed]
-	_ = e2eLifecycle
-)
+// e2eWorker is a provisioner serving compose-ssh on a NATS connection of
+// its own, as a separate process would.
+type e2eWorker struct {
+	id  string
+	nc  *nats.Conn
+	p   *provisioner.Provisioner
+	ext atomic.Pointer[composessh.ComposeSSH]
+}
+
+func e2eStartWorker(t *testing.T, s *e2eSystem, id string) *e2eWorker {
+	t.Helper()
+	w := &e2eWorker{id: id}
+	nc, err := nats.Connect(s.sys.NATS.ClientURL(), nats.Name(id))
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.nc = nc
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wctx, stopWatch := context.WithCancel(context.Background())
+	t.Cleanup(stopWatch)
+	cat, err := watchCatalog(wctx, js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := extension.NewRegistry(extension.Info{Handler: composessh.Handler, New: func() extension.Extension {
+		c := new(composessh.ComposeSSH)
+		w.ext.Store(c)
+		return c
+	}})
+	w.p, err = provisioner.New(provisioner.Options{
+		JS: js, Catalog: cat, Extensions: reg, Pools: []string{extCompose},
+		DataDir: t.TempDir(), WorkerID: id,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := w.p.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		_ = w.p.Shutdown(ctx)
+	})
+	return w
+}
+
+// kill ends the worker as a dying process would: its NATS connection
+// drops without an ack or a nak, and so do its SSH connections, which
+// stops the remote commands they run.
+func (w *e2eWorker) kill(t *testing.T) {
+	t.Helper()
+	w.nc.Close()
+	if c := w.ext.Load(); c != nil {
+		_ = c.Close()
+	}
+}
+
+// e2eSlowRepo makes a repository whose stack takes a while to come up:
+// web gets healthy after a few seconds and app waits for it, so `compose
+// up` runs for those seconds with web's container made and app's not.
+func e2eSlowRepo(t *testing.T, image string) string {
+	t.Helper()
+	loop := `trap 'exit 0' TERM; while :; do sleep 1 & wait $$!; done`
+	compose := fmt.Sprintf(`services:
+  web:
+    image: %[1]s
+    command: ["/bin/sh", "-c", "sleep 4; touch /data/ready; %[2]s"]
+    healthcheck:
+      test: ["CMD", "/bin/test", "-f", "/data/ready"]
+      interval: 1s
+      timeout: 2s
+      retries: 60
+    volumes:
+      - data:/data
+  app:
+    image: %[1]s
+    command: ["/bin/sh", "-c", "%[2]s"]
+    depends_on:
+      web:
+        condition: service_healthy
+volumes:
+  data: {}
+`, image, loop)
+	dir := t.TempDir()
+	e2eWriteFile(t, filepath.Join(dir, "docker-compose.yml"), compose)
+	for _, args := range [][]string{
+		{"init", "-q", "-b", "main", dir},
+		{"-C", dir, "add", "."},
+		{"-C", dir, "-c", "user.email=e2e@example.com", "-c", "user.name=e2e", "commit", "-q", "-m", "slow stack"},
+	} {
+		if out, err := exec.Command("git", args...).CombinedOutput(); err != nil {
+			t.Fatalf("git %v: %v: %s", args, err, out)
+		}
+	}
+	return dir
+}
+
+// e2eKilledProvisioner kills the compose-ssh worker running a sandbox's
+// `compose up`; the other worker gets the command after ack_wait and
+// completes it: one ready event, one stack, and destroy cleans everything.
+func e2eKilledProvisioner(t *testing.T, e *e2eEnv) {
+	base := t.TempDir()
+	extDir, profDir := t.TempDir(), t.TempDir()
+	e2eWriteFile(t, filepath.Join(extDir, "ext."+extCompose+".yaml"),
+		composetest.ManifestYAML(e.srv, base, composetest.ManifestOptions{})+e2eWorkersYAML(5*time.Second))
+	// The system runs a pool for vm-packer only: compose-ssh is served by
+	// the two workers below.
+	e2eWriteFile(t, filepath.Join(extDir, "ext."+extVM+".yaml"),
+		vmtest.ManifestYAML(e.srv, t.TempDir(), vmtest.ManifestOptions{}))
+	e2eWriteProfile(t, profDir, profCompose, extCompose, "container")
+	s := startE2ESystem(t, extDir, profDir, []string{extVM})
+	if slices.Contains(s.sys.Pools, extCompose) {
+		t.Fatalf("the system runs a compose-ssh pool: %v", s.sys.Pools)
+	}
+	workers := map[string]*e2eWorker{}
+	for _, id := range []string{"worker-a", "worker-b"} {
+		workers[id] = e2eStartWorker(t, s, id)
+	}
+
+	ctx := e2eCtx(t, 4*time.Minute)
+	repo := e2eSlowRepo(t, e.image)
+	sb, err := s.c.Create(ctx, api.CreateRequest{Profile: profCompose, Inputs: map[string]string{"repo": "file://" + repo}}, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	project := "sbx-" + sb.ID
+	e2eCleanup(t, s, sb.ID, project)
+
+	// Find the worker provisioning it, and wait until its compose up is
+	// under way: web's container exists and app's does not yet.
+	prov := e2eDataOf[event.Provisioning](t, e2eLifecycle(ctx, t, s.sys.JS, sb.ID, event.StateProvisioning))
+	victim := workers[prov.Worker]
+	if victim == nil {
+		t.Fatalf("provisioning by %q, not one of the test's workers", prov.Worker)
+	}
+	var survivor *e2eWorker
+	for id, w := range workers {
+		if id != victim.id {
+			survivor = w
+		}
+	}
+	e2eAwait(ctx, t, "a container of "+project, func() bool {
+		return len(composetest.ProjectResources(t, project).Containers) > 0
+	})
+	if res := composetest.ProjectResources(t, project); len(res.Containers) != 1 {
+		t.Fatalf("compose up had got past web before the kill (%s): the stack is too quick for this case", res)
+	}
+	victim.kill(t)
+	t.Logf("killed %s during compose up of %s", victim.id, project)
+
+	ready, err := s.c.Wait(ctx, sb.ID, func(st event.State) bool { return st.Rank() >= event.StateReady.Rank() }, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ready.State != event.StateReady {
+		t.Fatalf("sandbox = %s (reason %q), want ready", ready.State, ready.Reason)
+	}
+	if n := e2eLifecycleCount(ctx, t, s.sys.JS, extCompose, sb.ID, event.StateReady); n != 1 {
+		t.Fatalf("%d ready events, want exactly 1", n)
+	}
+	if n := victim.p.Stats().Handled.Load(); n != 0 {
+		t.Fatalf("the killed worker completed %d commands", n)
+	}
+	if n := survivor.p.Stats().Handled.Load(); n != 1 {
+		t.Fatalf("the surviving worker completed %d commands, want the create", n)
+	}
+	// One stack: one container per service, one network, one volume.
+	res := composetest.ProjectResources(t, project)
+	if len(res.Containers) != 2 || len(res.Networks) != 1 || len(res.Volumes) != 1 {
+		t.Fatalf("the stack holds %s, want two containers (web, app), one network and one volume", res)
+	}
+	for _, svc := range []string{"web", "app"} {
+		composetest.ContainerOf(t, project, svc) // exactly one, running
+	}
+	if names := e2eDirEntries(t, base); len(names) != 1 || names[0] != sb.ID {
+		t.Fatalf("the host's base dir holds %v, want [%s]", names, sb.ID)
+	}
+
+	if _, err := s.c.Destroy(ctx, sb.ID); err != nil {
+		t.Fatal(err)
+	}
+	gone, err := s.c.Wait(ctx, sb.ID, event.State.Terminal, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if gone.State != event.StateDestroyed {
+		t.Fatalf("state after destroy = %s (reason %q), want destroyed", gone.State, gone.Reason)
+	}
+	if left := composetest.ProjectResources(t, project); !left.Empty() {
+		t.Fatalf("after destroyed Docker still holds %s", left)
+	}
+	if names := e2eDirEntries(t, base); len(names) != 0 {
+		t.Fatalf("after destroyed the host's base dir holds %v", names)
+	}
+}
