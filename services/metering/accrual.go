@@ -78,7 +78,7 @@ func (m *Metering) onAccrual(ctx context.Context, msg *bus.Message) ([]bus.Out, 
 func (m *Metering) accrue(ctx context.Context, c, sb, cause string, cur, next Quote) ([]bus.Out, error) {
 	exhausted := false
 	var held *Hold
-	_, err := m.store.update(ctx, c, func(t *tx) error {
+	_, err := m.store.update(ctx, c, prefetch{holds: []string{sb}}, func(t *tx) error {
 		exhausted = false
 		a := t.a
 		h, err := t.hold(sb)

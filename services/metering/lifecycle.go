@@ -101,7 +101,7 @@ func (m *Metering) onReady(ctx context.Context, e *event.Event, d event.Ready) (
 		readyAt = e.Time()
 	}
 	running := false
-	_, err := m.store.update(ctx, c, func(t *tx) error {
+	_, err := m.store.update(ctx, c, prefetch{holds: []string{sb}, ledger: []string{releaseKey(c, sb)}}, func(t *tx) error {
 		running = false
 		h, err := t.hold(sb)
 		if err != nil {
@@ -164,32 +164,15 @@ func (m *Metering) onReady(ctx context.Context, e *event.Event, d event.Ready) (
 // the hold. A sandbox that failed or was rejected costs nothing.
 func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, state event.State, reason string, meter *event.MeterReading) error {
 	c, sb := ref.Consumer, ref.SandboxID
-	defer m.stopAccrual(ctx, sb)
-	h, err := m.store.peek(ctx, c, sb)
-	if err != nil {
-		return err
-	}
 	var (
-		actual  = Actual{Source: SourceLifecycle, Unit: "second"}
-		readyAt time.Time
-		endAt   = e.Time().UTC()
+		actual   = Actual{Source: SourceLifecycle, Unit: "second"}
+		readyAt  time.Time
+		endAt    = e.Time().UTC()
+		priced   bool // actual and readyAt are known before the change
+		schedule bool // the settled hold had an accrual schedule
 	)
-	if h != nil && state == event.StateDestroyed {
-		readyAt = h.ReadyAt
-		if readyAt.IsZero() {
-			// The ready event may not have been handled yet: the stream
-			// has it.
-			if readyAt, err = m.readyAt(ctx, ref.Extension, sb); err != nil {
-				return err
-			}
-		}
-		if !readyAt.IsZero() {
-			if actual, err = m.actual(ctx, h, readyAt, endAt, meter); err != nil {
-				return err
-			}
-		}
-	}
-	_, err = m.store.update(ctx, c, func(t *tx) error {
+	apply := func(t *tx) error {
+		schedule = false
 		h, err := t.hold(sb)
 		if err != nil {
 			return err
@@ -210,9 +193,21 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 			t.a.record(&Entry{Key: releaseKey(c, sb), Kind: EntryRelease, Sandbox: sb, Hold: sb, Cause: e.ID(), Reason: "destroyed without a hold", At: t.now})
 			return nil
 		}
+		if state == event.StateDestroyed && !priced {
+			// Priced in the change when that needs no I/O: the hold
+			// knows when it became ready, and the price is the
+			// profile's or the backend's reading.
+			if h.ReadyAt.IsZero() || (meter == nil && h.PricingModel == extension.PricingMetered) {
+				return errNeedIO
+			}
+			if actual, err = m.actual(t.ctx, h, h.ReadyAt, endAt, meter); err != nil {
+				return err
+			}
+		}
 		if h.ReadyAt.IsZero() && !readyAt.IsZero() {
 			h.ReadyAt = readyAt
 		}
+		schedule = !h.ReadyAt.IsZero()
 		u := &UsageRecord{
 			Key: usageKey(c, sb), Consumer: c, Sandbox: sb, Hold: h.ID, Profile: h.Profile, Extension: h.Extension,
 			PricingModel: string(h.PricingModel), ReadyAt: h.ReadyAt, DestroyedAt: endAt, Quote: h.Quote,
@@ -236,9 +231,46 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 		t.close(sb)
 		t.a.Outbox = append(t.a.Outbox, &Item{Usage: u})
 		return nil
-	})
-	return err
+	}
+	pre := prefetch{holds: []string{sb}, ledger: []string{releaseKey(c, sb)}}
+	_, err := m.store.update(ctx, c, pre, apply)
+	if errors.Is(err, errNeedIO) {
+		// Price it outside the change: when the sandbox became ready
+		// (its ready event may not have been handled yet: the stream
+		// has it), and a metered backend's quote.
+		h, err := m.store.peek(ctx, c, sb)
+		if err != nil {
+			return err
+		}
+		if h != nil {
+			readyAt = h.ReadyAt
+			if readyAt.IsZero() {
+				if readyAt, err = m.readyAt(ctx, ref.Extension, sb); err != nil {
+					return err
+				}
+			}
+			if !readyAt.IsZero() {
+				if actual, err = m.actual(ctx, h, readyAt, endAt, meter); err != nil {
+					return err
+				}
+			}
+		}
+		priced = true
+		_, err = m.store.update(ctx, c, pre, apply)
+		if err != nil {
+			return err
+		}
+	} else if err != nil {
+		return err
+	}
+	if schedule {
+		m.stopAccrual(ctx, sb)
+	}
+	return nil
 }
+
+// errNeedIO tells settle that pricing needs I/O outside the change.
+var errNeedIO = errors.New("pricing needs i/o")
 
 // actual is what a ready sandbox of hold h used from readyAt to endAt.
 func (m *Metering) actual(ctx context.Context, h *Hold, readyAt, endAt time.Time, meter *event.MeterReading) (Actual, error) {

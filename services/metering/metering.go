@@ -298,6 +298,9 @@ func (m *Metering) Shutdown(ctx context.Context) error {
 		errs = append(errs, fmt.Errorf("draining handlers: %w", ctx.Err()))
 	}
 	m.stopHandlers()
+	if err := m.store.wait(ctx); err != nil {
+		errs = append(errs, err)
+	}
 	m.stopWatch()
 	return errors.Join(errs...)
 }

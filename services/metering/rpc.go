@@ -292,7 +292,7 @@ func (m *Metering) Hold(ctx context.Context, r HoldRequest) (HoldReply, error) {
 		return HoldReply{}, err
 	}
 	var reply HoldReply
-	_, err = m.store.update(ctx, c, func(t *tx) error {
+	_, err = m.store.update(ctx, c, prefetch{holds: []string{sb}, ledger: []string{releaseKey(c, sb)}}, func(t *tx) error {
 		h, err := t.hold(sb)
 		if err != nil {
 			return err
@@ -353,7 +353,7 @@ func (m *Metering) Grant(ctx context.Context, r GrantRequest) (GrantReply, error
 		return GrantReply{}, fmt.Errorf("%w: priority %d: want 0 to 1000", ErrInvalidRequest, r.Priority)
 	}
 	var reply GrantReply
-	_, err := m.store.update(ctx, r.Consumer, func(t *tx) error {
+	_, err := m.store.update(ctx, r.Consumer, prefetch{ledger: []string{grantKey(r.Consumer, r.ID)}}, func(t *tx) error {
 		seen, err := t.seen(grantKey(r.Consumer, r.ID))
 		if err != nil {
 			return err

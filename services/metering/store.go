@@ -1,11 +1,11 @@
 package metering
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"log/slog"
 	"math/rand/v2"
 	"reflect"
@@ -57,19 +57,10 @@ type store struct {
 	js      jetstream.JetStream
 	log     *slog.Logger
 	now     func() time.Time
-	// locks serialise the changes this process makes to one account, so
-	// concurrent changes queue instead of failing their compare-and-swap
-	// over and over. They are an optimisation: correctness across
-	// processes comes from the compare-and-swap alone.
-	locks [64]sync.Mutex
-}
 
-func (s *store) lock(consumer string) func() {
-	h := fnv.New32a()
-	_, _ = h.Write([]byte(consumer))
-	m := &s.locks[h.Sum32()%uint32(len(s.locks))]
-	m.Lock()
-	return m.Unlock
+	mu      sync.Mutex
+	writers map[string]*writer // one per account changed, kept for its cache
+	wg      sync.WaitGroup     // running writers
 }
 
 // holdRef is a hold's key as a writer knows it: its value (nil: no open
@@ -172,11 +163,13 @@ type batch struct {
 	pending map[string]bool
 	// ledger caches which ledger keys exist.
 	ledger map[string]bool
+	// absent are sandboxes read to have no open hold.
+	absent map[string]bool
 	dirty  bool // write even when no change changed anything
 }
 
 func newBatch(st *state, now time.Time) *batch {
-	b := &batch{st: st, a: st.a.clone(), holds: map[string]*Hold{}, pending: map[string]bool{}, ledger: map[string]bool{}}
+	b := &batch{st: st, a: st.a.clone(), holds: map[string]*Hold{}, pending: map[string]bool{}, ledger: map[string]bool{}, absent: map[string]bool{}}
 	b.a.Outbox = nil // finished before the batch: the write clears it
 	b.dirty = len(st.a.Outbox) > 0 || len(st.migrated) > 0
 	for sb, h := range st.migrated {
@@ -236,12 +229,16 @@ func (t *tx) hold(sb string) (*Hold, error) {
 		h = bh
 	} else {
 		ref, ok := t.b.st.holds[sb]
-		if !ok {
+		if !ok && !t.b.absent[sb] {
 			var err error
 			if ref, err = t.s.readHold(t.ctx, t.a.Consumer, sb); err != nil {
 				return nil, err
 			}
-			t.b.st.holds[sb] = ref
+			if ref.h == nil {
+				t.b.absent[sb] = true
+			} else {
+				t.b.st.holds[sb] = ref
+			}
 		}
 		h = ref.h
 	}
@@ -346,7 +343,7 @@ func (b *batch) settled(rev uint64) *state {
 	st := &state{a: b.a, rev: rev, holds: b.st.holds}
 	for sb, h := range b.holds {
 		if h == nil {
-			st.holds[sb] = holdRef{}
+			delete(st.holds, sb)
 			continue
 		}
 		st.holds[sb] = holdRef{h: h, rev: b.st.holds[sb].rev}
@@ -354,71 +351,333 @@ func (b *batch) settled(rev uint64) *state {
 	return st
 }
 
+// Changes to one account go through one writer per account and process
+// (group commit): callers queue their changes, and the writer takes every
+// change queued, applies them one after the other to the account as it
+// knows it, and stores the result with ONE compare-and-swap carrying the
+// combined outbox. A caller is answered as soon as the compare-and-swap
+// succeeded (its change is durable); the writer then writes the outbox in
+// one round trip before the next batch, and the next batch's
+// compare-and-swap clears it (or, when nothing more is queued, a last one).
+//
+// The writer keeps the account, its revision and the holds it read in
+// memory between batches, so a change needs no read first. Every change of
+// a hold goes with a change of its account, so the compare-and-swap proves
+// the cached holds current too. When it fails (another instance changed
+// the account), the writer forgets what it knew, reloads and applies the
+// batch again. A batch that writes nothing checks the account's revision
+// instead, so an answer never rests on a stale cache.
+
+// maxBatch bounds the changes of one compare-and-swap, and so the size of
+// the account's outbox.
+const maxBatch = 128
+
+// batchTimeout bounds the work of one batch.
+const batchTimeout = 20 * time.Second
+
+// prefetch names what a change will read, fetched for the whole batch at
+// once before its changes run.
+type prefetch struct {
+	holds  []string // sandboxes whose hold is read
+	ledger []string // ledger keys asked about
+}
+
+// change is one queued change: fn applied to the account.
+type change struct {
+	ctx  context.Context
+	pre  prefetch
+	fn   func(t *tx) error
+	read bool // answer once the batch's outbox is written, not at durability
+	done chan result
+}
+
+type result struct {
+	a   *Account
+	err error
+}
+
+// writer is the writer of one account in this process.
+type writer struct {
+	consumer string
+
+	mu      sync.Mutex
+	queue   []*change
+	running bool
+
+	// Owned by the running drain.
+	st      *state // nil: load first
+	unclear bool   // the stored outbox is written but still listed
+}
+
+func (s *store) writer(consumer string) *writer {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.writers == nil {
+		s.writers = map[string]*writer{}
+	}
+	w := s.writers[consumer]
+	if w == nil {
+		w = &writer{consumer: consumer}
+		s.writers[consumer] = w
+	}
+	return w
+}
+
 // update applies fn to consumer's account and stores the result with a
-// compare-and-swap, retrying on conflict. fn returns errNoChange when it
-// changed nothing; any other error aborts the change, and update returns
-// it. The account returned is as stored.
-func (s *store) update(ctx context.Context, consumer string, fn func(t *tx) error) (*Account, error) {
-	unlock := s.lock(consumer)
-	defer unlock()
+// compare-and-swap, in a batch with the other changes queued for the
+// account, retrying on conflict. fn returns errNoChange when it changed
+// nothing; any other error aborts the change (and only it), and update
+// returns it. pre names what fn reads, to be fetched with the batch. The
+// account returned is as stored.
+func (s *store) update(ctx context.Context, consumer string, pre prefetch, fn func(t *tx) error) (*Account, error) {
+	return s.submit(ctx, consumer, &change{ctx: ctx, pre: pre, fn: fn})
+}
+
+func (s *store) submit(ctx context.Context, consumer string, c *change) (*Account, error) {
+	c.done = make(chan result, 1)
+	w := s.writer(consumer)
+	w.mu.Lock()
+	w.queue = append(w.queue, c)
+	if !w.running {
+		w.running = true
+		s.wg.Add(1)
+		go s.drain(w)
+	}
+	w.mu.Unlock()
+	select {
+	case r := <-c.done:
+		return r.a, r.err
+	case <-ctx.Done():
+		return nil, fmt.Errorf("changing account %s: %w", consumer, ctx.Err())
+	}
+}
+
+// drain runs batches of w's queue until it is empty, then clears the
+// stored outbox if it must, and returns.
+func (s *store) drain(w *writer) {
+	defer s.wg.Done()
+	for {
+		w.mu.Lock()
+		n := min(len(w.queue), maxBatch)
+		cs := w.queue[:n:n]
+		w.queue = w.queue[n:]
+		if n == 0 && !w.unclear {
+			w.running = false
+			w.queue = nil
+			w.mu.Unlock()
+			return
+		}
+		w.mu.Unlock()
+		live := cs[:0:0]
+		for _, c := range cs {
+			if err := c.ctx.Err(); err != nil {
+				c.done <- result{err: fmt.Errorf("changing account %s: %w", w.consumer, err)}
+				continue
+			}
+			live = append(live, c)
+		}
+		w.unclear = false // a batch, even empty, clears it or reloads
+		s.run(w, live)
+	}
+}
+
+// run applies one batch of changes (none: just clear the outbox) and
+// answers every change of it.
+func (s *store) run(w *writer, cs []*change) {
+	ctx, cancel := context.WithTimeout(context.Background(), batchTimeout)
+	defer cancel()
+	answered := make([]bool, len(cs))
+	answer := func(i int, a *Account, err error) {
+		if !answered[i] {
+			answered[i] = true
+			cs[i].done <- result{a: a, err: err}
+		}
+	}
+	failAll := func(err error) {
+		for i := range cs {
+			answer(i, nil, err)
+		}
+	}
+	errs := make([]error, len(cs))
 	for attempt := 0; attempt < maxAttempts; attempt++ {
 		if attempt > 0 {
 			if err := backoff(ctx, attempt); err != nil {
-				return nil, err
+				failAll(err)
+				return
 			}
 		}
-		st, err := s.load(ctx, consumer)
-		if err != nil {
-			return nil, err
-		}
-		if len(st.a.Outbox) > 0 {
-			if err := s.flush(ctx, st, st.a.Outbox); err != nil {
-				return nil, err
+		if w.st == nil {
+			st, err := s.load(ctx, w.consumer)
+			if err == nil && len(st.a.Outbox) > 0 {
+				err = s.flush(ctx, st, st.a.Outbox)
 			}
+			if err != nil {
+				failAll(err)
+				return
+			}
+			w.st = st
 		}
+		st := w.st
 		now := s.now().UTC()
 		b := newBatch(st, now)
-		t := b.tx(ctx, s, now)
-		err = fn(t)
-		switch {
-		case errors.Is(err, errNoChange):
-		case err != nil:
-			return nil, err
-		default:
-			t.commit()
+		if err := s.prefetch(ctx, b, cs); err != nil {
+			w.st = nil
+			failAll(err)
+			return
+		}
+		for i, c := range cs {
+			t := b.tx(ctx, s, now)
+			err := c.fn(t)
+			switch {
+			case errors.Is(err, errNoChange):
+				err = nil
+			case err == nil:
+				t.commit()
+			}
+			errs[i] = err
 		}
 		if err := b.seal(); err != nil {
-			return nil, err
+			w.st = nil
+			failAll(err)
+			return
 		}
 		if !b.changed() {
-			return b.a, nil
+			// Nothing to write: the answers hold if the account did not
+			// move since it was cached.
+			cur, err := s.revision(ctx, w.consumer)
+			if err != nil {
+				w.st = nil
+				failAll(err)
+				return
+			}
+			if cur != st.rev {
+				w.st = nil
+				continue
+			}
+			for i := range cs {
+				answer(i, b.a, errs[i])
+			}
+			return
 		}
 		b.a.UpdatedAt = now
-		newRev, err := s.save(ctx, b.a, st.rev)
+		rev, err := s.save(ctx, b.a, st.rev)
 		if err != nil {
+			w.st = nil
 			if isConflict(err) {
 				continue
 			}
-			return nil, fmt.Errorf("writing account %s: %w", consumer, err)
+			failAll(fmt.Errorf("writing account %s: %w", w.consumer, err))
+			return
 		}
-		st = b.settled(newRev)
-		if len(b.a.Outbox) == 0 {
-			return b.a, nil
+		w.st = b.settled(rev)
+		for i, c := range cs {
+			if !c.read {
+				answer(i, b.a, errs[i])
+			}
 		}
-		if err := s.flush(ctx, st, b.a.Outbox); err != nil {
-			// Stored in the outbox: the next change of the account finishes it.
-			s.log.Warn("finishing account change later", "consumer", consumer, "err", err)
-			return b.a, nil
+		if len(b.a.Outbox) > 0 {
+			if err := s.flush(ctx, w.st, b.a.Outbox); err != nil {
+				// Stored in the outbox: the next batch reloads and
+				// finishes it.
+				s.log.Warn("finishing account change later", "consumer", w.consumer, "err", err)
+				w.st = nil
+			} else {
+				w.unclear = true
+			}
 		}
-		done := *b.a
-		done.Outbox = nil
-		if _, err := s.save(ctx, &done, newRev); err != nil && !isConflict(err) {
-			s.log.Warn("clearing account outbox", "consumer", consumer, "err", err)
+		for i := range cs {
+			answer(i, b.a, errs[i])
 		}
-		// On a conflict another change loaded the outbox and finished it.
-		return &done, nil
+		return
 	}
-	return nil, fmt.Errorf("changing account %s: too much contention after %d attempts", consumer, maxAttempts)
+	w.st = nil
+	failAll(fmt.Errorf("changing account %s: too much contention after %d attempts", w.consumer, maxAttempts))
+}
+
+// prefetch reads, all at once, the holds and ledger keys the changes of
+// b will ask about and b does not know yet.
+func (s *store) prefetch(ctx context.Context, b *batch, cs []*change) error {
+	holds := map[string]bool{}
+	ledger := map[string]bool{}
+	for _, c := range cs {
+		known := true
+		for _, sb := range c.pre.holds {
+			if _, ok := b.st.holds[sb]; !ok {
+				holds[sb] = true
+				known = false
+			}
+		}
+		if known && len(c.pre.holds) > 0 {
+			continue // an open hold: its ledger keys are not asked about
+		}
+		for _, k := range c.pre.ledger {
+			if _, ok := b.ledger[k]; !ok {
+				ledger[k] = true
+			}
+		}
+	}
+	if len(holds)+len(ledger) == 0 {
+		return nil
+	}
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		first error
+	)
+	consumer := b.a.Consumer
+	for sb := range holds {
+		wg.Go(func() {
+			ref, err := s.readHold(ctx, consumer, sb)
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case err != nil:
+				first = cmp.Or(first, err)
+			case ref.h == nil:
+				b.absent[sb] = true
+			default:
+				b.st.holds[sb] = ref
+			}
+		})
+	}
+	for k := range ledger {
+		wg.Go(func() {
+			ok, err := s.inLedger(ctx, k)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				first = cmp.Or(first, err)
+				return
+			}
+			b.ledger[k] = ok
+		})
+	}
+	wg.Wait()
+	return first
+}
+
+// revision reads the revision of consumer's account, 0 when it has none.
+func (s *store) revision(ctx context.Context, consumer string) (uint64, error) {
+	e, err := s.credits.Get(ctx, accountKey(consumer))
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("reading account %s: %w", consumer, err)
+	}
+	return e.Revision(), nil
+}
+
+// wait waits until every writer is idle, or ctx ends.
+func (s *store) wait(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("waiting for account writers: %w", ctx.Err())
+	}
 }
 
 // backoff waits a little before the next compare-and-swap attempt.
@@ -568,7 +827,7 @@ func (s *store) writeHold(ctx context.Context, w *HoldWrite, b []byte) (uint64, 
 // read returns consumer's account without changing it, finishing a
 // pending outbox and expiring credit on the way, and its open holds.
 func (s *store) read(ctx context.Context, consumer string) (*Account, []*Hold, error) {
-	a, err := s.update(ctx, consumer, func(*tx) error { return errNoChange })
+	a, err := s.submit(ctx, consumer, &change{ctx: ctx, read: true, fn: func(*tx) error { return errNoChange }})
 	if err != nil {
 		return nil, nil, err
 	}
@@ -671,7 +930,7 @@ func watchAll(ctx context.Context, kv jetstream.KeyValue, filter string, fn func
 // change, or nil.
 func (s *store) peek(ctx context.Context, consumer, sb string) (*Hold, error) {
 	var out *Hold
-	_, err := s.update(ctx, consumer, func(t *tx) error {
+	_, err := s.update(ctx, consumer, prefetch{holds: []string{sb}}, func(t *tx) error {
 		h, err := t.hold(sb)
 		if h != nil {
 			out = cloneHold(h)
