@@ -65,6 +65,9 @@ const (
 	greetingForTest = "hello-through-the-gateway"
 )
 
+// TestGatewayE2E runs the gateway-level cases of the SSH backends: one sshd
+// and one image for all, one system for every case but the killed
+// provisioner's, which needs its own workers.
 func TestGatewayE2E(t *testing.T) {
 	e2eRequireDocker(t)
 	e := &e2eEnv{srv: sshtest.Start(t, sshtest.Options{}), image: composetest.Image(t)}
@@ -114,12 +117,14 @@ func e2eRequireDocker(t *testing.T) {
 	}
 }
 
+// e2eCtx returns a context that ends after d or with the test.
 func e2eCtx(t *testing.T, d time.Duration) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	t.Cleanup(cancel)
 	return ctx
 }
 
+// e2eWriteFile writes content to file, mode 0644.
 func e2eWriteFile(t *testing.T, file, content string) {
 	t.Helper()
 	if err := os.WriteFile(file, []byte(content), 0o644); err != nil {
@@ -178,7 +183,7 @@ func startE2ESystem(t *testing.T, extDir, profDir string, pools []string) *e2eSy
 	return &e2eSystem{sys: sys, c: api.NewClient(sys.URL, strings.TrimSpace(string(tok)), nil)}
 }
 
-// lifecycle reads the sandbox's lifecycle events from the stream, in
+// e2eLifecycle reads the sandbox's lifecycle events from the stream, in
 // order, until one announcing state until arrives, and returns them all.
 func e2eLifecycle(ctx context.Context, t *testing.T, js jetstream.JetStream, id string, until event.State) []*event.Event {
 	t.Helper()
@@ -232,7 +237,7 @@ func e2eLifecycleCount(ctx context.Context, t *testing.T, js jetstream.JetStream
 	return info.State.Subjects[subj]
 }
 
-// await polls cond until it holds, failing t when ctx ends first.
+// e2eAwait polls cond until it holds, failing t when ctx ends first.
 func e2eAwait(ctx context.Context, t *testing.T, what string, cond func() bool) {
 	t.Helper()
 	tick := time.NewTicker(100 * time.Millisecond)
@@ -272,6 +277,7 @@ func e2eRemoteExists(ctx context.Context, t *testing.T, cl *sshx.Client, path st
 	return strings.TrimSpace(string(out)) == "yes"
 }
 
+// e2eDirEntries lists the names in dir.
 func e2eDirEntries(t *testing.T, dir string) []string {
 	t.Helper()
 	es, err := os.ReadDir(dir)
@@ -618,6 +624,7 @@ type e2eWorker struct {
 	ext atomic.Pointer[composessh.ComposeSSH]
 }
 
+// e2eStartWorker starts a worker and shuts it down with the test.
 func e2eStartWorker(t *testing.T, s *e2eSystem, id string) *e2eWorker {
 	t.Helper()
 	w := &e2eWorker{id: id}
