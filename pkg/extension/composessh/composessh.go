@@ -154,7 +154,12 @@ func (b sandbox) dir() string      { return workspace.Dir(b.host.base, b.id) }
 func (b sandbox) checkout() string { return path.Join(b.dir(), checkoutDir) }
 
 // Project returns the compose project name of a sandbox.
-func (c *ComposeSSH) Project(sandboxID string) string { return c.s.prefix + sandboxID }
+func (c *ComposeSSH) Project(sandboxID string) string {
+	if strings.HasPrefix(sandboxID, c.s.prefix) {
+		return sandboxID // sand-boxer's ids already carry "sbx-"
+	}
+	return c.s.prefix + sandboxID
+}
 
 // Dir returns the directory of a sandbox on a configured host.
 func (c *ComposeSSH) Dir(hostName, sandboxID string) (string, error) {
