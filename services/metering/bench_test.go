@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/services/metering"
 )
@@ -154,10 +156,41 @@ func BenchmarkLifecycleEvents(b *testing.B) {
 	now := time.Now().UTC()
 	b.ReportAllocs()
 	b.ResetTimer()
+	// Published asynchronously, as a busy provisioner fleet does: the
+	// benchmark measures metering, not one publisher's round trips.
+	futures := make([]jetstream.PubAckFuture, 0, 2*n)
 	for i := 1; i <= n; i++ {
 		r := ref("bench", fmt.Sprintf("e%d", i), profCheap)
-		e.publish(b, r, event.StateReady, now, false)
-		e.publish(b, r, event.StateDestroyed, now.Add(2*time.Second), false)
+		for _, st := range []event.State{event.StateReady, event.StateDestroyed} {
+			at := now
+			var data any = event.Ready{Ref: r, Handle: event.Handle{SandboxID: r.SandboxID, Host: "localhost"}, Reachability: event.Reachability{Host: "localhost"}, ReadyAt: now}
+			if st == event.StateDestroyed {
+				at, data = now.Add(2*time.Second), event.Destroyed{Ref: r, Reason: event.ReasonRequested}
+			}
+			ev, err := event.New(event.LifecycleType(st), "/bench", r.SandboxID, r.SandboxID+"."+string(st), data)
+			if err != nil {
+				b.Fatal(err)
+			}
+			ev.SetTime(at)
+			msg, err := event.Encode(ctx, event.LifecycleSubject(r.Extension, r.SandboxID, st), ev)
+			if err != nil {
+				b.Fatal(err)
+			}
+			f, err := e.js.PublishMsgAsync(msg)
+			if err != nil {
+				b.Fatal(err)
+			}
+			futures = append(futures, f)
+		}
+	}
+	for _, f := range futures {
+		select {
+		case <-f.Ok():
+		case err := <-f.Err():
+			b.Fatal(err)
+		case <-ctx.Done():
+			b.Fatal(ctx.Err())
+		}
 	}
 	awaitProcessed(b, m, before+uint64(2*n))
 	b.StopTimer()

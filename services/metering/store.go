@@ -10,10 +10,12 @@ import (
 	"math/rand/v2"
 	"reflect"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
@@ -694,31 +696,41 @@ func backoff(ctx context.Context, attempt int) error {
 }
 
 // flush writes and publishes the outbox items of st's account, all at
-// once, and waits for every write: one round trip. Every write is
-// idempotent (see the top of this file). A hold write that finds its key
-// at another revision was done before (by this or another instance): the
-// key's value is then forgotten from st and read again when needed. Events
-// are published asynchronously in outbox order on one connection, so they
-// reach the stream in ledger order.
+// once, asynchronously on one connection, and waits for every
+// acknowledgement: one round trip. Every write is idempotent (see the top
+// of this file): a ledger entry or usage record that exists, or a hold
+// write that finds its key at another revision, was done before (by this
+// or another instance); such a hold is forgotten from st and read again
+// when needed. Events reach the metering stream in outbox order, so in
+// ledger order.
 func (s *store) flush(ctx context.Context, st *state, items []*Item) error {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
 	}
-	var (
-		wg    sync.WaitGroup
-		mu    sync.Mutex
-		first error
-	)
-	fail := func(err error) {
-		mu.Lock()
-		defer mu.Unlock()
-		if first == nil {
-			first = err
-		}
+	type pending struct {
+		f    jetstream.PubAckFuture
+		what string
+		hold *HoldWrite // a hold write: its revision is remembered
+		once bool       // a Create: a key that exists was written before
 	}
-	futures := make([]jetstream.PubAckFuture, 0, len(items))
+	var waits []pending
+	publish := func(msg *nats.Msg, p pending) error {
+		f, err := s.js.PublishMsgAsync(msg)
+		if err != nil {
+			return fmt.Errorf("%s: %w", p.what, err)
+		}
+		p.f = f
+		waits = append(waits, p)
+		return nil
+	}
+	kvMsg := func(kv jetstream.KeyValue, key string, value []byte, rev uint64) *nats.Msg {
+		msg := &nats.Msg{Subject: "$KV." + kv.Bucket() + "." + key, Header: nats.Header{}, Data: value}
+		msg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(rev, 10))
+		return msg
+	}
+	var first error
 	for _, it := range items {
 		var (
 			key, consumer, subject string
@@ -732,11 +744,9 @@ func (s *store) flush(ctx context.Context, st *state, items []*Item) error {
 			if err != nil {
 				return fmt.Errorf("encoding ledger entry %s: %w", e.Key, err)
 			}
-			wg.Go(func() {
-				if _, err := s.ledger.Create(ctx, e.Key, b); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
-					fail(fmt.Errorf("writing ledger entry %s: %w", e.Key, err))
-				}
-			})
+			if err := publish(kvMsg(s.ledger, e.Key, b, 0), pending{what: "writing ledger entry " + e.Key, once: true}); err != nil {
+				first = cmp.Or(first, err)
+			}
 			key, consumer, kind, data, subject = e.Key, e.Consumer, kindOf(e.Kind), e, e.Sandbox
 			if subject == "" {
 				subject = e.Grant
@@ -747,11 +757,9 @@ func (s *store) flush(ctx context.Context, st *state, items []*Item) error {
 			if err != nil {
 				return fmt.Errorf("encoding usage record %s: %w", u.Key, err)
 			}
-			wg.Go(func() {
-				if _, err := s.credits.Create(ctx, u.Key, b); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
-					fail(fmt.Errorf("writing usage record %s: %w", u.Key, err))
-				}
-			})
+			if err := publish(kvMsg(s.credits, u.Key, b, 0), pending{what: "writing usage record " + u.Key, once: true}); err != nil {
+				first = cmp.Or(first, err)
+			}
 			key, consumer, kind, data, subject = u.Key, u.Consumer, KindUsage, u, u.Sandbox
 		case it.Notice != nil:
 			n := it.Notice
@@ -765,23 +773,15 @@ func (s *store) flush(ctx context.Context, st *state, items []*Item) error {
 					return fmt.Errorf("encoding hold %s: %w", w.Key, err)
 				}
 			}
-			wg.Go(func() {
-				rev, err := s.writeHold(ctx, w, b)
-				sb := w.Key[strings.LastIndexByte(w.Key, '.')+1:]
-				mu.Lock()
-				defer mu.Unlock()
-				switch {
-				case err == nil && !w.Delete:
-					st.holds[sb] = holdRef{h: w.Hold, rev: rev}
-				case err == nil:
-				case isConflict(err):
-					delete(st.holds, sb) // done before: read it again when needed
-				default:
-					if first == nil {
-						first = fmt.Errorf("writing hold %s: %w", w.Key, err)
-					}
-				}
-			})
+			// At revision 0 the write fails on a key that ever existed,
+			// even deleted: a closed hold never opens again.
+			msg := kvMsg(s.credits, w.Key, b, w.Rev)
+			if w.Delete {
+				msg.Header.Set("KV-Operation", "DEL")
+			}
+			if err := publish(msg, pending{what: "writing hold " + w.Key, hold: w}); err != nil {
+				first = cmp.Or(first, err)
+			}
 			continue
 		default:
 			continue
@@ -794,34 +794,34 @@ func (s *store) flush(ctx context.Context, st *state, items []*Item) error {
 		if err != nil {
 			return err
 		}
-		f, err := s.js.PublishMsgAsync(msg)
-		if err != nil {
-			wg.Wait()
-			return fmt.Errorf("publishing %s: %w", msg.Subject, err)
+		if err := publish(msg, pending{what: "publishing " + msg.Subject}); err != nil {
+			first = cmp.Or(first, err)
 		}
-		futures = append(futures, f)
 	}
-	for _, f := range futures {
+	for _, p := range waits {
 		select {
-		case <-f.Ok():
-		case err := <-f.Err():
-			fail(fmt.Errorf("publishing %s: %w", f.Msg().Subject, err))
+		case ack := <-p.f.Ok():
+			if w := p.hold; w != nil {
+				sb := w.Key[strings.LastIndexByte(w.Key, '.')+1:]
+				if w.Delete {
+					delete(st.holds, sb)
+				} else {
+					st.holds[sb] = holdRef{h: w.Hold, rev: ack.Sequence}
+				}
+			}
+		case err := <-p.f.Err():
+			switch {
+			case isConflict(err) && p.hold != nil:
+				delete(st.holds, p.hold.Key[strings.LastIndexByte(p.hold.Key, '.')+1:]) // read it again when needed
+			case isConflict(err) && p.once:
+			default:
+				first = cmp.Or(first, fmt.Errorf("%s: %w", p.what, err))
+			}
 		case <-ctx.Done():
-			fail(fmt.Errorf("waiting for publish acks: %w", ctx.Err()))
+			return fmt.Errorf("waiting for outbox writes: %w", ctx.Err())
 		}
 	}
-	wg.Wait()
 	return first
-}
-
-// writeHold applies one hold write at its expected revision.
-func (s *store) writeHold(ctx context.Context, w *HoldWrite, b []byte) (uint64, error) {
-	if w.Delete {
-		return 0, s.credits.Delete(ctx, w.Key, jetstream.LastRevision(w.Rev))
-	}
-	// Update at revision 0 fails on a key that ever existed, even
-	// deleted: a closed hold never opens again.
-	return s.credits.Update(ctx, w.Key, b, w.Rev)
 }
 
 // read returns consumer's account without changing it, finishing a
