@@ -411,7 +411,7 @@ func e2eCompose(t *testing.T, e *e2eEnv, s *e2eSystem, base string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	project := "sbx-" + sb.ID // the manifest's default project prefix
+	project := sb.ID // ids start with the default project prefix, sbx-, so the id is the project
 	e2eCleanup(t, s, sb.ID, project)
 	ready, err := s.c.Wait(ctx, sb.ID, func(st event.State) bool { return st.Rank() >= event.StateReady.Rank() }, nil)
 	if err != nil {
@@ -482,7 +482,7 @@ func e2eChangedHostKey(t *testing.T, e *e2eEnv, s *e2eSystem, base, knownHosts s
 	if err != nil {
 		t.Fatal(err)
 	}
-	project := "sbx-" + sb.ID
+	project := sb.ID
 	e2eCleanup(t, s, sb.ID, project)
 	restored := false
 	restore := func() {
@@ -748,7 +748,7 @@ func e2eKilledProvisioner(t *testing.T, e *e2eEnv) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	project := "sbx-" + sb.ID
+	project := sb.ID
 	e2eCleanup(t, s, sb.ID, project)
 
 	// Find the worker provisioning it, and wait until its compose up is
