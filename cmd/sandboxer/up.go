@@ -190,9 +190,28 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 	if _, err := ensureKeys(ctx, js, cfg.DataDir); err != nil {
 		return nil, err
 	}
+	// Each service gets its own in-process connection, as it would as a
+	// process of its own: one service's traffic never queues behind
+	// another's in a shared connection.
+	connect := func(name string) (*nats.Conn, jetstream.JetStream, error) {
+		c, err := srv.Connect("sandboxer-" + name)
+		if err != nil {
+			return nil, nil, err
+		}
+		sys.st.add(func(context.Context) error { return c.Drain() })
+		j, err := jetstream.New(c)
+		if err != nil {
+			return nil, nil, fmt.Errorf("opening jetstream: %w", err)
+		}
+		return c, j, nil
+	}
 
+	regNC, regJS, err := connect("registry")
+	if err != nil {
+		return nil, err
+	}
 	reg, err := registry.New(registry.Options{
-		JS: js, NC: nc, ExtensionsDir: cfg.ExtensionsDir, ProfilesDir: cfg.ProfilesDir,
+		JS: regJS, NC: regNC, ExtensionsDir: cfg.ExtensionsDir, ProfilesDir: cfg.ProfilesDir,
 		Extensions: cfg.Extensions, Logger: log.With("service", "registry"),
 	})
 	if err != nil {
@@ -203,7 +222,11 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 	}
 	sys.st.add(reg.Shutdown)
 
-	met, err := metering.New(metering.Options{JS: js, Logger: log.With("service", "metering")})
+	_, metJS, err := connect("metering")
+	if err != nil {
+		return nil, err
+	}
+	met, err := metering.New(metering.Options{JS: metJS, Logger: log.With("service", "metering")})
 	if err != nil {
 		return nil, err
 	}
@@ -227,8 +250,12 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 	for _, name := range pools {
 		// One provisioner per pool, so a backend that cannot start (a
 		// missing SSH key, say) does not keep the others from running.
+		_, pJS, err := connect("provisioner-" + name)
+		if err != nil {
+			return nil, err
+		}
 		p, err := provisioner.New(provisioner.Options{
-			JS: js, Catalog: cat, Extensions: cfg.Extensions, Pools: []string{name},
+			JS: pJS, Catalog: cat, Extensions: cfg.Extensions, Pools: []string{name},
 			DataDir: filepath.Join(cfg.DataDir, "extensions"), Logger: log.With("service", "provisioner"),
 		})
 		if err != nil {
@@ -247,9 +274,13 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 		return nil, err
 	}
 	sys.st.add(stopWorkers)
-	mc := metering.NewClient(nc)
+	gwNC, gwJS, err := connect("gateway")
+	if err != nil {
+		return nil, err
+	}
+	mc := metering.NewClient(gwNC)
 	gw, err := gateway.New(gateway.Options{
-		JS: js, Catalog: cat, Keys: apikey.NewStore(mustKV(ctx, js, bus.BucketAPIKeys)),
+		JS: gwJS, Catalog: cat, Keys: apikey.NewStore(mustKV(ctx, js, bus.BucketAPIKeys)),
 		Resolver: &gateway.CapacityResolver{Liveness: wc},
 		Admitter: meteringAdmitter{mc}, Credits: meteringCredits{mc}, Logger: log.With("service", "gateway"),
 	})
