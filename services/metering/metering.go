@@ -76,6 +76,9 @@ type Options struct {
 	// Concurrency is how many lifecycle events and accrual ticks this
 	// instance handles at once, each. Default 16.
 	Concurrency int
+	// Requests is how many requests (admissions, grants, reads) this
+	// instance handles at once. Default 256.
+	Requests int
 	// Policy is the delivery policy of both durable consumers. Zero fields
 	// take the [bus.ConsumerPolicy] defaults.
 	Policy bus.ConsumerPolicy
@@ -109,6 +112,9 @@ func (o Options) withDefaults() Options {
 	if o.Concurrency <= 0 {
 		o.Concurrency = 16
 	}
+	if o.Requests <= 0 {
+		o.Requests = 256
+	}
 	if o.Now == nil {
 		o.Now = time.Now
 	}
@@ -127,6 +133,8 @@ type Metering struct {
 	stopped bool
 
 	store     *store
+	requests  sync.WaitGroup // request handlers running
+	reqSlots  chan struct{}  // bounds them
 	pricer    *pricer
 	lifecycle jetstream.Stream
 	timers    jetstream.Stream
@@ -153,7 +161,7 @@ func New(opts Options) (*Metering, error) {
 	if opts.NC == nil {
 		return nil, errors.New("creating metering: no NATS connection")
 	}
-	return &Metering{opts: opts, log: opts.Logger}, nil
+	return &Metering{opts: opts, log: opts.Logger, reqSlots: make(chan struct{}, opts.Requests)}, nil
 }
 
 // Start opens the buckets, follows the catalog, ensures the durable
@@ -298,6 +306,13 @@ func (m *Metering) Shutdown(ctx context.Context) error {
 		errs = append(errs, fmt.Errorf("draining handlers: %w", ctx.Err()))
 	}
 	m.stopHandlers()
+	reqDone := make(chan struct{})
+	go func() { m.requests.Wait(); close(reqDone) }()
+	select {
+	case <-reqDone:
+	case <-ctx.Done():
+		errs = append(errs, fmt.Errorf("waiting for requests: %w", ctx.Err()))
+	}
 	if err := m.store.wait(ctx); err != nil {
 		errs = append(errs, err)
 	}

@@ -194,23 +194,35 @@ func (m *Metering) serve() (micro.Service, error) {
 // requestTimeout bounds the work of one request.
 const requestTimeout = 10 * time.Second
 
-// endpoint adapts a handler returning a reply or an error to micro.
+// endpoint adapts a handler returning a reply or an error to micro. Each
+// request is handled on its own goroutine, up to Options.Requests at once
+// (then the subscription waits), so concurrent requests for one account
+// meet in one batch instead of queueing behind each other's round trips.
 func (m *Metering) endpoint(h func(context.Context, []byte) (any, error)) micro.HandlerFunc {
 	return func(req micro.Request) {
-		ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
-		defer cancel()
-		reply, err := h(ctx, req.Data())
-		if err != nil {
-			code := codeOf(err)
-			if code == CodeInternal {
-				m.log.Error("answering request", "subject", req.Subject(), "err", err)
-			}
-			body, _ := json.Marshal(ErrorReply{Code: code, Detail: err.Error()})
-			_ = req.Error(code, err.Error(), body)
-			return
-		}
-		_ = req.RespondJSON(reply)
+		m.reqSlots <- struct{}{}
+		m.requests.Go(func() {
+			defer func() { <-m.reqSlots }()
+			m.answer(h, req)
+		})
 	}
+}
+
+// answer handles one request and responds with its reply or error.
+func (m *Metering) answer(h func(context.Context, []byte) (any, error), req micro.Request) {
+	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
+	defer cancel()
+	reply, err := h(ctx, req.Data())
+	if err != nil {
+		code := codeOf(err)
+		if code == CodeInternal {
+			m.log.Error("answering request", "subject", req.Subject(), "err", err)
+		}
+		body, _ := json.Marshal(ErrorReply{Code: code, Detail: err.Error()})
+		_ = req.Error(code, err.Error(), body)
+		return
+	}
+	_ = req.RespondJSON(reply)
 }
 
 func codeOf(err error) string {
