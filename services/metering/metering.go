@@ -74,7 +74,9 @@ type Options struct {
 	// workers. Default 5s.
 	QuoteTimeout time.Duration
 	// Concurrency is how many lifecycle events and accrual ticks this
-	// instance handles at once, each. Default 16.
+	// instance handles at once, each. Changes to one account made at once
+	// share a compare-and-swap, so more handlers mean bigger batches.
+	// Default 64.
 	Concurrency int
 	// Requests is how many requests (admissions, grants, reads) this
 	// instance handles at once. Default 256.
@@ -110,7 +112,7 @@ func (o Options) withDefaults() Options {
 		o.QuoteTimeout = 5 * time.Second
 	}
 	if o.Concurrency <= 0 {
-		o.Concurrency = 16
+		o.Concurrency = 64
 	}
 	if o.Requests <= 0 {
 		o.Requests = 256

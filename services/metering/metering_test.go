@@ -553,3 +553,62 @@ func TestLegacyAccountMigrates(t *testing.T) {
 		t.Fatalf("after settlement: %+v, holds %v", s.acct, s.holds)
 	}
 }
+
+// TestCacheFollowsOtherInstances: an instance that cached an account
+// never answers from it once another instance changed the account: a read
+// sees the other's grant, an admission spends it, and a hold the other
+// closed is closed here too.
+func TestCacheFollowsOtherInstances(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	m1 := e.start(t, metering.Options{})
+	m2 := e.start(t, metering.Options{})
+	ctx := testCtx(t)
+	if _, err := m1.Grant(ctx, metering.GrantRequest{Consumer: "two", Amount: 100, ID: "a"}); err != nil {
+		t.Fatal(err)
+	}
+	hold := func(m *metering.Metering, sb string, ttl int64) error {
+		_, err := m.Hold(ctx, metering.HoldRequest{SandboxID: sb, Consumer: "two", Profile: profCheap, Extension: extSelf, TTLSeconds: ttl})
+		return err
+	}
+	if err := hold(m1, "sb1", 10); err != nil { // m1 caches the account: 15 held
+		t.Fatal(err)
+	}
+	if _, err := m2.Grant(ctx, metering.GrantRequest{Consumer: "two", Amount: 50, ID: "b"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name  string
+		check func() error
+	}{
+		{"read sees the other's grant", func() error {
+			b, err := m1.Balance(ctx, "two")
+			if err == nil && (b.Balance != 150 || b.Held != 15 || len(b.Holds) != 1) {
+				err = fmt.Errorf("balance %+v, want 150 with 15 held in one hold", b)
+			}
+			return err
+		}},
+		{"admission spends the other's grant", func() error {
+			return hold(m1, "sb2", 120) // 125 of the 135 available: needs grant b
+		}},
+		{"a hold closed elsewhere is closed", func() error {
+			// Whichever instance handles the rejected event, m1
+			// answers from the account as it is now.
+			e.publish(t, ref("two", "sb1", profCheap), event.StateRejected, time.Now().UTC(), false)
+			e.drained(t)
+			if err := hold(m1, "sb1", 10); !errors.Is(err, metering.ErrHoldClosed) {
+				return fmt.Errorf("admission of a released sandbox: %v, want ErrHoldClosed", err)
+			}
+			return nil
+		}},
+	} {
+		if err := tc.check(); err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+	}
+	s := e.snap(t, "two")
+	checkInvariants(t, s)
+	if s.acct.Balance != 150 || s.acct.Held != 125 || len(s.holds) != 1 {
+		t.Fatalf("account %+v, holds %v", s.acct, s.holds)
+	}
+}
