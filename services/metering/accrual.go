@@ -2,11 +2,14 @@ package metering
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/pkg/extension"
 )
 
 // Accrual runs on the bus, not in a process. When a sandbox becomes ready,
@@ -42,20 +45,19 @@ func (m *Metering) onAccrual(ctx context.Context, msg *bus.Message) ([]bus.Out, 
 		return nil, bus.Permanent(fmt.Errorf("handling accrual %s: %w: data names sandbox %q, consumer %q", msg.Subject, event.ErrMalformed, d.Sandbox, d.Consumer))
 	}
 	c := d.Consumer
-	h, err := m.store.peek(ctx, c, sb)
-	if err != nil {
-		return nil, err
+	// A self-hosted sandbox is priced in the change, from its hold; a
+	// metered one needs its backend's quotes first.
+	out, err := m.accrue(ctx, c, sb, msg.Event.ID(), nil)
+	if !errors.Is(err, errNeedIO) {
+		return out, err
 	}
-	switch {
-	case h == nil:
-		m.stopAccrual(ctx, sb)
-		return nil, nil
-	case h.ReadyAt.IsZero():
-		return nil, nil
-	case h.Exhausted:
-		// Redelivered after the destroy was decided: send it again.
-		m.stopAccrual(ctx, sb)
-		return m.destroyOut(h, c)
+	h, err := m.store.peek(ctx, c, sb)
+	if err != nil || h == nil || h.ReadyAt.IsZero() || h.Exhausted {
+		// Closed, not ready or exhausted since: the change says what to do.
+		if err != nil {
+			return nil, err
+		}
+		return m.accrue(ctx, c, sb, msg.Event.ID(), &prices{})
 	}
 	now := m.opts.Now().UTC()
 	tm := terms{Profile: h.Profile, Extension: h.Extension, Model: h.PricingModel, Price: h.Price}
@@ -64,7 +66,7 @@ func (m *Metering) onAccrual(ctx context.Context, msg *bus.Message) ([]bus.Out, 
 	if err == nil {
 		var next Quote
 		if next, err = m.pricer.cost(ctx, tm, elapsed+m.opts.Lookahead); err == nil {
-			return m.accrue(ctx, c, sb, msg.Event.ID()+"@"+now.Format("20060102T150405Z"), cur, next)
+			return m.accrue(ctx, c, sb, msg.Event.ID(), &prices{cur: cur, next: next, at: now, ok: true})
 		}
 	}
 	// No price now (a metered backend's workers are away): the next tick
@@ -73,21 +75,59 @@ func (m *Metering) onAccrual(ctx context.Context, msg *bus.Message) ([]bus.Out, 
 	return nil, nil
 }
 
-// accrue applies one tick: cur is the price of the usage so far, next the
-// price of the usage through the lookahead.
-func (m *Metering) accrue(ctx context.Context, c, sb, cause string, cur, next Quote) ([]bus.Out, error) {
-	exhausted := false
-	var held *Hold
+// prices are a tick's prices, known before its change: cur of the usage
+// so far, next of the usage through the lookahead, at time at. ok is false
+// when there are none (the change only settles what needs no price).
+type prices struct {
+	cur, next Quote
+	at        time.Time
+	ok        bool
+}
+
+// accrue applies one tick. With p nil, it prices a self-hosted sandbox in
+// the change and returns errNeedIO for a metered one.
+func (m *Metering) accrue(ctx context.Context, c, sb, tick string, p *prices) ([]bus.Out, error) {
+	var (
+		exhausted, resend, gone bool
+		held                    *Hold
+	)
 	_, err := m.store.update(ctx, c, prefetch{holds: []string{sb}}, func(t *tx) error {
-		exhausted = false
+		exhausted, resend, gone, held = false, false, false, nil
 		a := t.a
 		h, err := t.hold(sb)
-		if err != nil {
+		switch {
+		case err != nil:
 			return err
-		}
-		if h == nil || h.ReadyAt.IsZero() || h.Exhausted {
+		case h == nil:
+			gone = true
+			return errNoChange
+		case h.ReadyAt.IsZero():
+			return errNoChange
+		case h.Exhausted:
+			// Redelivered after the destroy was decided: send it again.
+			resend, held = true, cloneHold(h)
 			return errNoChange
 		}
+		var cur, next Quote
+		at := t.now
+		switch {
+		case p != nil && !p.ok:
+			return errNoChange
+		case p != nil:
+			cur, next, at = p.cur, p.next, p.at
+		case h.PricingModel == extension.PricingMetered:
+			return errNeedIO
+		default:
+			tm := terms{Profile: h.Profile, Extension: h.Extension, Model: h.PricingModel, Price: h.Price}
+			elapsed := max(at.Sub(h.ReadyAt), 0)
+			if cur, err = m.pricer.cost(t.ctx, tm, elapsed); err != nil {
+				return err
+			}
+			if next, err = m.pricer.cost(t.ctx, tm, elapsed+m.opts.Lookahead); err != nil {
+				return err
+			}
+		}
+		cause := tick + "@" + at.Format("20060102T150405Z")
 		seq := a.Seq
 		short := false
 		if delta := cur.Amount - h.Debited; delta > 0 {
@@ -123,12 +163,20 @@ func (m *Metering) accrue(ctx context.Context, c, sb, cause string, cur, next Qu
 		case a.Seq == seq:
 			return errNoChange
 		}
-		cp := *h
-		held = &cp
+		held = cloneHold(h)
 		return nil
 	})
-	if err != nil || !exhausted {
+	switch {
+	case err != nil:
 		return nil, err
+	case gone:
+		m.stopAccrual(ctx, sb)
+		return nil, nil
+	case resend:
+		m.stopAccrual(ctx, sb)
+		return m.destroyOut(held, c)
+	case !exhausted:
+		return nil, nil
 	}
 	m.stopAccrual(ctx, sb)
 	m.log.Info("credits exhausted: destroying sandbox", "consumer", c, "sandbox", sb)
