@@ -104,6 +104,8 @@ func (t Topology) Streams() []jetstream.StreamConfig {
 			Subjects:    []string{event.SubjectLifecycle},
 			Retention:   jetstream.LimitsPolicy,
 			MaxAge:      t.LifecycleMaxAge,
+			// Workers read one sandbox's last event by subject.
+			AllowDirect: true,
 			Storage:     st,
 			Replicas:    t.Replicas,
 			Duplicates:  t.Duplicates,

@@ -181,9 +181,15 @@ func (pl *pool) destroy(ctx context.Context, d event.Destroy) ([]bus.Out, error)
 		return nil, nil // destroyed already, or rejected before anything was made
 	}
 	if rec != nil && (rec.State == event.StateRequested || rec.State == event.StateProvisioning) {
-		// A create is in flight: let it finish, so teardown removes what it
-		// makes instead of racing it.
-		if rec, err = pl.awaitCreate(ctx, d.SandboxID, rec); err != nil {
+		// The inventory may only lag: when the create already announced its
+		// end on the lifecycle stream, take the handle from there.
+		if h, done, err := pl.createOutcome(ctx, d.SandboxID); err != nil {
+			return nil, err
+		} else if done {
+			rec.Handle = h
+		} else if rec, err = pl.awaitCreate(ctx, d.SandboxID, rec); err != nil {
+			// A create is in flight: let it finish, so teardown removes
+			// what it makes instead of racing it.
 			return nil, err
 		}
 		if rec != nil && rec.State.Terminal() {
@@ -228,6 +234,38 @@ func (pl *pool) destroy(ctx context.Context, d event.Destroy) ([]bus.Out, error)
 	}
 	pl.log.Info("sandbox destroyed", "sandbox", d.SandboxID, "removed", len(rep.Removed))
 	return []bus.Out{out}, nil
+}
+
+// createOutcome reads the sandbox's ready or failed event from the
+// lifecycle stream: done reports that the create has ended, with the
+// handle it left (nil when it failed before making anything).
+func (pl *pool) createOutcome(ctx context.Context, id string) (*extension.Handle, bool, error) {
+	for _, s := range []event.State{event.StateReady, event.StateFailed} {
+		msg, err := pl.p.lifecycle.GetLastMsgForSubject(ctx, event.LifecycleSubject(pl.name, id, s))
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			continue
+		}
+		if err != nil {
+			return nil, false, fmt.Errorf("reading %s of %s: %w", s, id, err)
+		}
+		_, e, err := event.Decode(ctx, msg.Header, msg.Data)
+		if err != nil {
+			return nil, false, bus.Permanent(err)
+		}
+		if s == event.StateReady {
+			var r event.Ready
+			if err := event.DataAs(e, &r); err != nil {
+				return nil, false, bus.Permanent(err)
+			}
+			return &r.Handle, true, nil
+		}
+		var f event.Failed
+		if err := event.DataAs(e, &f); err != nil {
+			return nil, false, bus.Permanent(err)
+		}
+		return f.Handle, true, nil
+	}
+	return nil, false, nil
 }
 
 // awaitCreate watches a sandbox's record until it leaves requested and

@@ -64,6 +64,7 @@ type Provisioner struct {
 	router    *bus.Router
 	pub       *bus.Publisher
 	sandboxes jetstream.KeyValue
+	lifecycle jetstream.Stream
 	workers   jetstream.KeyValue
 	pools     []*pool
 	started   time.Time
@@ -122,6 +123,9 @@ func (p *Provisioner) Start(ctx context.Context) error {
 		return fmt.Errorf("opening sandboxes bucket: %w", err)
 	}
 	p.sandboxes = kv
+	if p.lifecycle, err = p.opts.JS.Stream(ctx, event.StreamLifecycle); err != nil {
+		return fmt.Errorf("opening lifecycle stream: %w", err)
+	}
 	if p.workers, err = p.opts.JS.KeyValue(ctx, bus.BucketWorkers); err != nil {
 		return fmt.Errorf("opening workers bucket: %w", err)
 	}

@@ -381,3 +381,35 @@ func TestWorkerKilledMidProvision(t *testing.T) {
 		t.Fatalf("workspaces = %v, want exactly [%s]", names, id)
 	}
 }
+
+// TestDestroyWhileInventoryLags destroys a ready sandbox whose inventory
+// record still says provisioning (the registry has not projected ready
+// yet): the worker takes the handle from the ready event instead of waiting
+// for the record, and removes the workspace.
+func TestDestroyWhileInventoryLags(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, localManifest("local", 5*time.Second))
+	e.start(t, extension.NewRegistry(local.Info), "local", "w1")
+	id := sandbox.NewID()
+	e.publishCreate(t, "local", id, nil)
+	seen := e.awaitEvent(t, id, event.StateReady)
+	var ready event.Ready
+	if err := event.DataAs(seen[len(seen)-1], &ready); err != nil {
+		t.Fatal(err)
+	}
+	rec := sandbox.NewRequested(event.Create{Ref: ready.Ref, RequestedAt: time.Now()})
+	if _, err := sandbox.Apply(rec, seen[0]); err != nil { // provisioning only
+		t.Fatal(err)
+	}
+	e.putRecord(t, rec)
+	start := time.Now()
+	e.publishDestroy(t, "local", id)
+	e.awaitEvent(t, id, event.StateDestroyed)
+	// Waiting for the record would take ack_wait x max_deliver (20s) and more.
+	if d := time.Since(start); d > 10*time.Second {
+		t.Fatalf("destroy took %s: it waited for the inventory", d)
+	}
+	if _, err := os.Stat(ready.Reachability.RemoteDir); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("workspace %s still there: %v", ready.Reachability.RemoteDir, err)
+	}
+}
