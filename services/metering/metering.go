@@ -218,7 +218,7 @@ func (m *Metering) Start(ctx context.Context) (err error) {
 	case <-ctx.Done():
 		return fmt.Errorf("loading catalog: %w", ctx.Err())
 	}
-	m.store = &store{credits: credits, ledger: ledger, pub: bus.NewPublisher(js), js: js, log: m.log, now: m.opts.Now}
+	m.store = &store{credits: credits, ledger: ledger, js: js, log: m.log, now: m.opts.Now}
 	m.pricer = &pricer{cat: cat, nc: m.opts.NC, timeout: m.opts.QuoteTimeout}
 
 	if m.svc, err = m.serve(); err != nil {

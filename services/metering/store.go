@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math/rand/v2"
 	"reflect"
 	"slices"
@@ -18,7 +19,6 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 )
 
@@ -55,14 +55,16 @@ const maxAttempts = 64
 type store struct {
 	credits jetstream.KeyValue
 	ledger  jetstream.KeyValue
-	pub     *bus.Publisher
 	js      jetstream.JetStream
 	log     *slog.Logger
 	now     func() time.Time
 
-	mu      sync.Mutex
-	writers map[string]*writer // one per account changed, kept for its cache
-	wg      sync.WaitGroup     // running writers
+	mu sync.Mutex
+	// writers has one writer per account this process changed, kept for
+	// its cache: the account document and its open holds read so far
+	// (a few hundred bytes each).
+	writers map[string]*writer
+	wg      sync.WaitGroup // running writers
 }
 
 // holdRef is a hold's key as a writer knows it: its value (nil: no open
@@ -305,7 +307,7 @@ func (s *store) inLedger(ctx context.Context, key string) (bool, error) {
 
 // seal adds the batch's hold writes to its outbox and checks the account.
 func (b *batch) seal() error {
-	for _, sb := range slices.Sorted(mapKeys(b.holds)) {
+	for _, sb := range slices.Sorted(maps.Keys(b.holds)) {
 		h := b.holds[sb]
 		base := b.st.holds[sb]
 		key := holdStoreKey(b.a.Consumer, sb)
@@ -324,16 +326,6 @@ func (b *batch) seal() error {
 		return fmt.Errorf("changing account %s: invariant broken, nothing written: %w", b.a.Consumer, err)
 	}
 	return nil
-}
-
-func mapKeys[V any](m map[string]V) func(func(string) bool) {
-	return func(yield func(string) bool) {
-		for k := range m {
-			if !yield(k) {
-				return
-			}
-		}
-	}
 }
 
 // changed reports whether the batch must be written.
@@ -430,7 +422,8 @@ func (s *store) writer(consumer string) *writer {
 // account, retrying on conflict. fn returns errNoChange when it changed
 // nothing; any other error aborts the change (and only it), and update
 // returns it. pre names what fn reads, to be fetched with the batch. The
-// account returned is as stored.
+// account returned is as stored. When ctx ends first, update returns its
+// error, and the change may still be applied: every change is idempotent.
 func (s *store) update(ctx context.Context, consumer string, pre prefetch, fn func(t *tx) error) (*Account, error) {
 	return s.submit(ctx, consumer, &change{ctx: ctx, pre: pre, fn: fn})
 }
