@@ -221,3 +221,29 @@ func BenchmarkHoldWithLive(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkHoldParallel is admission alone with 64 requests in flight for
+// one consumer, over request-reply: what the gateway asks of metering
+// when 64 clients of one consumer create at once.
+func BenchmarkHoldParallel(b *testing.B) {
+	e, _, ctx := benchEnv(b)
+	var (
+		next atomic.Int64
+		wg   sync.WaitGroup
+	)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range 64 {
+		wg.Go(func() {
+			for i := next.Add(1); i <= int64(b.N); i = next.Add(1) {
+				if _, err := e.client.Hold(ctx, metering.HoldRequest{SandboxID: fmt.Sprintf("h%d", i), Consumer: "bench", Profile: profCheap, Extension: extSelf, TTLSeconds: 60}); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	b.StopTimer()
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "admissions/s")
+}
