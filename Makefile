@@ -36,9 +36,13 @@ e2e: build
 bench: build
 	./$(BIN) bench --quick
 
-# Go micro-benchmarks of the hot paths, for benchstat.
+# Go micro-benchmarks of the hot paths (event encode/decode, input
+# validation, ledger fold, metering changes), for benchstat:
+#   make bench-go > new.txt; benchstat old.txt new.txt
+BENCHCOUNT ?= 6
 bench-go:
-	cd pkg && $(GO) test -run '^$$' -bench . -benchmem -count 6 ./event/ ./extension/ ./sandbox/
+	cd pkg && $(GO) test -run '^$$' -bench . -benchmem -count $(BENCHCOUNT) ./event/ ./extension/
+	cd services/metering && $(GO) test -run '^$$' -bench . -benchmem -count $(BENCHCOUNT) .
 
 vet:
 	@set -e; for m in $(MODULES); do (cd $$m && $(GO) vet ./...); done
