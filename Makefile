@@ -7,7 +7,7 @@ BIN     := bin/sandboxer
 GO      ?= go
 TESTFLAGS ?= -count=1 -timeout 10m
 
-.PHONY: all build up test e2e bench bench-go lint fmt vet tidy clean
+.PHONY: all build up test race e2e bench bench-go lint fmt vet tidy clean
 
 all: lint test
 
@@ -22,6 +22,13 @@ test: vet
 	@set -e; for m in $(MODULES); do \
 		echo "== go test $$m"; \
 		(cd $$m && $(GO) test $(TESTFLAGS) ./...); \
+	done
+
+# The same tests under the race detector.
+race:
+	@set -e; for m in $(MODULES); do \
+		echo "== go test -race $$m"; \
+		(cd $$m && $(GO) test -race $(TESTFLAGS) ./...); \
 	done
 
 # End-to-end tests against a real sshd and the Docker engine. They fail,
