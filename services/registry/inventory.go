@@ -117,10 +117,14 @@ func (r *Registry) applyEvent(ctx context.Context, id string, e *event.Event) (*
 			r.records.drop(id)
 			return nil, "", fmt.Errorf("writing sandbox %s: %w", id, err)
 		}
-		if rec.State.Terminal() {
-			r.records.drop(id)
-		} else {
+		switch rec.State {
+		case event.StateRequested, event.StateProvisioning, event.StateDestroying:
+			// Transient: the next event follows within seconds.
 			r.records.put(id, b, newRev)
+		default:
+			// Ready (or past it): the next event may be hours away; a read
+			// then costs less than holding every live sandbox in memory.
+			r.records.drop(id)
 		}
 		r.log.Debug("sandbox moved", "sandbox", id, "state", rec.State)
 		return rec, prev, nil
@@ -129,10 +133,10 @@ func (r *Registry) applyEvent(ctx context.Context, id string, e *event.Event) (*
 	return nil, "", fmt.Errorf("applying %s to sandbox %s: %w after %d attempts", e.Type(), id, errConflict, maxCASAttempts)
 }
 
-// recordCache remembers the records this instance wrote, with their
-// revisions, so the next event of a live sandbox needs no read. It is only
-// a hint: a stale entry fails its compare-and-swap and the record is read
-// again. Terminal records leave it; its size is bounded.
+// recordCache remembers the records this instance wrote in a transient
+// state, with their revisions, so the event that follows within seconds
+// needs no read. It is only a hint: a stale entry fails its
+// compare-and-swap and the record is read again. Its size is bounded.
 type recordCache struct {
 	mu sync.Mutex
 	m  map[string]cachedRecord
