@@ -643,8 +643,7 @@ func throughput(ctx context.Context, cfg benchConfig, op func() error) (float64,
 // subscription on the lifecycle subjects, which JetStream delivers to as it
 // stores.
 type watcher struct {
-	sub     *nats.Subscription
-	usage   *nats.Subscription
+	subs    []*nats.Subscription
 	mu      sync.Mutex
 	waiting map[string]chan struct{} // "<sandbox>.<state>"
 	seen    map[string]bool          // arrived before anyone waited
@@ -652,42 +651,32 @@ type watcher struct {
 
 func newWatcher(nc *nats.Conn) (*watcher, error) {
 	w := &watcher{waiting: map[string]chan struct{}{}, seen: map[string]bool{}}
-	sub, err := nc.Subscribe(event.SubjectLifecycle, func(m *nats.Msg) {
-		ref, err := event.ParseLifecycleSubject(m.Subject)
+	onLifecycle := func(m *nats.Msg) {
+		if ref, err := event.ParseLifecycleSubject(m.Subject); err == nil {
+			w.arrived(ref.Sandbox + "." + string(ref.State))
+		}
+	}
+	onUsage := func(m *nats.Msg) {
+		if id := m.Header.Get("ce-subject"); id != "" {
+			w.arrived(id + ".settled")
+		}
+	}
+	for _, s := range []struct {
+		subject string
+		cb      nats.MsgHandler
+	}{
+		{event.StateFilter(event.StateReady), onLifecycle},
+		{event.StateFilter(event.StateDestroyed), onLifecycle},
+		{event.MeteringSubject("*", "usage"), onUsage},
+	} {
+		sub, err := nc.Subscribe(s.subject, s.cb)
 		if err != nil {
-			return
+			w.close()
+			return nil, err
 		}
-		key := ref.Sandbox + "." + string(ref.State)
-		w.mu.Lock()
-		ch, ok := w.waiting[key]
-		if ok {
-			delete(w.waiting, key)
-		} else if ref.State == event.StateReady || ref.State == event.StateDestroyed {
-			w.seen[key] = true
-		}
-		w.mu.Unlock()
-		if ok {
-			close(ch)
-		}
-	})
-	if err != nil {
-		return nil, err
+		_ = sub.SetPendingLimits(-1, -1)
+		w.subs = append(w.subs, sub)
 	}
-	sub.SetPendingLimits(-1, -1)
-	w.sub = sub
-	usage, err := nc.Subscribe(event.MeteringSubject("*", "usage"), func(m *nats.Msg) {
-		id := m.Header.Get("ce-subject")
-		if id == "" {
-			return
-		}
-		w.arrived(id + ".settled")
-	})
-	if err != nil {
-		_ = sub.Unsubscribe()
-		return nil, err
-	}
-	usage.SetPendingLimits(-1, -1)
-	w.usage = usage
 	return w, nil
 }
 
@@ -707,8 +696,9 @@ func (w *watcher) arrived(key string) {
 }
 
 func (w *watcher) close() {
-	_ = w.sub.Unsubscribe()
-	_ = w.usage.Unsubscribe()
+	for _, s := range w.subs {
+		_ = s.Unsubscribe()
+	}
 }
 
 // expect registers interest in a sandbox's state before the event can

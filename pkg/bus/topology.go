@@ -233,16 +233,27 @@ func (p ConsumerPolicy) Delay(delivered uint64) time.Duration {
 // stream, filtered on filter, with explicit acks and policy p. It is
 // idempotent: every instance sharing the consumer calls it at start-up.
 func EnsureConsumer(ctx context.Context, js jetstream.JetStream, stream, name, filter string, p ConsumerPolicy) (jetstream.Consumer, error) {
+	return EnsureConsumerFilters(ctx, js, stream, name, []string{filter}, p)
+}
+
+// EnsureConsumerFilters is [EnsureConsumer] with several filter subjects,
+// for a consumer that wants some of a stream's subjects: the server then
+// delivers nothing it would only ack.
+func EnsureConsumerFilters(ctx context.Context, js jetstream.JetStream, stream, name string, filters []string, p ConsumerPolicy) (jetstream.Consumer, error) {
 	p = p.WithDefaults()
 	cfg := jetstream.ConsumerConfig{
 		Durable:       name,
 		Description:   "sand-boxer " + name,
-		FilterSubject: filter,
 		AckPolicy:     jetstream.AckExplicitPolicy,
 		AckWait:       p.AckWait,
 		MaxDeliver:    p.MaxDeliver,
 		MaxAckPending: p.MaxAckPending,
 		DeliverPolicy: jetstream.DeliverAllPolicy,
+	}
+	if len(filters) == 1 {
+		cfg.FilterSubject = filters[0]
+	} else {
+		cfg.FilterSubjects = filters
 	}
 	c, err := js.CreateOrUpdateConsumer(ctx, stream, cfg)
 	if err != nil {

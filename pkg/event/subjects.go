@@ -40,6 +40,10 @@ func LifecycleSubject(extension, sandbox string, s State) string {
 	return "sandboxer.evt." + extension + "." + sandbox + "." + string(s)
 }
 
+// StateFilter matches every lifecycle event announcing state s, of any
+// sandbox: sandboxer.evt.*.*.<state>.
+func StateFilter(s State) string { return "sandboxer.evt.*.*." + string(s) }
+
 // SandboxFilter matches every lifecycle event of one sandbox, whatever its
 // extension: sandboxer.evt.*.<sandbox>.*.
 func SandboxFilter(sandbox string) string { return "sandboxer.evt.*." + sandbox + ".*" }

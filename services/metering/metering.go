@@ -196,7 +196,13 @@ func (m *Metering) Start(ctx context.Context) (err error) {
 	if m.timers, err = js.Stream(ctx, event.StreamTimers); err != nil {
 		return fmt.Errorf("opening stream %s: %w", event.StreamTimers, err)
 	}
-	if _, err := bus.EnsureConsumer(ctx, js, event.StreamLifecycle, ConsumerLifecycle, event.SubjectLifecycle, m.opts.Policy); err != nil {
+	// Only the states that move money: provisioning, destroying and expired
+	// are never delivered to metering.
+	lifecycleFilters := []string{
+		event.StateFilter(event.StateReady), event.StateFilter(event.StateFailed),
+		event.StateFilter(event.StateRejected), event.StateFilter(event.StateDestroyed),
+	}
+	if _, err := bus.EnsureConsumerFilters(ctx, js, event.StreamLifecycle, ConsumerLifecycle, lifecycleFilters, m.opts.Policy); err != nil {
 		return err
 	}
 	if _, err := bus.EnsureConsumer(ctx, js, event.StreamTimers, ConsumerAccrual, event.AccrualFireFilter, m.opts.Policy); err != nil {
