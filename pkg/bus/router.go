@@ -352,3 +352,47 @@ func truncate(s string, n int) string {
 	}
 	return s[:n]
 }
+
+// Group is a set of routes running on one router, stopped together.
+type Group struct {
+	stopPull, stopHandlers context.CancelFunc
+	done                   chan struct{}
+}
+
+// Start runs each route in a goroutine of its own until the group's
+// Shutdown. The routes' HandlerContext is replaced by the group's, which
+// Shutdown cancels only when its own context ends first.
+func (r *Router) Start(routes ...Route) *Group {
+	pullCtx, stopPull := context.WithCancel(context.Background())
+	handlerCtx, stopHandlers := context.WithCancel(context.Background())
+	g := &Group{stopPull: stopPull, stopHandlers: stopHandlers, done: make(chan struct{})}
+	var wg sync.WaitGroup
+	for _, rt := range routes {
+		rt.HandlerContext = handlerCtx
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := r.Run(pullCtx, rt); err != nil {
+				r.log.Error("router stopped", "consumer", rt.Consumer, "err", err)
+			}
+		}()
+	}
+	go func() { wg.Wait(); close(g.done) }()
+	return g
+}
+
+// Shutdown stops pulling and waits for the handlers in flight. When ctx
+// ends first, it cancels them (their messages go back to the stream for
+// another instance), waits for them to return and reports ctx's error.
+func (g *Group) Shutdown(ctx context.Context) error {
+	g.stopPull()
+	defer g.stopHandlers()
+	select {
+	case <-g.done:
+		return nil
+	case <-ctx.Done():
+		g.stopHandlers()
+		<-g.done
+		return fmt.Errorf("draining handlers: %w", ctx.Err())
+	}
+}

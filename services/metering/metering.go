@@ -147,10 +147,8 @@ type Metering struct {
 	// durable in the ledger (or found to change nothing).
 	processed atomic.Uint64
 
-	stopPull     context.CancelFunc
-	stopHandlers context.CancelFunc
-	stopWatch    context.CancelFunc
-	routersDone  chan struct{}
+	stopWatch context.CancelFunc
+	routes    *bus.Group // the routers, stopped together
 }
 
 // New checks opts and returns a metering service that has not started: it
@@ -239,32 +237,19 @@ func (m *Metering) Start(ctx context.Context) (err error) {
 		return fmt.Errorf("starting request service: %w", err)
 	}
 
-	pullCtx, stopPull := context.WithCancel(context.Background())
-	handlerCtx, stopHandlers := context.WithCancel(context.Background())
-	m.stopWatch, m.stopPull, m.stopHandlers = stopWatch, stopPull, stopHandlers
+	m.stopWatch = stopWatch
 	m.router = bus.NewRouter(js, m.log)
 	routes := []bus.Route{
 		{
 			Stream: event.StreamLifecycle, Consumer: ConsumerLifecycle, Policy: m.opts.Policy,
-			Concurrency: m.opts.Concurrency, Handler: m.countLifecycle, HandlerContext: handlerCtx,
+			Concurrency: m.opts.Concurrency, Handler: m.countLifecycle,
 		},
 		{
 			Stream: event.StreamTimers, Consumer: ConsumerAccrual, Policy: m.opts.Policy,
-			Concurrency: m.opts.Concurrency, Handler: m.onAccrual, HandlerContext: handlerCtx,
+			Concurrency: m.opts.Concurrency, Handler: m.onAccrual,
 		},
 	}
-	m.routersDone = make(chan struct{})
-	var wg sync.WaitGroup
-	for _, rt := range routes {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := m.router.Run(pullCtx, rt); err != nil {
-				m.log.Error("router stopped", "consumer", rt.Consumer, "err", err)
-			}
-		}()
-	}
-	go func() { wg.Wait(); close(m.routersDone) }()
+	m.routes = m.router.Start(routes...)
 	m.log.Info("metering started", "accrual_interval", m.opts.AccrualInterval)
 	return nil
 }
@@ -296,7 +281,7 @@ func (m *Metering) Processed() uint64 { return m.processed.Load() }
 func (m *Metering) Shutdown(ctx context.Context) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if !m.started || m.stopped || m.routersDone == nil {
+	if !m.started || m.stopped || m.routes == nil {
 		m.stopped = true
 		return nil
 	}
@@ -305,15 +290,9 @@ func (m *Metering) Shutdown(ctx context.Context) error {
 	if err := m.svc.Stop(); err != nil {
 		errs = append(errs, fmt.Errorf("stopping request service: %w", err))
 	}
-	m.stopPull()
-	select {
-	case <-m.routersDone:
-	case <-ctx.Done():
-		m.stopHandlers()
-		<-m.routersDone
-		errs = append(errs, fmt.Errorf("draining handlers: %w", ctx.Err()))
+	if err := m.routes.Shutdown(ctx); err != nil {
+		errs = append(errs, err)
 	}
-	m.stopHandlers()
 	reqDone := make(chan struct{})
 	go func() { m.requests.Wait(); close(reqDone) }()
 	select {

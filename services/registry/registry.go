@@ -130,10 +130,8 @@ type Registry struct {
 	svc         micro.Service
 	router      *bus.Router
 
-	stopPull     context.CancelFunc // stops the routers pulling
-	stopHandlers context.CancelFunc // cancels handlers in flight
-	stopWatch    context.CancelFunc // stops the workers cache
-	routersDone  chan struct{}      // closed when every router returned
+	stopWatch context.CancelFunc // stops the workers cache
+	routes    *bus.Group         // the routers, stopped together
 }
 
 // New checks opts and returns a registry that has not started: it does no
@@ -217,32 +215,19 @@ func (r *Registry) Start(ctx context.Context) (err error) {
 		return err
 	}
 
-	pullCtx, stopPull := context.WithCancel(context.Background())
-	handlerCtx, stopHandlers := context.WithCancel(context.Background())
-	r.stopWatch, r.stopPull, r.stopHandlers = stopWatch, stopPull, stopHandlers
+	r.stopWatch = stopWatch
 	r.router = bus.NewRouter(js, r.log)
 	routes := []bus.Route{
 		{
 			Stream: event.StreamLifecycle, Consumer: ConsumerInventory, Policy: r.opts.Policy,
-			Concurrency: r.opts.Concurrency, Handler: r.project, HandlerContext: handlerCtx,
+			Concurrency: r.opts.Concurrency, Handler: r.project,
 		},
 		{
 			Stream: event.StreamTimers, Consumer: ConsumerTimers, Policy: r.opts.Policy,
-			Concurrency: 4, Handler: r.fire, HandlerContext: handlerCtx,
+			Concurrency: 4, Handler: r.fire,
 		},
 	}
-	r.routersDone = make(chan struct{})
-	var wg sync.WaitGroup
-	for _, rt := range routes {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := r.router.Run(pullCtx, rt); err != nil {
-				r.log.Error("router stopped", "consumer", rt.Consumer, "err", err)
-			}
-		}()
-	}
-	go func() { wg.Wait(); close(r.routersDone) }()
+	r.routes = r.router.Start(routes...)
 	r.log.Info("registry started", "extensions", len(cat.Extensions), "profiles", len(cat.Profiles))
 	return nil
 }
@@ -274,7 +259,7 @@ func (r *Registry) Stats() *bus.RouterStats {
 func (r *Registry) Shutdown(ctx context.Context) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if !r.started || r.stopped || r.routersDone == nil {
+	if !r.started || r.stopped || r.routes == nil {
 		r.stopped = true
 		return nil
 	}
@@ -283,15 +268,9 @@ func (r *Registry) Shutdown(ctx context.Context) error {
 	if err := r.svc.Stop(); err != nil {
 		errs = append(errs, fmt.Errorf("stopping request service: %w", err))
 	}
-	r.stopPull()
-	select {
-	case <-r.routersDone:
-	case <-ctx.Done():
-		r.stopHandlers()
-		<-r.routersDone
-		errs = append(errs, fmt.Errorf("draining handlers: %w", ctx.Err()))
+	if err := r.routes.Shutdown(ctx); err != nil {
+		errs = append(errs, err)
 	}
-	r.stopHandlers()
 	r.stopWatch()
 	<-r.workers.Done()
 	return errors.Join(errs...)
