@@ -69,8 +69,9 @@ type Provisioner struct {
 	pools     []*pool
 	started   time.Time
 
-	stopPull, stopWork context.CancelFunc
-	wg                 sync.WaitGroup
+	routes    *bus.Group         // the pools' routers, stopped together
+	stopBeats context.CancelFunc // stops the heartbeat loop
+	beats     sync.WaitGroup
 }
 
 // New checks opts and returns a provisioner that has not started.
@@ -138,37 +139,31 @@ func (p *Provisioner) Start(ctx context.Context) error {
 		}
 		p.pools = append(p.pools, pl)
 	}
-	pullCtx, stopPull := context.WithCancel(context.WithoutCancel(ctx))
-	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
-	p.stopPull, p.stopWork = stopPull, stopWork
+	routes := make([]bus.Route, 0, len(p.pools))
 	for _, pl := range p.pools {
-		rt := bus.Route{
+		routes = append(routes, bus.Route{
 			Stream: event.StreamCommands, Consumer: pl.consumer, Policy: pl.policy,
-			Concurrency: pl.concurrency, Handler: pl.handle, HandlerContext: workCtx,
-		}
-		p.wg.Add(1)
-		go func() {
-			defer p.wg.Done()
-			if err := p.router.Run(pullCtx, rt); err != nil {
-				p.opts.Logger.Error("worker pool stopped", "extension", pl.name, "err", err)
-			}
-		}()
+			Concurrency: pl.concurrency, Handler: pl.handle,
+		})
 		p.beat(ctx, pl)
 		p.opts.Logger.Info("worker pool consuming", "extension", pl.name, "consumer", pl.consumer,
 			"concurrency", pl.concurrency, "worker", p.opts.WorkerID)
 	}
-	p.wg.Add(1)
+	p.routes = p.router.Start(routes...)
+	beatCtx, stopBeats := context.WithCancel(context.WithoutCancel(ctx))
+	p.stopBeats = stopBeats
+	p.beats.Add(1)
 	go func() {
-		defer p.wg.Done()
+		defer p.beats.Done()
 		t := time.NewTicker(p.opts.HeartbeatEvery)
 		defer t.Stop()
 		for {
 			select {
-			case <-pullCtx.Done():
+			case <-beatCtx.Done():
 				return
 			case <-t.C:
 				for _, pl := range p.pools {
-					p.beat(pullCtx, pl)
+					p.beat(beatCtx, pl)
 				}
 			}
 		}
@@ -241,22 +236,16 @@ func (p *Provisioner) openPool(ctx context.Context, name string) (*pool, error) 
 // until ctx ends; commands still running then are handed back to the pool
 // (nak) and run again by another worker. Then it closes the backends.
 func (p *Provisioner) Shutdown(ctx context.Context) error {
-	if p.stopPull == nil {
+	if p.routes == nil {
 		p.closePools()
 		return nil
 	}
-	p.stopPull()
-	done := make(chan struct{})
-	go func() { p.wg.Wait(); close(done) }()
 	var err error
-	select {
-	case <-done:
-	case <-ctx.Done():
-		err = fmt.Errorf("waiting for commands in flight: %w", ctx.Err())
-		p.stopWork()
-		<-done
+	if serr := p.routes.Shutdown(ctx); serr != nil {
+		err = fmt.Errorf("waiting for commands in flight: %w", serr)
 	}
-	p.stopWork()
+	p.stopBeats()
+	p.beats.Wait()
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
 	defer cancel()
 	for _, pl := range p.pools {
