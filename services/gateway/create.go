@@ -294,26 +294,9 @@ type createBody struct {
 // strings.
 func decodeCreate(w http.ResponseWriter, r *http.Request) (api.CreateRequest, *api.Problem) {
 	var req api.CreateRequest
-	if ct := r.Header.Get("Content-Type"); ct != "" {
-		mt, _, err := mime.ParseMediaType(ct)
-		if err != nil || (mt != "application/json" && !strings.HasSuffix(mt, "+json")) {
-			return req, newProblem(http.StatusUnsupportedMediaType, fmt.Sprintf("content type %q: want application/json", ct))
-		}
-	}
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, MaxBodyBytes))
-	dec.DisallowUnknownFields()
 	var body createBody
-	if err := dec.Decode(&body); err != nil {
-		return req, bodyProblem(err)
-	}
-	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
-		if err != nil {
-			if p := bodyProblem(err); p.Status == http.StatusRequestEntityTooLarge {
-				return req, p
-			}
-		}
-		return req, newProblem(http.StatusBadRequest, "malformed request body",
-			extension.FieldError{Field: "body", Detail: "want exactly one JSON object; found more after it"})
+	if p := decodeBody(w, r, MaxBodyBytes, &body); p != nil {
+		return req, p
 	}
 	req.Profile, req.TTL = body.Profile, body.TTL
 	var errs []extension.FieldError
@@ -323,6 +306,32 @@ func decodeCreate(w http.ResponseWriter, r *http.Request) (api.CreateRequest, *a
 		return req, newProblem(http.StatusBadRequest, "malformed request body", errs...)
 	}
 	return req, nil
+}
+
+// decodeBody decodes a request body of at most limit bytes into v,
+// strictly: a JSON content type, no unknown fields, exactly one JSON value.
+func decodeBody(w http.ResponseWriter, r *http.Request, limit int64, v any) *api.Problem {
+	if ct := r.Header.Get("Content-Type"); ct != "" {
+		mt, _, err := mime.ParseMediaType(ct)
+		if err != nil || (mt != "application/json" && !strings.HasSuffix(mt, "+json")) {
+			return newProblem(http.StatusUnsupportedMediaType, fmt.Sprintf("content type %q: want application/json", ct))
+		}
+	}
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, limit))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return bodyProblem(err)
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		if err != nil {
+			if p := bodyProblem(err); p.Status == http.StatusRequestEntityTooLarge {
+				return p
+			}
+		}
+		return newProblem(http.StatusBadRequest, "malformed request body",
+			extension.FieldError{Field: "body", Detail: "want exactly one JSON object; found more after it"})
+	}
+	return nil
 }
 
 // stringMap converts raw JSON values that must be strings, adding an error

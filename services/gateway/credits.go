@@ -2,10 +2,8 @@ package gateway
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"time"
 
@@ -125,15 +123,8 @@ func (g *Gateway) creditGrant(w http.ResponseWriter, r *http.Request, c caller) 
 		return
 	}
 	var req api.GrantRequest
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<10))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
-		g.writeProblem(w, r, bodyProblem(err))
-		return
-	}
-	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
-		g.writeProblem(w, r, newProblem(http.StatusBadRequest, "malformed request body",
-			extension.FieldError{Field: "body", Detail: "want exactly one JSON object"}))
+	if p := decodeBody(w, r, 64<<10, &req); p != nil {
+		g.writeProblem(w, r, p)
 		return
 	}
 	var errs []extension.FieldError
