@@ -205,11 +205,7 @@ func newListCmd(g *globals) *cobra.Command {
 		Short: "List sandboxes",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			asJSON, err := g.json()
-			if err != nil {
-				return err
-			}
-			c, err := g.client()
+			asJSON, c, err := g.prepare()
 			if err != nil {
 				return err
 			}
@@ -244,11 +240,7 @@ func newDestroyCmd(g *globals) *cobra.Command {
 		Short: "Destroy a sandbox",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			asJSON, err := g.json()
-			if err != nil {
-				return err
-			}
-			c, err := g.client()
+			asJSON, c, err := g.prepare()
 			if err != nil {
 				return err
 			}
@@ -283,11 +275,7 @@ func newEventsCmd(g *globals) *cobra.Command {
 		Short: "Show a sandbox's lifecycle events",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			asJSON, err := g.json()
-			if err != nil {
-				return err
-			}
-			c, err := g.client()
+			asJSON, c, err := g.prepare()
 			if err != nil {
 				return err
 			}
@@ -329,11 +317,7 @@ func newEventsCmd(g *globals) *cobra.Command {
 // table, or as JSON with -o json.
 func readCmd[T any](g *globals, cmd *cobra.Command, fetch func(ctx context.Context, c *api.Client, args []string) (T, error), table func(w io.Writer, v T) error) *cobra.Command {
 	cmd.RunE = func(cmd *cobra.Command, args []string) error {
-		asJSON, err := g.json()
-		if err != nil {
-			return err
-		}
-		c, err := g.client()
+		asJSON, c, err := g.prepare()
 		if err != nil {
 			return err
 		}

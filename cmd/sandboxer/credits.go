@@ -26,20 +26,6 @@ func newCreditsCmd(g *globals) *cobra.Command {
 	return cmd
 }
 
-// outputFormat checks -o against the formats a verb supports.
-func (g *globals) outputFormat(allowed ...string) (string, error) {
-	f := g.output
-	if f == "" {
-		f = "table"
-	}
-	for _, a := range allowed {
-		if f == a {
-			return f, nil
-		}
-	}
-	return "", &exitError{2, fmt.Errorf("unknown output format %q (want %s)", g.output, strings.Join(allowed, ", "))}
-}
-
 // parseWhen reads a time flag: an RFC 3339 time, a date (midnight UTC), or
 // a duration meaning that long before now.
 func parseWhen(flag, s string, now time.Time) (time.Time, error) {

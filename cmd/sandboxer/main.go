@@ -128,12 +128,33 @@ func (g *globals) client() (*api.Client, error) {
 	return api.NewClient(g.url, tok, nil), nil
 }
 
-func (g *globals) json() (bool, error) {
-	switch g.output {
-	case "json":
-		return true, nil
-	case "table", "":
-		return false, nil
+// outputFormat checks -o against the formats a verb supports.
+func (g *globals) outputFormat(allowed ...string) (string, error) {
+	f := g.output
+	if f == "" {
+		f = "table"
 	}
-	return false, &exitError{2, fmt.Errorf("unknown output format %q (want table or json)", g.output)}
+	for _, a := range allowed {
+		if f == a {
+			return f, nil
+		}
+	}
+	return "", &exitError{2, fmt.Errorf("unknown output format %q (want %s)", g.output, strings.Join(allowed, ", "))}
+}
+
+// json reports whether -o asks for JSON, for verbs that print a table or
+// JSON.
+func (g *globals) json() (bool, error) {
+	f, err := g.outputFormat("table", "json")
+	return f == "json", err
+}
+
+// prepare is the start of every table-or-JSON client verb: the output
+// format and an authenticated client.
+func (g *globals) prepare() (asJSON bool, c *api.Client, err error) {
+	if asJSON, err = g.json(); err != nil {
+		return false, nil, err
+	}
+	c, err = g.client()
+	return asJSON, c, err
 }
