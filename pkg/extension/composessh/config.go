@@ -2,7 +2,6 @@ package composessh
 
 import (
 	"fmt"
-	"path/filepath"
 	"regexp"
 	"slices"
 	"sort"
@@ -45,18 +44,8 @@ type Config struct {
 // HostConfig says how to reach one compose host.
 type HostConfig struct {
 	// SSH is the target, user@host[:port]. Required.
-	SSH string `yaml:"ssh" json:"ssh"`
-	// KnownHosts is an OpenSSH known_hosts file holding the host's key.
-	// Required: an unknown or changed key is refused.
-	KnownHosts string `yaml:"known_hosts" json:"known_hosts"`
-	// Identity is an unencrypted private key file.
-	Identity string `yaml:"identity,omitempty" json:"identity,omitempty"`
-	// Agent authenticates with the ssh-agent at $SSH_AUTH_SOCK. Identity
-	// or Agent is required.
-	Agent bool `yaml:"agent,omitempty" json:"agent,omitempty"`
-	// BaseDir is the absolute directory on the host holding one
-	// directory per sandbox. Required.
-	BaseDir string `yaml:"base_dir" json:"base_dir"`
+	SSH              string `yaml:"ssh" json:"ssh"`
+	workspace.Access `yaml:",inline"`
 }
 
 // Compose command choices.
@@ -150,29 +139,8 @@ func (cfg Config) check() (settings, []extension.Problem) {
 		if err != nil {
 			bad(path+".ssh", "%v", err)
 		}
-		if hc.KnownHosts == "" || !filepath.IsAbs(hc.KnownHosts) {
-			bad(path+".known_hosts", "required: the absolute path of a known_hosts file holding the host's key")
-		}
-		if hc.Identity != "" && !filepath.IsAbs(hc.Identity) {
-			bad(path+".identity", "want an absolute path")
-		}
-		if hc.Identity == "" && !hc.Agent {
-			bad(path, "set identity (a private key file) or agent: true")
-		}
-		if err := workspace.CheckBase(hc.BaseDir); err != nil {
-			bad(path+".base_dir", "%v", err)
-		}
-		s.hosts[name] = host{
-			name: name,
-			base: hc.BaseDir,
-			ssh: sshx.Config{
-				Target:         t,
-				KnownHostsFile: hc.KnownHosts,
-				IdentityFile:   hc.Identity,
-				Agent:          hc.Agent,
-				ConnectTimeout: cfg.ConnectTimeout.D(),
-			},
-		}
+		hc.Access.Check(path, bad)
+		s.hosts[name] = host{name: name, base: hc.BaseDir, ssh: hc.Access.Config(t, cfg.ConnectTimeout.D())}
 	}
 	return s, ps
 }

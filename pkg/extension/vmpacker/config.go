@@ -3,7 +3,6 @@ package vmpacker
 import (
 	"fmt"
 	"net"
-	"path/filepath"
 	"regexp"
 	"slices"
 	"sort"
@@ -37,28 +36,15 @@ type Config struct {
 // VMConfig says how to reach one VM.
 type VMConfig struct {
 	// SSH is the target, user@host[:port]. Required.
-	SSH string `yaml:"ssh" json:"ssh"`
-	// KnownHosts is an OpenSSH known_hosts file holding the VM's key.
-	// Required.
-	KnownHosts string `yaml:"known_hosts" json:"known_hosts"`
-	// Identity is an unencrypted private key file.
-	Identity string `yaml:"identity,omitempty" json:"identity,omitempty"`
-	// Agent authenticates with the ssh-agent at $SSH_AUTH_SOCK. Identity
-	// or Agent is required.
-	Agent bool `yaml:"agent,omitempty" json:"agent,omitempty"`
-	// BaseDir is the absolute directory on the VM holding one directory
-	// per sandbox. Required.
-	BaseDir string `yaml:"base_dir" json:"base_dir"`
+	SSH              string `yaml:"ssh" json:"ssh"`
+	workspace.Access `yaml:",inline"`
 }
 
 // TargetsConfig is how to reach VMs named by the ssh_target input.
 type TargetsConfig struct {
 	// User is the user when the target names none. Required.
-	User       string `yaml:"user" json:"user"`
-	KnownHosts string `yaml:"known_hosts" json:"known_hosts"`
-	Identity   string `yaml:"identity,omitempty" json:"identity,omitempty"`
-	Agent      bool   `yaml:"agent,omitempty" json:"agent,omitempty"`
-	BaseDir    string `yaml:"base_dir" json:"base_dir"`
+	User             string `yaml:"user" json:"user"`
+	workspace.Access `yaml:",inline"`
 }
 
 // DefaultRepoSchemes are the repo kinds allowed when the config names none.
@@ -133,33 +119,16 @@ func (cfg Config) check() (settings, []extension.Problem) {
 		if err != nil {
 			bad(path+".ssh", "%v", err)
 		}
-		checkAuth(bad, path, vc.KnownHosts, vc.Identity, vc.Agent, vc.BaseDir)
-		s.vms[name] = vm{name: name, base: vc.BaseDir, ssh: sshx.Config{
-			Target: t, KnownHostsFile: vc.KnownHosts, IdentityFile: vc.Identity, Agent: vc.Agent, ConnectTimeout: cfg.ConnectTimeout.D(),
-		}}
+		vc.Access.Check(path, bad)
+		s.vms[name] = vm{name: name, base: vc.BaseDir, ssh: vc.Access.Config(t, cfg.ConnectTimeout.D())}
 	}
 	if tc := cfg.SSHTargets; tc != nil {
 		if !userRE.MatchString(tc.User) {
 			bad("ssh_targets.user", "required: the user for targets that name none")
 		}
-		checkAuth(bad, "ssh_targets", tc.KnownHosts, tc.Identity, tc.Agent, tc.BaseDir)
+		tc.Access.Check("ssh_targets", bad)
 	}
 	return s, ps
-}
-
-func checkAuth(bad func(string, string, ...any), path, knownHosts, identity string, agent bool, base string) {
-	if knownHosts == "" || !filepath.IsAbs(knownHosts) {
-		bad(path+".known_hosts", "required: the absolute path of a known_hosts file holding the VM's key")
-	}
-	if identity != "" && !filepath.IsAbs(identity) {
-		bad(path+".identity", "want an absolute path")
-	}
-	if identity == "" && !agent {
-		bad(path, "set identity (a private key file) or agent: true")
-	}
-	if err := workspace.CheckBase(base); err != nil {
-		bad(path+".base_dir", "%v", err)
-	}
 }
 
 // target resolves the ssh_target input (already format-checked).
@@ -171,7 +140,5 @@ func (s settings) target(v string) (vm, error) {
 	if err != nil {
 		return vm{}, err
 	}
-	return vm{name: t.String(), base: s.targets.BaseDir, ssh: sshx.Config{
-		Target: t, KnownHostsFile: s.targets.KnownHosts, IdentityFile: s.targets.Identity, Agent: s.targets.Agent, ConnectTimeout: s.connect.D(),
-	}}, nil
+	return vm{name: t.String(), base: s.targets.BaseDir, ssh: s.targets.Access.Config(t, s.connect.D())}, nil
 }
