@@ -69,6 +69,12 @@ func (r *Registry) project(ctx context.Context, m *bus.Message) ([]bus.Out, erro
 // it had before e; an event that does not move the record returns that
 // same state. An event Apply refuses is [bus.Permanent].
 func (r *Registry) applyEvent(ctx context.Context, id string, e *event.Event) (*sandbox.Record, event.State, error) {
+	// One event of a sandbox at a time in this instance: events of one
+	// sandbox arrive close together (provisioning and ready within
+	// microseconds from a fast backend), and applied side by side they
+	// would both read, and one would lose its compare-and-swap and read
+	// again. In turn, the second finds the first's write in the cache.
+	defer r.sandboxLocks.lock(id)()
 	cached := true
 	for range maxCASAttempts {
 		var (
@@ -131,6 +137,42 @@ func (r *Registry) applyEvent(ctx context.Context, id string, e *event.Event) (*
 	}
 	r.records.drop(id)
 	return nil, "", fmt.Errorf("applying %s to sandbox %s: %w after %d attempts", e.Type(), id, errConflict, maxCASAttempts)
+}
+
+// keyLocks serializes work on one key. Entries live only while someone
+// holds or waits for their key.
+type keyLocks struct {
+	mu sync.Mutex
+	m  map[string]*keyLock
+}
+
+type keyLock struct {
+	mu   sync.Mutex
+	refs int
+}
+
+// lock locks key and returns its unlock.
+func (l *keyLocks) lock(key string) (unlock func()) {
+	l.mu.Lock()
+	if l.m == nil {
+		l.m = make(map[string]*keyLock)
+	}
+	k := l.m[key]
+	if k == nil {
+		k = &keyLock{}
+		l.m[key] = k
+	}
+	k.refs++
+	l.mu.Unlock()
+	k.mu.Lock()
+	return func() {
+		k.mu.Unlock()
+		l.mu.Lock()
+		if k.refs--; k.refs == 0 {
+			delete(l.m, key)
+		}
+		l.mu.Unlock()
+	}
 }
 
 // recordCache remembers the records this instance wrote in a transient

@@ -121,14 +121,15 @@ type Registry struct {
 	started bool
 	stopped bool
 
-	catalog     *extension.Catalog
-	catalogJSON []byte
-	sandboxes   jetstream.KeyValue
-	records     recordCache
-	timers      jetstream.Stream
-	workers     *workers.Cache
-	svc         micro.Service
-	router      *bus.Router
+	catalog      *extension.Catalog
+	catalogJSON  []byte
+	sandboxes    jetstream.KeyValue
+	records      recordCache
+	sandboxLocks keyLocks
+	timers       jetstream.Stream
+	workers      *workers.Cache
+	svc          micro.Service
+	router       *bus.Router
 
 	stopWatch context.CancelFunc // stops the workers cache
 	routes    *bus.Group         // the routers, stopped together
