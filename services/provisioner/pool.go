@@ -76,35 +76,54 @@ func (pl *pool) handle(ctx context.Context, m *bus.Message) ([]bus.Out, error) {
 }
 
 func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]bus.Out, error) {
+	// What the command asks for is checked first, in memory: a create
+	// that cannot start is never announced.
+	prof, perr := pl.p.opts.Catalog.Current().Profile(c.Profile)
+	var in extension.Inputs
+	if perr == nil {
+		var ferrs extension.FieldErrors
+		if in, ferrs = extension.ValidateInputs(pl.manifest.Inputs, nil, c.Inputs); ferrs != nil {
+			perr = ferrs
+		} else {
+			in[extension.InputSandboxID] = c.SandboxID
+		}
+	}
+	// Announce provisioning without waiting: the ack is checked before the
+	// ready event goes out, so events stay in order and nothing is lost,
+	// but the round trip overlaps the record's read and the backend's
+	// work. A command delivered again may find its create done: it is
+	// announced only once the record says it is not.
+	var announced func(context.Context) error
+	announce := func() (err error) {
+		announced, err = pl.emitAsync(ctx, event.StateProvisioning, c.Ref, event.Provisioning{Ref: c.Ref, Worker: pl.p.opts.WorkerID, Attempt: int(m.Delivered)})
+		return err
+	}
+	early := m.Delivered <= 1 && perr == nil
+	if early {
+		if err := announce(); err != nil {
+			return nil, err
+		}
+	}
 	rec, _, err := pl.record(ctx, c.SandboxID)
 	if err != nil {
 		return nil, err
 	}
 	if rec != nil && rec.State.Rank() > event.StateProvisioning.Rank() {
+		// On a first delivery only when the gateway rejected a sandbox
+		// whose command it then found stored; the announcement moves
+		// nothing (states only move forward).
 		pl.log.Debug("create already done", "sandbox", c.SandboxID, "state", rec.State)
 		return nil, nil
 	}
+	if perr != nil {
+		return pl.failed(c, "provision", nil, perr)
+	}
+	if !early {
+		if err := announce(); err != nil {
+			return nil, err
+		}
+	}
 	fail := func(phase string, h *extension.Handle, reason error) ([]bus.Out, error) {
-		return pl.failed(c, phase, h, reason)
-	}
-	prof, err := pl.p.opts.Catalog.Current().Profile(c.Profile)
-	if err != nil {
-		return fail("provision", nil, err)
-	}
-	in, ferrs := extension.ValidateInputs(pl.manifest.Inputs, nil, c.Inputs)
-	if ferrs != nil {
-		return fail("provision", nil, ferrs)
-	}
-	in[extension.InputSandboxID] = c.SandboxID
-
-	// Announce provisioning without waiting: the ack is checked before the
-	// ready event goes out, so events stay in order and nothing is lost,
-	// but the round trip overlaps the backend's work.
-	announced, err := pl.emitAsync(ctx, event.StateProvisioning, c.Ref, event.Provisioning{Ref: c.Ref, Worker: pl.p.opts.WorkerID, Attempt: int(m.Delivered)})
-	if err != nil {
-		return nil, err
-	}
-	fail = func(phase string, h *extension.Handle, reason error) ([]bus.Out, error) {
 		if err := announced(ctx); err != nil {
 			return nil, err
 		}
