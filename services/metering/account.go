@@ -155,6 +155,13 @@ type Hold struct {
 	Implicit bool `json:"implicit,omitempty"`
 }
 
+// accrues reports whether running costs anything: a free sandbox (no
+// price, or a price of zero, and not metered by its backend) has nothing
+// to accrue, so it gets no accrual schedule.
+func (h *Hold) accrues() bool {
+	return h.PricingModel == extension.PricingMetered || (h.Price != nil && (h.Price.Start > 0 || h.Price.PerSecond > 0))
+}
+
 // Account is one consumer's credit: the balance projection of its ledger
 // and its grants. It is one value in the credits bucket under
 // account.<consumer>, changed only by compare-and-swap, and its size does

@@ -130,7 +130,7 @@ func (m *Metering) onReady(ctx context.Context, e *event.Event, d event.Ready) (
 			}
 			t.open(h)
 		}
-		running = !h.Exhausted
+		running = !h.Exhausted && h.accrues()
 		if !h.ReadyAt.IsZero() {
 			return errNoChange
 		}
@@ -207,7 +207,7 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 		if h.ReadyAt.IsZero() && !readyAt.IsZero() {
 			h.ReadyAt = readyAt
 		}
-		schedule = !h.ReadyAt.IsZero()
+		schedule = !h.ReadyAt.IsZero() && h.accrues()
 		u := &UsageRecord{
 			Key: usageKey(c, sb), Consumer: c, Sandbox: sb, Hold: h.ID, Profile: h.Profile, Extension: h.Extension,
 			PricingModel: string(h.PricingModel), ReadyAt: h.ReadyAt, DestroyedAt: endAt, Quote: h.Quote,

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/extension/saasstub"
@@ -610,5 +612,57 @@ func TestCacheFollowsOtherInstances(t *testing.T) {
 	checkInvariants(t, s)
 	if s.acct.Balance != 150 || s.acct.Held != 125 || len(s.holds) != 1 {
 		t.Fatalf("account %+v, holds %v", s.acct, s.holds)
+	}
+}
+
+// TestFreeSandboxHasNoAccrual: a sandbox with nothing to accrue gets no
+// accrual schedule; a priced one gets one while it runs, and loses it when
+// it is settled.
+func TestFreeSandboxHasNoAccrual(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.start(t, metering.Options{})
+	ctx := testCtx(t)
+	if _, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: "dev", Amount: 1000}); err != nil {
+		t.Fatal(err)
+	}
+	timers, err := e.js.Stream(ctx, event.StreamTimers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	scheduled := func(sb string) bool {
+		t.Helper()
+		_, err := timers.GetLastMsgForSubject(ctx, event.AccrualScheduleSubject(sb))
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			return false
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return true
+	}
+	t0 := time.Now().UTC().Truncate(time.Second)
+	free, cheap := ref("dev", "free1", profFree), ref("dev", "cheap1", profCheap)
+	for _, r := range []event.Ref{free, cheap} {
+		if _, err := e.client.Hold(ctx, metering.HoldRequest{SandboxID: r.SandboxID, Consumer: "dev", Profile: r.Profile, Extension: extSelf, TTLSeconds: 60}); err != nil {
+			t.Fatal(err)
+		}
+		e.publish(t, r, event.StateReady, t0, false)
+	}
+	e.drained(t)
+	if scheduled(free.SandboxID) || !scheduled(cheap.SandboxID) {
+		t.Fatalf("accrual schedules: free %v, cheap %v; want false, true", scheduled(free.SandboxID), scheduled(cheap.SandboxID))
+	}
+	for _, r := range []event.Ref{free, cheap} {
+		e.publish(t, r, event.StateDestroyed, t0.Add(3*time.Second), false)
+	}
+	e.drained(t)
+	if scheduled(cheap.SandboxID) {
+		t.Fatal("the settled sandbox's accrual schedule is still there")
+	}
+	s := e.snap(t, "dev")
+	checkInvariants(t, s)
+	if s.acct.Balance != 1000-5-3 || s.acct.Held != 0 {
+		t.Fatalf("balance %d held %d, want 992 (the cheap one's 5 + 3 x 1) and 0", s.acct.Balance, s.acct.Held)
 	}
 }
