@@ -16,6 +16,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
@@ -148,20 +149,27 @@ func (g *Gateway) request(ctx context.Context, st *state, c caller, id string, p
 	}
 
 	rec := sandbox.NewRequested(cr)
-	rev, err := st.sandboxes.Create(ctx, id, rec.Marshal())
-	if err != nil {
-		g.log.Error("recording sandbox", "sandbox", id, "err", err)
-		if cr.Hold != "" {
-			// The hold must be released: the rejection says so.
-			g.reject(ctx, st, cr, CodeUnavailable, "recording the sandbox failed")
-		}
-		return nil, newProblem(http.StatusServiceUnavailable, "cannot record sandboxes right now")
-	}
-	st.inv.put(id, rec, rev)
-
 	ev, err := event.New(event.TypeCreate, Source, id, id+"."+event.VerbCreate, cr)
+	if err != nil {
+		g.log.Error("building create command", "sandbox", id, "err", err)
+		if cr.Hold != "" {
+			g.reject(ctx, st, cr, CodeUnavailable, "building the create command failed")
+		}
+		return nil, newProblem(http.StatusInternalServerError, "cannot build the create command")
+	}
+	// The record and the command go out together: one round trip, not
+	// two. Neither needs the other first: the registry creates a record
+	// from the sandbox's events when the gateway's write failed, and a
+	// command that failed is rejected below whatever the record says.
+	recorded, err := g.createRecord(st, id, rec)
 	if err == nil {
 		_, err = g.pub.Publish(ctx, event.CommandSubject(cr.Extension, event.VerbCreate, id), ev)
+	}
+	rev, recErr := recorded(ctx)
+	if recErr == nil {
+		st.inv.put(id, rec, rev)
+	} else {
+		g.log.Warn("recording sandbox", "sandbox", id, "err", recErr)
 	}
 	if err != nil {
 		code, detail := CodeUnavailable, "cannot publish the create command"
@@ -175,6 +183,28 @@ func (g *Gateway) request(ctx context.Context, st *state, c caller, id string, p
 		return nil, rejection(http.StatusServiceUnavailable, id, detail)
 	}
 	return rec, nil
+}
+
+// createRecord starts writing rec as sandbox id's first record, without
+// waiting, and returns how to wait for the outcome: the record's revision,
+// or an error (a record that exists already is one).
+func (g *Gateway) createRecord(st *state, id string, rec *sandbox.Record) (func(context.Context) (uint64, error), error) {
+	msg := &nats.Msg{Subject: "$KV." + st.sandboxes.Bucket() + "." + id, Header: nats.Header{}, Data: rec.Marshal()}
+	msg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, "0")
+	f, err := g.opts.JS.PublishMsgAsync(msg)
+	if err != nil {
+		return func(context.Context) (uint64, error) { return 0, err }, err
+	}
+	return func(ctx context.Context) (uint64, error) {
+		select {
+		case ack := <-f.Ok():
+			return ack.Sequence, nil
+		case err := <-f.Err():
+			return 0, err
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
+	}, nil
 }
 
 // rejection is the answer for a sandbox the gateway rejected: the problem
