@@ -50,6 +50,7 @@ BENCHCOUNT ?= 6
 bench-go:
 	cd pkg && $(GO) test -run '^$$' -bench . -benchmem -count $(BENCHCOUNT) ./event/ ./extension/
 	cd services/metering && $(GO) test -run '^$$' -bench . -benchmem -count $(BENCHCOUNT) .
+	cd services/gateway && $(GO) test -run '^$$' -bench InventoryPage -benchmem -count $(BENCHCOUNT) .
 
 vet:
 	@set -e; for m in $(MODULES); do (cd $$m && $(GO) vet ./...); done

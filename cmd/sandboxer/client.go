@@ -199,26 +199,37 @@ func newGetCmd(g *globals) *cobra.Command {
 }
 
 func newListCmd(g *globals) *cobra.Command {
-	var f api.ListFilter
+	var (
+		f     api.ListFilter
+		limit int
+	)
 	cmd := &cobra.Command{
-		Use:   "list [--state S] [--profile P] [--label k=v]...",
+		Use:   "list [--state S] [--profile P] [--label k=v]... [--limit N]",
 		Short: "List sandboxes",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if limit < 0 || limit > api.MaxPageSize {
+				return &exitError{2, fmt.Errorf("--limit %d: want 1 to %d, or 0 for every sandbox", limit, api.MaxPageSize)}
+			}
 			asJSON, c, err := g.prepare()
 			if err != nil {
 				return err
 			}
-			list, err := c.List(cmd.Context(), f)
+			var page api.SandboxList
+			if limit > 0 {
+				page, err = c.ListPage(cmd.Context(), f, limit, "")
+			} else {
+				page.Sandboxes, err = c.List(cmd.Context(), f)
+			}
 			if err != nil {
 				return err
 			}
 			if asJSON {
-				return printJSON(cmd.OutOrStdout(), api.SandboxList{Sandboxes: list})
+				return printJSON(cmd.OutOrStdout(), page)
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "ID\tSTATE\tPROFILE\tHOST\tCREATED")
-			for _, s := range list {
+			for _, s := range page.Sandboxes {
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", s.ID, s.State, s.Profile, s.Host, s.CreatedAt.Local().Format(time.DateTime))
 			}
 			return tw.Flush()
@@ -227,6 +238,7 @@ func newListCmd(g *globals) *cobra.Command {
 	cmd.Flags().StringVar(&f.State, "state", "", "only sandboxes in this state")
 	cmd.Flags().StringVar(&f.Profile, "profile", "", "only sandboxes of this profile")
 	cmd.Flags().StringArrayVar(&f.Labels, "label", nil, "only sandboxes with label k=v, repeatable")
+	cmd.Flags().IntVar(&limit, "limit", 0, "only the first N sandboxes, in id order (default: every one)")
 	return cmd
 }
 

@@ -54,9 +54,19 @@ func FromRecord(r *sandbox.Record) Sandbox {
 	}
 }
 
-// SandboxList is the body of GET /v1/sandboxes.
+// Page sizes of GET /v1/sandboxes.
+const (
+	DefaultPageSize = 100
+	MaxPageSize     = 1000
+)
+
+// SandboxList is the body of GET /v1/sandboxes: one page of sandboxes in
+// id order, which is creation order to the millisecond.
 type SandboxList struct {
 	Sandboxes []Sandbox `json:"sandboxes"`
+	// Next is the after of the next page, set only when more sandboxes
+	// match after this page.
+	Next string `json:"next,omitempty"`
 }
 
 // ProfileList is the body of GET /v1/profiles.

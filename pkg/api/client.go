@@ -133,8 +133,35 @@ type ListFilter struct {
 	Consumer string
 }
 
-// List returns the sandboxes the caller may see.
+// List returns every sandbox the caller may see that f matches, in id
+// order, following the pages of GET /v1/sandboxes at their largest size.
+// No sandbox is listed twice; one created or deleted while it reads may
+// or may not be.
 func (c *Client) List(ctx context.Context, f ListFilter) ([]Sandbox, error) {
+	out := []Sandbox{}
+	after := ""
+	for {
+		page, err := c.ListPage(ctx, f, MaxPageSize, after)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, page.Sandboxes...)
+		if page.Next == "" {
+			return out, nil
+		}
+		if page.Next <= after {
+			return nil, fmt.Errorf("listing sandboxes: next page %q does not follow %q", page.Next, after)
+		}
+		after = page.Next
+	}
+}
+
+// ListPage returns one page of the sandboxes the caller may see that f
+// matches: at most limit (0 for the gateway's default, [DefaultPageSize];
+// at most [MaxPageSize]) in id order, after the sandbox id after ("" for
+// the first page). Pass the page's Next as after to read the next one; it
+// is empty on the last page.
+func (c *Client) ListPage(ctx context.Context, f ListFilter, limit int, after string) (SandboxList, error) {
 	q := url.Values{}
 	if f.State != "" {
 		q.Set("state", f.State)
@@ -148,15 +175,21 @@ func (c *Client) List(ctx context.Context, f ListFilter) ([]Sandbox, error) {
 	if f.Consumer != "" {
 		q.Set("consumer", f.Consumer)
 	}
+	if limit != 0 {
+		q.Set("limit", strconv.Itoa(limit))
+	}
+	if after != "" {
+		q.Set("after", after)
+	}
 	path := "/v1/sandboxes"
 	if len(q) > 0 {
 		path += "?" + q.Encode()
 	}
 	var out SandboxList
 	if err := c.do(ctx, http.MethodGet, path, nil, nil, &out); err != nil {
-		return nil, err
+		return SandboxList{}, err
 	}
-	return out.Sandboxes, nil
+	return out, nil
 }
 
 // Destroy asks for a sandbox to be destroyed.

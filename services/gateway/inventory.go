@@ -29,6 +29,11 @@ type inventory struct {
 	ready chan struct{}       // closed after the first full load
 	live  bool                // the watch is running and loaded
 	once  sync.Once
+
+	// byID holds the records of recs (not the deletions) sorted by id, and
+	// byConsumer each consumer's, for pages. Both are kept with recs.
+	byID       []*sandbox.Record
+	byConsumer map[string][]*sandbox.Record
 }
 
 type invEntry struct {
@@ -37,7 +42,10 @@ type invEntry struct {
 }
 
 func newInventory(kv jetstream.KeyValue, log *slog.Logger) *inventory {
-	return &inventory{kv: kv, log: log, recs: make(map[string]invEntry), loads: make(map[string]*extLoad), ready: make(chan struct{})}
+	return &inventory{
+		kv: kv, log: log, recs: make(map[string]invEntry), byConsumer: make(map[string][]*sandbox.Record),
+		loads: make(map[string]*extLoad), ready: make(chan struct{}),
+	}
 }
 
 // run watches the bucket until ctx ends. When the watch breaks, it starts
@@ -93,11 +101,15 @@ func (v *inventory) apply(e jetstream.KeyValueEntry) {
 		v.log.Warn("skipping undecodable sandbox record", "key", e.Key(), "err", err)
 		return
 	}
+	if rec.ID != e.Key() {
+		v.log.Warn("skipping sandbox record stored under another id", "key", e.Key(), "id", rec.ID)
+		return
+	}
 	v.put(e.Key(), rec, e.Revision())
 }
 
 // put stores rec (nil for a deletion) at rev unless a newer revision is
-// already there.
+// already there. A record's ID is id.
 func (v *inventory) put(id string, rec *sandbox.Record, rev uint64) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
@@ -106,7 +118,44 @@ func (v *inventory) put(id string, rec *sandbox.Record, rev uint64) {
 		return
 	}
 	v.recs[id] = invEntry{rec: rec, rev: rev}
+	v.index(id, cur.rec, rec)
 	v.account(cur.rec, rec)
+}
+
+// index replaces old with rec (either may be nil) as the record of id in
+// byID and byConsumer. The caller holds v.mu.
+func (v *inventory) index(id string, old, rec *sandbox.Record) {
+	v.byID = place(v.byID, id, rec)
+	if old != nil && (rec == nil || rec.Consumer != old.Consumer) {
+		if l := place(v.byConsumer[old.Consumer], id, nil); len(l) > 0 {
+			v.byConsumer[old.Consumer] = l
+		} else {
+			delete(v.byConsumer, old.Consumer)
+		}
+	}
+	if rec != nil {
+		v.byConsumer[rec.Consumer] = place(v.byConsumer[rec.Consumer], id, rec)
+	}
+}
+
+// place returns l, sorted by id, with rec as the record of id (nil: none).
+// Ids are time-ordered, so a new one almost always goes at the end.
+func place(l []*sandbox.Record, id string, rec *sandbox.Record) []*sandbox.Record {
+	i, found := seek(l, id)
+	switch {
+	case found && rec != nil:
+		l[i] = rec
+	case found:
+		l = slices.Delete(l, i, i+1)
+	case rec != nil:
+		l = slices.Insert(l, i, rec)
+	}
+	return l
+}
+
+// seek returns the position of id in l, sorted by id, or where it would go.
+func seek(l []*sandbox.Record, id string) (int, bool) {
+	return slices.BinarySearchFunc(l, id, func(r *sandbox.Record, id string) int { return strings.Compare(r.ID, id) })
 }
 
 func (v *inventory) setLive(b bool) {
@@ -147,21 +196,35 @@ func (f listFilter) match(r *sandbox.Record) bool {
 	return true
 }
 
-// list returns the records f matches, oldest first.
-func (v *inventory) list(f listFilter) []*sandbox.Record {
+// page returns, in id order, the first limit (at least 1) records f
+// matches whose ids sort after the id after ("" for the first page), and
+// whether more match beyond them. after need not be a sandbox the
+// inventory holds. It scans the records of f.Consumer (every record
+// without one) from after until the page is full, so a selective state,
+// profile or label costs a scan of the rest, allocating only the page.
+func (v *inventory) page(f listFilter, after string, limit int) ([]*sandbox.Record, bool) {
 	v.mu.RLock()
-	out := make([]*sandbox.Record, 0, 16)
-	for _, e := range v.recs {
-		if e.rec != nil && f.match(e.rec) {
-			out = append(out, e.rec)
+	defer v.mu.RUnlock()
+	l := v.byID
+	if f.Consumer != "" {
+		l = v.byConsumer[f.Consumer]
+	}
+	i := 0
+	if after != "" {
+		var found bool
+		if i, found = seek(l, after); found {
+			i++
 		}
 	}
-	v.mu.RUnlock()
-	slices.SortFunc(out, func(a, b *sandbox.Record) int {
-		if c := a.CreatedAt.Compare(b.CreatedAt); c != 0 {
-			return c
+	out := make([]*sandbox.Record, 0, min(limit, len(l)-i))
+	for _, r := range l[i:] {
+		if !f.match(r) {
+			continue
 		}
-		return strings.Compare(a.ID, b.ID)
-	})
-	return out
+		if len(out) == limit {
+			return out, true
+		}
+		out = append(out, r)
+	}
+	return out, false
 }

@@ -3,7 +3,9 @@ package gateway
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
+	"strconv"
 	"strings"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -47,9 +49,12 @@ func (g *Gateway) get(w http.ResponseWriter, r *http.Request, c caller) {
 	writeJSON(w, http.StatusOK, api.FromRecord(rec))
 }
 
-// list handles GET /v1/sandboxes?state=&profile=&label=k=v&consumer=. A
+// list handles GET
+// /v1/sandboxes?state=&profile=&label=k=v&consumer=&limit=&after=. A
 // consumer sees only its own sandboxes, whatever it asks; an admin sees
-// every consumer's, or one's with consumer=.
+// every consumer's, or one's with consumer=. The answer is one page of at
+// most limit sandboxes in id order, after the sandbox id after; next is the
+// after of the following page, set only when more sandboxes match.
 func (g *Gateway) list(w http.ResponseWriter, r *http.Request, c caller) {
 	st := g.current()
 	if st == nil || !st.inv.isReady() {
@@ -73,6 +78,18 @@ func (g *Gateway) list(w http.ResponseWriter, r *http.Request, c caller) {
 		}
 		f.Labels = append(f.Labels, [2]string{k, v})
 	}
+	limit := api.DefaultPageSize
+	if s := q.Get("limit"); s != "" {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 1 || n > api.MaxPageSize {
+			errs = append(errs, extension.FieldError{Field: "limit", Detail: fmt.Sprintf("want an integer from 1 to %d, got %s", api.MaxPageSize, safeField(s))})
+		}
+		limit = n
+	}
+	after := q.Get("after")
+	if after != "" && !event.ValidName(after) {
+		errs = append(errs, extension.FieldError{Field: "after", Detail: "want the next of a previous page, got " + safeField(after)})
+	}
 	if len(errs) > 0 {
 		g.writeProblem(w, r, newProblem(http.StatusBadRequest, "invalid filter", errs...))
 		return
@@ -85,8 +102,13 @@ func (g *Gateway) list(w http.ResponseWriter, r *http.Request, c caller) {
 		}
 		f.Consumer = c.Consumer
 	}
-	for _, rec := range st.inv.list(f) {
-		out.Sandboxes = append(out.Sandboxes, api.FromRecord(rec))
+	recs, more := st.inv.page(f, after, limit)
+	out.Sandboxes = make([]api.Sandbox, len(recs))
+	for i, rec := range recs {
+		out.Sandboxes[i] = api.FromRecord(rec)
+	}
+	if more {
+		out.Next = recs[len(recs)-1].ID
 	}
 	writeJSON(w, http.StatusOK, out)
 }
