@@ -50,15 +50,20 @@ var (
 // benchResult is every figure of a run; the JSON field names are the
 // issue's.
 type benchResult struct {
-	RawLoopP50us         float64 `json:"raw_loop_p50_us"`
-	RawLoopP99us         float64 `json:"raw_loop_p99_us"`
-	RawLoopsPerS         float64 `json:"raw_loops_per_s"`
-	CreateReadyP50us     float64 `json:"create_ready_p50_us"`
-	CreateReadyP99us     float64 `json:"create_ready_p99_us"`
-	LifecyclesPerS       float64 `json:"lifecycles_per_s"`
-	MeteringEventsPerS   float64 `json:"metering_events_per_s"`
-	RSSMB10k             float64 `json:"rss_mb_10k"`
-	RSSMBAfterCreate     float64 `json:"rss_mb_10k_after_create"`
+	RawLoopP50us       float64 `json:"raw_loop_p50_us"`
+	RawLoopP99us       float64 `json:"raw_loop_p99_us"`
+	RawLoopsPerS       float64 `json:"raw_loops_per_s"`
+	CreateReadyP50us   float64 `json:"create_ready_p50_us"`
+	CreateReadyP99us   float64 `json:"create_ready_p99_us"`
+	LifecyclesPerS     float64 `json:"lifecycles_per_s"`
+	MeteringEventsPerS float64 `json:"metering_events_per_s"`
+	RSSMB10k           float64 `json:"rss_mb_10k"`
+	RSSMBAfterCreate   float64 `json:"rss_mb_10k_after_create"`
+	// Messages the server took from its clients (publishes, acks, API
+	// requests) per loop, create and lifecycle: the work behind a figure.
+	BusMsgsPerRawLoop    float64 `json:"bus_msgs_per_raw_loop,omitempty"`
+	BusMsgsPerCreate     float64 `json:"bus_msgs_per_create,omitempty"`
+	BusMsgsPerLifecycle  float64 `json:"bus_msgs_per_lifecycle,omitempty"`
 	Mode                 string  `json:"mode"`
 	GoVersion            string  `json:"go_version"`
 	CPUs                 int     `json:"cpus"`
@@ -135,6 +140,9 @@ func printBench(w io.Writer, r *benchResult) {
 	row("metering_events_per_s", r.MeteringEventsPerS, "/s", ">= 20000")
 	row("rss_mb_10k", r.RSSMB10k, "MB", "<= 200")
 	row("rss_mb_10k_after_create", r.RSSMBAfterCreate, "MB", "(right after the creation burst)")
+	row("bus_msgs_per_raw_loop", r.BusMsgsPerRawLoop, "msgs", "(work behind each figure)")
+	row("bus_msgs_per_create", r.BusMsgsPerCreate, "msgs", "")
+	row("bus_msgs_per_lifecycle", r.BusMsgsPerLifecycle, "msgs", "")
 	_ = tw.Flush()
 }
 
@@ -177,15 +185,23 @@ func runBench(ctx context.Context, cfg benchConfig, only []string, logw io.Write
 		c := api.NewClient(sys.URL, strings.TrimSpace(string(tok)), &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256}})
 		if want("create") {
 			logf("create to ready, sequential")
-			if err := benchCreateReady(ctx, c, w, cfg, res); err != nil {
+			before := sys.inMsgs()
+			n, err := benchCreateReady(ctx, c, w, cfg, res)
+			if err != nil {
 				return nil, fmt.Errorf("create to ready: %w", err)
 			}
+			res.BusMsgsPerCreate = float64(sys.inMsgs()-before) / float64(n)
 		}
 		if want("lifecycle") {
 			logf("full lifecycles, %d in flight", cfg.InFlight)
-			if err := benchLifecycles(ctx, c, w, cfg, res); err != nil {
+			before := sys.inMsgs()
+			n, err := benchLifecycles(ctx, c, w, cfg, res)
+			if err != nil {
 				return nil, fmt.Errorf("lifecycles: %w", err)
 			}
+			// Settled lifecycles still being acked when the window
+			// closed make this a little high, never low.
+			res.BusMsgsPerLifecycle = float64(sys.inMsgs()-before) / float64(n)
 		}
 	}
 	if want("metering") {
@@ -588,6 +604,7 @@ func benchRaw(ctx context.Context, sys *system, cfg benchConfig, res *benchResul
 		}
 	}
 	ds := make([]time.Duration, 0, cfg.Sequential)
+	before := sys.inMsgs()
 	for range cfg.Sequential {
 		d, err := loop()
 		if err != nil {
@@ -595,8 +612,9 @@ func benchRaw(ctx context.Context, sys *system, cfg benchConfig, res *benchResul
 		}
 		ds = append(ds, d)
 	}
+	res.BusMsgsPerRawLoop = float64(sys.inMsgs()-before) / float64(cfg.Sequential)
 	res.RawLoopP50us, res.RawLoopP99us = percentiles(ds)
-	n, err := throughput(ctx, cfg, func() error { _, err := loop(); return err })
+	n, _, err := throughput(ctx, cfg, func() error { _, err := loop(); return err })
 	if err != nil {
 		return err
 	}
@@ -606,7 +624,7 @@ func benchRaw(ctx context.Context, sys *system, cfg benchConfig, res *benchResul
 
 // throughput runs op from cfg.InFlight goroutines for cfg.Duration and
 // returns completed operations per second.
-func throughput(ctx context.Context, cfg benchConfig, op func() error) (float64, error) {
+func throughput(ctx context.Context, cfg benchConfig, op func() error) (rate float64, count int64, err error) {
 	var (
 		done   atomic.Int64
 		wg     sync.WaitGroup
@@ -634,9 +652,9 @@ func throughput(ctx context.Context, cfg benchConfig, op func() error) (float64,
 	}
 	wg.Wait()
 	if first != nil {
-		return 0, first
+		return 0, 0, first
 	}
-	return float64(done.Load()) / time.Since(start).Seconds(), nil
+	return float64(done.Load()) / time.Since(start).Seconds(), done.Load(), nil
 }
 
 // watcher sees lifecycle events as any client of the bus does: a core NATS
@@ -750,27 +768,40 @@ func createAndReady(ctx context.Context, c *api.Client, w *watcher) (string, tim
 	return s.ID, time.Since(t0), nil
 }
 
-func benchCreateReady(ctx context.Context, c *api.Client, w *watcher, cfg benchConfig, res *benchResult) error {
+// benchCreateReady returns how many sandboxes it created.
+func benchCreateReady(ctx context.Context, c *api.Client, w *watcher, cfg benchConfig, res *benchResult) (int, error) {
 	n := cfg.Sequential / 2
-	for range 50 {
+	const warm = 50
+	for range warm {
 		if _, _, err := createAndReady(ctx, c, w); err != nil {
-			return err
+			return 0, err
 		}
 	}
 	ds := make([]time.Duration, 0, n)
 	for range n {
 		_, d, err := createAndReady(ctx, c, w)
 		if err != nil {
-			return err
+			return 0, err
 		}
 		ds = append(ds, d)
 	}
 	res.CreateReadyP50us, res.CreateReadyP99us = percentiles(ds)
-	return nil
+	return warm + n, nil
 }
 
-func benchLifecycles(ctx context.Context, c *api.Client, w *watcher, cfg benchConfig, res *benchResult) error {
-	n, err := throughput(ctx, cfg, func() error {
+// inMsgs is how many messages the embedded server has taken from its
+// clients so far.
+func (s *system) inMsgs() int64 {
+	v, err := s.NATS.Server().Varz(nil)
+	if err != nil {
+		return 0
+	}
+	return v.InMsgs
+}
+
+// benchLifecycles returns how many lifecycles it completed.
+func benchLifecycles(ctx context.Context, c *api.Client, w *watcher, cfg benchConfig, res *benchResult) (int64, error) {
+	n, count, err := throughput(ctx, cfg, func() error {
 		id, _, err := createAndReady(ctx, c, w)
 		if err != nil {
 			return err
@@ -785,8 +816,8 @@ func benchLifecycles(ctx context.Context, c *api.Client, w *watcher, cfg benchCo
 		return await(ctx, settled, id+" settled by metering")
 	})
 	if err != nil {
-		return err
+		return 0, err
 	}
 	res.LifecyclesPerS = n
-	return nil
+	return count, nil
 }
