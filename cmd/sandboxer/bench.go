@@ -25,6 +25,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
 
+	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/memory"
 	"github.com/sand-boxer/sandboxer/pkg/api"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
@@ -347,7 +348,10 @@ func benchMetering(ctx context.Context, sys *system, cfg benchConfig, res *bench
 // newBenchServeCmd is the process whose memory the benchmark measures:
 // the whole system, as `sandboxer up` runs it, with the echo backend.
 func newBenchServeCmd() *cobra.Command {
-	var dir, heapProfile string
+	var (
+		dir, heapProfile string
+		idleRelease      time.Duration
+	)
 	cmd := &cobra.Command{
 		Use:    "serve --dir DIR",
 		Short:  "run the benchmark's system in this process (used by bench)",
@@ -358,6 +362,7 @@ func newBenchServeCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			go memory.ReleaseWhenIdle(cmd.Context(), idleRelease) // as `up` does
 			fmt.Fprintf(cmd.OutOrStdout(), "url %s\n", sys.URL)
 			<-cmd.Context().Done()
 			if heapProfile != "" {
@@ -374,6 +379,7 @@ func newBenchServeCmd() *cobra.Command {
 	}
 	cmd.Flags().StringVar(&dir, "dir", "", "data directory")
 	cmd.Flags().StringVar(&heapProfile, "heapprofile", "", "write a heap profile here on exit")
+	idleReleaseFlag(cmd.Flags(), &idleRelease)
 	return cmd
 }
 

@@ -10,6 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/memory"
 	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/telemetry"
 	"github.com/sand-boxer/sandboxer/pkg/apikey"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
@@ -55,6 +56,7 @@ func serveRun(ctx context.Context, service, logLevel string, c *connectFlags, st
 	if err := start(ctx, &st, deps); err != nil {
 		return err
 	}
+	go memory.ReleaseWhenIdle(ctx, c.idleRelease)
 	log.Info("serving", "service", service, "nats", nc.ConnectedUrlRedacted())
 	<-ctx.Done()
 	return nil

@@ -16,7 +16,9 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
+	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/memory"
 	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/telemetry"
 	"github.com/sand-boxer/sandboxer/pkg/apikey"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
@@ -38,6 +40,7 @@ type upOptions struct {
 	pools         []string
 	logLevel      string
 	natsLogs      bool
+	idleRelease   time.Duration
 }
 
 func newUpCmd(g *globals) *cobra.Command {
@@ -59,7 +62,15 @@ func newUpCmd(g *globals) *cobra.Command {
 	f.StringArrayVar(&o.pools, "extension", nil, "run worker pools only for these extensions (default: every extension whose handler is linked)")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&o.natsLogs, "nats-logs", false, "show the embedded NATS server's logs")
+	idleReleaseFlag(f, &o.idleRelease)
 	return cmd
+}
+
+// idleReleaseFlag adds --idle-release: how long a process must be quiet
+// (no garbage collection) before it gives freed memory back to the
+// operating system.
+func idleReleaseFlag(f *pflag.FlagSet, d *time.Duration) {
+	f.DurationVar(d, "idle-release", 5*time.Second, "give freed memory back to the OS after this long without garbage collection (0: leave it to the Go runtime)")
 }
 
 func newLogger(level string) (*slog.Logger, error) {
@@ -108,6 +119,7 @@ func runUp(ctx context.Context, o *upOptions, out io.Writer) error {
 		defer cancel()
 		sys.Shutdown(sctx)
 	}()
+	go memory.ReleaseWhenIdle(ctx, o.idleRelease)
 	natsDesc := "in-process only"
 	if u := sys.NATS.ClientURL(); u != "" {
 		natsDesc = u
@@ -382,6 +394,7 @@ func linkedExtensions() *extension.Registry {
 type connectFlags struct {
 	url, creds, tlsCA, tlsCert, tlsKey string
 	replicas                           int
+	idleRelease                        time.Duration
 }
 
 func (c *connectFlags) add(cmd *cobra.Command) {
@@ -392,6 +405,7 @@ func (c *connectFlags) add(cmd *cobra.Command) {
 	f.StringVar(&c.tlsCert, "tls-cert", "", "client certificate for NATS")
 	f.StringVar(&c.tlsKey, "tls-key", "", "client key for NATS")
 	f.IntVar(&c.replicas, "replicas", 1, "replicas of every stream and bucket (3 on a three-node cluster)")
+	idleReleaseFlag(f, &c.idleRelease)
 }
 
 // connect dials the cluster and ensures the topology.
