@@ -24,11 +24,12 @@ const ExpiredReason = "ttl"
 // stored in the timers stream, so it survives restarts of the server and of
 // every registry.
 
-// schedule publishes the expiry schedule of rec, then makes sure it did
-// not race with the sandbox leaving the ready state: if the record moved on
-// meanwhile, the schedule is cancelled again. Either this check sees the
-// new state, or the projection of that state runs its own cancel after the
-// schedule was stored.
+// schedule publishes the expiry schedule of rec. In this instance, the
+// projection of the event that moves the sandbox past ready runs after
+// this (project holds the sandbox's lock) and cancels it. Across
+// instances the two can cross, and a schedule can outlive the sandbox's
+// ready state: its fire finds the sandbox no longer ready and does
+// nothing.
 func (r *Registry) schedule(ctx context.Context, rec *sandbox.Record) error {
 	e, err := event.New(event.TypeExpiry, Source, rec.ID, rec.ID+".expiry",
 		event.Expiry{Ref: rec.Ref(), ExpiresAt: rec.ExpiresAt})
@@ -40,13 +41,6 @@ func (r *Registry) schedule(ctx context.Context, rec *sandbox.Record) error {
 		jetstream.WithScheduleTarget(event.ExpiryFireSubject(rec.ID)))
 	if err != nil {
 		return fmt.Errorf("scheduling expiry of %s: %w", rec.ID, err)
-	}
-	now, _, err := r.readRecord(ctx, rec.ID)
-	if err != nil {
-		return err
-	}
-	if now != nil && now.State != event.StateReady {
-		return r.cancelExpiry(ctx, rec.ID)
 	}
 	r.log.Debug("expiry scheduled", "sandbox", rec.ID, "expires_at", rec.ExpiresAt)
 	return nil
@@ -106,7 +100,10 @@ func (r *Registry) fire(ctx context.Context, m *bus.Message) ([]bus.Out, error) 
 		if err != nil {
 			return nil, err
 		}
-		if rec, _, err = r.applyEvent(ctx, id, expired); err != nil {
+		unlock := r.sandboxLocks.lock(id)
+		rec, _, err = r.applyEvent(ctx, id, expired)
+		unlock()
+		if err != nil {
 			return nil, err
 		}
 		if rec.State != event.StateExpired || rec.Reason != ExpiredReason {

@@ -37,6 +37,14 @@ func (r *Registry) project(ctx context.Context, m *bus.Message) ([]bus.Out, erro
 	if to, ok := event.StateOf(event.Type(m.Event.Type())); !ok || to != ref.State {
 		return nil, bus.Permanent(fmt.Errorf("projecting %s: event type %s does not announce state %s", m.Subject, m.Event.Type(), ref.State))
 	}
+	// One event of a sandbox at a time in this instance, with its
+	// schedule work: events of one sandbox arrive close together
+	// (provisioning and ready within microseconds from a fast backend).
+	// Side by side, both would read, and one would lose its
+	// compare-and-swap and read again; in turn, the second finds the
+	// first's write in the cache. And the event that moves a sandbox past
+	// ready cancels its expiry only after the ready event scheduled it.
+	defer r.sandboxLocks.lock(ref.Sandbox)()
 	rec, prev, err := r.applyEvent(ctx, ref.Sandbox, m.Event)
 	if err != nil {
 		return nil, err
@@ -69,12 +77,6 @@ func (r *Registry) project(ctx context.Context, m *bus.Message) ([]bus.Out, erro
 // it had before e; an event that does not move the record returns that
 // same state. An event Apply refuses is [bus.Permanent].
 func (r *Registry) applyEvent(ctx context.Context, id string, e *event.Event) (*sandbox.Record, event.State, error) {
-	// One event of a sandbox at a time in this instance: events of one
-	// sandbox arrive close together (provisioning and ready within
-	// microseconds from a fast backend), and applied side by side they
-	// would both read, and one would lose its compare-and-swap and read
-	// again. In turn, the second finds the first's write in the cache.
-	defer r.sandboxLocks.lock(id)()
 	cached := true
 	for range maxCASAttempts {
 		var (
