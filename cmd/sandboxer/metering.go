@@ -12,6 +12,7 @@ import (
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/workers"
 	"github.com/sand-boxer/sandboxer/services/gateway"
 	"github.com/sand-boxer/sandboxer/services/metering"
@@ -25,10 +26,16 @@ type meteringAdmitter struct{ c *metering.Client }
 // Admit asks metering for a hold. A refusal for lack of credit wraps
 // [gateway.ErrInsufficientCredits] with metering's reason, so the gateway
 // answers 402 and publishes the rejected event. Metering answers the same
-// hold when asked again for the same sandbox.
+// hold when asked again for the same sandbox. A free sandbox (a
+// self-hosted backend, a profile without a price) needs no credit and
+// gets no hold: metering opens an empty one when it sees the sandbox
+// ready, and settles it like any other.
 func (a meteringAdmitter) Admit(ctx context.Context, r gateway.AdmitRequest) (string, error) {
 	if r.Profile == nil {
 		return "", errors.New("admitting sandbox: no profile")
+	}
+	if !extension.Charges(r.Profile, r.Manifest) {
+		return "", nil
 	}
 	h, err := a.c.Hold(ctx, metering.HoldRequest{
 		SandboxID: r.SandboxID, Consumer: r.Consumer, Profile: r.Profile.Slug, Extension: r.Route.Extension,

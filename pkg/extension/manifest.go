@@ -257,6 +257,16 @@ func (p *Price) UnmarshalYAML(n *yaml.Node) error {
 // duration up to a century fits an int64.
 const MaxPriceAmount = 1 << 30
 
+// Charges reports whether running a sandbox of profile p on the extension
+// of manifest m may cost anything: a self-hosted backend only when the
+// profile has a price that is not zero; any other (metered) always.
+func Charges(p *Profile, m *Manifest) bool {
+	if m == nil || m.Capabilities.PricingModel != PricingSelfHosted {
+		return true
+	}
+	return p == nil || (p.Price != nil && (p.Price.Start > 0 || p.Price.PerSecond > 0))
+}
+
 // Cost is the price of running for d: Start plus PerSecond for every
 // second, a started second counting whole. A nil price costs nothing; a
 // negative d costs Start.

@@ -66,3 +66,28 @@ func TestPriceCost(t *testing.T) {
 		})
 	}
 }
+
+func TestCharges(t *testing.T) {
+	self := &extension.Manifest{Capabilities: extension.Capabilities{PricingModel: extension.PricingSelfHosted}}
+	metered := &extension.Manifest{Capabilities: extension.Capabilities{PricingModel: extension.PricingMetered}}
+	for _, tc := range []struct {
+		name string
+		p    *extension.Profile
+		m    *extension.Manifest
+		want bool
+	}{
+		{"self-hosted without a price", &extension.Profile{}, self, false},
+		{"self-hosted priced at zero", &extension.Profile{Price: &extension.Price{}}, self, false},
+		{"self-hosted with a start fee", &extension.Profile{Price: &extension.Price{Start: 1}}, self, true},
+		{"self-hosted per second", &extension.Profile{Price: &extension.Price{PerSecond: 1}}, self, true},
+		{"metered without a price", &extension.Profile{}, metered, true},
+		{"unknown extension", &extension.Profile{}, nil, true},
+		{"unknown profile", nil, self, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := extension.Charges(tc.p, tc.m); got != tc.want {
+				t.Fatalf("Charges = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}

@@ -48,6 +48,17 @@ type plan struct {
 	ttl    time.Duration
 }
 
+// manifestOf is the manifest of extension name among pl's candidates, or
+// nil.
+func (pl *plan) manifestOf(name string) *extension.Manifest {
+	for _, m := range pl.manifests {
+		if m.Name == name {
+			return m
+		}
+	}
+	return nil
+}
+
 // create handles POST /v1/sandboxes. Every check runs before anything is
 // written; the writes then run to completion under WriteTimeout even if
 // the client goes away.
@@ -136,7 +147,9 @@ func (g *Gateway) request(ctx context.Context, st *state, c caller, id string, p
 	cr.Inputs = pl.inputs[route.Extension]
 
 	if g.opts.Admitter != nil {
-		hold, err := g.opts.Admitter.Admit(ctx, AdmitRequest{SandboxID: id, Consumer: c.Consumer, Profile: pl.profile, Route: route, TTL: pl.ttl})
+		hold, err := g.opts.Admitter.Admit(ctx, AdmitRequest{
+			SandboxID: id, Consumer: c.Consumer, Profile: pl.profile, Route: route, Manifest: pl.manifestOf(route.Extension), TTL: pl.ttl,
+		})
 		switch {
 		case errors.Is(err, ErrInsufficientCredits):
 			g.reject(ctx, st, cr, CodeInsufficientCredits, err.Error())

@@ -112,6 +112,9 @@ type AdmitRequest struct {
 	Consumer  string
 	Profile   *extension.Profile
 	Route     Route
+	// Manifest is the manifest of Route.Extension, from the catalog; it
+	// must not be modified.
+	Manifest *extension.Manifest
 	// TTL is the sandbox's time to live; zero means no expiry.
 	TTL time.Duration
 }
