@@ -41,6 +41,11 @@ type benchConfig struct {
 	Duration   time.Duration // length of each throughput window
 	Live       int           // live sandboxes for the memory figure
 	Settle     time.Duration // quiet time before the memory figure
+	// Priced gives the benchmark's profile a price (a start fee and a
+	// per-second rate) and its consumers credit, so every sandbox is
+	// admitted with a credit hold and accrues while it runs. Off, the
+	// profile is free, as a self-hosted profile without a price is.
+	Priced bool
 }
 
 var (
@@ -71,6 +76,7 @@ type benchResult struct {
 	SequentialSamples    int     `json:"sequential_samples"`
 	InFlight             int     `json:"in_flight"`
 	ThroughputWindowSecs float64 `json:"throughput_window_s"`
+	Priced               bool    `json:"priced"`
 }
 
 func newBenchCmd(g *globals) *cobra.Command {
@@ -79,6 +85,7 @@ func newBenchCmd(g *globals) *cobra.Command {
 		only          []string
 		cpuProfile    string
 		live          int
+		priced        bool
 	)
 	cmd := &cobra.Command{
 		Use:   "bench [--quick] [--json]",
@@ -92,6 +99,7 @@ func newBenchCmd(g *globals) *cobra.Command {
 			if live > 0 {
 				cfg.Live = live
 			}
+			cfg.Priced = priced
 			if cpuProfile != "" {
 				f, err := os.Create(cpuProfile)
 				if err != nil {
@@ -109,6 +117,7 @@ func newBenchCmd(g *globals) *cobra.Command {
 			}
 			res.Mode, res.GoVersion, res.CPUs = mode, runtime.Version(), runtime.NumCPU()
 			res.SequentialSamples, res.InFlight, res.ThroughputWindowSecs = cfg.Sequential, cfg.InFlight, cfg.Duration.Seconds()
+			res.Priced = cfg.Priced
 			printBench(cmd.OutOrStdout(), res)
 			if asJSON {
 				b, _ := json.Marshal(res)
@@ -120,6 +129,7 @@ func newBenchCmd(g *globals) *cobra.Command {
 	cmd.AddCommand(newBenchServeCmd())
 	cmd.Flags().BoolVar(&quick, "quick", false, "short run (under 90 seconds)")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the figures as one JSON object on the last line")
+	cmd.Flags().BoolVar(&priced, "priced", false, "give the benchmark's profile a price and its consumers credit (default: a free profile)")
 	cmd.Flags().IntVar(&live, "live", 0, "live sandboxes for the memory figure (default 10000; the figure is named for 10k)")
 	cmd.Flags().StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the whole run (server and client) to this file")
 	cmd.Flags().StringSliceVar(&only, "only", nil, "run only these phases: raw, create, lifecycle, metering, memory")
@@ -157,7 +167,7 @@ func runBench(ctx context.Context, cfg benchConfig, only []string, logw io.Write
 	logf := func(format string, args ...any) { fmt.Fprintf(logw, "bench: "+format+"\n", args...) }
 	res := &benchResult{}
 
-	sys, err := startBenchSystem(ctx, dir)
+	sys, err := startBenchSystem(ctx, dir, cfg.Priced)
 	if err != nil {
 		return nil, err
 	}
@@ -351,6 +361,7 @@ func newBenchServeCmd() *cobra.Command {
 	var (
 		dir, heapProfile string
 		idleRelease      time.Duration
+		priced           bool
 	)
 	cmd := &cobra.Command{
 		Use:    "serve --dir DIR",
@@ -358,7 +369,7 @@ func newBenchServeCmd() *cobra.Command {
 		Hidden: true,
 		Args:   cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			sys, err := startBenchSystem(cmd.Context(), dir)
+			sys, err := startBenchSystem(cmd.Context(), dir, priced)
 			if err != nil {
 				return err
 			}
@@ -380,6 +391,7 @@ func newBenchServeCmd() *cobra.Command {
 	cmd.Flags().StringVar(&dir, "dir", "", "data directory")
 	cmd.Flags().StringVar(&heapProfile, "heapprofile", "", "write a heap profile here on exit")
 	idleReleaseFlag(cmd.Flags(), &idleRelease)
+	cmd.Flags().BoolVar(&priced, "priced", false, "give the profile a price and the consumers credit")
 	return cmd
 }
 
@@ -394,6 +406,9 @@ func benchMemory(ctx context.Context, cfg benchConfig, dir string, res *benchRes
 	cctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	args := []string{"bench", "serve", "--dir", dir}
+	if cfg.Priced {
+		args = append(args, "--priced")
+	}
 	if p := os.Getenv("SANDBOXER_BENCH_HEAPPROFILE"); p != "" {
 		args = append(args, "--heapprofile", p)
 	}
@@ -514,13 +529,28 @@ ttl:
   max: 24h
 `
 
+// benchPrice is the price of the profile in a priced run.
+const benchPrice = `price:
+  start: 1
+  per_second: 1
+`
+
+// benchConsumers are the consumers a priced run grants credit to, enough
+// for any run: the API's dev key, and the metering phase's consumer.
+var benchConsumers = []string{"dev", "bench"}
+
 // startBenchSystem runs the control plane with the echo backend on a file
-// store under dir.
-func startBenchSystem(ctx context.Context, dir string) (*system, error) {
+// store under dir; priced gives the profile a price and the consumers
+// credit.
+func startBenchSystem(ctx context.Context, dir string, priced bool) (*system, error) {
 	ext, prof := filepath.Join(dir, "extensions"), filepath.Join(dir, "profiles")
+	profile := benchProfile
+	if priced {
+		profile += benchPrice
+	}
 	for _, f := range []struct{ dir, name, body string }{
 		{ext, "ext.echo.yaml", benchManifest},
-		{prof, "profile.echo.yaml", benchProfile},
+		{prof, "profile.echo.yaml", profile},
 	} {
 		if err := os.MkdirAll(f.dir, 0o755); err != nil {
 			return nil, err
@@ -529,12 +559,25 @@ func startBenchSystem(ctx context.Context, dir string) (*system, error) {
 			return nil, err
 		}
 	}
-	return startSystem(ctx, systemConfig{
+	sys, err := startSystem(ctx, systemConfig{
 		DataDir: filepath.Join(dir, "system"), HTTPAddr: "127.0.0.1:0",
 		ExtensionsDir: ext, ProfilesDir: prof, Pools: []string{"echo"},
 		Extensions: extension.NewRegistry(append(builtinExtensions(), echo.Info)...),
 		Logger:     slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	})
+	if err != nil || !priced {
+		return sys, err
+	}
+	mc := metering.NewClient(sys.NC)
+	for _, c := range benchConsumers {
+		if _, err := mc.Grant(ctx, metering.GrantRequest{Consumer: c, Amount: 1 << 50, ID: "bench"}); err != nil {
+			sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			sys.Shutdown(sctx)
+			return nil, err
+		}
+	}
+	return sys, nil
 }
 
 // percentiles returns p50 and p99 of ds in microseconds.
