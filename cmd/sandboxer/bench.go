@@ -18,6 +18,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -67,16 +68,25 @@ type benchResult struct {
 	RSSMBAfterCreate   float64 `json:"rss_mb_10k_after_create"`
 	// Messages the server took from its clients (publishes, acks, API
 	// requests) per loop, create and lifecycle: the work behind a figure.
-	BusMsgsPerRawLoop    float64 `json:"bus_msgs_per_raw_loop,omitempty"`
-	BusMsgsPerCreate     float64 `json:"bus_msgs_per_create,omitempty"`
-	BusMsgsPerLifecycle  float64 `json:"bus_msgs_per_lifecycle,omitempty"`
-	Mode                 string  `json:"mode"`
-	GoVersion            string  `json:"go_version"`
-	CPUs                 int     `json:"cpus"`
-	SequentialSamples    int     `json:"sequential_samples"`
-	InFlight             int     `json:"in_flight"`
-	ThroughputWindowSecs float64 `json:"throughput_window_s"`
-	Priced               bool    `json:"priced"`
+	BusMsgsPerRawLoop   float64 `json:"bus_msgs_per_raw_loop,omitempty"`
+	BusMsgsPerCreate    float64 `json:"bus_msgs_per_create,omitempty"`
+	BusMsgsPerLifecycle float64 `json:"bus_msgs_per_lifecycle,omitempty"`
+	// Per lifecycle event folded by metering, the benchmark's own publish
+	// of the event included.
+	BusMsgsPerMeteringEvent float64 `json:"bus_msgs_per_metering_event,omitempty"`
+	// CPU time of the whole benchmark process (server, services and
+	// clients) per operation in the throughput windows and the metering
+	// fold, in microseconds.
+	CPUusPerRawLoop       float64 `json:"cpu_us_per_raw_loop,omitempty"`
+	CPUusPerLifecycle     float64 `json:"cpu_us_per_lifecycle,omitempty"`
+	CPUusPerMeteringEvent float64 `json:"cpu_us_per_metering_event,omitempty"`
+	Mode                  string  `json:"mode"`
+	GoVersion             string  `json:"go_version"`
+	CPUs                  int     `json:"cpus"`
+	SequentialSamples     int     `json:"sequential_samples"`
+	InFlight              int     `json:"in_flight"`
+	ThroughputWindowSecs  float64 `json:"throughput_window_s"`
+	Priced                bool    `json:"priced"`
 }
 
 func newBenchCmd(g *globals) *cobra.Command {
@@ -154,6 +164,10 @@ func printBench(w io.Writer, r *benchResult) {
 	row("bus_msgs_per_raw_loop", r.BusMsgsPerRawLoop, "msgs", "(work behind each figure)")
 	row("bus_msgs_per_create", r.BusMsgsPerCreate, "msgs", "")
 	row("bus_msgs_per_lifecycle", r.BusMsgsPerLifecycle, "msgs", "")
+	row("bus_msgs_per_metering_event", r.BusMsgsPerMeteringEvent, "msgs", "")
+	row("cpu_us_per_raw_loop", r.CPUusPerRawLoop, "us", "(process CPU, 64 in flight)")
+	row("cpu_us_per_lifecycle", r.CPUusPerLifecycle, "us", "")
+	row("cpu_us_per_metering_event", r.CPUusPerMeteringEvent, "us", "")
 	_ = tw.Flush()
 }
 
@@ -293,7 +307,7 @@ func benchMetering(ctx context.Context, sys *system, cfg benchConfig, res *bench
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	start := time.Now()
+	start, before, cpu0 := time.Now(), sys.inMsgs(), cpuTime()
 	readyAt := start.UTC()
 	var futures []jetstream.PubAckFuture
 	for _, id := range ids {
@@ -343,6 +357,8 @@ func benchMetering(ctx context.Context, sys *system, cfg benchConfig, res *bench
 		time.Sleep(5 * time.Millisecond)
 	}
 	res.MeteringEventsPerS = float64(2*n) / time.Since(start).Seconds()
+	res.BusMsgsPerMeteringEvent = float64(sys.inMsgs()-before) / float64(2*n)
+	res.CPUusPerMeteringEvent = cpuPer(cpuTime()-cpu0, int64(2*n))
 	// Exactly once, checked: every sandbox settled to one usage record,
 	// and the account's holds all released.
 	bal, err := mc.Balance(ctx, "bench")
@@ -663,17 +679,18 @@ func benchRaw(ctx context.Context, sys *system, cfg benchConfig, res *benchResul
 	}
 	res.BusMsgsPerRawLoop = float64(sys.inMsgs()-before) / float64(cfg.Sequential)
 	res.RawLoopP50us, res.RawLoopP99us = percentiles(ds)
-	n, _, err := throughput(ctx, cfg, func() error { _, err := loop(); return err })
+	n, count, cpu, err := throughput(ctx, cfg, func() error { _, err := loop(); return err })
 	if err != nil {
 		return err
 	}
 	res.RawLoopsPerS = n
+	res.CPUusPerRawLoop = cpuPer(cpu, count)
 	return nil
 }
 
 // throughput runs op from cfg.InFlight goroutines for cfg.Duration and
 // returns completed operations per second.
-func throughput(ctx context.Context, cfg benchConfig, op func() error) (rate float64, count int64, err error) {
+func throughput(ctx context.Context, cfg benchConfig, op func() error) (rate float64, count int64, cpu time.Duration, err error) {
 	var (
 		done   atomic.Int64
 		wg     sync.WaitGroup
@@ -681,7 +698,7 @@ func throughput(ctx context.Context, cfg benchConfig, op func() error) (rate flo
 		first  error
 		stopAt = time.Now().Add(cfg.Duration)
 	)
-	start := time.Now()
+	start, cpu0 := time.Now(), cpuTime()
 	for range cfg.InFlight {
 		wg.Add(1)
 		go func() {
@@ -701,9 +718,9 @@ func throughput(ctx context.Context, cfg benchConfig, op func() error) (rate flo
 	}
 	wg.Wait()
 	if first != nil {
-		return 0, 0, first
+		return 0, 0, 0, first
 	}
-	return float64(done.Load()) / time.Since(start).Seconds(), done.Load(), nil
+	return float64(done.Load()) / time.Since(start).Seconds(), done.Load(), cpuTime() - cpu0, nil
 }
 
 // watcher sees lifecycle events as any client of the bus does: a core NATS
@@ -838,6 +855,23 @@ func benchCreateReady(ctx context.Context, c *api.Client, w *watcher, cfg benchC
 	return warm + n, nil
 }
 
+// cpuTime is the CPU time (user and system) this process has used.
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// cpuPer is cpu per operation in microseconds.
+func cpuPer(cpu time.Duration, ops int64) float64 {
+	if ops == 0 {
+		return 0
+	}
+	return float64(cpu.Microseconds()) / float64(ops)
+}
+
 // inMsgs is how many messages the embedded server has taken from its
 // clients so far.
 func (s *system) inMsgs() int64 {
@@ -850,7 +884,7 @@ func (s *system) inMsgs() int64 {
 
 // benchLifecycles returns how many lifecycles it completed.
 func benchLifecycles(ctx context.Context, c *api.Client, w *watcher, cfg benchConfig, res *benchResult) (int64, error) {
-	n, count, err := throughput(ctx, cfg, func() error {
+	n, count, cpu, err := throughput(ctx, cfg, func() error {
 		id, _, err := createAndReady(ctx, c, w)
 		if err != nil {
 			return err
@@ -868,5 +902,6 @@ func benchLifecycles(ctx context.Context, c *api.Client, w *watcher, cfg benchCo
 		return 0, err
 	}
 	res.LifecyclesPerS = n
+	res.CPUusPerLifecycle = cpuPer(cpu, count)
 	return count, nil
 }
