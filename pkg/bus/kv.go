@@ -1,0 +1,44 @@
+package bus
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// SandboxesMarkerTTL is how long the sandboxes bucket keeps the delete
+// marker of a record its time to live removed, so watchers see the
+// removal. A watcher that starts later reads the bucket without it.
+const SandboxesMarkerTTL = time.Hour
+
+// KVWrite writes value under key in bucket at revision rev, as
+// KeyValue.Create (rev 0) and KeyValue.Update do, and returns the new
+// revision. With ttl > 0 the value lives that long (the bucket needs a
+// LimitMarkerTTL): the server then removes it and leaves a delete marker.
+// KeyValue.Update takes no time to live, so this publishes to the bucket's
+// subject itself. A conflict wraps jetstream.ErrKeyExists (rev 0) or
+// jetstream.ErrKeyRevisionMismatch. Unlike KeyValue.Create, rev 0 fails on
+// a key that was deleted: a deleted record is not written again.
+func KVWrite(ctx context.Context, js jetstream.JetStream, bucket, key string, value []byte, rev uint64, ttl time.Duration) (uint64, error) {
+	msg := &nats.Msg{Subject: "$KV." + bucket + "." + key, Data: value}
+	opts := []jetstream.PublishOpt{jetstream.WithExpectLastSequencePerSubject(rev)}
+	if ttl > 0 {
+		opts = append(opts, jetstream.WithMsgTTL(ttl))
+	}
+	ack, err := js.PublishMsg(ctx, msg, opts...)
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence || apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant) {
+		if rev == 0 {
+			return 0, fmt.Errorf("writing %s/%s: %w", bucket, key, jetstream.ErrKeyExists)
+		}
+		return 0, fmt.Errorf("writing %s/%s: %w", bucket, key, jetstream.ErrKeyRevisionMismatch)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("writing %s/%s: %w", bucket, key, err)
+	}
+	return ack.Sequence, nil
+}

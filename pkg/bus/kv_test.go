@@ -1,0 +1,104 @@
+package bus_test
+
+import (
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/natstest"
+)
+
+// TestKVWrite: create and update at a revision, conflicts as the KeyValue
+// API reports them, and a value with a time to live removed by the server
+// with a marker a watcher sees.
+func TestKVWrite(t *testing.T) {
+	t.Parallel()
+	srv := natstest.Start(t)
+	js := srv.JetStream(t)
+	ctx := testCtx(t)
+	kv, err := js.KeyValue(ctx, bus.BucketSandboxes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := kv.Watch(ctx, "sbx-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = w.Stop() }()
+
+	rev, err := bus.KVWrite(ctx, js, bus.BucketSandboxes, "sbx-1", []byte("one"), 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := bus.KVWrite(ctx, js, bus.BucketSandboxes, "sbx-1", []byte("again"), 0, 0); !errors.Is(err, jetstream.ErrKeyExists) {
+		t.Fatalf("second create: %v, want ErrKeyExists", err)
+	}
+	if _, err := bus.KVWrite(ctx, js, bus.BucketSandboxes, "sbx-1", []byte("stale"), rev+100, 0); !errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
+		t.Fatalf("update at a wrong revision: %v, want ErrKeyRevisionMismatch", err)
+	}
+	if _, err := bus.KVWrite(ctx, js, bus.BucketSandboxes, "sbx-1", []byte("last"), rev, time.Second); err != nil {
+		t.Fatal(err)
+	}
+	// The watcher sees the initial nil, the two writes, then the removal.
+	var ops []jetstream.KeyValueOp
+	deadline := time.After(20 * time.Second)
+	for len(ops) < 3 {
+		select {
+		case e := <-w.Updates():
+			if e != nil {
+				ops = append(ops, e.Operation())
+			}
+		case <-deadline:
+			t.Fatalf("watcher saw %v within 20s, want put, put, removal", ops)
+		}
+	}
+	if ops[0] != jetstream.KeyValuePut || ops[1] != jetstream.KeyValuePut || ops[2] == jetstream.KeyValuePut {
+		t.Fatalf("watcher saw %v, want put, put, removal", ops)
+	}
+	if _, err := kv.Get(ctx, "sbx-1"); !errors.Is(err, jetstream.ErrKeyNotFound) {
+		t.Fatalf("get after the time to live: %v, want ErrKeyNotFound", err)
+	}
+	// A removed key is not created again while its marker lives.
+	if _, err := bus.KVWrite(ctx, js, bus.BucketSandboxes, "sbx-1", []byte("back"), 0, 0); !errors.Is(err, jetstream.ErrKeyExists) {
+		t.Fatalf("create over the removal marker: %v, want ErrKeyExists", err)
+	}
+}
+
+// TestEnsureEnablesRecordTTL: a sandboxes bucket made before records had a
+// time to live gets one from Ensure, its keys kept.
+func TestEnsureEnablesRecordTTL(t *testing.T) {
+	t.Parallel()
+	srv := natstest.Start(t)
+	js := srv.JetStream(t)
+	ctx := testCtx(t)
+	if err := js.DeleteKeyValue(ctx, bus.BucketSandboxes); err != nil {
+		t.Fatal(err)
+	}
+	old, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bus.BucketSandboxes, History: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := old.Put(ctx, "sbx-old", []byte("kept")); err != nil {
+		t.Fatal(err)
+	}
+	if err := (bus.Topology{}).Ensure(ctx, js); err != nil {
+		t.Fatal(err)
+	}
+	kv, err := js.KeyValue(ctx, bus.BucketSandboxes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := kv.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := st.(*jetstream.KeyValueBucketStatus).LimitMarkerTTL(); got != bus.SandboxesMarkerTTL {
+		t.Fatalf("marker TTL %s after Ensure, want %s", got, bus.SandboxesMarkerTTL)
+	}
+	if e, err := kv.Get(ctx, "sbx-old"); err != nil || string(e.Value()) != "kept" {
+		t.Fatalf("key after Ensure: %v", err)
+	}
+}
