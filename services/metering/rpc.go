@@ -11,6 +11,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/sand-boxer/sandboxer/pkg/event"
@@ -198,31 +199,51 @@ const requestTimeout = 10 * time.Second
 // request is handled on its own goroutine, up to Options.Requests at once
 // (then the subscription waits), so concurrent requests for one account
 // meet in one batch instead of queueing behind each other's round trips.
+// micro expects a handler to respond before it returns (it reads the
+// request's outcome for its statistics right after), so the goroutine
+// takes only the request's data and answers on the connection itself.
 func (m *Metering) endpoint(h func(context.Context, []byte) (any, error)) micro.HandlerFunc {
 	return func(req micro.Request) {
+		in := inbound{subject: req.Subject(), reply: req.Reply(), data: req.Data()}
 		m.reqSlots <- struct{}{}
 		m.requests.Go(func() {
 			defer func() { <-m.reqSlots }()
-			m.answer(h, req)
+			m.answer(h, in)
 		})
 	}
 }
 
-// answer handles one request and responds with its reply or error.
-func (m *Metering) answer(h func(context.Context, []byte) (any, error), req micro.Request) {
+// inbound is what answering a request needs of it.
+type inbound struct {
+	subject, reply string
+	data           []byte
+}
+
+// answer handles one request and responds with its reply or, the way
+// micro does, its error: the error code and description in headers and
+// an ErrorReply as the body.
+func (m *Metering) answer(h func(context.Context, []byte) (any, error), in inbound) {
 	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
 	defer cancel()
-	reply, err := h(ctx, req.Data())
+	reply, err := h(ctx, in.data)
+	msg := &nats.Msg{Subject: in.reply}
+	if err == nil {
+		msg.Data, err = json.Marshal(reply)
+	}
 	if err != nil {
 		code := codeOf(err)
 		if code == CodeInternal {
-			m.log.Error("answering request", "subject", req.Subject(), "err", err)
+			m.log.Error("answering request", "subject", in.subject, "err", err)
 		}
-		body, _ := json.Marshal(ErrorReply{Code: code, Detail: err.Error()})
-		_ = req.Error(code, err.Error(), body)
-		return
+		msg.Header = nats.Header{micro.ErrorHeader: {err.Error()}, micro.ErrorCodeHeader: {code}}
+		msg.Data, _ = json.Marshal(ErrorReply{Code: code, Detail: err.Error()})
 	}
-	_ = req.RespondJSON(reply)
+	if in.reply == "" {
+		return // nobody asked for an answer
+	}
+	if err := m.opts.NC.PublishMsg(msg); err != nil {
+		m.log.Warn("answering request", "subject", in.subject, "err", err)
+	}
 }
 
 func codeOf(err error) string {
