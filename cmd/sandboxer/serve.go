@@ -64,9 +64,10 @@ func serveRun(ctx context.Context, service, logLevel string, c *connectFlags, st
 
 func serveGateway() *cobra.Command {
 	var (
-		c        connectFlags
-		addr     string
-		logLevel string
+		c         connectFlags
+		addr      string
+		logLevel  string
+		retention time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "gateway [--http ADDR]",
@@ -89,7 +90,7 @@ func serveGateway() *cobra.Command {
 				gw, err := gateway.New(gateway.Options{
 					JS: d.js, Catalog: cat, Keys: apikey.NewStore(mustKV(ctx, d.js, bus.BucketAPIKeys)),
 					Resolver: &gateway.CapacityResolver{Liveness: wc},
-					Admitter: meteringAdmitter{mc}, Credits: meteringCredits{mc}, Logger: d.log,
+					Admitter: meteringAdmitter{mc}, Credits: meteringCredits{mc}, Logger: d.log, Retention: retention,
 				})
 				if err != nil {
 					return err
@@ -123,6 +124,7 @@ func serveGateway() *cobra.Command {
 	}
 	c.add(cmd)
 	cmd.Flags().StringVar(&addr, "http", "127.0.0.1:8080", "HTTP listen address")
+	retentionFlag(cmd.Flags(), &retention)
 	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return cmd
 }
@@ -204,6 +206,7 @@ func serveRegistry() *cobra.Command {
 		c               connectFlags
 		extDir, profDir string
 		logLevel        string
+		retention       time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "registry [--extensions DIR] [--profiles DIR]",
@@ -211,7 +214,10 @@ func serveRegistry() *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return serveRun(cmd.Context(), "registry", logLevel, &c, func(ctx context.Context, st *stack, d *svcDeps) error {
-				r, err := registry.New(registry.Options{JS: d.js, NC: d.nc, ExtensionsDir: extDir, ProfilesDir: profDir, Extensions: linkedExtensions(), Logger: d.log})
+				r, err := registry.New(registry.Options{
+					JS: d.js, NC: d.nc, ExtensionsDir: extDir, ProfilesDir: profDir, Extensions: linkedExtensions(), Logger: d.log,
+					Retention: retention,
+				})
 				if err != nil {
 					return err
 				}
@@ -227,5 +233,6 @@ func serveRegistry() *cobra.Command {
 	cmd.Flags().StringVar(&extDir, "extensions", "extensions", "directory of ext.<name>.yaml manifests")
 	cmd.Flags().StringVar(&profDir, "profiles", "profiles", "directory of profile.<slug>.yaml profiles")
 	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	retentionFlag(cmd.Flags(), &retention)
 	return cmd
 }

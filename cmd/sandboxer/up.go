@@ -24,6 +24,7 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/catalog"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/sandbox"
 	"github.com/sand-boxer/sandboxer/services/gateway"
 	"github.com/sand-boxer/sandboxer/services/metering"
 	"github.com/sand-boxer/sandboxer/services/provisioner"
@@ -41,6 +42,7 @@ type upOptions struct {
 	logLevel      string
 	natsLogs      bool
 	idleRelease   time.Duration
+	retention     time.Duration
 }
 
 func newUpCmd(g *globals) *cobra.Command {
@@ -63,7 +65,14 @@ func newUpCmd(g *globals) *cobra.Command {
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&o.natsLogs, "nats-logs", false, "show the embedded NATS server's logs")
 	idleReleaseFlag(f, &o.idleRelease)
+	retentionFlag(f, &o.retention)
 	return cmd
+}
+
+// retentionFlag adds --retention: how long the record of a sandbox that
+// ended is kept.
+func retentionFlag(f *pflag.FlagSet, d *time.Duration) {
+	f.DurationVar(d, "retention", sandbox.DefaultRetention, "how long the record of a destroyed or rejected sandbox is kept (negative: forever)")
 }
 
 // idleReleaseFlag adds --idle-release: how long a process must be quiet
@@ -109,7 +118,7 @@ func runUp(ctx context.Context, o *upOptions, out io.Writer) error {
 	sys, err := startSystem(ctx, systemConfig{
 		DataDir: o.dataDir, HTTPAddr: o.httpAddr, NATSListen: o.natsListen, NATSLogs: o.natsLogs,
 		ExtensionsDir: o.extensionsDir, ProfilesDir: o.profilesDir, Pools: o.pools,
-		Extensions: linkedExtensions(), Logger: log,
+		Extensions: linkedExtensions(), Logger: log, Retention: o.retention,
 	})
 	if err != nil {
 		return err
@@ -143,6 +152,9 @@ type systemConfig struct {
 	Extensions    *extension.Registry
 	Topology      bus.Topology
 	Logger        *slog.Logger
+	// Retention is how long records of ended sandboxes are kept. Zero:
+	// the default.
+	Retention time.Duration
 }
 
 // system is the control plane running in one process.
@@ -224,7 +236,7 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 	}
 	reg, err := registry.New(registry.Options{
 		JS: regJS, NC: regNC, ExtensionsDir: cfg.ExtensionsDir, ProfilesDir: cfg.ProfilesDir,
-		Extensions: cfg.Extensions, Logger: log.With("service", "registry"),
+		Extensions: cfg.Extensions, Logger: log.With("service", "registry"), Retention: cfg.Retention,
 	})
 	if err != nil {
 		return nil, err
@@ -295,6 +307,7 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 		JS: gwJS, Catalog: cat, Keys: apikey.NewStore(mustKV(ctx, js, bus.BucketAPIKeys)),
 		Resolver: &gateway.CapacityResolver{Liveness: wc},
 		Admitter: meteringAdmitter{mc}, Credits: meteringCredits{mc}, Logger: log.With("service", "gateway"),
+		Retention: cfg.Retention,
 	})
 	if err != nil {
 		return nil, err

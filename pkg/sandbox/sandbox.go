@@ -18,6 +18,20 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/event"
 )
 
+// DefaultRetention is how long the record of a sandbox that ended is kept
+// by default.
+const DefaultRetention = 7 * 24 * time.Hour
+
+// TTL is how long r's stored value lives when records of ended sandboxes
+// are kept for retention: retention once r is in a terminal state, else
+// forever (0). A negative retention keeps every record forever.
+func (r *Record) TTL(retention time.Duration) time.Duration {
+	if retention > 0 && r.State.Terminal() {
+		return retention
+	}
+	return 0
+}
+
 // Record is everything the inventory knows of a sandbox.
 type Record struct {
 	ID         string            `json:"id"`

@@ -419,3 +419,22 @@ func TestNewID(t *testing.T) {
 		t.Errorf("NewID %q from a later millisecond does not sort after %q", b, a)
 	}
 }
+
+func TestRecordTTL(t *testing.T) {
+	const week = 7 * 24 * time.Hour
+	for _, tc := range []struct {
+		state     event.State
+		retention time.Duration
+		want      time.Duration
+	}{
+		{event.StateReady, week, 0},
+		{event.StateDestroying, week, 0},
+		{event.StateDestroyed, week, week},
+		{event.StateRejected, week, week},
+		{event.StateDestroyed, -1, 0},
+	} {
+		if got := (&sandbox.Record{State: tc.state}).TTL(tc.retention); got != tc.want {
+			t.Errorf("TTL of a %s record with retention %s = %s, want %s", tc.state, tc.retention, got, tc.want)
+		}
+	}
+}

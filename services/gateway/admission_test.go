@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
@@ -170,5 +171,36 @@ func TestRefusals(t *testing.T) {
 				t.Fatalf("rejected sandbox reads %+v, %v", got, err)
 			}
 		})
+	}
+}
+
+// TestRejectedRecordRetention: the record of a sandbox the gateway
+// rejected is kept for the retention, then removed from the bucket, the
+// listing and GET.
+func TestRejectedRecordRetention(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envConfig{opts: func(o *gateway.Options) {
+		o.Retention = time.Second
+		o.Admitter = gateway.AdmitterFunc(func(context.Context, gateway.AdmitRequest) (string, error) {
+			return "", fmt.Errorf("balance 0: %w", gateway.ErrInsufficientCredits)
+		})
+	}})
+	ctx := testCtx(t)
+	alice := e.client("alice")
+	_, err := alice.Create(ctx, api.CreateRequest{Profile: "echo"}, "")
+	p := problemOf(t, err)
+	id, ok := strings.CutPrefix(p.Instance, "/v1/sandboxes/")
+	if p.Status != http.StatusPaymentRequired || !ok {
+		t.Fatalf("create without credit: %d %q", p.Status, p.Instance)
+	}
+	if rec, _ := e.record(t, id); rec.State != event.StateRejected {
+		t.Fatalf("record is %s, want rejected", rec.State)
+	}
+	await(t, "the rejected record removed from the listing", func() bool {
+		list, err := alice.List(ctx, api.ListFilter{})
+		return err == nil && len(list) == 0
+	})
+	if _, err := alice.Get(ctx, id); problemOf(t, err).Status != http.StatusNotFound {
+		t.Fatalf("GET of the removed sandbox: %v, want 404", err)
 	}
 }

@@ -283,7 +283,7 @@ func (g *Gateway) recordRejection(ctx context.Context, st *state, cr event.Creat
 			if _, err := sandbox.Apply(rec, ev); err != nil {
 				return failed(err)
 			}
-			rev, err := st.sandboxes.Create(ctx, id, rec.Marshal())
+			rev, err := bus.KVWrite(ctx, g.opts.JS, bus.BucketSandboxes, id, rec.Marshal(), 0, rec.TTL(g.opts.Retention))
 			if errors.Is(err, jetstream.ErrKeyExists) {
 				continue
 			}
@@ -310,7 +310,7 @@ func (g *Gateway) recordRejection(ctx context.Context, st *state, cr event.Creat
 			}
 			return rec
 		}
-		rev, err := st.sandboxes.Update(ctx, id, rec.Marshal(), e.Revision())
+		rev, err := bus.KVWrite(ctx, g.opts.JS, bus.BucketSandboxes, id, rec.Marshal(), e.Revision(), rec.TTL(g.opts.Retention))
 		if errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
 			continue
 		}

@@ -33,6 +33,7 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/catalog"
 	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/pkg/sandbox"
 )
 
 // Source is the CloudEvents source of every event the gateway publishes.
@@ -83,6 +84,10 @@ type Options struct {
 	IdempotencyWait time.Duration
 	// RetryAfter is the Retry-After of 503 answers. Default 1s.
 	RetryAfter time.Duration
+	// Retention is how long the record of a sandbox the gateway rejects
+	// is kept, as the registry keeps every ended sandbox's. Default
+	// [sandbox.DefaultRetention]; negative keeps records forever.
+	Retention time.Duration
 }
 
 func (o Options) withDefaults() Options {
@@ -106,6 +111,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.WriteTimeout <= 0 {
 		o.WriteTimeout = 10 * time.Second
+	}
+	if o.Retention == 0 {
+		o.Retention = sandbox.DefaultRetention
 	}
 	if o.IdempotencyWait <= 0 {
 		o.IdempotencyWait = 5 * time.Second

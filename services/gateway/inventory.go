@@ -117,7 +117,15 @@ func (v *inventory) put(id string, rec *sandbox.Record, rev uint64) {
 	if ok && cur.rev >= rev {
 		return
 	}
-	v.recs[id] = invEntry{rec: rec, rev: rev}
+	if rec == nil {
+		// Removed (after its retention): nothing of it is kept, so the
+		// inventory does not grow with every sandbox ever made. A write
+		// older than the removal cannot come after it: removal follows
+		// a sandbox's end by the retention.
+		delete(v.recs, id)
+	} else {
+		v.recs[id] = invEntry{rec: rec, rev: rev}
+	}
 	v.index(id, cur.rec, rec)
 	v.account(cur.rec, rec)
 }

@@ -36,8 +36,7 @@ func TestInventoryIndex(t *testing.T) {
 		v.put(id, rec(id, event.StateRequested), uint64(i+1))
 	}
 	v.put("b", rec("b", event.StateReady), 10)
-	v.put("d", nil, 11)
-	v.put("d", rec("d", event.StateReady), 5)     // older than its deletion
+	v.put("d", nil, 11)                           // removed: nothing of it is kept
 	v.put("a", rec("a", event.StateDestroyed), 1) // older than its create
 	v.put("f", nil, 12)                           // deletion of a sandbox never seen
 	bobs := rec("bb", event.StateRequested)
@@ -47,6 +46,12 @@ func TestInventoryIndex(t *testing.T) {
 	v.put("ba", &sandbox.Record{ID: "ba", Consumer: "bob", State: event.StateReady}, 15)
 	v.put("z", &sandbox.Record{ID: "z", Consumer: "dave", State: event.StateReady}, 16)
 	v.put("z", nil, 17)
+
+	for _, id := range []string{"d", "f", "z"} {
+		if _, ok := v.recs[id]; ok {
+			t.Errorf("removed sandbox %s still held", id)
+		}
+	}
 
 	cases := []struct {
 		name      string

@@ -2,6 +2,7 @@ package registry
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -103,6 +104,9 @@ func (r *Registry) fire(ctx context.Context, m *bus.Message) ([]bus.Out, error) 
 		unlock := r.sandboxLocks.lock(id)
 		rec, _, err = r.applyEvent(ctx, id, expired)
 		unlock()
+		if errors.Is(err, errRemoved) {
+			return nil, nil
+		}
 		if err != nil {
 			return nil, err
 		}

@@ -75,7 +75,7 @@ type env struct {
 
 // start starts a registry on srv with a fresh connection, shut down by
 // t.Cleanup (or earlier by stop).
-func start(t *testing.T, srv *natstest.Server) *env {
+func start(t *testing.T, srv *natstest.Server, opts ...func(*registry.Options)) *env {
 	t.Helper()
 	nc := srv.Conn(t)
 	js, err := jetstream.New(nc)
@@ -83,11 +83,15 @@ func start(t *testing.T, srv *natstest.Server) *env {
 		t.Fatal(err)
 	}
 	extDir, profDir := testCatalog(t)
-	reg, err := registry.New(registry.Options{
+	o := registry.Options{
 		JS: js, ExtensionsDir: extDir, ProfilesDir: profDir,
 		Extensions: extension.NewRegistry(echo.Info),
 		Policy:     bus.ConsumerPolicy{AckWait: 5 * time.Second, Backoff: []time.Duration{50 * time.Millisecond}},
-	})
+	}
+	for _, f := range opts {
+		f(&o)
+	}
+	reg, err := registry.New(o)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -46,6 +46,10 @@ func (r *Registry) project(ctx context.Context, m *bus.Message) ([]bus.Out, erro
 	// ready cancels its expiry only after the ready event scheduled it.
 	defer r.sandboxLocks.lock(ref.Sandbox)()
 	rec, prev, err := r.applyEvent(ctx, ref.Sandbox, m.Event)
+	if errors.Is(err, errRemoved) {
+		r.log.Debug("event for a removed sandbox record", "sandbox", ref.Sandbox, "state", ref.State)
+		return nil, nil
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -107,19 +111,20 @@ func (r *Registry) applyEvent(ctx context.Context, id string, e *event.Event) (*
 			return nil, "", bus.Permanent(fmt.Errorf("applying %s: %w: data names sandbox %q, subject %q", e.Type(), event.ErrMalformed, rec.ID, id))
 		}
 		b := rec.Marshal()
-		var newRev uint64
-		if rev == 0 {
-			newRev, err = r.sandboxes.Create(ctx, id, b)
-			if errors.Is(err, jetstream.ErrKeyExists) {
-				cached = false
-				continue
+		newRev, err := bus.KVWrite(ctx, r.opts.JS, bus.BucketSandboxes, id, b, rev, rec.TTL(r.opts.Retention))
+		switch {
+		case rev == 0 && errors.Is(err, jetstream.ErrKeyExists):
+			if !cached {
+				// Read twice as absent, yet not creatable: the record
+				// was removed after its retention. An event that late
+				// changes nothing.
+				return nil, "", errRemoved
 			}
-		} else {
-			newRev, err = r.sandboxes.Update(ctx, id, b, rev)
-			if errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
-				cached = false
-				continue
-			}
+			cached = false
+			continue
+		case errors.Is(err, jetstream.ErrKeyRevisionMismatch):
+			cached = false
+			continue
 		}
 		if err != nil {
 			r.records.drop(id)
@@ -176,6 +181,10 @@ func (l *keyLocks) lock(key string) (unlock func()) {
 		l.mu.Unlock()
 	}
 }
+
+// errRemoved is applyEvent's answer for a sandbox whose record was removed
+// after its retention.
+var errRemoved = errors.New("sandbox record removed after its retention")
 
 // recordCache remembers the records this instance wrote in a transient
 // state, with their revisions, so the event that follows within seconds

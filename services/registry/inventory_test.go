@@ -1,6 +1,7 @@
 package registry_test
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -8,6 +9,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
@@ -236,5 +238,48 @@ func TestProjectionDeadLetters(t *testing.T) {
 	}
 	if n := e.reg.Stats().DeadLettered.Load(); n != int64(len(tests)) {
 		t.Errorf("router dead-lettered %d messages, want %d", n, len(tests))
+	}
+}
+
+// TestRetention: the record of a sandbox that ended is removed after the
+// retention, a live one is not, and an event that arrives after the
+// removal is acknowledged without writing anything.
+func TestRetention(t *testing.T) {
+	t.Parallel()
+	srv := natstest.Start(t)
+	e := start(t, srv, func(o *registry.Options) { o.Retention = time.Second })
+	const ended, live = "sbx-ret-ended", "sbx-ret-live"
+	for _, s := range []event.State{event.StateProvisioning, event.StateReady, event.StateDestroying, event.StateDestroyed} {
+		e.publishState(t, workerA, ended, s, time.Time{})
+	}
+	for _, s := range []event.State{event.StateProvisioning, event.StateReady} {
+		e.publishState(t, workerA, live, s, time.Time{})
+	}
+	e.awaitRecord(t, ended, 10*time.Second, inState(event.StateDestroyed))
+	e.awaitRecord(t, live, 10*time.Second, inState(event.StateReady))
+	ctx := testCtx(t, 20*time.Second)
+	eventually(t, 15*time.Second, func() (bool, string) {
+		_, err := e.kv.Get(ctx, ended)
+		return errors.Is(err, jetstream.ErrKeyNotFound), fmt.Sprintf("record of the destroyed sandbox still there (%v)", err)
+	})
+	if rec, err := e.kv.Get(ctx, live); err != nil {
+		t.Fatalf("record of the live sandbox: %v", err)
+	} else if r, _ := sandbox.Unmarshal(rec.Value()); r == nil || r.State != event.StateReady {
+		t.Fatalf("live record: %s", rec.Value())
+	}
+	// A late event (redelivered past the stream's duplicate window) for
+	// the removed record: acknowledged, nothing written, nothing dead-lettered.
+	late := lifecycleEvent(t, workerB, ended, event.StateDestroyed, time.Time{})
+	late.SetID(late.ID() + ".late")
+	ack, err := e.pub.Publish(ctx, event.LifecycleSubject(testExt, ended, event.StateDestroyed), late)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.awaitAcked(t, event.StreamLifecycle, registry.ConsumerInventory, ack.Sequence)
+	if _, err := e.kv.Get(ctx, ended); !errors.Is(err, jetstream.ErrKeyNotFound) {
+		t.Fatalf("late event wrote the removed record again: %v", err)
+	}
+	if m := e.lastMsg(t, event.StreamDLQ, event.DLQSubject(event.StreamLifecycle, registry.ConsumerInventory)); m != nil {
+		t.Fatalf("dead letter: %s", m.Header)
 	}
 }

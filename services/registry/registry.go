@@ -21,6 +21,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -30,6 +31,7 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/catalog"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/sandbox"
 	"github.com/sand-boxer/sandboxer/pkg/workers"
 )
 
@@ -75,6 +77,10 @@ type Options struct {
 	// Policy is the delivery policy of both durable consumers. Zero
 	// fields take the [bus.ConsumerPolicy] defaults.
 	Policy bus.ConsumerPolicy
+	// Retention is how long the record of a sandbox that ended
+	// (destroyed or rejected) is kept; the bucket then removes it.
+	// Default [sandbox.DefaultRetention]; negative keeps records forever.
+	Retention time.Duration
 }
 
 func (o Options) withDefaults() Options {
@@ -92,6 +98,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.Concurrency <= 0 {
 		o.Concurrency = 32
+	}
+	if o.Retention == 0 {
+		o.Retention = sandbox.DefaultRetention
 	}
 	o.Policy = o.Policy.WithDefaults()
 	return o
