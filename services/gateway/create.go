@@ -171,9 +171,10 @@ func (g *Gateway) request(ctx context.Context, st *state, c caller, id string, p
 		return nil, newProblem(http.StatusInternalServerError, "cannot build the create command")
 	}
 	// The record and the command go out together: one round trip, not
-	// two. Neither needs the other first: the registry creates a record
-	// from the sandbox's events when the gateway's write failed, and a
-	// command that failed is rejected below whatever the record says.
+	// two. The record is sent first on the same connection, so a GET
+	// after the answer finds it; should its write fail, the registry
+	// creates the record from the sandbox's events. A command that failed
+	// is rejected below whatever the record says.
 	recorded, err := g.createRecord(st, id, rec)
 	if err == nil {
 		_, err = g.pub.Publish(ctx, event.CommandSubject(cr.Extension, event.VerbCreate, id), ev)
