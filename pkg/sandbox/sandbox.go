@@ -19,8 +19,10 @@ import (
 )
 
 // DefaultRetention is how long the record of a sandbox that ended is kept
-// by default.
-const DefaultRetention = 7 * 24 * time.Hour
+// by default: a day, as long as an Idempotency-Key is remembered. The
+// lifecycle stream keeps the sandbox's events for longer, and metering its
+// usage record for good.
+const DefaultRetention = 24 * time.Hour
 
 // TTL is how long r's stored value lives when records of ended sandboxes
 // are kept for retention: retention once r is in a terminal state, else
