@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -15,6 +16,18 @@ import (
 // removal. A watcher that starts later reads the bucket without it.
 const SandboxesMarkerTTL = time.Hour
 
+// KVMsg is the message that writes value under key in bucket only if the
+// key is at revision rev (0: the key has no value and never had one), as
+// KeyValue.Create and KeyValue.Update send it. Publish it synchronously
+// or asynchronously; a conflict is the server's "wrong last sequence".
+func KVMsg(bucket, key string, value []byte, rev uint64) *nats.Msg {
+	return &nats.Msg{
+		Subject: "$KV." + bucket + "." + key,
+		Header:  nats.Header{jetstream.ExpectedLastSubjSeqHeader: []string{strconv.FormatUint(rev, 10)}},
+		Data:    value,
+	}
+}
+
 // KVWrite writes value under key in bucket at revision rev, as
 // KeyValue.Create (rev 0) and KeyValue.Update do, and returns the new
 // revision. With ttl > 0 the value lives that long (the bucket needs a
@@ -24,12 +37,11 @@ const SandboxesMarkerTTL = time.Hour
 // jetstream.ErrKeyRevisionMismatch. Unlike KeyValue.Create, rev 0 fails on
 // a key that was deleted: a deleted record is not written again.
 func KVWrite(ctx context.Context, js jetstream.JetStream, bucket, key string, value []byte, rev uint64, ttl time.Duration) (uint64, error) {
-	msg := &nats.Msg{Subject: "$KV." + bucket + "." + key, Data: value}
-	opts := []jetstream.PublishOpt{jetstream.WithExpectLastSequencePerSubject(rev)}
+	var opts []jetstream.PublishOpt
 	if ttl > 0 {
 		opts = append(opts, jetstream.WithMsgTTL(ttl))
 	}
-	ack, err := js.PublishMsg(ctx, msg, opts...)
+	ack, err := js.PublishMsg(ctx, KVMsg(bucket, key, value, rev), opts...)
 	var apiErr *jetstream.APIError
 	if errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence || apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant) {
 		if rev == 0 {

@@ -16,7 +16,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
@@ -203,9 +202,7 @@ func (g *Gateway) request(ctx context.Context, st *state, c caller, id string, p
 // waiting, and returns how to wait for the outcome: the record's revision,
 // or an error (a record that exists already is one).
 func (g *Gateway) createRecord(st *state, id string, rec *sandbox.Record) (func(context.Context) (uint64, error), error) {
-	msg := &nats.Msg{Subject: "$KV." + st.sandboxes.Bucket() + "." + id, Header: nats.Header{}, Data: rec.Marshal()}
-	msg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, "0")
-	f, err := g.opts.JS.PublishMsgAsync(msg)
+	f, err := g.opts.JS.PublishMsgAsync(bus.KVMsg(st.sandboxes.Bucket(), id, rec.Marshal(), 0))
 	if err != nil {
 		return func(context.Context) (uint64, error) { return 0, err }, err
 	}

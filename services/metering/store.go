@@ -11,7 +11,6 @@ import (
 	"math/rand/v2"
 	"reflect"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -19,6 +18,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 )
 
@@ -718,11 +718,6 @@ func (s *store) flush(ctx context.Context, st *state, items []*Item) error {
 		waits = append(waits, p)
 		return nil
 	}
-	kvMsg := func(kv jetstream.KeyValue, key string, value []byte, rev uint64) *nats.Msg {
-		msg := &nats.Msg{Subject: "$KV." + kv.Bucket() + "." + key, Header: nats.Header{}, Data: value}
-		msg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(rev, 10))
-		return msg
-	}
 	var first error
 	for _, it := range items {
 		var (
@@ -737,7 +732,7 @@ func (s *store) flush(ctx context.Context, st *state, items []*Item) error {
 			if err != nil {
 				return fmt.Errorf("encoding ledger entry %s: %w", e.Key, err)
 			}
-			if err := publish(kvMsg(s.ledger, e.Key, b, 0), pending{what: "writing ledger entry " + e.Key, once: true}); err != nil {
+			if err := publish(bus.KVMsg(s.ledger.Bucket(), e.Key, b, 0), pending{what: "writing ledger entry " + e.Key, once: true}); err != nil {
 				first = cmp.Or(first, err)
 			}
 			key, consumer, kind, data, subject = e.Key, e.Consumer, kindOf(e.Kind), e, e.Sandbox
@@ -750,7 +745,7 @@ func (s *store) flush(ctx context.Context, st *state, items []*Item) error {
 			if err != nil {
 				return fmt.Errorf("encoding usage record %s: %w", u.Key, err)
 			}
-			if err := publish(kvMsg(s.credits, u.Key, b, 0), pending{what: "writing usage record " + u.Key, once: true}); err != nil {
+			if err := publish(bus.KVMsg(s.credits.Bucket(), u.Key, b, 0), pending{what: "writing usage record " + u.Key, once: true}); err != nil {
 				first = cmp.Or(first, err)
 			}
 			key, consumer, kind, data, subject = u.Key, u.Consumer, KindUsage, u, u.Sandbox
@@ -768,7 +763,7 @@ func (s *store) flush(ctx context.Context, st *state, items []*Item) error {
 			}
 			// At revision 0 the write fails on a key that ever existed,
 			// even deleted: a closed hold never opens again.
-			msg := kvMsg(s.credits, w.Key, b, w.Rev)
+			msg := bus.KVMsg(s.credits.Bucket(), w.Key, b, w.Rev)
 			if w.Delete {
 				msg.Header.Set("KV-Operation", "DEL")
 			}
