@@ -145,7 +145,7 @@ func ValidateInputs(spec map[string]InputSpec, defaults, in map[string]string) (
 			continue
 		}
 		if _, ok := spec[k]; !ok {
-			errs = append(errs, FieldError{Field: "inputs." + safeField(k), Detail: fmt.Sprintf("unknown input (known: %s)", strings.Join(sortedKeys(spec), ", "))})
+			errs = append(errs, FieldError{Field: "inputs." + SafeField(k), Detail: fmt.Sprintf("unknown input (known: %s)", strings.Join(sortedKeys(spec), ", "))})
 		}
 	}
 	for _, k := range sortedKeys(spec) {
@@ -175,12 +175,15 @@ func ValidateInputs(spec map[string]InputSpec, defaults, in map[string]string) (
 	return out, nil
 }
 
-// safeField keeps an attacker-chosen key printable in an error.
-func safeField(k string) string {
+// SafeField keeps an attacker-chosen key short and printable in an error
+// or a field path: at most 64 bytes (then "..."), escaped as a Go string
+// is, without the quotes.
+func SafeField(k string) string {
 	if len(k) > 64 {
-		k = k[:64]
+		k = k[:64] + "..."
 	}
-	return strconv.Quote(k)[1 : len(strconv.Quote(k))-1]
+	q := strconv.QuoteToASCII(k)
+	return q[1 : len(q)-1]
 }
 
 func (s InputSpec) validate(v string) error {

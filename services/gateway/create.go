@@ -385,7 +385,7 @@ func stringMap(field string, raw map[string]json.RawMessage, errs []extension.Fi
 	for _, k := range slices.Sorted(maps.Keys(raw)) {
 		var s string
 		if string(raw[k]) == "null" || json.Unmarshal(raw[k], &s) != nil {
-			errs = append(errs, extension.FieldError{Field: field + "." + safeField(k), Detail: "want a JSON string, got " + jsonKindOf(raw[k])})
+			errs = append(errs, extension.FieldError{Field: field + "." + extension.SafeField(k), Detail: "want a JSON string, got " + jsonKindOf(raw[k])})
 			continue
 		}
 		out[k] = s
@@ -445,7 +445,7 @@ func bodyProblem(err error) *api.Problem {
 		if s, uerr := strconv.Unquote(name); uerr == nil {
 			name = s
 		}
-		return bad(safeField(name), "unknown field (known: profile, inputs, labels, ttl)")
+		return bad(extension.SafeField(name), "unknown field (known: profile, inputs, labels, ttl)")
 	}
 	return bad("body", err.Error())
 }
@@ -539,7 +539,7 @@ func (g *Gateway) validate(req api.CreateRequest) (*plan, *api.Problem) {
 		for _, k := range slices.Sorted(maps.Keys(req.Labels)) {
 			v := req.Labels[k]
 			if err := extension.CheckLabel(k, v); err != nil {
-				errs = append(errs, extension.FieldError{Field: "labels." + safeField(k), Detail: err.Error()})
+				errs = append(errs, extension.FieldError{Field: "labels." + extension.SafeField(k), Detail: err.Error()})
 				continue
 			}
 			if pl.labels == nil {
@@ -567,12 +567,6 @@ func (g *Gateway) validate(req api.CreateRequest) (*plan, *api.Problem) {
 		return nil, newProblem(http.StatusUnprocessableEntity, "invalid sandbox request", errs...)
 	}
 	return pl, nil
-}
-
-// safeField keeps a client-chosen key short and printable in an error.
-func safeField(k string) string {
-	q := strconv.QuoteToASCII(clip(k))
-	return q[1 : len(q)-1]
 }
 
 func clip(s string) string {

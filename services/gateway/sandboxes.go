@@ -66,14 +66,14 @@ func (g *Gateway) list(w http.ResponseWriter, r *http.Request, c caller) {
 	f := listFilter{Consumer: q.Get("consumer"), Profile: q.Get("profile")}
 	if s := q.Get("state"); s != "" {
 		if !event.State(s).Valid() {
-			errs = append(errs, extension.FieldError{Field: "state", Detail: "unknown state " + safeField(s)})
+			errs = append(errs, extension.FieldError{Field: "state", Detail: "unknown state " + extension.SafeField(s)})
 		}
 		f.State = event.State(s)
 	}
 	for _, l := range q["label"] {
 		k, v, ok := strings.Cut(l, "=")
 		if !ok || k == "" {
-			errs = append(errs, extension.FieldError{Field: "label", Detail: "want key=value, got " + safeField(l)})
+			errs = append(errs, extension.FieldError{Field: "label", Detail: "want key=value, got " + extension.SafeField(l)})
 			continue
 		}
 		f.Labels = append(f.Labels, [2]string{k, v})
@@ -82,13 +82,13 @@ func (g *Gateway) list(w http.ResponseWriter, r *http.Request, c caller) {
 	if s := q.Get("limit"); s != "" {
 		n, err := strconv.Atoi(s)
 		if err != nil || n < 1 || n > api.MaxPageSize {
-			errs = append(errs, extension.FieldError{Field: "limit", Detail: fmt.Sprintf("want an integer from 1 to %d, got %s", api.MaxPageSize, safeField(s))})
+			errs = append(errs, extension.FieldError{Field: "limit", Detail: fmt.Sprintf("want an integer from 1 to %d, got %s", api.MaxPageSize, extension.SafeField(s))})
 		}
 		limit = n
 	}
 	after := q.Get("after")
 	if after != "" && !event.ValidName(after) {
-		errs = append(errs, extension.FieldError{Field: "after", Detail: "want the next of a previous page, got " + safeField(after)})
+		errs = append(errs, extension.FieldError{Field: "after", Detail: "want the next of a previous page, got " + extension.SafeField(after)})
 	}
 	if len(errs) > 0 {
 		g.writeProblem(w, r, newProblem(http.StatusBadRequest, "invalid filter", errs...))

@@ -180,7 +180,7 @@ func (c *ComposeSSH) parse(in extension.Inputs, hostName string) (sandbox, error
 	}
 	for _, k := range sortedKeys(in) {
 		if _, ok := inputFormats[k]; !ok && k != extension.InputSandboxID {
-			fe = append(fe, extension.FieldError{Field: "inputs." + quoteKey(k), Detail: "unknown input (compose-ssh reads " + strings.Join(sortedKeys(inputFormats), ", ") + ")"})
+			fe = append(fe, extension.FieldError{Field: "inputs." + extension.SafeField(k), Detail: "unknown input (compose-ssh reads " + strings.Join(sortedKeys(inputFormats), ", ") + ")"})
 		}
 	}
 	for _, k := range sortedKeys(inputFormats) {
@@ -611,14 +611,6 @@ func (c *ComposeSSH) sweep(ctx context.Context, h host, project string) ([]strin
 
 // Close closes the backend's SSH connections.
 func (c *ComposeSSH) Close() error { return c.pool.Close() }
-
-// quoteKey keeps a request's key printable and short in an error.
-func quoteKey(k string) string {
-	if len(k) > 64 {
-		k = k[:64] + "..."
-	}
-	return strconv.Quote(k)
-}
 
 func lines(b []byte) []string {
 	var out []string

@@ -179,7 +179,7 @@ func (v *VMPacker) parse(in extension.Inputs) (sandbox, error) {
 	}
 	for _, k := range sortedKeys(in) {
 		if _, ok := inputSpecs[k]; !ok && k != extension.InputSandboxID {
-			field(quoteKey(k), "unknown input (vm-packer reads %s)", strings.Join(sortedKeys(inputSpecs), ", "))
+			field(extension.SafeField(k), "unknown input (vm-packer reads %s)", strings.Join(sortedKeys(inputSpecs), ", "))
 		}
 	}
 	valid := map[string]string{}
@@ -466,14 +466,6 @@ func (v *VMPacker) Close() error {
 	}
 	errs = append(errs, v.pool.Close())
 	return errors.Join(errs...)
-}
-
-// quoteKey keeps a request's key printable and short in an error.
-func quoteKey(k string) string {
-	if len(k) > 64 {
-		k = k[:64] + "..."
-	}
-	return strconv.Quote(k)
 }
 
 func sortedKeys[V any](m map[string]V) []string {
