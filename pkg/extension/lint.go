@@ -2,6 +2,7 @@ package extension
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"reflect"
 	"regexp"
@@ -393,6 +394,21 @@ func (c *Config) UnmarshalJSON(b []byte) error {
 
 // IsZero reports whether no config was given.
 func (c Config) IsZero() bool { return len(c.raw) == 0 }
+
+// CheckDecode decodes the block into v as Decode does and returns what is
+// wrong as problems, each where Decode placed it, else at "config" of
+// file: the start of a ManifestChecker's answer.
+func (c Config) CheckDecode(v any, file string) []Problem {
+	err := c.Decode(v)
+	if err == nil {
+		return nil
+	}
+	var ps Problems
+	if errors.As(err, &ps) {
+		return ps
+	}
+	return []Problem{{File: file, Path: "config", Message: err.Error()}}
+}
 
 // Decode decodes the block into v strictly: every unknown key is reported,
 // with its line and column when the block came from a file.

@@ -106,12 +106,8 @@ func (c *ComposeSSH) Configure(_ context.Context, env extension.Env) error {
 // reads, with their formats.
 func (c *ComposeSSH) CheckManifest(m *extension.Manifest) []extension.Problem {
 	var cfg Config
-	if err := m.Config.Decode(&cfg); err != nil {
-		var ps extension.Problems
-		if errors.As(err, &ps) {
-			return ps
-		}
-		return []extension.Problem{{Path: "config", Message: err.Error()}}
+	if ps := m.Config.CheckDecode(&cfg, m.File); len(ps) > 0 {
+		return ps
 	}
 	s, ps := cfg.check()
 	for i, h := range m.HostList() {

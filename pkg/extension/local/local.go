@@ -74,10 +74,7 @@ func (l *Local) CheckManifest(m *extension.Manifest) []extension.Problem {
 		return []extension.Problem{{File: m.File, Path: "inputs.repo", Message: "ext.local needs format: repo for the repo input"}}
 	}
 	var cfg Config
-	if err := m.Config.Decode(&cfg); err != nil {
-		return []extension.Problem{{File: m.File, Path: "config", Message: err.Error()}}
-	}
-	return nil
+	return m.Config.CheckDecode(&cfg, m.File)
 }
 
 // Dir returns the workspace directory of a sandbox.

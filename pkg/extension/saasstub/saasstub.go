@@ -136,8 +136,8 @@ func (s *SaaSStub) mkdirs() error {
 // CheckManifest checks the price list.
 func (s *SaaSStub) CheckManifest(m *extension.Manifest) []extension.Problem {
 	var cfg Config
-	if err := m.Config.Decode(&cfg); err != nil {
-		return []extension.Problem{{File: m.File, Path: "config", Message: err.Error()}}
+	if ps := m.Config.CheckDecode(&cfg, m.File); len(ps) > 0 {
+		return ps
 	}
 	var ps []extension.Problem
 	for _, msg := range cfg.check() {

@@ -109,12 +109,8 @@ func (v *VMPacker) Configure(_ context.Context, env extension.Env) error {
 // one), ssh_target only with config.ssh_targets.
 func (v *VMPacker) CheckManifest(m *extension.Manifest) []extension.Problem {
 	var cfg Config
-	if err := m.Config.Decode(&cfg); err != nil {
-		var ps extension.Problems
-		if errors.As(err, &ps) {
-			return ps
-		}
-		return []extension.Problem{{Path: "config", Message: err.Error()}}
+	if ps := m.Config.CheckDecode(&cfg, m.File); len(ps) > 0 {
+		return ps
 	}
 	_, ps := cfg.check()
 	prob := func(path, format string, args ...any) {
