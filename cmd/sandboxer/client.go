@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -58,7 +60,7 @@ func printSandbox(w io.Writer, s *api.Sandbox) {
 		if r.ComposeProject != "" {
 			fmt.Fprintf(tw, "compose_project\t%s\n", r.ComposeProject)
 		}
-		for _, k := range sortedKeys(r.Ports) {
+		for _, k := range slices.Sorted(maps.Keys(r.Ports)) {
 			fmt.Fprintf(tw, "port %s\t%s\n", k, r.Ports[k])
 		}
 	}
@@ -68,19 +70,10 @@ func printSandbox(w io.Writer, s *api.Sandbox) {
 	if s.Reason != "" {
 		fmt.Fprintf(tw, "reason\t%s\n", s.Reason)
 	}
-	for _, k := range sortedKeys(s.Labels) {
+	for _, k := range slices.Sorted(maps.Keys(s.Labels)) {
 		fmt.Fprintf(tw, "label\t%s=%s\n", k, s.Labels[k])
 	}
 	_ = tw.Flush()
-}
-
-func sortedKeys(m map[string]string) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	sort.Strings(out)
-	return out
 }
 
 // waitFor follows a sandbox until until accepts its state, reporting each

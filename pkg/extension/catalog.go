@@ -3,6 +3,7 @@ package extension
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -38,7 +39,7 @@ func (c *Catalog) Profile(slug string) (*Profile, error) {
 // ExtensionList returns the manifests sorted by name.
 func (c *Catalog) ExtensionList() []*Manifest {
 	out := make([]*Manifest, 0, len(c.Extensions))
-	for _, k := range sortedKeys(c.Extensions) {
+	for _, k := range slices.Sorted(maps.Keys(c.Extensions)) {
 		out = append(out, c.Extensions[k])
 	}
 	return out
@@ -47,7 +48,7 @@ func (c *Catalog) ExtensionList() []*Manifest {
 // ProfileList returns the profiles sorted by slug.
 func (c *Catalog) ProfileList() []*Profile {
 	out := make([]*Profile, 0, len(c.Profiles))
-	for _, k := range sortedKeys(c.Profiles) {
+	for _, k := range slices.Sorted(maps.Keys(c.Profiles)) {
 		out = append(out, c.Profiles[k])
 	}
 	return out
@@ -133,13 +134,13 @@ func (c *Catalog) Check(reg *Registry) Problems {
 			}
 			m, ok := c.Extensions[name]
 			if !ok {
-				ps = append(ps, p.problemAt(path, "unknown extension %q (known: %s)", name, strings.Join(sortedKeys(c.Extensions), ", ")))
+				ps = append(ps, p.problemAt(path, "unknown extension %q (known: %s)", name, strings.Join(slices.Sorted(maps.Keys(c.Extensions)), ", ")))
 				continue
 			}
 			if p.Isolation != "" && !slices.Contains(m.Capabilities.IsolationLevels, p.Isolation) {
 				ps = append(ps, p.problemAt("isolation", "extension %q does not offer isolation %q (offers %v)", m.Name, p.Isolation, m.Capabilities.IsolationLevels))
 			}
-			for _, k := range sortedKeys(p.Inputs) {
+			for _, k := range slices.Sorted(maps.Keys(p.Inputs)) {
 				spec, ok := m.Inputs[k]
 				if !ok {
 					ps = append(ps, p.problemAt("inputs."+k, "extension %q has no input %q", m.Name, k))

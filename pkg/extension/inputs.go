@@ -2,6 +2,7 @@ package extension
 
 import (
 	"fmt"
+	"maps"
 	"net"
 	"net/url"
 	"path"
@@ -139,16 +140,16 @@ func (fe FieldErrors) Error() string {
 func ValidateInputs(spec map[string]InputSpec, defaults, in map[string]string) (Inputs, FieldErrors) {
 	var errs FieldErrors
 	out := make(Inputs, len(spec))
-	for _, k := range sortedKeys(in) {
+	for _, k := range slices.Sorted(maps.Keys(in)) {
 		if k == InputSandboxID {
 			errs = append(errs, FieldError{Field: "inputs." + k, Detail: "reserved: sand-boxer sets it to the sandbox id"})
 			continue
 		}
 		if _, ok := spec[k]; !ok {
-			errs = append(errs, FieldError{Field: "inputs." + SafeField(k), Detail: fmt.Sprintf("unknown input (known: %s)", strings.Join(sortedKeys(spec), ", "))})
+			errs = append(errs, FieldError{Field: "inputs." + SafeField(k), Detail: fmt.Sprintf("unknown input (known: %s)", strings.Join(slices.Sorted(maps.Keys(spec)), ", "))})
 		}
 	}
-	for _, k := range sortedKeys(spec) {
+	for _, k := range slices.Sorted(maps.Keys(spec)) {
 		s := spec[k]
 		v, ok := in[k]
 		if !ok {

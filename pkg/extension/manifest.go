@@ -2,6 +2,7 @@ package extension
 
 import (
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -382,7 +383,7 @@ func (m *Manifest) check(l locator) Problems {
 	if m.Workers.AckWait != 0 && m.Workers.AckWait.D() < time.Second {
 		ps = append(ps, l.at("workers.ack_wait", "must be at least 1s"))
 	}
-	for _, name := range sortedKeys(m.Inputs) {
+	for _, name := range slices.Sorted(maps.Keys(m.Inputs)) {
 		spec := m.Inputs[name]
 		for _, msg := range spec.check(name) {
 			ps = append(ps, l.at("inputs."+name, "%s", msg))
@@ -441,7 +442,7 @@ func (p *Profile) check(l locator) Problems {
 			ps = append(ps, l.at(k.path, "must not be negative"))
 		}
 	}
-	for _, k := range sortedKeys(p.Labels) {
+	for _, k := range slices.Sorted(maps.Keys(p.Labels)) {
 		if err := CheckLabel(k, p.Labels[k]); err != nil {
 			ps = append(ps, l.at("labels."+k, "%v", err))
 		}
@@ -503,15 +504,6 @@ func CheckLabel(k, v string) error {
 		return fmt.Errorf("invalid label value %q for %q: want at most 128 of [A-Za-z0-9._-]", v, k)
 	}
 	return nil
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	slices.Sort(out)
-	return out
 }
 
 // trimExt trims ".yaml" or ".yml".

@@ -19,9 +19,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"path"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -123,10 +123,10 @@ func checkInputs(m *extension.Manifest) []extension.Problem {
 	if s, ok := m.Inputs[InputRepo]; !ok || !s.Required {
 		ps = append(ps, extension.Problem{Path: "inputs." + InputRepo, Message: "compose-ssh needs a required repo input"})
 	}
-	for _, name := range sortedKeys(m.Inputs) {
+	for _, name := range slices.Sorted(maps.Keys(m.Inputs)) {
 		want, ok := inputFormats[name]
 		if !ok {
-			ps = append(ps, extension.Problem{Path: "inputs." + name, Message: fmt.Sprintf("compose-ssh does not read input %q (it reads %s)", name, strings.Join(sortedKeys(inputFormats), ", "))})
+			ps = append(ps, extension.Problem{Path: "inputs." + name, Message: fmt.Sprintf("compose-ssh does not read input %q (it reads %s)", name, strings.Join(slices.Sorted(maps.Keys(inputFormats)), ", "))})
 			continue
 		}
 		if spec := m.Inputs[name]; spec.Type != extension.TypeString || spec.Format != want {
@@ -174,12 +174,12 @@ func (c *ComposeSSH) parse(in extension.Inputs, hostName string) (sandbox, error
 	if err := workspace.CheckID(b.id); err != nil {
 		fe = append(fe, extension.FieldError{Field: "inputs." + extension.InputSandboxID, Detail: err.Error()})
 	}
-	for _, k := range sortedKeys(in) {
+	for _, k := range slices.Sorted(maps.Keys(in)) {
 		if _, ok := inputFormats[k]; !ok && k != extension.InputSandboxID {
-			fe = append(fe, extension.FieldError{Field: "inputs." + extension.SafeField(k), Detail: "unknown input (compose-ssh reads " + strings.Join(sortedKeys(inputFormats), ", ") + ")"})
+			fe = append(fe, extension.FieldError{Field: "inputs." + extension.SafeField(k), Detail: "unknown input (compose-ssh reads " + strings.Join(slices.Sorted(maps.Keys(inputFormats)), ", ") + ")"})
 		}
 	}
-	for _, k := range sortedKeys(inputFormats) {
+	for _, k := range slices.Sorted(maps.Keys(inputFormats)) {
 		v, ok := in[k]
 		if !ok {
 			if k == InputRepo {
@@ -229,7 +229,7 @@ func (c *ComposeSSH) lookupHost(name string) (host, error) {
 	}
 	h, ok := c.s.hosts[name]
 	if !ok {
-		return host{}, fmt.Errorf("host %q is not configured (configured: %s)", name, strings.Join(sortedKeys(c.s.hosts), ", "))
+		return host{}, fmt.Errorf("host %q is not configured (configured: %s)", name, strings.Join(slices.Sorted(maps.Keys(c.s.hosts)), ", "))
 	}
 	return h, nil
 }
@@ -615,15 +615,6 @@ func lines(b []byte) []string {
 			out = append(out, l)
 		}
 	}
-	return out
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	sort.Strings(out)
 	return out
 }
 

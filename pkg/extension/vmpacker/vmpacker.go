@@ -18,10 +18,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"path"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -127,12 +127,12 @@ func (v *VMPacker) CheckManifest(m *extension.Manifest) []extension.Problem {
 	if hasVM && len(cfg.VMs) == 0 {
 		prob("inputs."+InputVM, "declared, but config.vms is empty")
 	}
-	for _, name := range sortedKeys(m.Inputs) {
+	for _, name := range slices.Sorted(maps.Keys(m.Inputs)) {
 		want, ok := inputSpecs[name]
 		got := m.Inputs[name]
 		switch {
 		case !ok:
-			prob("inputs."+name, "vm-packer does not read input %q (it reads %s)", name, strings.Join(sortedKeys(inputSpecs), ", "))
+			prob("inputs."+name, "vm-packer does not read input %q (it reads %s)", name, strings.Join(slices.Sorted(maps.Keys(inputSpecs)), ", "))
 		case got.Type != want.Type || got.Format != want.Format:
 			prob("inputs."+name, "vm-packer needs type: %s%s", want.Type, formatNote(want.Format))
 		case got.Required && (name == InputVM || name == InputSSHTarget):
@@ -173,13 +173,13 @@ func (v *VMPacker) parse(in extension.Inputs) (sandbox, error) {
 	if err := workspace.CheckID(b.id); err != nil {
 		field(extension.InputSandboxID, "%v", err)
 	}
-	for _, k := range sortedKeys(in) {
+	for _, k := range slices.Sorted(maps.Keys(in)) {
 		if _, ok := inputSpecs[k]; !ok && k != extension.InputSandboxID {
-			field(extension.SafeField(k), "unknown input (vm-packer reads %s)", strings.Join(sortedKeys(inputSpecs), ", "))
+			field(extension.SafeField(k), "unknown input (vm-packer reads %s)", strings.Join(slices.Sorted(maps.Keys(inputSpecs)), ", "))
 		}
 	}
 	valid := map[string]string{}
-	for _, k := range sortedKeys(inputSpecs) {
+	for _, k := range slices.Sorted(maps.Keys(inputSpecs)) {
 		val, ok := in[k]
 		if !ok {
 			continue
@@ -208,7 +208,7 @@ func (v *VMPacker) parse(in extension.Inputs) (sandbox, error) {
 	if name, ok := valid[InputVM]; ok && !hasTarget {
 		m, ok := v.s.vms[name]
 		if !ok {
-			field(InputVM, "unknown VM %q (known: %s)", name, strings.Join(sortedKeys(v.s.vms), ", "))
+			field(InputVM, "unknown VM %q (known: %s)", name, strings.Join(slices.Sorted(maps.Keys(v.s.vms)), ", "))
 		}
 		b.vm = m
 	}
@@ -462,15 +462,6 @@ func (v *VMPacker) Close() error {
 	}
 	errs = append(errs, v.pool.Close())
 	return errors.Join(errs...)
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	sort.Strings(out)
-	return out
 }
 
 var (

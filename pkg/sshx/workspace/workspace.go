@@ -13,6 +13,7 @@ package workspace
 import (
 	"context"
 	"fmt"
+	"maps"
 	"path"
 	"regexp"
 	"slices"
@@ -173,7 +174,7 @@ func Ensure(ctx context.Context, run Runner, s Spec) (created bool, err error) {
 		return false, fmt.Errorf("making workspace: %w", err)
 	}
 	argv := []string{"sh", "-c", ensureScript, "sandboxer-workspace", s.Base, s.ID, s.Checkout, s.Repo}
-	for _, name := range sortedKeys(s.Files) {
+	for _, name := range slices.Sorted(maps.Keys(s.Files)) {
 		argv = append(argv, name, s.Files[name])
 	}
 	out, err := run(ctx, argv...)
@@ -237,14 +238,5 @@ func lines(b []byte) []string {
 			out = append(out, l)
 		}
 	}
-	return out
-}
-
-func sortedKeys(m map[string]string) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	slices.Sort(out)
 	return out
 }
