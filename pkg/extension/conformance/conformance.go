@@ -16,6 +16,24 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 )
 
+// Open checks m with the backend of info as the catalog does at start-up,
+// opens it as a provisioner does (with a temporary data directory), and
+// closes it in t.Cleanup: the New of a [Harness], or a backend for any
+// other test.
+func Open(t testing.TB, info extension.Info, m *extension.Manifest) extension.Extension {
+	t.Helper()
+	reg := extension.NewRegistry(info)
+	if ps := (&extension.Catalog{Extensions: map[string]*extension.Manifest{m.Name: m}}).Check(reg); len(ps) > 0 {
+		t.Fatalf("manifest %s: %v", m.Name, ps)
+	}
+	ext, err := reg.Open(context.Background(), m, extension.Env{DataDir: t.TempDir()})
+	if err != nil {
+		t.Fatalf("opening %s: %v", m.Name, err)
+	}
+	t.Cleanup(func() { _ = extension.Close(ext) })
+	return ext
+}
+
 // Harness adapts one backend to the suite.
 type Harness struct {
 	// New returns a configured backend. It is called once per subtest.

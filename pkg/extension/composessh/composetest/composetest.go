@@ -25,6 +25,7 @@ import (
 
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/extension/composessh"
+	"github.com/sand-boxer/sandboxer/pkg/extension/conformance"
 	"github.com/sand-boxer/sandboxer/pkg/sshx/sshtest"
 )
 
@@ -301,16 +302,7 @@ func WriteManifest(t testing.TB, dir string, srv *sshtest.Server, baseDir string
 // does, and closes it in t.Cleanup.
 func Open(t testing.TB, m *extension.Manifest) *composessh.ComposeSSH {
 	t.Helper()
-	reg := extension.NewRegistry(composessh.Info)
-	if ps := (&extension.Catalog{Extensions: map[string]*extension.Manifest{m.Name: m}}).Check(reg); len(ps) > 0 {
-		t.Fatalf("composetest: manifest check: %v", ps)
-	}
-	ext, err := reg.Open(context.Background(), m, extension.Env{DataDir: t.TempDir()})
-	if err != nil {
-		t.Fatalf("composetest: %v", err)
-	}
-	t.Cleanup(func() { _ = extension.Close(ext) })
-	return ext.(*composessh.ComposeSSH)
+	return conformance.Open(t, composessh.Info, m).(*composessh.ComposeSSH)
 }
 
 // docker runs the local docker CLI and returns its standard output; its

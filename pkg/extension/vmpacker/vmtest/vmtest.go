@@ -6,7 +6,6 @@ package vmtest
 
 import (
 	"bytes"
-	"context"
 	"fmt"
 	"io"
 	"net"
@@ -16,6 +15,7 @@ import (
 	"testing"
 
 	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/extension/conformance"
 	"github.com/sand-boxer/sandboxer/pkg/extension/vmpacker"
 	"github.com/sand-boxer/sandboxer/pkg/sshx/sshtest"
 )
@@ -110,16 +110,7 @@ func WriteManifest(t testing.TB, dir string, srv *sshtest.Server, baseDir string
 // does, and closes it in t.Cleanup.
 func Open(t testing.TB, m *extension.Manifest) *vmpacker.VMPacker {
 	t.Helper()
-	reg := extension.NewRegistry(vmpacker.Info)
-	if ps := (&extension.Catalog{Extensions: map[string]*extension.Manifest{m.Name: m}}).Check(reg); len(ps) > 0 {
-		t.Fatalf("vmtest: manifest check: %v", ps)
-	}
-	ext, err := reg.Open(context.Background(), m, extension.Env{DataDir: t.TempDir()})
-	if err != nil {
-		t.Fatalf("vmtest: %v", err)
-	}
-	t.Cleanup(func() { _ = extension.Close(ext) })
-	return ext.(*vmpacker.VMPacker)
+	return conformance.Open(t, vmpacker.Info, m).(*vmpacker.VMPacker)
 }
 
 // Echo starts a TCP service on 127.0.0.1 that writes back what it reads,
