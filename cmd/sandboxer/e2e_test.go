@@ -12,7 +12,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -291,22 +290,6 @@ func e2eDirEntries(t *testing.T, dir string) []string {
 	return names
 }
 
-// e2eEcho sends msg through addr and returns what comes back.
-func e2eEcho(addr, msg string) (string, error) {
-	c, err := net.DialTimeout("tcp", addr, 10*time.Second)
-	if err != nil {
-		return "", err
-	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-	if _, err := c.Write([]byte(msg)); err != nil {
-		return "", err
-	}
-	_ = c.(*net.TCPConn).CloseWrite()
-	b, err := io.ReadAll(c)
-	return string(b), err
-}
-
 // e2eInjectionRefused sends inputs carrying shell or option injection: the
 // gateway answers 422 naming the field, records and commands nothing, and
 // sshd accepts no connection for them.
@@ -578,7 +561,7 @@ func e2eVM(t *testing.T, e *e2eEnv, s *e2eSystem, base string) {
 	}
 	for i := range 3 {
 		msg := "through the tunnel " + strconv.Itoa(i)
-		if got, err := e2eEcho(tunnel, msg); err != nil || got != msg {
+		if got, err := vmtest.RoundTrip(tunnel, msg); err != nil || got != msg {
 			t.Fatalf("echo through the tunnel = %q, %v; want %q", got, err, msg)
 		}
 	}

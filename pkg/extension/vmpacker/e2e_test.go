@@ -5,7 +5,6 @@ package vmpacker_test
 import (
 	"context"
 	"errors"
-	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -49,23 +48,6 @@ func gitRepo(t *testing.T) string {
 		}
 	}
 	return dir
-}
-
-// echoThrough sends msg through addr and returns what comes back.
-func echoThrough(t *testing.T, addr, msg string) (string, error) {
-	t.Helper()
-	c, err := net.DialTimeout("tcp", addr, 10*time.Second)
-	if err != nil {
-		return "", err
-	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-	if _, err := c.Write([]byte(msg)); err != nil {
-		return "", err
-	}
-	_ = c.(*net.TCPConn).CloseWrite()
-	b, err := io.ReadAll(c)
-	return string(b), err
 }
 
 // instances counts what exists of a sandbox on the "VM" (the directory and
@@ -167,7 +149,7 @@ func TestE2E(t *testing.T) {
 		// VM side, and so does one after Provision runs again.
 		for i := range 3 {
 			msg := "through the tunnel " + strconv.Itoa(i)
-			if got, err := echoThrough(t, tunnel, msg); err != nil || got != msg {
+			if got, err := vmtest.RoundTrip(tunnel, msg); err != nil || got != msg {
 				t.Fatalf("echo through the tunnel = %q, %v; want %q", got, err, msg)
 			}
 		}

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/extension/conformance"
@@ -111,6 +112,23 @@ func WriteManifest(t testing.TB, dir string, srv *sshtest.Server, baseDir string
 func Open(t testing.TB, m *extension.Manifest) *vmpacker.VMPacker {
 	t.Helper()
 	return conformance.Open(t, vmpacker.Info, m).(*vmpacker.VMPacker)
+}
+
+// RoundTrip sends msg to the echo service at addr (directly or through a
+// tunnel), closes its side, and returns what came back.
+func RoundTrip(addr, msg string) (string, error) {
+	c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write([]byte(msg)); err != nil {
+		return "", err
+	}
+	_ = c.(*net.TCPConn).CloseWrite()
+	b, err := io.ReadAll(c)
+	return string(b), err
 }
 
 // Echo starts a TCP service on 127.0.0.1 that writes back what it reads,
