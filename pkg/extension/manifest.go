@@ -265,8 +265,12 @@ func Charges(p *Profile, m *Manifest) bool {
 	if m == nil || m.Capabilities.PricingModel != PricingSelfHosted {
 		return true
 	}
-	return p == nil || (p.Price != nil && (p.Price.Start > 0 || p.Price.PerSecond > 0))
+	return p == nil || !p.Price.Free()
 }
+
+// Free reports whether running at price p costs nothing: no price, or
+// one of zero.
+func (p *Price) Free() bool { return p == nil || (p.Start == 0 && p.PerSecond == 0) }
 
 // Cost is the price of running for d: Start plus PerSecond for every
 // second, a started second counting whole. A nil price costs nothing; a

@@ -159,7 +159,7 @@ type Hold struct {
 // price, or a price of zero, and not metered by its backend) has nothing
 // to accrue, so it gets no accrual schedule.
 func (h *Hold) accrues() bool {
-	return h.PricingModel == extension.PricingMetered || (h.Price != nil && (h.Price.Start > 0 || h.Price.PerSecond > 0))
+	return h.PricingModel == extension.PricingMetered || !h.Price.Free()
 }
 
 // Account is one consumer's credit: the balance projection of its ledger
