@@ -323,7 +323,7 @@ func benchMetering(ctx context.Context, sys *system, cfg benchConfig, res *bench
 			if err != nil {
 				return err
 			}
-			msg, err := event.Encode(ctx, event.LifecycleSubject("echo", id, e.s), ev)
+			msg, err := event.Encode(ctx, ref.LifecycleSubject(e.s), ev)
 			if err != nil {
 				return err
 			}

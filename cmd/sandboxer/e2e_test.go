@@ -228,7 +228,7 @@ func e2eLifecycleCount(ctx context.Context, t *testing.T, js jetstream.JetStream
 	if err != nil {
 		t.Fatal(err)
 	}
-	subj := event.LifecycleSubject(ext, id, s)
+	subj := event.LifecycleSubject("dev", ext, id, s)
 	info, err := st.Info(ctx, jetstream.WithSubjectFilter(subj))
 	if err != nil {
 		t.Fatal(err)

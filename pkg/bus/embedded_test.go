@@ -26,7 +26,7 @@ func TestEmbeddedRestartKeepsStreams(t *testing.T) {
 
 	first := natstest.StartAt(t, dir)
 	js := first.JetStream(t)
-	ack, err := bus.NewPublisher(js).Publish(ctx, event.LifecycleSubject("local", "sbx-1", event.StateReady), readyEvent(t, "sbx-1"))
+	ack, err := bus.NewPublisher(js).Publish(ctx, event.LifecycleSubject("dev", "local", "sbx-1", event.StateReady), readyEvent(t, "sbx-1"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -110,7 +110,7 @@ func readyEvent(t testing.TB, sandbox string) *event.Event {
 // stream sequence.
 func (h *harness) publishCreate(sandbox string) uint64 {
 	h.t.Helper()
-	ack, err := h.pub.Publish(testCtx(h.t), event.CommandSubject("local", event.VerbCreate, sandbox), createEvent(h.t, sandbox))
+	ack, err := h.pub.Publish(testCtx(h.t), event.CommandSubject("local", event.VerbCreate, "dev", sandbox), createEvent(h.t, sandbox))
 	if err != nil {
 		h.t.Fatalf("publishing create: %v", err)
 	}

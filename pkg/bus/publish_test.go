@@ -20,7 +20,7 @@ func TestPublishDeduplicates(t *testing.T) {
 	srv := natstest.Start(t)
 	js := srv.JetStream(t)
 	pub := bus.NewPublisher(js)
-	subj := event.LifecycleSubject("local", "sbx-1", event.StateReady)
+	subj := event.LifecycleSubject("dev", "local", "sbx-1", event.StateReady)
 	first, err := pub.Publish(testCtx(t), subj, readyEvent(t, "sbx-1"))
 	if err != nil {
 		t.Fatal(err)
@@ -64,7 +64,7 @@ func TestPublishAll(t *testing.T) {
 	var outs []bus.Out
 	for i := range 5 {
 		id := fmt.Sprintf("sbx-%d", i)
-		outs = append(outs, bus.Out{Subject: event.LifecycleSubject("local", id, event.StateReady), Event: readyEvent(t, id)})
+		outs = append(outs, bus.Out{Subject: event.LifecycleSubject("dev", "local", id, event.StateReady), Event: readyEvent(t, id)})
 	}
 	if err := pub.PublishAll(testCtx(t), outs); err != nil {
 		t.Fatal(err)
@@ -83,10 +83,10 @@ func TestPublishAll(t *testing.T) {
 
 	bad := readyEvent(t, "sbx-x")
 	bad.SetID("")
-	if err := pub.PublishAll(testCtx(t), append(outs[:1:1], bus.Out{Subject: "sandboxer.evt.local.x.ready", Event: bad})); err == nil {
+	if err := pub.PublishAll(testCtx(t), append(outs[:1:1], bus.Out{Subject: "sandboxer.evt.dev.local.x.ready", Event: bad})); err == nil {
 		t.Error("PublishAll of an invalid event succeeded")
 	}
-	if _, err := pub.Publish(testCtx(t), "sandboxer.evt.local.x.ready", bad); err == nil {
+	if _, err := pub.Publish(testCtx(t), "sandboxer.evt.dev.local.x.ready", bad); err == nil {
 		t.Error("Publish of an invalid event succeeded")
 	}
 }
@@ -137,13 +137,13 @@ func TestPublishBackPressure(t *testing.T) {
 	pub := bus.NewPublisher(js)
 	for i := range 3 {
 		id := fmt.Sprintf("sbx-%d", i)
-		if _, err := pub.Publish(ctx, event.CommandSubject("local", event.VerbCreate, id), createEvent(t, id)); err != nil {
+		if _, err := pub.Publish(ctx, event.CommandSubject("local", event.VerbCreate, "dev", id), createEvent(t, id)); err != nil {
 			t.Fatalf("publish %d of 3: %v", i, err)
 		}
 	}
 
 	// What the server says, unwrapped.
-	raw, err := event.Encode(ctx, event.CommandSubject("local", event.VerbCreate, "sbx-raw"), createEvent(t, "sbx-raw"))
+	raw, err := event.Encode(ctx, event.CommandSubject("local", event.VerbCreate, "dev", "sbx-raw"), createEvent(t, "sbx-raw"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -161,14 +161,14 @@ func TestPublishBackPressure(t *testing.T) {
 		publish func() error
 	}{
 		{"Publish", func() error {
-			_, err := pub.Publish(ctx, event.CommandSubject("local", event.VerbCreate, "sbx-4"), createEvent(t, "sbx-4"))
+			_, err := pub.Publish(ctx, event.CommandSubject("local", event.VerbCreate, "dev", "sbx-4"), createEvent(t, "sbx-4"))
 			return err
 		}},
 		{"PublishMsg", func() error { _, err := pub.PublishMsg(ctx, raw); return err }},
 		{"PublishAll", func() error {
 			return pub.PublishAll(ctx, []bus.Out{
-				{Subject: event.CommandSubject("local", event.VerbCreate, "sbx-5"), Event: createEvent(t, "sbx-5")},
-				{Subject: event.CommandSubject("local", event.VerbCreate, "sbx-6"), Event: createEvent(t, "sbx-6")},
+				{Subject: event.CommandSubject("local", event.VerbCreate, "dev", "sbx-5"), Event: createEvent(t, "sbx-5")},
+				{Subject: event.CommandSubject("local", event.VerbCreate, "dev", "sbx-6"), Event: createEvent(t, "sbx-6")},
 			})
 		}},
 	}
@@ -202,7 +202,7 @@ func TestPublishBackPressure(t *testing.T) {
 	if err := s.DeleteMsg(ctx, info.State.FirstSeq); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := pub.Publish(ctx, event.CommandSubject("local", event.VerbCreate, "sbx-8"), createEvent(t, "sbx-8")); err != nil {
+	if _, err := pub.Publish(ctx, event.CommandSubject("local", event.VerbCreate, "dev", "sbx-8"), createEvent(t, "sbx-8")); err != nil {
 		t.Errorf("publish after draining one: %v", err)
 	}
 }

@@ -61,7 +61,7 @@ func TestRouterAcksOnSuccess(t *testing.T) {
 		t.Errorf("commands stream holds %d messages after the ack, want 0 (work queue)", n)
 	}
 	m := got.Load()
-	if m.Event.Type() != string(event.TypeCreate) || m.Event.ID() != "sbx-1.create" || m.Subject != event.CommandSubject("local", event.VerbCreate, "sbx-1") ||
+	if m.Event.Type() != string(event.TypeCreate) || m.Event.ID() != "sbx-1.create" || m.Subject != event.CommandSubject("local", event.VerbCreate, "dev", "sbx-1") ||
 		m.Delivered != 1 || m.StreamSeq != seq || m.Timestamp.IsZero() || m.Raw() == nil {
 		t.Errorf("handler saw %+v", m)
 	}
@@ -99,7 +99,7 @@ func TestRouterPublishesOutputsBeforeAck(t *testing.T) {
 				var outs []bus.Out
 				for i := range tc.outs {
 					id := fmt.Sprintf("sbx-%d", i+1)
-					subj := event.LifecycleSubject("local", id, event.StateReady)
+					subj := event.LifecycleSubject("dev", "local", id, event.StateReady)
 					if n == 1 && i == tc.outs-1 {
 						subj = "nostream.sandboxer.test" // no stream: the publish fails
 					}
@@ -119,7 +119,7 @@ func TestRouterPublishesOutputsBeforeAck(t *testing.T) {
 				t.Errorf("wire %v: want the failed publish nak'ed before the retry's ack", seen)
 			}
 			for i := range tc.outs {
-				subj := "pub " + event.LifecycleSubject("local", fmt.Sprintf("sbx-%d", i+1), event.StateReady)
+				subj := "pub " + event.LifecycleSubject("dev", "local", fmt.Sprintf("sbx-%d", i+1), event.StateReady)
 				at := slices.Index(seen[nak+1:], subj)
 				if at < 0 || nak+1+at > ack {
 					t.Errorf("wire %v: %s not published before the ack", seen, subj)
@@ -186,7 +186,7 @@ func (h *harness) deadLetter(origSeq uint64, delivered int, reason string) {
 		h.t.Errorf("dead letter on %q, want %q", m.Subject, want)
 	}
 	want := map[string]string{
-		bus.HeaderDLQSubject:   event.CommandSubject("local", event.VerbCreate, "sbx-1"),
+		bus.HeaderDLQSubject:   event.CommandSubject("local", event.VerbCreate, "dev", "sbx-1"),
 		bus.HeaderDLQStream:    event.StreamCommands,
 		bus.HeaderDLQConsumer:  h.consumer,
 		bus.HeaderDLQStreamSeq: strconv.FormatUint(origSeq, 10),
@@ -299,7 +299,7 @@ func TestRouterDeadLettersMalformedMessages(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			h := newHarness(t, testPolicy)
-			ack, err := h.js.PublishMsg(testCtx(t), &nats.Msg{Subject: event.CommandSubject("local", event.VerbCreate, "sbx-1"), Header: tc.header, Data: []byte(tc.body)})
+			ack, err := h.js.PublishMsg(testCtx(t), &nats.Msg{Subject: event.CommandSubject("local", event.VerbCreate, "dev", "sbx-1"), Header: tc.header, Data: []byte(tc.body)})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -452,7 +452,7 @@ func TestRouterPropagatesTrace(t *testing.T) {
 	h := newHarness(t, testPolicy)
 	ctx, span := otel.Tracer("test").Start(testCtx(t), "request")
 	defer span.End()
-	if _, err := h.pub.Publish(ctx, event.CommandSubject("local", event.VerbCreate, "sbx-1"), createEvent(t, "sbx-1")); err != nil {
+	if _, err := h.pub.Publish(ctx, event.CommandSubject("local", event.VerbCreate, "dev", "sbx-1"), createEvent(t, "sbx-1")); err != nil {
 		t.Fatal(err)
 	}
 	got := make(chan trace.SpanContext, 1)

@@ -23,7 +23,7 @@ func TestEnsureIsIdempotent(t *testing.T) {
 	ctx := testCtx(t)
 	top := bus.Topology{}
 
-	if _, err := bus.NewPublisher(js).Publish(ctx, event.LifecycleSubject("local", "sbx-1", event.StateReady), readyEvent(t, "sbx-1")); err != nil {
+	if _, err := bus.NewPublisher(js).Publish(ctx, event.LifecycleSubject("dev", "local", "sbx-1", event.StateReady), readyEvent(t, "sbx-1")); err != nil {
 		t.Fatal(err)
 	}
 	kv, err := js.KeyValue(ctx, bus.BucketSandboxes)

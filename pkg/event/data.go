@@ -1,6 +1,10 @@
 package event
 
-import "time"
+import (
+	"encoding/json"
+	"fmt"
+	"time"
+)
 
 // Ref names the sandbox an event is about. Every command and lifecycle
 // payload starts with it.
@@ -10,6 +14,29 @@ type Ref struct {
 	Profile   string `json:"profile"`
 	Extension string `json:"extension"`
 	Host      string `json:"host,omitempty"`
+	// Request names the request event a sandbox was asked for with, when
+	// it was asked for on the bus; every later event of the sandbox
+	// carries it, so a requester that did not wait for the reply can
+	// tell its sandbox.
+	Request *Origin `json:"request,omitempty"`
+}
+
+// RefOf reads the [Ref] at the top of a command or lifecycle event's data,
+// leniently: it is for checking who and what an event is about before its
+// payload is decoded strictly with [DataAs].
+func RefOf(e *Event) (Ref, error) {
+	var r Ref
+	if err := json.Unmarshal(e.Data(), &r); err != nil {
+		return Ref{}, fmt.Errorf("%w: reading the sandbox an event is about: %v", ErrMalformed, err)
+	}
+	return r, nil
+}
+
+// Origin names a CloudEvent by its source and id, which together identify
+// it.
+type Origin struct {
+	Source string `json:"source"`
+	ID     string `json:"id"`
 }
 
 // Create is the data of a [TypeCreate] command.
@@ -127,12 +154,30 @@ type MeterReading struct {
 	Breakdown []string `json:"breakdown,omitempty"`
 }
 
-// Rejected is the data of a [TypeRejected] event.
+// Rejected is the data of a [TypeRejected] event. A request refused before
+// an extension was chosen names the extension [Unrouted], and its profile
+// too when the profile it named is not a [ValidName].
 type Rejected struct {
 	Ref
-	// Code is a short machine-readable cause: insufficient_credits, no_route.
+	// Code is a short machine-readable cause: insufficient_credits,
+	// no_route, invalid_request.
 	Code   string `json:"code"`
 	Reason string `json:"reason"`
+}
+
+// CreateRequest is the data of a [TypeRequestCreate] event: what a tenant
+// asks for, as the body of POST /v1/sandboxes.
+type CreateRequest struct {
+	Profile string            `json:"profile"`
+	Inputs  map[string]string `json:"inputs,omitempty"`
+	Labels  map[string]string `json:"labels,omitempty"`
+	// TTL is a Go duration such as 30m; empty: the profile's default.
+	TTL string `json:"ttl,omitempty"`
+}
+
+// DestroyRequest is the data of a [TypeRequestDestroy] event.
+type DestroyRequest struct {
+	SandboxID string `json:"sandbox_id"`
 }
 
 // Expired is the data of a [TypeExpired] event.

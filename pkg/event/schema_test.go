@@ -23,7 +23,8 @@ func schemaPath(t event.Type) string { return filepath.Join(schemaDir, string(t)
 // payloads maps every event type to a fully populated value of its data.
 func payloads() map[event.Type]any {
 	at := time.Date(2025, 6, 1, 12, 0, 0, 123456789, time.UTC)
-	ref := event.Ref{SandboxID: "sbx-0123456789abcdefghijklmnop", Consumer: "team-a", Profile: "compose-dev", Extension: "compose-ssh", Host: "build-1.example.com"}
+	ref := event.Ref{SandboxID: "sbx-0123456789abcdefghijklmnop", Consumer: "team-a", Profile: "compose-dev", Extension: "compose-ssh", Host: "build-1.example.com",
+		Request: &event.Origin{Source: "/team-a/ci", ID: "build-42"}}
 	handle := event.Handle{SandboxID: ref.SandboxID, Host: ref.Host, Data: map[string]string{"project": "sbx-0123", "dir": "/srv/sandboxes/sbx-0123"}}
 	return map[event.Type]any{
 		event.TypeCreate: event.Create{
@@ -47,12 +48,15 @@ func payloads() map[event.Type]any {
 		event.TypeRejected: event.Rejected{Ref: ref, Code: "insufficient_credits", Reason: "balance 10 below quote 250"},
 		event.TypeExpired:  event.Expired{Ref: ref, Reason: event.ReasonExpired, ExpiredAt: at},
 		event.TypeExpiry:   event.Expiry{Ref: ref, ExpiresAt: at},
+		event.TypeRequestCreate: event.CreateRequest{Profile: "compose-dev", Inputs: map[string]string{"repo": "https://example.com/r.git"},
+			Labels: map[string]string{"team": "a"}, TTL: "30m"},
+		event.TypeRequestDestroy: event.DestroyRequest{SandboxID: ref.SandboxID},
 	}
 }
 
 // allTypes is every event type the package declares.
 func allTypes() []event.Type {
-	out := []event.Type{event.TypeCreate, event.TypeDestroy, event.TypeExpiry}
+	out := []event.Type{event.TypeCreate, event.TypeDestroy, event.TypeExpiry, event.TypeRequestCreate, event.TypeRequestDestroy}
 	for _, s := range event.States {
 		if t := event.LifecycleType(s); t != "" {
 			out = append(out, t)
@@ -63,7 +67,7 @@ func allTypes() []event.Type {
 
 // eventFamilies are the type prefixes package event owns. Services own
 // others (dev.sandboxer.credits.* is metering's) and test their schemas.
-var eventFamilies = []string{"dev.sandboxer.command.", "dev.sandboxer.sandbox.", "dev.sandboxer.timer."}
+var eventFamilies = []string{"dev.sandboxer.command.", "dev.sandboxer.sandbox.", "dev.sandboxer.timer.", "dev.sandboxer.request."}
 
 func TestEverySchemaHasAType(t *testing.T) {
 	t.Parallel()

@@ -20,33 +20,92 @@ const (
 	SubjectTimers    = "sandboxer.timer.>"
 )
 
-// Command verbs, the fourth token of a command subject.
+// Command verbs, the fourth token of a command subject and the last of a
+// request subject.
 const (
 	VerbCreate  = "create"
 	VerbDestroy = "destroy"
 )
 
-// CommandSubject is sandboxer.cmd.<extension>.<verb>.<sandbox>.
-func CommandSubject(extension, verb, sandbox string) string {
-	return "sandboxer.cmd." + extension + "." + verb + "." + sandbox
+// Unrouted stands in for the extension token of a lifecycle subject when a
+// request was refused before any extension was chosen (an unknown profile,
+// a malformed request event). It is not a [ValidName], so no extension can
+// be called that.
+const Unrouted = "_"
+
+// CommandSubject is sandboxer.cmd.<extension>.<verb>.<consumer>.<sandbox>.
+// The extension comes first, so a pool's durable filters on it; the
+// consumer comes before the sandbox, so permissions can scope by tenant.
+func CommandSubject(extension, verb, consumer, sandbox string) string {
+	return "sandboxer.cmd." + extension + "." + verb + "." + consumer + "." + sandbox
+}
+
+// CommandSubject is the subject of the verb command for the sandbox r
+// names.
+func (r Ref) CommandSubject(verb string) string {
+	return CommandSubject(r.Extension, verb, r.Consumer, r.SandboxID)
 }
 
 // CommandFilter is the filter of the durable consumer shared by every worker
 // of one extension: sandboxer.cmd.<extension>.>.
 func CommandFilter(extension string) string { return "sandboxer.cmd." + extension + ".>" }
 
-// LifecycleSubject is sandboxer.evt.<extension>.<sandbox>.<state>.
-func LifecycleSubject(extension, sandbox string, s State) string {
-	return "sandboxer.evt." + extension + "." + sandbox + "." + string(s)
+// LifecycleSubject is sandboxer.evt.<consumer>.<extension>.<sandbox>.<state>.
+// The consumer comes first, so a tenant's permissions can be one subject
+// (sandboxer.evt.<consumer>.>); the extension second, so a provisioner
+// pool's can be too (sandboxer.evt.*.<extension>.>).
+func LifecycleSubject(consumer, extension, sandbox string, s State) string {
+	return "sandboxer.evt." + consumer + "." + extension + "." + sandbox + "." + string(s)
+}
+
+// LifecycleSubject is the subject announcing state s of the sandbox r
+// names.
+func (r Ref) LifecycleSubject(s State) string {
+	return LifecycleSubject(r.Consumer, r.Extension, r.SandboxID, s)
 }
 
 // StateFilter matches every lifecycle event announcing state s, of any
-// sandbox: sandboxer.evt.*.*.<state>.
-func StateFilter(s State) string { return "sandboxer.evt.*.*." + string(s) }
+// sandbox: sandboxer.evt.*.*.*.<state>.
+func StateFilter(s State) string { return "sandboxer.evt.*.*.*." + string(s) }
 
 // SandboxFilter matches every lifecycle event of one sandbox, whatever its
-// extension: sandboxer.evt.*.<sandbox>.*.
-func SandboxFilter(sandbox string) string { return "sandboxer.evt.*." + sandbox + ".*" }
+// consumer and extension: sandboxer.evt.*.*.<sandbox>.*.
+func SandboxFilter(sandbox string) string { return "sandboxer.evt.*.*." + sandbox + ".*" }
+
+// RefFilter matches every lifecycle event of the sandbox r names:
+// sandboxer.evt.<consumer>.<extension>.<sandbox>.*.
+func (r Ref) RefFilter() string {
+	return "sandboxer.evt." + r.Consumer + "." + r.Extension + "." + r.SandboxID + ".*"
+}
+
+// ConsumerLifecycleFilter matches every lifecycle event of one consumer's
+// sandboxes: sandboxer.evt.<consumer>.>. A tenant may read exactly this.
+func ConsumerLifecycleFilter(consumer string) string { return "sandboxer.evt." + consumer + ".>" }
+
+// ExtensionLifecycleFilter matches every lifecycle event of one
+// extension's sandboxes: sandboxer.evt.*.<extension>.>. A provisioner pool
+// may read exactly this.
+func ExtensionLifecycleFilter(extension string) string { return "sandboxer.evt.*." + extension + ".>" }
+
+// Request subjects: where a tenant asks for a sandbox with an event.
+const (
+	// SubjectRequests matches every request subject.
+	SubjectRequests = "sandboxer.req.>"
+	// RequestFilter matches every request subject, token by token: what
+	// the gateways' intake subscribes to.
+	RequestFilter = "sandboxer.req.*.*"
+)
+
+// RequestSubject is sandboxer.req.<consumer>.<verb>: where consumer asks
+// for a create or a destroy. Permissions let a tenant publish under its
+// own name only, so the subject, never the payload, says who asks.
+func RequestSubject(consumer, verb string) string {
+	return "sandboxer.req." + consumer + "." + verb
+}
+
+// MeteringFilter matches every metering event of one consumer:
+// sandboxer.meter.<consumer>.>.
+func MeteringFilter(consumer string) string { return "sandboxer.meter." + consumer + ".>" }
 
 // MeteringSubject is sandboxer.meter.<consumer>.<kind>.
 func MeteringSubject(consumer, kind string) string {
@@ -111,36 +170,71 @@ const AccrualFireFilter = "sandboxer.timer.accrual.>"
 
 // CommandRef is what a command subject names.
 type CommandRef struct {
-	Extension, Verb, Sandbox string
+	Extension, Verb, Consumer, Sandbox string
 }
 
-// ParseCommandSubject splits sandboxer.cmd.<extension>.<verb>.<sandbox>.
+// ParseCommandSubject splits
+// sandboxer.cmd.<extension>.<verb>.<consumer>.<sandbox>.
 func ParseCommandSubject(subject string) (CommandRef, error) {
 	t := strings.Split(subject, ".")
-	if len(t) != 5 || t[0] != "sandboxer" || t[1] != "cmd" {
+	if len(t) != 6 || t[0] != "sandboxer" || t[1] != "cmd" {
 		return CommandRef{}, fmt.Errorf("not a command subject: %q", subject)
 	}
 	if t[3] != VerbCreate && t[3] != VerbDestroy {
 		return CommandRef{}, fmt.Errorf("unknown command verb %q in %q", t[3], subject)
 	}
-	return CommandRef{Extension: t[2], Verb: t[3], Sandbox: t[4]}, nil
+	return CommandRef{Extension: t[2], Verb: t[3], Consumer: t[4], Sandbox: t[5]}, nil
+}
+
+// Matches reports whether r names the sandbox of ref: the payload of a
+// command must agree with its subject, which permissions vouch for.
+func (c CommandRef) Matches(ref Ref) bool {
+	return c.Extension == ref.Extension && c.Consumer == ref.Consumer && c.Sandbox == ref.SandboxID
 }
 
 // LifecycleRef is what a lifecycle subject names.
 type LifecycleRef struct {
-	Extension, Sandbox string
-	State              State
+	Consumer, Extension, Sandbox string
+	State                        State
 }
 
-// ParseLifecycleSubject splits sandboxer.evt.<extension>.<sandbox>.<state>.
+// ParseLifecycleSubject splits
+// sandboxer.evt.<consumer>.<extension>.<sandbox>.<state>.
 func ParseLifecycleSubject(subject string) (LifecycleRef, error) {
 	t := strings.Split(subject, ".")
-	if len(t) != 5 || t[0] != "sandboxer" || t[1] != "evt" {
+	if len(t) != 6 || t[0] != "sandboxer" || t[1] != "evt" {
 		return LifecycleRef{}, fmt.Errorf("not a lifecycle subject: %q", subject)
 	}
-	s := State(t[4])
+	s := State(t[5])
 	if !s.Valid() {
-		return LifecycleRef{}, fmt.Errorf("unknown state %q in %q", t[4], subject)
+		return LifecycleRef{}, fmt.Errorf("unknown state %q in %q", t[5], subject)
 	}
-	return LifecycleRef{Extension: t[2], Sandbox: t[3], State: s}, nil
+	return LifecycleRef{Consumer: t[2], Extension: t[3], Sandbox: t[4], State: s}, nil
+}
+
+// Matches reports whether the lifecycle subject l names the sandbox of
+// ref: a consumer of lifecycle events trusts the subject, which
+// permissions vouch for, and refuses a payload that disagrees with it.
+func (l LifecycleRef) Matches(ref Ref) bool {
+	return l.Consumer == ref.Consumer && l.Extension == ref.Extension && l.Sandbox == ref.SandboxID
+}
+
+// RequestRef is what a request subject names.
+type RequestRef struct {
+	Consumer, Verb string
+}
+
+// ParseRequestSubject splits sandboxer.req.<consumer>.<verb>.
+func ParseRequestSubject(subject string) (RequestRef, error) {
+	t := strings.Split(subject, ".")
+	if len(t) != 4 || t[0] != "sandboxer" || t[1] != "req" {
+		return RequestRef{}, fmt.Errorf("not a request subject: %q", subject)
+	}
+	if t[3] != VerbCreate && t[3] != VerbDestroy {
+		return RequestRef{}, fmt.Errorf("unknown request verb %q in %q", t[3], subject)
+	}
+	if err := CheckName("consumer", t[2]); err != nil {
+		return RequestRef{}, fmt.Errorf("request subject %q: %w", subject, err)
+	}
+	return RequestRef{Consumer: t[2], Verb: t[3]}, nil
 }

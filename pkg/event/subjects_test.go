@@ -45,26 +45,36 @@ func TestSubjectMatchesHelper(t *testing.T) {
 func TestCommandSubjectRoundTrip(t *testing.T) {
 	t.Parallel()
 	cases := []struct {
-		name                     string
-		extension, verb, sandbox string
+		name                               string
+		extension, verb, consumer, sandbox string
 	}{
-		{"create", "local", event.VerbCreate, "sbx-01"},
-		{"destroy", "compose-ssh", event.VerbDestroy, "sbx-0123456789abcdefghijklmnop"},
-		{"underscores and digits", "vm_packer2", event.VerbCreate, "0_a"},
+		{"create", "local", event.VerbCreate, "dev", "sbx-01"},
+		{"destroy", "compose-ssh", event.VerbDestroy, "team-a", "sbx-0123456789abcdefghijklmnop"},
+		{"underscores and digits", "vm_packer2", event.VerbCreate, "t_1", "0_a"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
-			s := event.CommandSubject(c.extension, c.verb, c.sandbox)
-			if want := "sandboxer.cmd." + c.extension + "." + c.verb + "." + c.sandbox; s != want {
+			s := event.CommandSubject(c.extension, c.verb, c.consumer, c.sandbox)
+			if want := "sandboxer.cmd." + c.extension + "." + c.verb + "." + c.consumer + "." + c.sandbox; s != want {
 				t.Errorf("CommandSubject = %q, want %q", s, want)
 			}
-			ref, err := event.ParseCommandSubject(s)
+			ref := event.Ref{SandboxID: c.sandbox, Consumer: c.consumer, Extension: c.extension}
+			if got := ref.CommandSubject(c.verb); got != s {
+				t.Errorf("Ref.CommandSubject = %q, want %q", got, s)
+			}
+			cr, err := event.ParseCommandSubject(s)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if ref != (event.CommandRef{Extension: c.extension, Verb: c.verb, Sandbox: c.sandbox}) {
-				t.Errorf("ParseCommandSubject = %+v", ref)
+			if cr != (event.CommandRef{Extension: c.extension, Verb: c.verb, Consumer: c.consumer, Sandbox: c.sandbox}) {
+				t.Errorf("ParseCommandSubject = %+v", cr)
+			}
+			if !cr.Matches(ref) {
+				t.Errorf("%+v does not match its own ref", cr)
+			}
+			if other := (event.Ref{SandboxID: c.sandbox, Consumer: c.consumer + "x", Extension: c.extension}); cr.Matches(other) {
+				t.Errorf("%+v matches another consumer's ref", cr)
 			}
 			if !subjectMatches(event.CommandFilter(c.extension), s) {
 				t.Errorf("CommandFilter(%q) does not match %q", c.extension, s)
@@ -83,11 +93,11 @@ func TestParseCommandSubjectErrors(t *testing.T) {
 	t.Parallel()
 	cases := []struct{ name, subject string }{
 		{"empty", ""},
-		{"lifecycle subject", "sandboxer.evt.local.sbx-01.ready"},
-		{"too few tokens", "sandboxer.cmd.local.create"},
-		{"too many tokens", "sandboxer.cmd.local.create.sbx-01.x"},
-		{"unknown verb", "sandboxer.cmd.local.restart.sbx-01"},
-		{"wrong root", "other.cmd.local.create.sbx-01"},
+		{"lifecycle subject", "sandboxer.evt.dev.local.sbx-01.ready"},
+		{"too few tokens", "sandboxer.cmd.local.create.sbx-01"},
+		{"too many tokens", "sandboxer.cmd.local.create.dev.sbx-01.x"},
+		{"unknown verb", "sandboxer.cmd.local.restart.dev.sbx-01"},
+		{"wrong root", "other.cmd.local.create.dev.sbx-01"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -104,19 +114,38 @@ func TestLifecycleSubjectRoundTrip(t *testing.T) {
 	for _, s := range event.States {
 		t.Run(string(s), func(t *testing.T) {
 			t.Parallel()
-			subj := event.LifecycleSubject("compose-ssh", "sbx-01", s)
-			if want := "sandboxer.evt.compose-ssh.sbx-01." + string(s); subj != want {
+			subj := event.LifecycleSubject("team-a", "compose-ssh", "sbx-01", s)
+			if want := "sandboxer.evt.team-a.compose-ssh.sbx-01." + string(s); subj != want {
 				t.Errorf("LifecycleSubject = %q, want %q", subj, want)
 			}
-			ref, err := event.ParseLifecycleSubject(subj)
+			ref := event.Ref{SandboxID: "sbx-01", Consumer: "team-a", Extension: "compose-ssh"}
+			if got := ref.LifecycleSubject(s); got != subj {
+				t.Errorf("Ref.LifecycleSubject = %q, want %q", got, subj)
+			}
+			lr, err := event.ParseLifecycleSubject(subj)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if ref != (event.LifecycleRef{Extension: "compose-ssh", Sandbox: "sbx-01", State: s}) {
-				t.Errorf("ParseLifecycleSubject = %+v", ref)
+			if lr != (event.LifecycleRef{Consumer: "team-a", Extension: "compose-ssh", Sandbox: "sbx-01", State: s}) {
+				t.Errorf("ParseLifecycleSubject = %+v", lr)
+			}
+			if !lr.Matches(ref) {
+				t.Errorf("%+v does not match its own ref", lr)
 			}
 			if !subjectMatches(event.SandboxFilter("sbx-01"), subj) || subjectMatches(event.SandboxFilter("sbx-02"), subj) {
 				t.Errorf("SandboxFilter does not select exactly sbx-01's %q", subj)
+			}
+			if !subjectMatches(ref.RefFilter(), subj) {
+				t.Errorf("RefFilter does not match %q", subj)
+			}
+			if !subjectMatches(event.ConsumerLifecycleFilter("team-a"), subj) || subjectMatches(event.ConsumerLifecycleFilter("team-b"), subj) {
+				t.Errorf("ConsumerLifecycleFilter does not select exactly team-a's %q", subj)
+			}
+			if !subjectMatches(event.ExtensionLifecycleFilter("compose-ssh"), subj) || subjectMatches(event.ExtensionLifecycleFilter("local"), subj) {
+				t.Errorf("ExtensionLifecycleFilter does not select exactly compose-ssh's %q", subj)
+			}
+			if !subjectMatches(event.StateFilter(s), subj) {
+				t.Errorf("StateFilter(%s) does not match %q", s, subj)
 			}
 			if !subjectMatches(event.SubjectLifecycle, subj) {
 				t.Errorf("the lifecycle stream does not capture %q", subj)
@@ -129,11 +158,11 @@ func TestParseLifecycleSubjectErrors(t *testing.T) {
 	t.Parallel()
 	cases := []struct{ name, subject string }{
 		{"empty", ""},
-		{"command subject", "sandboxer.cmd.local.create.sbx-01"},
-		{"unknown state", "sandboxer.evt.local.sbx-01.exploded"},
-		{"too few tokens", "sandboxer.evt.local.ready"},
-		{"too many tokens", "sandboxer.evt.local.sbx-01.ready.x"},
-		{"wrong root", "x.evt.local.sbx-01.ready"},
+		{"command subject", "sandboxer.cmd.local.create.dev.sbx-01"},
+		{"unknown state", "sandboxer.evt.dev.local.sbx-01.exploded"},
+		{"too few tokens", "sandboxer.evt.local.sbx-01.ready"},
+		{"too many tokens", "sandboxer.evt.dev.local.sbx-01.ready.x"},
+		{"wrong root", "x.evt.dev.local.sbx-01.ready"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -142,6 +171,31 @@ func TestParseLifecycleSubjectErrors(t *testing.T) {
 				t.Errorf("ParseLifecycleSubject(%q) = %+v, want an error", c.subject, ref)
 			}
 		})
+	}
+}
+
+func TestRequestSubject(t *testing.T) {
+	t.Parallel()
+	for _, verb := range []string{event.VerbCreate, event.VerbDestroy} {
+		s := event.RequestSubject("team-a", verb)
+		if want := "sandboxer.req.team-a." + verb; s != want {
+			t.Errorf("RequestSubject = %q, want %q", s, want)
+		}
+		r, err := event.ParseRequestSubject(s)
+		if err != nil || r != (event.RequestRef{Consumer: "team-a", Verb: verb}) {
+			t.Errorf("ParseRequestSubject(%q) = %+v, %v", s, r, err)
+		}
+		if !subjectMatches(event.RequestFilter, s) || !subjectMatches(event.SubjectRequests, s) {
+			t.Errorf("request filters do not match %q", s)
+		}
+	}
+	for _, bad := range []string{"sandboxer.req.team-a", "sandboxer.req.team-a.restart", "sandboxer.req.Team.create", "sandboxer.req._.create", "sandboxer.req.a.create.x", "x.req.a.create"} {
+		if r, err := event.ParseRequestSubject(bad); err == nil {
+			t.Errorf("ParseRequestSubject(%q) = %+v, want an error", bad, r)
+		}
+	}
+	if event.ValidName(event.Unrouted) {
+		t.Errorf("Unrouted %q is a valid name: an extension could be called that", event.Unrouted)
 	}
 }
 
@@ -161,8 +215,9 @@ func TestStreamsCaptureTheirSubjects(t *testing.T) {
 	cases := []struct {
 		subject, stream string
 	}{
-		{event.CommandSubject("local", event.VerbCreate, "sbx-1"), event.StreamCommands},
-		{event.LifecycleSubject("local", "sbx-1", event.StateReady), event.StreamLifecycle},
+		{event.CommandSubject("local", event.VerbCreate, "dev", "sbx-1"), event.StreamCommands},
+		{event.LifecycleSubject("dev", "local", "sbx-1", event.StateReady), event.StreamLifecycle},
+		{event.RequestSubject("dev", event.VerbCreate), ""},
 		{event.MeteringSubject("team-a", "debit"), event.StreamMetering},
 		{event.DLQSubject(event.StreamCommands, "local"), event.StreamDLQ},
 		{event.ExpiryScheduleSubject("sbx-1"), event.StreamTimers},

@@ -22,6 +22,14 @@ const (
 	TypeDestroy Type = "dev.sandboxer.command.destroy.v1"
 )
 
+// Request types. A tenant publishes them on its own request subject
+// ([RequestSubject]); the gateway's bus intake answers each, as it answers
+// the HTTP API.
+const (
+	TypeRequestCreate  Type = "dev.sandboxer.request.create.v1"
+	TypeRequestDestroy Type = "dev.sandboxer.request.destroy.v1"
+)
+
 // Lifecycle types, one per state a sandbox enters. They travel on the
 // lifecycle stream.
 const (

@@ -47,6 +47,9 @@ type Record struct {
 	TTLSeconds int64             `json:"ttl_seconds,omitempty"`
 	// Hold is the credit hold admission reserved, if any.
 	Hold string `json:"hold,omitempty"`
+	// Request is the request event the sandbox was asked for with, when it
+	// was asked for on the bus.
+	Request *event.Origin `json:"request,omitempty"`
 
 	// Handle is what the backend needs for teardown.
 	Handle       *event.Handle       `json:"handle,omitempty"`
@@ -74,7 +77,7 @@ type Transition struct {
 
 // Ref returns the event reference of r.
 func (r *Record) Ref() event.Ref {
-	return event.Ref{SandboxID: r.ID, Consumer: r.Consumer, Profile: r.Profile, Extension: r.Extension, Host: r.Host}
+	return event.Ref{SandboxID: r.ID, Consumer: r.Consumer, Profile: r.Profile, Extension: r.Extension, Host: r.Host, Request: r.Request}
 }
 
 // Marshal encodes r for the sandboxes bucket.
@@ -103,7 +106,7 @@ func NewRequested(c event.Create) *Record {
 	}
 	return &Record{
 		ID: c.SandboxID, Consumer: c.Consumer, Profile: c.Profile, Extension: c.Extension, Host: c.Host,
-		State: event.StateRequested, Labels: c.Labels, Inputs: c.Inputs, TTLSeconds: c.TTLSeconds, Hold: c.Hold,
+		State: event.StateRequested, Labels: c.Labels, Inputs: c.Inputs, TTLSeconds: c.TTLSeconds, Hold: c.Hold, Request: c.Request,
 		CreatedAt: at, UpdatedAt: at,
 		History: []Transition{{State: event.StateRequested, At: at}},
 	}
@@ -207,10 +210,15 @@ func Apply(r *Record, e *event.Event) (bool, error) {
 	if r.ID != "" && ref.SandboxID != r.ID {
 		return false, fmt.Errorf("%w: event for sandbox %q applied to %q", event.ErrMalformed, ref.SandboxID, r.ID)
 	}
+	if r.ID != "" && (ref.Consumer != r.Consumer || ref.Extension != r.Extension) {
+		return false, fmt.Errorf("%w: event of sandbox %s names consumer %q on %q, the record %q on %q",
+			event.ErrMalformed, r.ID, ref.Consumer, ref.Extension, r.Consumer, r.Extension)
+	}
 	update()
 	if r.ID == "" {
 		// The first thing the inventory hears of this sandbox.
 		r.ID, r.Consumer, r.Profile, r.Extension = ref.SandboxID, ref.Consumer, ref.Profile, ref.Extension
+		r.Request = ref.Request
 		r.CreatedAt = at
 	}
 	if ref.Host != "" {

@@ -116,7 +116,7 @@ func TestRefusals(t *testing.T) {
 	if !ok || ar.Consumer != "alice" || ar.Profile.Slug != "echo" || ar.Route != (gateway.Route{Extension: "echo", Host: "h1"}) || ar.TTL.Minutes() != 90 {
 		t.Fatalf("admit request %+v", ar)
 	}
-	cmds := e.messages(t, event.StreamCommands, event.CommandSubject("echo", event.VerbCreate, sb.ID))
+	cmds := e.messages(t, event.StreamCommands, event.CommandSubject("echo", event.VerbCreate, sb.Consumer, sb.ID))
 	var c event.Create
 	if len(cmds) != 1 || event.DataAs(cmds[0].Event, &c) != nil || c.Hold != "hold-"+sb.ID {
 		t.Fatalf("create command %+v hold %q", cmds, c.Hold)
@@ -163,7 +163,7 @@ func TestRefusals(t *testing.T) {
 			if err := event.DataAs(evs[0].Event, &rj); err != nil {
 				t.Fatal(err)
 			}
-			if evs[0].Subject != event.LifecycleSubject("echo", id, event.StateRejected) || rj.Code != tc.code || rj.Consumer != tc.consumer {
+			if evs[0].Subject != event.LifecycleSubject(tc.consumer, "echo", id, event.StateRejected) || rj.Code != tc.code || rj.Consumer != tc.consumer {
 				t.Fatalf("rejection on %s: %+v", evs[0].Subject, rj)
 			}
 			got, err := e.client(tc.consumer).Get(ctx, id)

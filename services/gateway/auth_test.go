@@ -132,7 +132,7 @@ func TestOwnership(t *testing.T) {
 	if _, err := root.Destroy(ctx, sb.ID); err != nil {
 		t.Fatal(err)
 	}
-	cmds := e.messages(t, event.StreamCommands, event.CommandSubject("echo", event.VerbDestroy, sb.ID))
+	cmds := e.messages(t, event.StreamCommands, event.CommandSubject("echo", event.VerbDestroy, sb.Consumer, sb.ID))
 	if len(cmds) != 1 {
 		t.Fatalf("%d destroy commands", len(cmds))
 	}

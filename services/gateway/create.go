@@ -176,7 +176,7 @@ func (g *Gateway) request(ctx context.Context, st *state, c caller, id string, p
 	// is rejected below whatever the record says.
 	recorded, err := g.createRecord(st, id, rec)
 	if err == nil {
-		_, err = g.pub.Publish(ctx, event.CommandSubject(cr.Extension, event.VerbCreate, id), ev)
+		_, err = g.pub.Publish(ctx, cr.Ref.CommandSubject(event.VerbCreate), ev)
 	}
 	rev, recErr := recorded(ctx)
 	if recErr == nil {
@@ -258,7 +258,7 @@ func (g *Gateway) reject(ctx context.Context, st *state, cr event.Create, code, 
 		g.log.Warn("not rejecting a sandbox that moved on", "sandbox", id, "state", rec.State)
 		return rec
 	}
-	if _, err := g.pub.Publish(ctx, event.LifecycleSubject(cr.Extension, id, event.StateRejected), ev); err != nil {
+	if _, err := g.pub.Publish(ctx, cr.Ref.LifecycleSubject(event.StateRejected), ev); err != nil {
 		g.log.Error("publishing rejected event", "sandbox", id, "code", code, "err", err)
 	}
 	return nil

@@ -42,7 +42,7 @@ func TestCreate(t *testing.T) {
 		t.Fatalf("%d commands on the stream, want 1", len(cmds))
 	}
 	c := cmds[0]
-	if c.Subject != event.CommandSubject("echo", event.VerbCreate, sb.ID) {
+	if c.Subject != event.CommandSubject("echo", event.VerbCreate, sb.Consumer, sb.ID) {
 		t.Fatalf("command subject %s", c.Subject)
 	}
 	ev := c.Event

@@ -20,7 +20,7 @@ func TestDestroy(t *testing.T) {
 		t.Fatal(err)
 	}
 	destroys := func() []stored {
-		return e.messages(t, event.StreamCommands, event.CommandSubject("echo", event.VerbDestroy, sb.ID))
+		return e.messages(t, event.StreamCommands, event.CommandSubject("echo", event.VerbDestroy, sb.Consumer, sb.ID))
 	}
 
 	got, err := alice.Destroy(ctx, sb.ID)
@@ -96,7 +96,7 @@ func TestDestroyNoCommandWhenOnItsWay(t *testing.T) {
 			if want := tc.states[len(tc.states)-1]; got.State != want {
 				t.Fatalf("state %s, want %s", got.State, want)
 			}
-			if n := len(e.messages(t, event.StreamCommands, event.CommandSubject("echo", event.VerbDestroy, sb.ID))); n != 0 {
+			if n := len(e.messages(t, event.StreamCommands, event.CommandSubject("echo", event.VerbDestroy, sb.Consumer, sb.ID))); n != 0 {
 				t.Fatalf("%d destroy commands, want none", n)
 			}
 		})
@@ -121,7 +121,7 @@ func TestIdempotency(t *testing.T) {
 	if again.ID != first.ID {
 		t.Fatalf("same key gave %s then %s", first.ID, again.ID)
 	}
-	creates := func() int { return len(e.messages(t, event.StreamCommands, "sandboxer.cmd.*.create.*")) }
+	creates := func() int { return len(e.messages(t, event.StreamCommands, "sandboxer.cmd.*.create.*.*")) }
 	if n := creates(); n != 1 {
 		t.Fatalf("%d create commands, want 1", n)
 	}

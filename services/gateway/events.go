@@ -48,7 +48,7 @@ func (g *Gateway) events(w http.ResponseWriter, r *http.Request, c caller) {
 		follow = false
 	}
 	cfg := jetstream.OrderedConsumerConfig{
-		FilterSubjects:    []string{event.SandboxFilter(rec.ID)},
+		FilterSubjects:    []string{rec.Ref().RefFilter()},
 		DeliverPolicy:     jetstream.DeliverAllPolicy,
 		InactiveThreshold: 30 * time.Second,
 	}

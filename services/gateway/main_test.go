@@ -308,7 +308,7 @@ func (e *env) advance(t *testing.T, id string, project bool, states ...event.Sta
 	for _, s := range states {
 		rec, rev := e.record(t, id)
 		ev := lifecycleEvent(t, rec, s)
-		if _, err := pub.Publish(ctx, event.LifecycleSubject(rec.Extension, id, s), ev); err != nil {
+		if _, err := pub.Publish(ctx, rec.Ref().LifecycleSubject(s), ev); err != nil {
 			t.Fatal(err)
 		}
 		if !project {

@@ -139,7 +139,7 @@ func (g *Gateway) destroy(w http.ResponseWriter, r *http.Request, c caller) {
 		Ref: rec.Ref(), Reason: event.ReasonRequested, RequestedBy: c.Consumer, RequestedAt: g.opts.Now().UTC(),
 	})
 	if err == nil {
-		_, err = g.pub.Publish(ctx, event.CommandSubject(rec.Extension, event.VerbDestroy, rec.ID), ev)
+		_, err = g.pub.Publish(ctx, rec.Ref().CommandSubject(event.VerbDestroy), ev)
 	}
 	if err != nil {
 		g.log.Warn("publishing destroy command", "sandbox", rec.ID, "err", err)

@@ -195,5 +195,5 @@ func (m *Metering) destroyOut(h *Hold, consumer string) ([]bus.Out, error) {
 	if err != nil {
 		return nil, err
 	}
-	return []bus.Out{{Subject: event.CommandSubject(h.Extension, event.VerbDestroy, h.Sandbox), Event: e}}, nil
+	return []bus.Out{{Subject: ref.CommandSubject(event.VerbDestroy), Event: e}}, nil
 }

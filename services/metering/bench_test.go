@@ -172,7 +172,7 @@ func BenchmarkLifecycleEvents(b *testing.B) {
 				b.Fatal(err)
 			}
 			ev.SetTime(at)
-			msg, err := event.Encode(ctx, event.LifecycleSubject(r.Extension, r.SandboxID, st), ev)
+			msg, err := event.Encode(ctx, r.LifecycleSubject(st), ev)
 			if err != nil {
 				b.Fatal(err)
 			}

@@ -235,7 +235,7 @@ func (e *env) publishData(t tb, r event.Ref, s event.State, at time.Time, data a
 		t.Fatal(err)
 	}
 	ev.SetTime(at)
-	msg, err := event.Encode(context.Background(), event.LifecycleSubject(r.Extension, r.SandboxID, s), ev)
+	msg, err := event.Encode(context.Background(), r.LifecycleSubject(s), ev)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -82,8 +82,9 @@ func decode(e *event.Event, v any, ref event.LifecycleRef) error {
 	case *event.Destroyed:
 		r = d.Ref
 	}
-	if r.SandboxID != ref.Sandbox {
-		return bus.Permanent(fmt.Errorf("handling %s: %w: data names sandbox %q", e.ID(), event.ErrMalformed, r.SandboxID))
+	if !ref.Matches(r) {
+		return bus.Permanent(fmt.Errorf("handling %s: %w: data names sandbox %q of consumer %q on %q, the subject %s of %q on %q",
+			e.ID(), event.ErrMalformed, r.SandboxID, r.Consumer, r.Extension, ref.Sandbox, ref.Consumer, ref.Extension))
 	}
 	if err := event.CheckName("consumer", r.Consumer); err != nil {
 		return bus.Permanent(fmt.Errorf("handling %s: %w: %w", e.ID(), event.ErrMalformed, err))
@@ -245,7 +246,7 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 		if h != nil {
 			readyAt = h.ReadyAt
 			if readyAt.IsZero() {
-				if readyAt, err = m.readyAt(ctx, ref.Extension, sb); err != nil {
+				if readyAt, err = m.readyAt(ctx, event.Ref{Consumer: c, Extension: ref.Extension, SandboxID: sb}); err != nil {
 					return err
 				}
 			}
@@ -294,8 +295,9 @@ func (m *Metering) actual(ctx context.Context, h *Hold, readyAt, endAt time.Time
 
 // readyAt reads when sandbox sb became ready from its ready event on the
 // lifecycle stream, or zero when it has none.
-func (m *Metering) readyAt(ctx context.Context, ext, sb string) (time.Time, error) {
-	raw, err := m.lifecycle.GetLastMsgForSubject(ctx, event.LifecycleSubject(ext, sb, event.StateReady))
+func (m *Metering) readyAt(ctx context.Context, r event.Ref) (time.Time, error) {
+	sb := r.SandboxID
+	raw, err := m.lifecycle.GetLastMsgForSubject(ctx, r.LifecycleSubject(event.StateReady))
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return time.Time{}, nil
 	}

@@ -55,8 +55,8 @@ func (pl *pool) handle(ctx context.Context, m *bus.Message) ([]bus.Out, error) {
 		if err := event.DataAs(m.Event, &c); err != nil {
 			return nil, err
 		}
-		if c.SandboxID != ref.Sandbox || c.Extension != pl.name {
-			return nil, bus.Permanent(fmt.Errorf("create data names sandbox %q of %q, subject %s", c.SandboxID, c.Extension, m.Subject))
+		if !ref.Matches(c.Ref) {
+			return nil, bus.Permanent(fmt.Errorf("create data names sandbox %q of consumer %q on %q, subject %s", c.SandboxID, c.Consumer, c.Extension, m.Subject))
 		}
 		return pl.create(ctx, m, c)
 	case event.TypeDestroy:
@@ -67,8 +67,8 @@ func (pl *pool) handle(ctx context.Context, m *bus.Message) ([]bus.Out, error) {
 		if err := event.DataAs(m.Event, &d); err != nil {
 			return nil, err
 		}
-		if d.SandboxID != ref.Sandbox {
-			return nil, bus.Permanent(fmt.Errorf("destroy data names sandbox %q, subject %s", d.SandboxID, m.Subject))
+		if !ref.Matches(d.Ref) {
+			return nil, bus.Permanent(fmt.Errorf("destroy data names sandbox %q of consumer %q on %q, subject %s", d.SandboxID, d.Consumer, d.Extension, m.Subject))
 		}
 		return pl.destroy(ctx, d)
 	}
@@ -188,7 +188,7 @@ func (pl *pool) failed(c event.Create, phase string, h *extension.Handle, reason
 	if err != nil {
 		return nil, bus.Permanent(err)
 	}
-	return []bus.Out{f, {Subject: event.CommandSubject(pl.name, event.VerbDestroy, c.SandboxID), Event: d}}, nil
+	return []bus.Out{f, {Subject: c.Ref.CommandSubject(event.VerbDestroy), Event: d}}, nil
 }
 
 func (pl *pool) destroy(ctx context.Context, d event.Destroy) ([]bus.Out, error) {
@@ -202,7 +202,7 @@ func (pl *pool) destroy(ctx context.Context, d event.Destroy) ([]bus.Out, error)
 	if rec != nil && (rec.State == event.StateRequested || rec.State == event.StateProvisioning) {
 		// The inventory may only lag: when the create already announced its
 		// end on the lifecycle stream, take the handle from there.
-		if h, done, err := pl.createOutcome(ctx, d.SandboxID); err != nil {
+		if h, done, err := pl.createOutcome(ctx, d.Ref); err != nil {
 			return nil, err
 		} else if done {
 			rec.Handle = h
@@ -258,9 +258,10 @@ func (pl *pool) destroy(ctx context.Context, d event.Destroy) ([]bus.Out, error)
 // createOutcome reads the sandbox's ready or failed event from the
 // lifecycle stream: done reports that the create has ended, with the
 // handle it left (nil when it failed before making anything).
-func (pl *pool) createOutcome(ctx context.Context, id string) (*extension.Handle, bool, error) {
+func (pl *pool) createOutcome(ctx context.Context, ref event.Ref) (*extension.Handle, bool, error) {
+	id := ref.SandboxID
 	for _, s := range []event.State{event.StateReady, event.StateFailed} {
-		msg, err := pl.p.lifecycle.GetLastMsgForSubject(ctx, event.LifecycleSubject(pl.name, id, s))
+		msg, err := pl.p.lifecycle.GetLastMsgForSubject(ctx, ref.LifecycleSubject(s))
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
 			continue
 		}
@@ -352,7 +353,7 @@ func (pl *pool) lifecycle(s event.State, ref event.Ref, data any) (bus.Out, erro
 	if err != nil {
 		return bus.Out{}, bus.Permanent(err)
 	}
-	return bus.Out{Subject: event.LifecycleSubject(pl.name, ref.SandboxID, s), Event: e}, nil
+	return bus.Out{Subject: ref.LifecycleSubject(s), Event: e}, nil
 }
 
 // emitAsync publishes a lifecycle event without waiting for the stream's

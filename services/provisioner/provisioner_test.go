@@ -110,7 +110,7 @@ func (e *env) publishCreate(t *testing.T, ext, id string, inputs map[string]stri
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := bus.NewPublisher(e.js).Publish(context.Background(), event.CommandSubject(ext, event.VerbCreate, id), ev); err != nil {
+	if _, err := bus.NewPublisher(e.js).Publish(context.Background(), c.Ref.CommandSubject(event.VerbCreate), ev); err != nil {
 		t.Fatal(err)
 	}
 	return c
@@ -124,7 +124,7 @@ func (e *env) publishDestroy(t *testing.T, ext, id string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := bus.NewPublisher(e.js).Publish(context.Background(), event.CommandSubject(ext, event.VerbDestroy, id), ev); err != nil {
+	if _, err := bus.NewPublisher(e.js).Publish(context.Background(), d.Ref.CommandSubject(event.VerbDestroy), ev); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -163,11 +163,11 @@ func (e *env) lifecycleCount(t *testing.T, ext, id string, s event.State) uint64
 	if err != nil {
 		t.Fatal(err)
 	}
-	info, err := st.Info(context.Background(), jetstream.WithSubjectFilter(event.LifecycleSubject(ext, id, s)))
+	info, err := st.Info(context.Background(), jetstream.WithSubjectFilter(event.LifecycleSubject("dev", ext, id, s)))
 	if err != nil {
 		t.Fatal(err)
 	}
-	return info.State.Subjects[event.LifecycleSubject(ext, id, s)]
+	return info.State.Subjects[event.LifecycleSubject("dev", ext, id, s)]
 }
 
 // putRecord stores an inventory record as the registry's projection would.
@@ -267,7 +267,7 @@ func TestMalformedCommandIsDeadLettered(t *testing.T) {
 	e := newEnv(t, localManifest("local", 5*time.Second))
 	p, _ := e.start(t, extension.NewRegistry(local.Info), "local", "w1")
 	ctx := context.Background()
-	if _, err := e.js.Publish(ctx, event.CommandSubject("local", event.VerbCreate, "sbx-bad"), []byte("not an event")); err != nil {
+	if _, err := e.js.Publish(ctx, event.CommandSubject("local", event.VerbCreate, "dev", "sbx-bad"), []byte("not an event")); err != nil {
 		t.Fatal(err)
 	}
 	dlq, err := e.js.OrderedConsumer(ctx, event.StreamDLQ, jetstream.OrderedConsumerConfig{})

@@ -158,7 +158,7 @@ func (r *Registry) expiryOuts(rec *sandbox.Record, expired *event.Event) ([]bus.
 	}
 	r.log.Info("sandbox expired", "sandbox", rec.ID, "expires_at", rec.ExpiresAt)
 	return []bus.Out{
-		{Subject: event.LifecycleSubject(rec.Extension, rec.ID, event.StateExpired), Event: expired},
-		{Subject: event.CommandSubject(rec.Extension, event.VerbDestroy, rec.ID), Event: destroy},
+		{Subject: rec.Ref().LifecycleSubject(event.StateExpired), Event: expired},
+		{Subject: rec.Ref().CommandSubject(event.VerbDestroy), Event: destroy},
 	}, nil
 }

@@ -74,7 +74,7 @@ func TestExpiryAcrossRestart(t *testing.T) {
 
 	var destroy *jetstream.RawStreamMsg
 	eventually(t, 5*time.Second, func() (bool, string) {
-		destroy = e2.lastMsg(t, event.StreamCommands, event.CommandSubject(testExt, event.VerbDestroy, id))
+		destroy = e2.lastMsg(t, event.StreamCommands, event.CommandSubject(testExt, event.VerbDestroy, "team-a", id))
 		return destroy != nil, "no destroy command"
 	})
 	_, cmd, err := event.Decode(t.Context(), destroy.Header, destroy.Data)
@@ -88,7 +88,7 @@ func TestExpiryAcrossRestart(t *testing.T) {
 	if cmd.Type() != string(event.TypeDestroy) || cmd.Source() != registry.Source || d.Reason != event.ReasonExpired || d.SandboxID != id || d.Extension != testExt {
 		t.Errorf("destroy command %s from %s: %+v", cmd.Type(), cmd.Source(), d)
 	}
-	evt := e2.lastMsg(t, event.StreamLifecycle, event.LifecycleSubject(testExt, id, event.StateExpired))
+	evt := e2.lastMsg(t, event.StreamLifecycle, event.LifecycleSubject("team-a", testExt, id, event.StateExpired))
 	if evt == nil {
 		t.Fatal("no expired event on the lifecycle stream")
 	}
@@ -135,7 +135,7 @@ func TestExpiryInThePast(t *testing.T) {
 	e.publishState(t, workerA, id, event.StateReady, time.Now().UTC().Add(-time.Minute))
 	e.awaitRecord(t, id, 10*time.Second, inState(event.StateExpired))
 	eventually(t, 5*time.Second, func() (bool, string) {
-		m := e.lastMsg(t, event.StreamCommands, event.CommandSubject(testExt, event.VerbDestroy, id))
+		m := e.lastMsg(t, event.StreamCommands, event.CommandSubject(testExt, event.VerbDestroy, "team-a", id))
 		return m != nil, "no destroy command"
 	})
 }
@@ -254,10 +254,10 @@ func TestLateFire(t *testing.T) {
 				t.Fatal(err)
 			}
 			e.awaitAcked(t, event.StreamTimers, registry.ConsumerTimers, ack.Sequence)
-			if m := e.lastMsg(t, event.StreamLifecycle, event.LifecycleSubject(testExt, tc.id, event.StateExpired)); m != nil {
+			if m := e.lastMsg(t, event.StreamLifecycle, event.LifecycleSubject("team-a", testExt, tc.id, event.StateExpired)); m != nil {
 				t.Error("a late fire published an expired event")
 			}
-			if m := e.lastMsg(t, event.StreamCommands, event.CommandSubject(testExt, event.VerbDestroy, tc.id)); m != nil {
+			if m := e.lastMsg(t, event.StreamCommands, event.CommandSubject(testExt, event.VerbDestroy, "team-a", tc.id)); m != nil {
 				t.Error("a late fire published a destroy command")
 			}
 			after, _, err := readRecord(t, e, tc.id)

@@ -190,7 +190,7 @@ func lifecycleEvent(t *testing.T, source, id string, state event.State, expiresA
 func (e *env) publishState(t *testing.T, source, id string, state event.State, expiresAt time.Time) uint64 {
 	t.Helper()
 	ev := lifecycleEvent(t, source, id, state, expiresAt)
-	ack, err := e.pub.Publish(testCtx(t, 5*time.Second), event.LifecycleSubject(testExt, id, state), ev)
+	ack, err := e.pub.Publish(testCtx(t, 5*time.Second), event.LifecycleSubject("team-a", testExt, id, state), ev)
 	if err != nil {
 		t.Fatalf("publishing %s of %s: %v", state, id, err)
 	}

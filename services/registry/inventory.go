@@ -37,6 +37,20 @@ func (r *Registry) project(ctx context.Context, m *bus.Message) ([]bus.Out, erro
 	if to, ok := event.StateOf(event.Type(m.Event.Type())); !ok || to != ref.State {
 		return nil, bus.Permanent(fmt.Errorf("projecting %s: event type %s does not announce state %s", m.Subject, m.Event.Type(), ref.State))
 	}
+	// The subject says whose sandbox this is, and permissions vouch for
+	// it; a payload that says otherwise is refused.
+	if d, err := event.RefOf(m.Event); err != nil {
+		return nil, bus.Permanent(fmt.Errorf("projecting %s: %w", m.Subject, err))
+	} else if d.SandboxID != ref.Sandbox {
+		return nil, bus.Permanent(fmt.Errorf("projecting %s: %w: data names sandbox %q", m.Subject, event.ErrMalformed, d.SandboxID))
+	} else if !ref.Matches(d) {
+		return nil, bus.Permanent(fmt.Errorf("projecting %s: %w: data names consumer %q on %q", m.Subject, event.ErrMalformed, d.Consumer, d.Extension))
+	}
+	if ref.Extension == event.Unrouted {
+		// A request refused before it was routed: there is no sandbox to
+		// keep a record of; the rejected event and the reply said why.
+		return nil, nil
+	}
 	// One event of a sandbox at a time in this instance, with its
 	// schedule work: events of one sandbox arrive close together
 	// (provisioning and ready within microseconds from a fast backend).

@@ -194,7 +194,7 @@ func TestProjectionDeadLetters(t *testing.T) {
 	// Each case publishes its own event: the stream would drop a second
 	// copy of one as a duplicate.
 	ev := func(id string, s event.State) *event.Event { return lifecycleEvent(t, workerA, id, s, time.Time{}) }
-	badData, err := event.New(event.TypeReady, workerA, "sbx-dlq-f", "sbx-dlq-f.ready", map[string]any{"sandbox_id": "sbx-dlq-f", "colour": "red"})
+	badData, err := event.New(event.TypeReady, workerA, "sbx-dlq-f", "sbx-dlq-f.ready", map[string]any{"sandbox_id": "sbx-dlq-f", "consumer": "team-a", "extension": testExt, "colour": "red"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -204,12 +204,13 @@ func TestProjectionDeadLetters(t *testing.T) {
 		msg    *nats.Msg
 		reason string
 	}{
-		{"not a cloudevent", "sbx-dlq-a", raw(event.LifecycleSubject(testExt, "sbx-dlq-a", event.StateReady), "not json", nil), "malformed event"},
-		{"unknown state", "sbx-dlq-b", encoded("sandboxer.evt.echo.sbx-dlq-b.exploded", ev("sbx-dlq-b", event.StateProvisioning)), "unknown state"},
-		{"data for another sandbox", "sbx-dlq-c", encoded(event.LifecycleSubject(testExt, "sbx-dlq-c", event.StateReady), ev("sbx-other", event.StateReady)), `data names sandbox "sbx-other"`},
-		{"type not matching subject", "sbx-dlq-e", encoded(event.LifecycleSubject(testExt, "sbx-dlq-e", event.StateReady), ev("sbx-dlq-e", event.StateProvisioning)), "does not announce state ready"},
-		{"unknown data field", "sbx-dlq-f", encoded(event.LifecycleSubject(testExt, "sbx-dlq-f", event.StateReady), badData), "unknown field"},
-		{"bad sandbox id", "Bad", encoded("sandboxer.evt.echo.Bad.ready", ev("sbx-dlq-g", event.StateReady)), "invalid sandbox id"},
+		{"not a cloudevent", "sbx-dlq-a", raw(event.LifecycleSubject("team-a", testExt, "sbx-dlq-a", event.StateReady), "not json", nil), "malformed event"},
+		{"unknown state", "sbx-dlq-b", encoded("sandboxer.evt.team-a.echo.sbx-dlq-b.exploded", ev("sbx-dlq-b", event.StateProvisioning)), "unknown state"},
+		{"data for another sandbox", "sbx-dlq-c", encoded(event.LifecycleSubject("team-a", testExt, "sbx-dlq-c", event.StateReady), ev("sbx-other", event.StateReady)), `data names sandbox "sbx-other"`},
+		{"type not matching subject", "sbx-dlq-e", encoded(event.LifecycleSubject("team-a", testExt, "sbx-dlq-e", event.StateReady), ev("sbx-dlq-e", event.StateProvisioning)), "does not announce state ready"},
+		{"unknown data field", "sbx-dlq-f", encoded(event.LifecycleSubject("team-a", testExt, "sbx-dlq-f", event.StateReady), badData), "unknown field"},
+		{"bad sandbox id", "Bad", encoded("sandboxer.evt.team-a.echo.Bad.ready", ev("sbx-dlq-g", event.StateReady)), "invalid sandbox id"},
+		{"data for another consumer", "sbx-dlq-h", encoded(event.LifecycleSubject("team-b", testExt, "sbx-dlq-h", event.StateReady), ev("sbx-dlq-h", event.StateReady)), `data names consumer "team-a"`},
 	}
 	dlq := event.DLQSubject(event.StreamLifecycle, registry.ConsumerInventory)
 	for _, tc := range tests {
@@ -271,7 +272,7 @@ func TestRetention(t *testing.T) {
 	// the removed record: acknowledged, nothing written, nothing dead-lettered.
 	late := lifecycleEvent(t, workerB, ended, event.StateDestroyed, time.Time{})
 	late.SetID(late.ID() + ".late")
-	ack, err := e.pub.Publish(ctx, event.LifecycleSubject(testExt, ended, event.StateDestroyed), late)
+	ack, err := e.pub.Publish(ctx, event.LifecycleSubject("team-a", testExt, ended, event.StateDestroyed), late)
 	if err != nil {
 		t.Fatal(err)
 	}
