@@ -3,8 +3,6 @@ package extension
 import (
 	"fmt"
 	"maps"
-	"net"
-	"net/url"
 	"path"
 	"regexp"
 	"slices"
@@ -47,8 +45,10 @@ const (
 	// FormatPath is a relative path that stays under its base: no "..",
 	// no leading "/".
 	FormatPath Format = "path"
-	// FormatRepo is a git repository: an https, ssh, git or file URL, an
-	// scp-like user@host:path, or an absolute local path.
+	// FormatRepo is a git repository: an https, http, ssh, git or file
+	// URL, an scp-like user@host:path, or an absolute local path; never
+	// with credentials (a password anywhere, a user name but for ssh).
+	// What it may reach is the manifest's [RepoPolicy].
 	FormatRepo Format = "repo"
 	// FormatSSHTarget is [user@]host[:port].
 	FormatSSHTarget Format = "ssh-target"
@@ -62,7 +62,8 @@ const (
 // Formats lists the string formats.
 var Formats = []Format{FormatWord, FormatName, FormatPath, FormatRepo, FormatSSHTarget, FormatHost, FormatEnv}
 
-// RepoSchemes are the URL schemes a repo input may use.
+// RepoSchemes are the URL schemes a repo input may use at all; a
+// manifest's [RepoPolicy] allows some of them.
 var RepoSchemes = []string{"https", "http", "ssh", "git", "file"}
 
 // InputSpec declares one input of an extension.
@@ -137,7 +138,28 @@ func (fe FieldErrors) Error() string {
 // them over the profile's defaults and the spec's defaults. It returns the
 // inputs to provision with, or every problem, field by field. Unknown keys
 // are errors.
+//
+// It checks repo inputs for their format only; [Manifest.ValidateInputs]
+// checks them against the manifest's repo policy too.
 func ValidateInputs(spec map[string]InputSpec, defaults, in map[string]string) (Inputs, FieldErrors) {
+	return validateInputs(spec, defaults, in, nil)
+}
+
+// ValidateInputs checks a request's inputs as [ValidateInputs] does
+// against m's input spec, and every repo input against m's repo policy
+// ([RepoPolicy.Check]: scheme, credentials, and the host where no name
+// resolution is needed). It is the check a gateway runs per candidate
+// manifest, and a worker before Provision.
+func (m *Manifest) ValidateInputs(defaults, in map[string]string) (Inputs, FieldErrors) {
+	return validateInputs(m.Inputs, defaults, in, func(s InputSpec, v string) error {
+		if s.Format != FormatRepo {
+			return nil
+		}
+		return m.Repo.Check(v)
+	})
+}
+
+func validateInputs(spec map[string]InputSpec, defaults, in map[string]string, extra func(InputSpec, string) error) (Inputs, FieldErrors) {
 	var errs FieldErrors
 	out := make(Inputs, len(spec))
 	for _, k := range slices.Sorted(maps.Keys(in)) {
@@ -167,6 +189,12 @@ func ValidateInputs(spec map[string]InputSpec, defaults, in map[string]string) (
 		if err := s.validate(v); err != nil {
 			errs = append(errs, FieldError{Field: "inputs." + k, Detail: err.Error()})
 			continue
+		}
+		if extra != nil {
+			if err := extra(s, v); err != nil {
+				errs = append(errs, FieldError{Field: "inputs." + k, Detail: err.Error()})
+				continue
+			}
 		}
 		out[k] = v
 	}
@@ -323,44 +351,8 @@ func CheckFormat(f Format, v string) error {
 }
 
 func checkRepo(v string) error {
-	if !repoCharsRE.MatchString(v) {
-		return fmt.Errorf("repository contains characters outside [A-Za-z0-9_./:@+~%%-]")
-	}
-	if strings.Contains(v, "::") {
-		return fmt.Errorf("git transport helpers (\"::\") are not allowed")
-	}
-	if strings.HasPrefix(v, "/") {
-		if strings.Contains("/"+v+"/", "/../") {
-			return fmt.Errorf("local repository path must not contain '..'")
-		}
-		return nil
-	}
-	if scpRepoRE.MatchString(v) && !strings.Contains(v, "://") {
-		return nil
-	}
-	u, err := url.Parse(v)
-	if err != nil {
-		return fmt.Errorf("want a repository URL or absolute path: %v", err)
-	}
-	if !slices.Contains(RepoSchemes, u.Scheme) {
-		return fmt.Errorf("repository scheme %q not allowed (allowed: %v)", u.Scheme, RepoSchemes)
-	}
-	if u.Scheme == "file" {
-		if u.Host != "" && u.Host != "localhost" || !strings.HasPrefix(u.Path, "/") {
-			return fmt.Errorf("file URL must be file:///absolute/path")
-		}
-		if strings.Contains(u.Path+"/", "/../") {
-			return fmt.Errorf("local repository path must not contain '..'")
-		}
-		return nil
-	}
-	if u.Host == "" || strings.HasPrefix(u.Host, "-") {
-		return fmt.Errorf("repository URL needs a host")
-	}
-	if h := u.Hostname(); h != "" && net.ParseIP(h) == nil && !hostRE.MatchString(h) {
-		return fmt.Errorf("invalid repository host %q", h)
-	}
-	return nil
+	_, err := ParseRepo(v)
+	return err
 }
 
 func clip(s string) string {

@@ -87,6 +87,10 @@ type Manifest struct {
 	// Inputs is the spec every request's inputs are validated against
 	// before anything is published or provisioned.
 	Inputs map[string]InputSpec `yaml:"inputs,omitempty" json:"inputs,omitempty"`
+	// Repo is what the extension's repo inputs (format repo) may reach:
+	// schemes, hosts after name resolution, local roots. The zero policy
+	// is the default: https and ssh to public hosts, no local path.
+	Repo RepoPolicy `yaml:"repo,omitempty" json:"repo,omitzero"`
 	// Config is the backend's own configuration, decoded strictly by it.
 	Config Config `yaml:"config,omitempty" json:"config,omitzero"`
 
@@ -387,10 +391,24 @@ func (m *Manifest) check(l locator) Problems {
 	if m.Workers.AckWait != 0 && m.Workers.AckWait.D() < time.Second {
 		ps = append(ps, l.at("workers.ack_wait", "must be at least 1s"))
 	}
+	hasRepo := false
 	for _, name := range slices.Sorted(maps.Keys(m.Inputs)) {
 		spec := m.Inputs[name]
 		for _, msg := range spec.check(name) {
 			ps = append(ps, l.at("inputs."+name, "%s", msg))
+		}
+		hasRepo = hasRepo || spec.Format == FormatRepo
+	}
+	repoPs := m.Repo.check(l)
+	ps = append(ps, repoPs...)
+	if !m.Repo.IsZero() && !hasRepo {
+		ps = append(ps, l.at("repo", "no input has format: repo, so the repo policy would never apply"))
+	}
+	for _, name := range slices.Sorted(maps.Keys(m.Inputs)) {
+		if spec := m.Inputs[name]; len(repoPs) == 0 && spec.Format == FormatRepo && spec.Default != "" && spec.check(name) == nil {
+			if err := m.Repo.Check(spec.Default); err != nil {
+				ps = append(ps, l.at("inputs."+name+".default", "%v", err))
+			}
 		}
 	}
 	return ps
