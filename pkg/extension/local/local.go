@@ -1,15 +1,26 @@
 // Package local is ext.local, the embedded default backend: a workspace
 // directory per sandbox on this machine, with the repo input cloned into it
-// when given. It needs nothing installed but git, and git only for repo.
+// when given. It needs nothing installed but git, and git only for repo
+// (2.37 or later for https and http by host name).
+//
+// The repo input is checked against the manifest's repo policy right
+// before the clone ([extension.RepoChecker]): host names resolved and
+// every address checked, local paths resolved and checked under the
+// policy's local_roots, and never inside this backend's own data. git
+// then runs pinned to what was checked ([extension.RepoTarget]).
 package local
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 
 	"github.com/sand-boxer/sandboxer/pkg/event"
@@ -35,6 +46,8 @@ type Config struct {
 type Local struct {
 	base string
 	git  string
+	log  *slog.Logger
+	repo extension.RepoChecker
 }
 
 // markerFile marks a workspace that Provision finished. A directory without
@@ -65,6 +78,16 @@ func (l *Local) Configure(_ context.Context, env extension.Env) error {
 	if l.git == "" {
 		l.git = "git"
 	}
+	l.log = env.Logger
+	if l.log == nil {
+		l.log = slog.New(slog.DiscardHandler)
+	}
+	// Other sandboxes' workspaces are clones too: never a source.
+	exclude := []string{base}
+	if env.DataDir != "" {
+		exclude = append(exclude, env.DataDir)
+	}
+	l.repo = extension.RepoChecker{Policy: env.Manifest.Repo, Exclude: exclude}
 	return nil
 }
 
@@ -110,7 +133,7 @@ func (l *Local) Provision(ctx context.Context, _ extension.Profile, in extension
 	defer os.RemoveAll(tmp) // gone after the rename; cleans up on failure
 	work := filepath.Join(tmp, "ws")
 	if repo := in["repo"]; repo != "" {
-		if err := l.clone(ctx, repo, work); err != nil {
+		if err := l.clone(ctx, id, repo, work); err != nil {
 			return h, err
 		}
 	} else if err := os.Mkdir(work, 0o755); err != nil {
@@ -131,24 +154,112 @@ func (l *Local) Provision(ctx context.Context, _ extension.Profile, in extension
 	return h, nil
 }
 
-// clone runs git clone with the repository as a positional argument after
-// "--", so it can never be read as an option. The input was validated as a
-// repo (no leading '-', no transport helpers) before it got here.
-func (l *Local) clone(ctx context.Context, repo, dir string) error {
-	if strings.HasPrefix(repo, "-") {
-		return fmt.Errorf("local: refusing repository %q", repo)
+// clone checks repo against the manifest's repo policy and clones what
+// was checked into dir, git pinned to it: the checked address, no
+// redirect, no proxy, no other protocol. The repository is a positional
+// argument after "--", so it can never be read as an option. A refusal or
+// a failed clone is a [*extension.RepoError]: the caller sees only
+// "repository not reachable"; the detail, git's output included, goes to
+// the log.
+func (l *Local) clone(ctx context.Context, id, repo, dir string) error {
+	t, err := l.repo.Check(ctx, repo)
+	if err == nil && t.CurlResolve() != "" {
+		err = l.gitPins(ctx, repo)
 	}
-	cmd := exec.CommandContext(ctx, l.git, "-c", "protocol.ext.allow=never", "clone", "--quiet", "--no-hardlinks", "--", repo, dir)
-	cmd.Env = append(os.Environ(), "GIT_TERMINAL_PROMPT=0")
-	out, err := cmd.CombinedOutput()
 	if err != nil {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		return fmt.Errorf("local: cloning %s: %w: %s", repo, err, strings.TrimSpace(string(out)))
+		l.log.WarnContext(ctx, "repository refused", "sandbox", id, "err", err)
+		return fmt.Errorf("local: %w", err)
+	}
+	if strings.HasPrefix(t.URL, "-") {
+		return fmt.Errorf("local: %w", &extension.RepoError{Repo: extension.RedactRepo(repo), Reason: "would be read as an option"})
+	}
+	var args []string
+	for _, kv := range t.GitConfig() {
+		args = append(args, "-c", kv)
+	}
+	args = append(args, "clone", "--quiet", "--no-hardlinks", "--", t.URL, dir)
+	cmd := exec.CommandContext(ctx, l.git, args...)
+	cmd.Env = gitEnv(os.Environ(), t)
+	stderr := &tail{max: 4096}
+	cmd.Stdout, cmd.Stderr = stderr, stderr
+	if err := cmd.Run(); err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		re := &extension.RepoError{Repo: extension.RedactRepo(repo), Reason: fmt.Sprintf("git clone of %s (address %v) failed: %v", extension.RedactRepo(t.URL), t.Addr, err), Output: extension.RedactRepo(stderr.String())}
+		l.log.WarnContext(ctx, "cloning repository failed", "sandbox", id, "err", re)
+		return fmt.Errorf("local: %w", re)
 	}
 	return nil
 }
+
+// gitPins checks that git is recent enough to honour
+// http.curloptResolve (2.37): an older one ignores it and resolves the
+// name again, after the check.
+func (l *Local) gitPins(ctx context.Context, repo string) error {
+	out, err := exec.CommandContext(ctx, l.git, "version").Output()
+	if err != nil {
+		return &extension.RepoError{Repo: extension.RedactRepo(repo), Reason: fmt.Sprintf("running %s version: %v", l.git, err)}
+	}
+	if !GitPinsHTTP(string(out)) {
+		return &extension.RepoError{Repo: extension.RedactRepo(repo), Reason: fmt.Sprintf("%s is older than 2.37, which cannot pin an https or http host to its checked address (http.curloptResolve)", strings.TrimSpace(string(out)))}
+	}
+	return nil
+}
+
+var gitVersionRE = regexp.MustCompile(`^git version ([0-9]+)\.([0-9]+)`)
+
+// GitPinsHTTP reports whether the output of `git version` is of git 2.37
+// or later, which honours http.curloptResolve.
+func GitPinsHTTP(version string) bool {
+	m := gitVersionRE.FindStringSubmatch(strings.TrimSpace(version))
+	if m == nil {
+		return false
+	}
+	major, _ := strconv.Atoi(m[1])
+	minor, _ := strconv.Atoi(m[2])
+	return major > 2 || major == 2 && minor >= 37
+}
+
+// gitEnv is env without what could send git elsewhere than the checked
+// target (proxies, ssh and protocol overrides, configuration passed in
+// the environment), plus the target's own settings.
+func gitEnv(env []string, t extension.RepoTarget) []string {
+	out := make([]string, 0, len(env)+3)
+	for _, kv := range env {
+		k, _, _ := strings.Cut(kv, "=")
+		switch strings.ToUpper(k) {
+		case "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "GIT_PROXY_COMMAND", "GIT_SSH", "GIT_SSH_COMMAND",
+			"GIT_SSH_VARIANT", "GIT_ALLOW_PROTOCOL", "GIT_CONFIG_PARAMETERS", "GIT_CONFIG_COUNT", "GIT_TERMINAL_PROMPT", "GIT_ASKPASS", "SSH_ASKPASS":
+			continue
+		}
+		if strings.HasPrefix(k, "GIT_CONFIG_KEY_") || strings.HasPrefix(k, "GIT_CONFIG_VALUE_") {
+			continue
+		}
+		out = append(out, kv)
+	}
+	return append(out, "GIT_TERMINAL_PROMPT=0", "GIT_ALLOW_PROTOCOL="+t.Scheme, "GIT_SSH_COMMAND="+t.SSHCommand())
+}
+
+// tail keeps the last max bytes written to it.
+type tail struct {
+	max int
+	b   bytes.Buffer
+}
+
+func (t *tail) Write(p []byte) (int, error) {
+	n := len(p)
+	t.b.Write(p)
+	if over := t.b.Len() - t.max; over > 0 {
+		t.b.Next(over)
+	}
+	return n, nil
+}
+
+func (t *tail) String() string { return t.b.String() }
 
 // WaitReady returns the workspace's reachability once it exists.
 func (l *Local) WaitReady(ctx context.Context, h extension.Handle) (extension.Reachability, error) {
