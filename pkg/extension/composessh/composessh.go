@@ -11,7 +11,12 @@
 //
 // Every input is validated before any SSH connection is opened, and
 // reaches a remote command only as a quoted argument ([sshx.Client.Run]).
-// The package must never import the bus or a service.
+// The repo input is checked against the manifest's repo policy: its
+// scheme and shape with the other inputs, its host resolved and every
+// address checked by this worker before the host is contacted, the host's
+// git pinned to the checked address, and a local path checked on the host
+// ([workspace.Ensure]). The package must never import the bus or a
+// service.
 package composessh
 
 import (
@@ -75,6 +80,7 @@ const (
 type ComposeSSH struct {
 	s     settings
 	log   *slog.Logger
+	repo  extension.RepoChecker
 	pool  sshx.Pool
 	locks workspace.Locks
 
@@ -97,6 +103,7 @@ func (c *ComposeSSH) Configure(_ context.Context, env extension.Env) error {
 	if c.log == nil {
 		c.log = slog.New(slog.DiscardHandler)
 	}
+	c.repo = extension.RepoChecker{Policy: env.Manifest.Repo, Remote: true}
 	c.compose = map[string][]string{}
 	return nil
 }
@@ -193,8 +200,8 @@ func (c *ComposeSSH) parse(in extension.Inputs, hostName string) (sandbox, error
 		}
 		switch k {
 		case InputRepo:
-			if sc := workspace.RepoScheme(v); !slices.Contains(c.s.schemes, sc) {
-				fe = append(fe, extension.FieldError{Field: "inputs." + k, Detail: fmt.Sprintf("repository kind %q not allowed here (allowed: %v)", sc, c.s.schemes)})
+			if err := c.repo.Policy.Check(v); err != nil {
+				fe = append(fe, extension.FieldError{Field: "inputs." + k, Detail: err.Error()})
 				continue
 			}
 			b.repo = v
@@ -295,18 +302,26 @@ func (c *ComposeSSH) Provision(ctx context.Context, _ extension.Profile, in exte
 	if err := ctx.Err(); err != nil {
 		return h, err
 	}
+	// Resolved and checked here, before the host is contacted.
+	target, err := c.repo.Check(ctx, b.repo)
+	if err != nil {
+		return h, c.repoFailed(ctx, b, err)
+	}
 	unlock, err := c.locks.Lock(ctx, b.id)
 	if err != nil {
 		return h, err
 	}
 	defer unlock()
 	run := c.runner(b.host)
-	spec := workspace.Spec{Base: b.host.base, ID: b.id, Checkout: checkoutDir, Repo: b.repo}
+	spec := workspace.Spec{Base: b.host.base, ID: b.id, Checkout: checkoutDir, Repo: &target}
 	if b.withEnv {
 		spec.Files = map[string]string{envFile: b.env}
 	}
 	created, err := workspace.Ensure(ctx, run, spec)
 	if err != nil {
+		if errors.Is(err, extension.ErrRepoNotReachable) {
+			return h, c.repoFailed(ctx, b, err)
+		}
 		return h, fmt.Errorf("compose-ssh: on %s: %w", b.host.name, err)
 	}
 	argv, err := c.composeArgv(ctx, b, "up", "--detach", "--remove-orphans")
@@ -318,6 +333,17 @@ func (c *ComposeSSH) Provision(ctx context.Context, _ extension.Profile, in exte
 	}
 	c.log.InfoContext(ctx, "compose stack up", "sandbox", b.id, "host", b.host.name, "project", c.Project(b.id), "new_workspace", created)
 	return h, nil
+}
+
+// repoFailed logs why the repository of b was refused or failed to
+// clone and returns the error to fail with: it says only "repository not
+// reachable" (the detail is the operator's, git's output above all).
+func (c *ComposeSSH) repoFailed(ctx context.Context, b sandbox, err error) error {
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	c.log.WarnContext(ctx, "repository not reachable", "sandbox", b.id, "host", b.host.name, "err", err)
+	return fmt.Errorf("compose-ssh: %w", err)
 }
 
 // composeArgv returns the compose command for b, run in its checkout.

@@ -1,11 +1,16 @@
 package composessh_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/sand-boxer/sandboxer/pkg/extension"
@@ -13,6 +18,7 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/extension/composessh/composetest"
 	"github.com/sand-boxer/sandboxer/pkg/extension/local"
 	"github.com/sand-boxer/sandboxer/pkg/extension/vmpacker"
+	"github.com/sand-boxer/sandboxer/pkg/sshx/workspace/workspacetest"
 )
 
 type injection struct {
@@ -63,6 +69,13 @@ func injections(repo string) []injection {
 // not a field error.
 func unreachable(t *testing.T) *composessh.ComposeSSH {
 	t.Helper()
+	return open(t, "127.0.0.1:1", "repo: {schemes: [https, ssh, git, file], local_roots: [/srv]}\n", nil)
+}
+
+// open returns a backend whose one host, "local", is sshAddr, with the
+// manifest's repo policy repoYAML, logging to log (when not nil).
+func open(t *testing.T, sshAddr, repoYAML string, log *slog.Logger) *composessh.ComposeSSH {
+	t.Helper()
 	m, ps := extension.ParseManifest("ext.compose-ssh.yaml", []byte(`name: compose-ssh
 handler: compose-ssh
 capabilities: {isolation_levels: [container], pricing_model: self-hosted}
@@ -71,10 +84,10 @@ inputs:
   repo: {type: string, required: true, format: repo}
   compose_file: {type: string, format: path}
   env: {type: string, format: env}
-config:
+`+repoYAML+`config:
   hosts:
     local:
-      ssh: nobody@127.0.0.1:1
+      ssh: nobody@`+sshAddr+`
       known_hosts: /nonexistent/known_hosts
       identity: /nonexistent/id
       base_dir: /nonexistent/sandboxes
@@ -82,12 +95,86 @@ config:
 	if len(ps) > 0 {
 		t.Fatal(ps)
 	}
-	ext, err := extension.NewRegistry(composessh.Info).Open(context.Background(), m, extension.Env{})
+	ext, err := extension.NewRegistry(composessh.Info).Open(context.Background(), m, extension.Env{Logger: log})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = extension.Close(ext) })
 	return ext.(*composessh.ComposeSSH)
+}
+
+// TestRepoRefusedBeforeSSH: a repo the manifest's policy refuses never
+// gets as far as the host. Statically refused references are field
+// errors; references refused after name resolution (by this worker) say
+// only "repository not reachable", the detail in the log. Neither the
+// compose host nor the repository's address sees a connection.
+func TestRepoRefusedBeforeSSH(t *testing.T) {
+	t.Parallel()
+	sshd := workspacetest.Listen(t, "")
+	target := workspacetest.Listen(t, "SSH-2.0-banner\r\n")
+	var logs bytes.Buffer
+	var mu sync.Mutex
+	log := slog.New(slog.NewTextHandler(&lockedWriter{w: &logs, mu: &mu}, nil))
+	c := open(t, sshd.HostPort(), "repo: {schemes: [https, ssh, git]}\n", log)
+	port := strconv.Itoa(target.Port())
+	for _, tc := range []struct {
+		name, repo string
+		field      string // a field error naming this, or "" for a refusal after resolution
+	}{
+		{"scheme not allowed", "file:///srv/repo", "scheme file"},
+		{"password in the URL", "https://user:secret@example.com/r.git", "password"},
+		{"user in an https URL", "https://token@example.com/r.git", "user name"},
+		{"loopback address", "git://127.0.0.1:" + port + "/r", "address 127.0.0.1 not allowed"},
+		{"private address", "ssh://git@10.1.2.3/r", "address 10.1.2.3 not allowed"},
+		{"link-local address", "https://169.254.169.254/r", "address 169.254.169.254 not allowed"},
+		{"ssh as a port scan", "ssh://git@127.0.0.1:" + port + "/r", "address 127.0.0.1"},
+		{"name resolving to loopback", "ssh://git@localhost:" + port + "/r", ""},
+		{"scp-like name resolving to loopback", "git@localhost:r.git", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			_, err := c.Provision(context.Background(), extension.Profile{}, extension.Inputs{extension.InputSandboxID: "s1", composessh.InputRepo: tc.repo}, "local")
+			if tc.field != "" {
+				var fe extension.FieldErrors
+				if !errors.As(err, &fe) || !strings.Contains(err.Error(), "inputs.repo") || !strings.Contains(err.Error(), tc.field) {
+					t.Fatalf("Provision = %v, want a field error on inputs.repo saying %q", err, tc.field)
+				}
+				if strings.Contains(err.Error(), "secret") {
+					t.Fatalf("the error repeats the password: %v", err)
+				}
+				return
+			}
+			if !errors.Is(err, extension.ErrRepoNotReachable) || err.Error() != "compose-ssh: repository not reachable" {
+				t.Fatalf("Provision = %v, want only %q", err, "compose-ssh: repository not reachable")
+			}
+		})
+	}
+	// Registered last, so run first, once every case above is done (and
+	// before the listeners close).
+	t.Cleanup(func() {
+		if n := sshd.Accepts(t); n != 0 {
+			t.Errorf("the compose host accepted %d connections", n)
+		}
+		if n := target.Accepts(t); n != 0 {
+			t.Errorf("the repository's address accepted %d connections", n)
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if !strings.Contains(logs.String(), "loopback") || !strings.Contains(logs.String(), "localhost") {
+			t.Errorf("the log lacks the refusal's detail:\n%s", logs.String())
+		}
+	})
+}
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }
 
 func TestInjectionRefusedBeforeSSH(t *testing.T) {
@@ -129,7 +216,7 @@ func TestBadHandleRefusedBeforeSSH(t *testing.T) {
 	}
 }
 
-func TestRepoSchemesConfig(t *testing.T) {
+func TestRepoSchemesConfigMoved(t *testing.T) {
 	t.Parallel()
 	m, ps := extension.ParseManifest("", []byte(`name: compose-ssh
 handler: compose-ssh
@@ -145,14 +232,12 @@ config:
 	if len(ps) > 0 {
 		t.Fatal(ps)
 	}
-	ext, err := extension.NewRegistry(composessh.Info).Open(context.Background(), m, extension.Env{})
-	if err != nil {
-		t.Fatal(err)
+	got := (&extension.Catalog{Extensions: map[string]*extension.Manifest{m.Name: m}}).Check(extension.NewRegistry(composessh.Info))
+	if len(got) != 1 || got[0].Path != "config.repo_schemes" || !strings.Contains(got[0].Message, "repo.schemes") {
+		t.Fatalf("problems %v, want config.repo_schemes moved to repo.schemes", got)
 	}
-	defer extension.Close(ext)
-	_, err = ext.Provision(context.Background(), extension.Profile{}, extension.Inputs{"sandbox_id": "s", "repo": "file:///etc/repo"}, "h")
-	if err == nil || !strings.Contains(err.Error(), `repository kind "file" not allowed`) {
-		t.Fatalf("Provision with a file repo where only https is allowed = %v", err)
+	if _, err := extension.NewRegistry(composessh.Info).Open(context.Background(), m, extension.Env{}); err == nil {
+		t.Fatal("a manifest with config.repo_schemes configured")
 	}
 }
 

@@ -28,10 +28,9 @@ type Config struct {
 	// ProjectPrefix is put before the sandbox id to name its compose
 	// project. Default "sbx-".
 	ProjectPrefix string `yaml:"project_prefix,omitempty" json:"project_prefix,omitempty"`
-	// RepoSchemes are the repository kinds the repo input may use, among
-	// https, http, ssh, git and file (file covers absolute paths on the
-	// host; ssh covers scp-like user@host:path). Default: https, ssh, git,
-	// file.
+	// RepoSchemes is refused: the schemes the repo input may use are the
+	// manifest's repo.schemes, beside the hosts and local roots it may
+	// reach ([extension.RepoPolicy]). It is decoded only to say so.
 	RepoSchemes []string `yaml:"repo_schemes,omitempty" json:"repo_schemes,omitempty"`
 	// StopTimeout is how long compose down lets containers stop. Default 10s.
 	StopTimeout extension.Duration `yaml:"stop_timeout,omitempty" json:"stop_timeout,omitempty"`
@@ -55,9 +54,6 @@ const (
 	ComposeStandalone = "standalone"
 )
 
-// DefaultRepoSchemes are the repo kinds allowed when the config names none.
-var DefaultRepoSchemes = []string{"https", "ssh", "git", "file"}
-
 var (
 	prefixRE  = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,31}$`)
 	programRE = regexp.MustCompile(`^[A-Za-z0-9_./-]+$`)
@@ -77,7 +73,6 @@ type settings struct {
 	docker        string
 	dockerCompose string
 	prefix        string
-	schemes       []string
 	stopTimeout   time.Duration
 	poll          time.Duration
 }
@@ -94,12 +89,8 @@ func (cfg Config) check() (settings, []extension.Problem) {
 		docker:        orDefault(cfg.Docker, "docker"),
 		dockerCompose: orDefault(cfg.DockerCompose, "docker-compose"),
 		prefix:        orDefault(cfg.ProjectPrefix, "sbx-"),
-		schemes:       cfg.RepoSchemes,
 		stopTimeout:   cfg.StopTimeout.D(),
 		poll:          cfg.PollInterval.D(),
-	}
-	if len(s.schemes) == 0 {
-		s.schemes = DefaultRepoSchemes
 	}
 	if s.stopTimeout <= 0 {
 		s.stopTimeout = 10 * time.Second
@@ -119,10 +110,8 @@ func (cfg Config) check() (settings, []extension.Problem) {
 	if !prefixRE.MatchString(s.prefix) {
 		bad("project_prefix", "want 1-32 of [a-z0-9_-] starting with a letter or digit, got %q", s.prefix)
 	}
-	for _, sc := range s.schemes {
-		if !slices.Contains(extension.RepoSchemes, sc) {
-			bad("repo_schemes", "unknown scheme %q (known: %v)", sc, extension.RepoSchemes)
-		}
+	if len(cfg.RepoSchemes) > 0 {
+		bad("repo_schemes", "moved: list the schemes under the manifest's repo.schemes, with the hosts and local roots the repo input may reach (docs/extension-sdk.md, \"Repository policy\")")
 	}
 	if len(cfg.Hosts) == 0 {
 		bad("hosts", "required: one entry per host of the manifest")

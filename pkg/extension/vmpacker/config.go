@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"net"
 	"regexp"
-	"slices"
 	"sort"
 
 	"github.com/sand-boxer/sandboxer/pkg/extension"
@@ -26,8 +25,9 @@ type Config struct {
 	// TunnelHost is where tunnels lead, as the VM sees it. Default
 	// "127.0.0.1": a service listening on the VM's loopback.
 	TunnelHost string `yaml:"tunnel_host,omitempty" json:"tunnel_host,omitempty"`
-	// RepoSchemes are the repository kinds the repo input may use, among
-	// https, http, ssh, git and file. Default: https, ssh, git, file.
+	// RepoSchemes is refused: the schemes the repo input may use are the
+	// manifest's repo.schemes, beside the hosts and local roots it may
+	// reach ([extension.RepoPolicy]). It is decoded only to say so.
 	RepoSchemes []string `yaml:"repo_schemes,omitempty" json:"repo_schemes,omitempty"`
 	// ConnectTimeout bounds each SSH connection attempt. Default 15s.
 	ConnectTimeout extension.Duration `yaml:"connect_timeout,omitempty" json:"connect_timeout,omitempty"`
@@ -47,9 +47,6 @@ type TargetsConfig struct {
 	workspace.Access `yaml:",inline"`
 }
 
-// DefaultRepoSchemes are the repo kinds allowed when the config names none.
-var DefaultRepoSchemes = []string{"https", "ssh", "git", "file"}
-
 var userRE = regexp.MustCompile(`^[a-z_][a-z0-9_.-]{0,31}$`)
 
 // vm is one resolved VM (configured, or from the ssh_target input).
@@ -64,7 +61,6 @@ type settings struct {
 	targets    *TargetsConfig
 	tunnelBind string
 	tunnelHost string
-	schemes    []string
 	connect    extension.Duration
 }
 
@@ -78,7 +74,6 @@ func (cfg Config) check() (settings, []extension.Problem) {
 		targets:    cfg.SSHTargets,
 		tunnelBind: cfg.TunnelBind,
 		tunnelHost: cfg.TunnelHost,
-		schemes:    cfg.RepoSchemes,
 		connect:    cfg.ConnectTimeout,
 	}
 	if s.tunnelBind == "" {
@@ -93,13 +88,8 @@ func (cfg Config) check() (settings, []extension.Problem) {
 	if err := extension.CheckFormat(extension.FormatHost, s.tunnelHost); err != nil {
 		bad("tunnel_host", "%v", err)
 	}
-	if len(s.schemes) == 0 {
-		s.schemes = DefaultRepoSchemes
-	}
-	for _, sc := range s.schemes {
-		if !slices.Contains(extension.RepoSchemes, sc) {
-			bad("repo_schemes", "unknown scheme %q (known: %v)", sc, extension.RepoSchemes)
-		}
+	if len(cfg.RepoSchemes) > 0 {
+		bad("repo_schemes", "moved: list the schemes under the manifest's repo.schemes, with the hosts and local roots the repo input may reach (docs/extension-sdk.md, \"Repository policy\")")
 	}
 	if len(cfg.VMs) == 0 && cfg.SSHTargets == nil {
 		bad("vms", "required: configure vms, ssh_targets or both")

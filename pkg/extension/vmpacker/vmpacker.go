@@ -9,8 +9,12 @@
 // workspace.
 //
 // Every input is validated before any SSH connection is opened, and
-// reaches a remote command only as a quoted argument. The package must
-// never import the bus or a service.
+// reaches a remote command only as a quoted argument. The repo input is
+// checked against the manifest's repo policy: its scheme and shape with
+// the other inputs, its host resolved and every address checked by this
+// worker before the VM is contacted, the VM's git pinned to the checked
+// address, and a local path checked on the VM ([workspace.Ensure]). The
+// package must never import the bus or a service.
 package vmpacker
 
 import (
@@ -77,6 +81,7 @@ const pollInterval = time.Second
 type VMPacker struct {
 	s     settings
 	log   *slog.Logger
+	repo  extension.RepoChecker
 	pool  sshx.Pool
 	locks workspace.Locks
 
@@ -99,6 +104,7 @@ func (v *VMPacker) Configure(_ context.Context, env extension.Env) error {
 	if v.log == nil {
 		v.log = slog.New(slog.DiscardHandler)
 	}
+	v.repo = extension.RepoChecker{Policy: env.Manifest.Repo, Remote: true}
 	v.tunnels = map[string]*sshx.Tunnel{}
 	return nil
 }
@@ -220,8 +226,8 @@ func (v *VMPacker) parse(in extension.Inputs) (sandbox, error) {
 		b.vm = m
 	}
 	if r, ok := valid[InputRepo]; ok {
-		if sc := workspace.RepoScheme(r); !slices.Contains(v.s.schemes, sc) {
-			field(InputRepo, "repository kind %q not allowed here (allowed: %v)", sc, v.s.schemes)
+		if err := v.repo.Policy.Check(r); err != nil {
+			field(InputRepo, "%v", err)
 		}
 		b.repo = r
 	}
@@ -310,13 +316,25 @@ func (v *VMPacker) Provision(ctx context.Context, _ extension.Profile, in extens
 	if err := ctx.Err(); err != nil {
 		return h, err
 	}
+	spec := workspace.Spec{Base: b.vm.base, ID: b.id, Checkout: b.wsDir}
+	if b.repo != "" {
+		// Resolved and checked here, before the VM is contacted.
+		target, err := v.repo.Check(ctx, b.repo)
+		if err != nil {
+			return h, v.repoFailed(ctx, b, err)
+		}
+		spec.Repo = &target
+	}
 	unlock, err := v.locks.Lock(ctx, b.id)
 	if err != nil {
 		return h, err
 	}
 	defer unlock()
-	created, err := workspace.Ensure(ctx, v.runner(b.vm), workspace.Spec{Base: b.vm.base, ID: b.id, Checkout: b.wsDir, Repo: b.repo})
+	created, err := workspace.Ensure(ctx, v.runner(b.vm), spec)
 	if err != nil {
+		if errors.Is(err, extension.ErrRepoNotReachable) {
+			return h, v.repoFailed(ctx, b, err)
+		}
 		return h, fmt.Errorf("vm-packer: on %s: %w", b.vm.name, err)
 	}
 	if b.tunnelPort != 0 {
@@ -328,6 +346,17 @@ func (v *VMPacker) Provision(ctx context.Context, _ extension.Profile, in extens
 	}
 	v.log.InfoContext(ctx, "vm workspace attached", "sandbox", b.id, "vm", b.vm.name, "new_workspace", created)
 	return h, nil
+}
+
+// repoFailed logs why the repository of b was refused or failed to
+// clone and returns the error to fail with: it says only "repository not
+// reachable" (the detail is the operator's, git's output above all).
+func (v *VMPacker) repoFailed(ctx context.Context, b sandbox, err error) error {
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	v.log.WarnContext(ctx, "repository not reachable", "sandbox", b.id, "vm", b.vm.name, "err", err)
+	return fmt.Errorf("vm-packer: %w", err)
 }
 
 // ensureTunnel opens the sandbox's tunnel unless it is open, and returns

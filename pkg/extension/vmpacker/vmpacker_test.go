@@ -3,11 +3,13 @@ package vmpacker_test
 import (
 	"context"
 	"errors"
+	"strconv"
 	"strings"
 	"testing"
 
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/extension/vmpacker"
+	"github.com/sand-boxer/sandboxer/pkg/sshx/workspace/workspacetest"
 )
 
 type injection struct {
@@ -119,6 +121,68 @@ func TestBadHandleRefusedBeforeSSH(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestRepoRefusedBeforeSSH: a repo the manifest's policy refuses never
+// gets as far as the VM: statically (a field error) or once this worker
+// resolved its host ("repository not reachable"). Neither the VM nor the
+// repository's address sees a connection.
+func TestRepoRefusedBeforeSSH(t *testing.T) {
+	t.Parallel()
+	sshd := workspacetest.Listen(t, "")
+	target := workspacetest.Listen(t, "")
+	m, ps := extension.ParseManifest("", []byte(`name: vm-packer
+handler: vm-packer
+capabilities: {isolation_levels: [vm], pricing_model: self-hosted}
+inputs:
+  vm: {type: string, format: name}
+  repo: {type: string, format: repo}
+repo: {schemes: [https, ssh]}
+config:
+  vms:
+    vm1: {ssh: u@`+sshd.HostPort()+`, known_hosts: /nonexistent/kh, identity: /nonexistent/id, base_dir: /nonexistent/ws}
+`))
+	if len(ps) > 0 {
+		t.Fatal(ps)
+	}
+	ext, err := extension.NewRegistry(vmpacker.Info).Open(context.Background(), m, extension.Env{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = extension.Close(ext) })
+	port := strconv.Itoa(target.Port())
+	for _, tc := range []struct {
+		name, repo, field string // field: a field error saying this, "" for a refusal after resolution
+	}{
+		{"local path", "/proc/self/cwd", "scheme file"},
+		{"password", "ssh://git:secret@example.com/r", "password"},
+		{"git scheme", "git://example.com/r", "scheme git"},
+		{"loopback address", "https://127.0.0.1:" + port + "/r", "address 127.0.0.1"},
+		{"name resolving to loopback", "https://localhost:" + port + "/r", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			_, err := ext.Provision(context.Background(), extension.Profile{}, extension.Inputs{"sandbox_id": "s", "vm": "vm1", "repo": tc.repo}, "")
+			if tc.field != "" {
+				var fe extension.FieldErrors
+				if !errors.As(err, &fe) || !strings.Contains(err.Error(), tc.field) || strings.Contains(err.Error(), "secret") {
+					t.Fatalf("Provision = %v, want a field error on inputs.repo saying %q", err, tc.field)
+				}
+				return
+			}
+			if !errors.Is(err, extension.ErrRepoNotReachable) || err.Error() != "vm-packer: repository not reachable" {
+				t.Fatalf("Provision = %v, want only %q", err, "vm-packer: repository not reachable")
+			}
+		})
+	}
+	t.Cleanup(func() {
+		if n := sshd.Accepts(t); n != 0 {
+			t.Errorf("the VM accepted %d connections", n)
+		}
+		if n := target.Accepts(t); n != 0 {
+			t.Errorf("the repository's address accepted %d connections", n)
+		}
+	})
 }
 
 func TestSSHTargetNeedsConfig(t *testing.T) {

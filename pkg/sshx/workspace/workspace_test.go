@@ -3,6 +3,7 @@ package workspace_test
 import (
 	"context"
 	"errors"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,14 +14,16 @@ import (
 	"time"
 
 	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/sshx"
 	"github.com/sand-boxer/sandboxer/pkg/sshx/workspace"
 )
 
 // localRunner runs the argv here, through sh -c and the same quoting a
 // remote host's login shell reads: the scripts run for real, only without
-// the SSH hop (the backends' e2e tests add it).
-func localRunner(calls *int) workspace.Runner {
+// the SSH hop (the backends' e2e tests add it). env is added to the
+// commands' environment.
+func localRunner(calls *int, env ...string) workspace.Runner {
 	var mu sync.Mutex
 	return func(ctx context.Context, argv ...string) ([]byte, error) {
 		mu.Lock()
@@ -31,13 +34,16 @@ func localRunner(calls *int) workspace.Runner {
 			return nil, err
 		}
 		cmd := exec.CommandContext(ctx, "/bin/sh", "-c", line)
+		cmd.Env = append(os.Environ(), env...)
 		var stderr strings.Builder
 		cmd.Stderr = &stderr
 		out, err := cmd.Output()
-		if err != nil {
-			return out, errors.New(err.Error() + ": " + stderr.String())
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			// What an sshx.Client reports of a remote command's failure.
+			return out, &sshx.ExitError{Command: argv[0], Status: ee.ExitCode(), Stderr: stderr.String()}
 		}
-		return out, nil
+		return out, err
 	}
 }
 
@@ -45,6 +51,13 @@ func ctx(t *testing.T) context.Context {
 	c, cancel := context.WithTimeout(context.Background(), time.Minute)
 	t.Cleanup(cancel)
 	return c
+}
+
+// localRepo is a local repository as a RepoChecker with Remote set
+// returns it: to be checked on the host under {tmp}, where the tests'
+// repositories are.
+func localRepo(path string) *extension.RepoTarget {
+	return &extension.RepoTarget{Scheme: "file", URL: path, LocalRoots: []string{"{tmp}"}}
 }
 
 func gitRepo(t *testing.T) string {
@@ -70,7 +83,7 @@ func TestEnsureAndRemove(t *testing.T) {
 		want []string // files expected in the workspace
 	}{
 		{"empty", workspace.Spec{ID: "s1", Checkout: "work"}, []string{"work"}},
-		{"repo and files", workspace.Spec{ID: "s2", Checkout: "repo", Repo: "file://" + repo,
+		{"repo and files", workspace.Spec{ID: "s2", Checkout: "repo", Repo: localRepo("file://" + repo),
 			Files: map[string]string{"compose.env": "A=1\n", "odd": "$(id) `id` 'q'"}}, []string{"repo/.git", "compose.env", "odd"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -120,7 +133,7 @@ func TestConcurrentEnsureMakesOne(t *testing.T) {
 	var calls int
 	run := localRunner(&calls)
 	base := filepath.Join(t.TempDir(), "ws")
-	s := workspace.Spec{Base: base, ID: "same", Checkout: "repo", Repo: gitRepo(t)}
+	s := workspace.Spec{Base: base, ID: "same", Checkout: "repo", Repo: localRepo(gitRepo(t))}
 	var wg sync.WaitGroup
 	results := make(chan bool, 4)
 	for range 4 {
@@ -155,9 +168,10 @@ func TestFailedCloneLeavesNothing(t *testing.T) {
 	t.Parallel()
 	var calls int
 	base := filepath.Join(t.TempDir(), "ws")
-	_, err := workspace.Ensure(ctx(t), localRunner(&calls), workspace.Spec{Base: base, ID: "bad", Checkout: "repo", Repo: "/does/not/exist"})
-	if err == nil {
-		t.Fatal("Ensure with a missing repository succeeded")
+	empty := t.TempDir() // not a repository
+	_, err := workspace.Ensure(ctx(t), localRunner(&calls), workspace.Spec{Base: base, ID: "bad", Checkout: "repo", Repo: localRepo(empty)})
+	if !errors.Is(err, extension.ErrRepoNotReachable) || err.Error() != "repository not reachable" {
+		t.Fatalf("Ensure with a directory that is no repository = %v, want only %q", err, extension.ErrRepoNotReachable)
 	}
 	entries, _ := os.ReadDir(base)
 	if len(entries) != 0 {
@@ -209,7 +223,23 @@ func TestRefusedBeforeRunning(t *testing.T) {
 		{"checkout escapes", func(s *workspace.Spec) { s.Checkout = "../x" }},
 		{"checkout absolute", func(s *workspace.Spec) { s.Checkout = "/etc" }},
 		{"checkout option", func(s *workspace.Spec) { s.Checkout = "-rf" }},
-		{"repo option", func(s *workspace.Spec) { s.Repo = "--upload-pack=touch /tmp/x" }},
+		{"repo option", func(s *workspace.Spec) {
+			s.Repo = &extension.RepoTarget{Scheme: "file", URL: "--upload-pack=touch /tmp/x", LocalRoots: []string{"/"}}
+		}},
+		{"repo unknown scheme", func(s *workspace.Spec) {
+			s.Repo = &extension.RepoTarget{Scheme: "ext", URL: "https://example.com/r", Addr: netip.MustParseAddr("192.0.2.1")}
+		}},
+		{"repo without a checked address", func(s *workspace.Spec) { s.Repo = &extension.RepoTarget{Scheme: "https", URL: "https://example.com/r"} }},
+		{"local repo without roots", func(s *workspace.Spec) { s.Repo = &extension.RepoTarget{Scheme: "file", URL: "/srv/r"} }},
+		{"local root with shell", func(s *workspace.Spec) {
+			s.Repo = &extension.RepoTarget{Scheme: "file", URL: "/srv/r", LocalRoots: []string{"/srv/$(id)"}}
+		}},
+		{"local root escaping", func(s *workspace.Spec) {
+			s.Repo = &extension.RepoTarget{Scheme: "file", URL: "/srv/r", LocalRoots: []string{"/srv/../etc"}}
+		}},
+		{"local root with newline", func(s *workspace.Spec) {
+			s.Repo = &extension.RepoTarget{Scheme: "file", URL: "/srv/r", LocalRoots: []string{"/srv\n/"}}
+		}},
 		{"file escapes", func(s *workspace.Spec) { s.Files = map[string]string{"../x": ""} }},
 		{"marker file", func(s *workspace.Spec) { s.Files = map[string]string{workspace.Marker: ""} }},
 	} {

@@ -260,7 +260,7 @@ inputs:
   env:
     type: string
     format: env
-config:
+%sconfig:
   poll_interval: 200ms
   stop_timeout: 2s
   connect_timeout: 10s
@@ -270,11 +270,22 @@ config:
       known_hosts: %s
       identity: %s
       base_dir: %s
-`, Host, Host, srv.Target(), kh, srv.IdentityFile, baseDir)
+`, Host, repoPolicy(), Host, srv.Target(), kh, srv.IdentityFile, baseDir)
 	for _, l := range o.ExtraConfig {
 		b.WriteString("  " + l + "\n")
 	}
 	return b.String()
+}
+
+// repoPolicy is the manifest's repo: block: every scheme, and local
+// repositories in this machine's temporary directory, where the tests
+// make them (the test sshd runs here, as the test's user).
+func repoPolicy() string {
+	tmp := os.TempDir()
+	if r, err := filepath.EvalSymlinks(tmp); err == nil {
+		tmp = r
+	}
+	return fmt.Sprintf("repo:\n  schemes: [https, ssh, git, file]\n  local_roots: [%q]\n", tmp)
 }
 
 // Manifest parses [ManifestYAML] as the catalog would.

@@ -67,6 +67,7 @@ inputs:
 	if !o.NoSSHTargets {
 		b.WriteString("  ssh_target:\n    type: string\n    format: ssh-target\n")
 	}
+	b.WriteString(repoPolicy())
 	fmt.Fprintf(&b, `config:
   connect_timeout: 10s
   vms:
@@ -85,6 +86,17 @@ inputs:
 `, srv.User, kh, srv.IdentityFile, baseDir)
 	}
 	return b.String()
+}
+
+// repoPolicy is the manifest's repo: block: every scheme, and local
+// repositories in this machine's temporary directory, where the tests
+// make them (the test sshd runs here, as the test's user).
+func repoPolicy() string {
+	tmp := os.TempDir()
+	if r, err := filepath.EvalSymlinks(tmp); err == nil {
+		tmp = r
+	}
+	return fmt.Sprintf("repo:\n  schemes: [https, ssh, git, file]\n  local_roots: [%q]\n", tmp)
 }
 
 // Manifest parses [ManifestYAML] as the catalog would.
