@@ -70,7 +70,13 @@ func TestCheckFormat(t *testing.T) {
 			[]string{"ext::sh -c touch% /tmp/pwned", "ext::sh", "fd::17", "https://host/r::x", "ftp://host/r", "javascript:alert(1)",
 				"http://", "https:///path", "ssh://-oProxyCommand=id/r", "file://remote/r", "file:relative", "file:///srv/../etc",
 				"/srv/../etc/passwd", "relative/path", "https://host/r;id", "https://host/$(id)", "https://ho_st/r", "git@-oProxy:r",
-				"https://[::1]:8443/r"}}, // brackets are glob characters: refused
+				"https://[::1]:8443/r", // brackets are glob characters: refused
+				// Credentials: a password anywhere, a user but for ssh.
+				"https://user:secret@host/r", "https://token@host/r", "http://u@host/r", "git://u@host/r", "ssh://git:secret@host/r",
+				"file://u@localhost/srv/r",
+				// Hosts a resolver could read otherwise than the check does.
+				"https://2130706433/r", "https://127.1/r", "https://0x7f.0.0.1/r", "https://010.0.0.1/r", "https://host./r",
+				"https://h:0/r", "https://h:99999/r", "https://h:port/r"}},
 		{extension.FormatSSHTarget,
 			[]string{"host", "user@host", "user@host:2222", "10.0.0.1", "user@[::1]:22", "u_1@a.b.c"},
 			[]string{"host:0", "host:65536", "host:99999", "host:", "User@host", "user@host;id", "user@@host", "user@host:22:33", "user@"}},
@@ -210,6 +216,78 @@ func TestValidateInputs(t *testing.T) {
 				t.Errorf("Error() = %q", errs.Error())
 			}
 		})
+	}
+}
+
+// TestManifestValidateInputs: the gateway's check of a request against a
+// candidate manifest applies the manifest's repo policy too, with the
+// other inputs' problems, and never repeats a password.
+func TestManifestValidateInputs(t *testing.T) {
+	t.Parallel()
+	m, ps := extension.ParseManifest("", []byte(validManifest+`inputs:
+  repo: {type: string, format: repo}
+  branch: {type: string}
+repo:
+  schemes: [https, ssh]
+  hosts: ["*", git.corp.example]
+`))
+	if len(ps) > 0 {
+		t.Fatal(ps)
+	}
+	cases := []struct {
+		name     string
+		defaults map[string]string
+		in       map[string]string
+		errs     []string // "field: detail substring"
+	}{
+		{"public https", nil, map[string]string{"repo": "https://example.com/r.git"}, nil},
+		{"scp-like keeps its user", nil, map[string]string{"repo": "git@example.com:o/r.git"}, nil},
+		{"ssh URL keeps its user", nil, map[string]string{"repo": "ssh://git@git.corp.example:2222/r"}, nil},
+		{"scheme not allowed", nil, map[string]string{"repo": "git://example.com/r"}, []string{"inputs.repo: repository scheme git not allowed by this extension (allowed: https, ssh)"}},
+		{"local path not allowed", nil, map[string]string{"repo": "/srv/r"}, []string{"inputs.repo: repository scheme file (a local path) not allowed"}},
+		{"proc self cwd", nil, map[string]string{"repo": "file:///proc/self/cwd"}, []string{"inputs.repo: repository scheme file"}},
+		{"loopback address", nil, map[string]string{"repo": "https://127.0.0.1:8080/r"}, []string{"inputs.repo: repository address 127.0.0.1 not allowed"}},
+		{"link-local address", nil, map[string]string{"repo": "ssh://git@169.254.169.254/r"}, []string{"inputs.repo: repository address 169.254.169.254 not allowed"}},
+		{"password", nil, map[string]string{"repo": "https://alice:secret@example.com/r"}, []string{"inputs.repo: repository URL must not carry a password"}},
+		{"token as user", nil, map[string]string{"repo": "https://secret@example.com/r"}, []string{"inputs.repo: repository URL must not carry a user name"}},
+		{"ssh password", nil, map[string]string{"repo": "ssh://git:secret@example.com/r"}, []string{"inputs.repo: repository URL must not carry a password"}},
+		{"bad password escape is not echoed", nil, map[string]string{"repo": "https://alice:secret%zz@example.com/r"}, []string{"inputs.repo: want a repository URL"}},
+		{"profile default checked too", map[string]string{"repo": "https://10.0.0.1/r"}, nil, []string{"inputs.repo: repository address 10.0.0.1 not allowed"}},
+		{"with the other problems", nil, map[string]string{"repo": "git://h/r", "branch": "a;b"}, []string{"inputs.branch: contains characters", "inputs.repo: repository scheme git"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			got, errs := m.ValidateInputs(tc.defaults, tc.in)
+			if tc.errs == nil {
+				if errs != nil {
+					t.Fatalf("errors: %v", errs)
+				}
+				if got["repo"] != tc.in["repo"] {
+					t.Fatalf("inputs = %v", got)
+				}
+				return
+			}
+			if len(errs) != len(tc.errs) {
+				t.Fatalf("errors %v, want %v", errs, tc.errs)
+			}
+			for i, want := range tc.errs {
+				if s := errs[i].Field + ": " + errs[i].Detail; !strings.HasPrefix(s, want) {
+					t.Errorf("error %d = %q, want %q", i, s, want)
+				}
+			}
+			if strings.Contains(errs.Error(), "secret") {
+				t.Errorf("the errors repeat the password: %v", errs)
+			}
+		})
+	}
+	// The spec-only check keeps working for callers without a manifest:
+	// format and credentials, no policy.
+	if _, errs := extension.ValidateInputs(m.Inputs, nil, map[string]string{"repo": "git://example.com/r"}); errs != nil {
+		t.Errorf("ValidateInputs applied a policy: %v", errs)
+	}
+	if _, errs := extension.ValidateInputs(m.Inputs, nil, map[string]string{"repo": "https://u:secret@example.com/r"}); errs == nil {
+		t.Error("ValidateInputs accepted a password")
 	}
 }
 

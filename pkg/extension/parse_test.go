@@ -185,6 +185,42 @@ capacity:
 			{8, 16, "workers.max_deliver", "must not be negative"},
 			{10, 3, "capacity", "must not be negative"},
 		}},
+		{"repo policy problems", "ext.local.yaml", validManifest + `inputs:
+  repo: {type: string, format: repo}
+repo:
+  schemes: [https, ftp, https, file]
+  hosts: ["*", 10.0.0.1/8, "bad host", "*.", "h:0", "::ffff:10.0.0.0/104"]
+  local_roots: [relative, "~/../x", /proc/x, "~user"]
+  colour: red
+`, []want{
+			{9, 20, "repo.schemes[1]", `unknown scheme "ftp"`},
+			{9, 25, "repo.schemes[2]", "listed twice"},
+			{10, 16, "repo.hosts[1]", "host bits set (want 10.0.0.0/8)"},
+			{10, 28, "repo.hosts[2]", `invalid host "bad host"`},
+			{10, 40, "repo.hosts[3]", `invalid wildcard "*."`},
+			{10, 46, "repo.hosts[4]", "port out of range"},
+			{10, 53, "repo.hosts[5]", "IPv4 form"},
+			{11, 17, "repo.local_roots[0]", `invalid local root "relative"`},
+			{11, 27, "repo.local_roots[1]", "clean path"},
+			{11, 37, "repo.local_roots[2]", "must not be under /proc"},
+			{11, 46, "repo.local_roots[3]", `invalid local root "~user"`},
+			{12, 3, "repo.colour", `unknown field "colour" (known: hosts, local_roots, schemes)`},
+		}},
+		{"repo policy without a repo input", "ext.local.yaml", validManifest + "repo:\n  schemes: [https]\n", []want{
+			{7, 3, "repo", "no input has format: repo"},
+		}},
+		{"file scheme without local roots", "ext.local.yaml", validManifest + "inputs:\n  repo: {type: string, format: repo}\nrepo:\n  schemes: [file]\n", []want{
+			{9, 12, "repo.schemes", "file needs repo.local_roots"},
+		}},
+		{"local roots without the file scheme", "ext.local.yaml", validManifest + "inputs:\n  repo: {type: string, format: repo}\nrepo:\n  local_roots: [/srv]\n", []want{
+			{9, 16, "repo.local_roots", "file is not among repo.schemes (https, ssh)"},
+		}},
+		{"repo default the policy refuses", "ext.local.yaml", validManifest + "inputs:\n  repo: {type: string, format: repo, default: \"https://10.0.0.1/r\"}\n", []want{
+			{7, 47, "inputs.repo.default", "address 10.0.0.1 not allowed"},
+		}},
+		{"repo default with a password", "ext.local.yaml", validManifest + "inputs:\n  repo: {type: string, format: repo, default: \"https://u:pw@h/r\"}\n", []want{
+			{7, 9, "inputs.repo", "default: repository URL must not carry a password"},
+		}},
 		{"config must be a mapping", "ext.local.yaml", validManifest + "config: [a, b]\n", []want{
 			{6, 9, "config", "config must be a mapping"},
 		}},

@@ -662,15 +662,9 @@ func (c RepoChecker) checkLocal(repo string, ref RepoRef) (RepoTarget, error) {
 		t.LocalRoots = slices.Clone(c.Policy.LocalRoots)
 		return t, nil
 	}
-	real, err := filepath.EvalSymlinks(ref.Path)
+	real, err := resolvePath(ref.Path)
 	if err != nil {
 		return RepoTarget{}, refuse(repo, "resolving local path: %v", err)
-	}
-	if real, err = filepath.Abs(real); err != nil {
-		return RepoTarget{}, refuse(repo, "resolving local path: %v", err)
-	}
-	if systemPath(real) {
-		return RepoTarget{}, refuse(repo, "local path resolves to %s, under /proc, /sys or /dev", real)
 	}
 	if fi, err := os.Stat(real); err != nil || !fi.IsDir() {
 		return RepoTarget{}, refuse(repo, "local path %s is not a directory", real)
@@ -679,7 +673,7 @@ func (c RepoChecker) checkLocal(repo string, ref RepoRef) (RepoTarget, error) {
 		return RepoTarget{}, refuse(repo, "%s/.git is not a directory (a gitfile or link may lead out of the roots)", real)
 	}
 	for _, x := range c.Exclude {
-		if rx, err := filepath.EvalSymlinks(x); err == nil && within(real, rx) {
+		if rx, err := resolvePath(x); err == nil && within(real, rx) {
 			return RepoTarget{}, refuse(repo, "local path %s is in %s, which is excluded", real, rx)
 		}
 	}
@@ -690,7 +684,7 @@ func (c RepoChecker) checkLocal(repo string, ref RepoRef) (RepoTarget, error) {
 			tried = append(tried, fmt.Sprintf("%s (%v)", r, err))
 			continue
 		}
-		rd, err := filepath.EvalSymlinks(dir)
+		rd, err := resolvePath(dir)
 		if err != nil {
 			tried = append(tried, fmt.Sprintf("%s (%v)", r, err))
 			continue
@@ -706,6 +700,56 @@ func (c RepoChecker) checkLocal(repo string, ref RepoRef) (RepoTarget, error) {
 		tried = append(tried, r+" = "+rd)
 	}
 	return RepoTarget{}, refuse(repo, "local path resolves to %s, in none of repo.local_roots [%s]", real, strings.Join(tried, ", "))
+}
+
+// maxLinks bounds the symlinks resolvePath follows.
+const maxLinks = 255
+
+// resolvePath resolves every symlink of absolute path p, as
+// filepath.EvalSymlinks does, and refuses a path that goes through
+// /proc, /sys or /dev at any step: their magic links (/proc/self/cwd,
+// /proc/1/root) lead to the service's own files.
+func resolvePath(p string) (string, error) {
+	if !filepath.IsAbs(p) {
+		return "", fmt.Errorf("%q is not an absolute path", p)
+	}
+	resolved := "/"
+	rest := strings.Split(p, "/")
+	for links := 0; len(rest) > 0; {
+		part := rest[0]
+		rest = rest[1:]
+		switch part {
+		case "", ".":
+			continue
+		case "..":
+			resolved = filepath.Dir(resolved)
+			continue
+		}
+		next := filepath.Join(resolved, part)
+		if systemPath(next) {
+			return "", fmt.Errorf("%s leads through %s, under /proc, /sys or /dev", p, next)
+		}
+		fi, err := os.Lstat(next)
+		if err != nil {
+			return "", err
+		}
+		if fi.Mode()&os.ModeSymlink == 0 {
+			resolved = next
+			continue
+		}
+		if links++; links > maxLinks {
+			return "", fmt.Errorf("%s: too many symlinks", p)
+		}
+		target, err := os.Readlink(next)
+		if err != nil {
+			return "", err
+		}
+		if filepath.IsAbs(target) {
+			resolved = "/"
+		}
+		rest = append(strings.Split(target, "/"), rest...)
+	}
+	return resolved, nil
 }
 
 // expand expands ~ and {tmp} at the start of root r.
