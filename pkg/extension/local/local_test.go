@@ -368,3 +368,25 @@ func TestHomeRoot(t *testing.T) {
 	_, err := provision(t, l, gitRepo(t))
 	wantNotReachable(t, err)
 }
+
+func TestGitPinsHTTP(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		version string
+		pins    bool
+	}{
+		{"git version 2.39.5\n", true},
+		{"git version 2.37.0", true},
+		{"git version 2.40.1.windows.1", true},
+		{"git version 3.0.0", true},
+		{"git version 2.36.6", false},
+		{"git version 2.4.11", false},
+		{"git version 1.9.1", false},
+		{"not git", false},
+		{"", false},
+	} {
+		if got := local.GitPinsHTTP(tc.version); got != tc.pins {
+			t.Errorf("GitPinsHTTP(%q) = %v, want %v", tc.version, got, tc.pins)
+		}
+	}
+}
