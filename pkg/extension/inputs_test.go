@@ -73,7 +73,7 @@ func TestCheckFormat(t *testing.T) {
 				"https://[::1]:8443/r", // brackets are glob characters: refused
 				// Credentials: a password anywhere, a user but for ssh.
 				"https://user:secret@host/r", "https://token@host/r", "http://u@host/r", "git://u@host/r", "ssh://git:secret@host/r",
-				"file://u@localhost/srv/r",
+				"file://u@localhost/srv/r", "ssh://-oX@host/r", "ssh://%2doX@host/r",
 				// Hosts a resolver could read otherwise than the check does.
 				"https://2130706433/r", "https://127.1/r", "https://0x7f.0.0.1/r", "https://010.0.0.1/r", "https://host./r",
 				"https://h:0/r", "https://h:99999/r", "https://h:port/r"}},

@@ -135,6 +135,8 @@ type RepoRef struct {
 	ExplicitPort bool
 	// URL reports a file reference written as a file:// URL.
 	URL bool
+
+	escPath string // Path as written, escapes kept
 }
 
 // defaultPorts are the ports of each network scheme.
@@ -142,6 +144,9 @@ var defaultPorts = map[string]int{"https": 443, "http": 80, "ssh": 22, "git": 94
 
 // numericHostRE matches host names a resolver may read as an IPv4 address
 // in a non-canonical form (2130706433, 0x7f.1, 127.1, 010.0.0.1).
+// sshUserRE is the user of an ssh:// URL, as scp-like references allow.
+var sshUserRE = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]*$`)
+
 var numericHostRE = regexp.MustCompile(`(?i)^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+))*$`)
 
 // ParseRepo checks repo as CheckFormat(FormatRepo) does and splits it.
@@ -183,6 +188,9 @@ func ParseRepo(repo string) (RepoRef, error) {
 		if u.Scheme != "ssh" {
 			return RepoRef{}, fmt.Errorf("repository URL must not carry a user name (for %s, credentials belong in the backend's git configuration)", u.Scheme)
 		}
+		if !sshUserRE.MatchString(u.User.Username()) {
+			return RepoRef{}, fmt.Errorf("invalid ssh user in the repository URL")
+		}
 	}
 	if u.Opaque != "" || u.RawQuery != "" || u.Fragment != "" {
 		return RepoRef{}, fmt.Errorf("want a repository URL such as %s://host/path", u.Scheme)
@@ -199,7 +207,7 @@ func ParseRepo(repo string) (RepoRef, error) {
 	if u.Host == "" || strings.HasPrefix(u.Host, "-") {
 		return RepoRef{}, fmt.Errorf("repository URL needs a host")
 	}
-	ref := RepoRef{Scheme: u.Scheme, Host: u.Hostname(), Port: defaultPorts[u.Scheme], Path: u.Path}
+	ref := RepoRef{Scheme: u.Scheme, Host: u.Hostname(), Port: defaultPorts[u.Scheme], Path: u.Path, escPath: u.EscapedPath()}
 	if u.User != nil {
 		ref.User = u.User.Username()
 	}
@@ -651,7 +659,7 @@ func (c RepoChecker) Check(ctx context.Context, repo string) (RepoTarget, error)
 		if ref.ExplicitPort {
 			hp += ":" + strconv.Itoa(ref.Port)
 		}
-		t.URL = "git://" + hp + ref.Path
+		t.URL = "git://" + hp + ref.escPath
 	}
 	return t, nil
 }
