@@ -315,13 +315,18 @@ func Ensure(ctx context.Context, run Runner, s Spec) (created bool, err error) {
 	out, err := run(ctx, argv...)
 	if err != nil {
 		var ee *sshx.ExitError
-		if s.Repo != nil && errors.As(err, &ee) && ctx.Err() == nil {
-			switch ee.Status {
-			case statusRefused:
+		if s.Repo != nil && errors.As(err, &ee) {
+			switch {
+			case ee.Status == statusRefused:
 				return false, &extension.RepoError{Repo: extension.RedactRepo(s.Repo.URL), Reason: "refused on the host: " + strings.TrimSpace(ee.Stderr)}
-			case statusCloneFailed:
+			case ee.Status == statusCloneFailed:
 				return false, &extension.RepoError{Repo: extension.RedactRepo(s.Repo.URL),
 					Reason: fmt.Sprintf("git clone on the host failed (address %v)", s.Repo.Addr), Output: extension.RedactRepo(ee.Stderr)}
+			case ee.Status < 0 || ee.Signal != "":
+				// Killed, perhaps while printing git's stderr: keep it out.
+				quiet := *ee
+				quiet.Stderr = ""
+				return false, fmt.Errorf("making workspace %s: %w", Dir(s.Base, s.ID), &quiet)
 			}
 		}
 		return false, fmt.Errorf("making workspace %s: %w", Dir(s.Base, s.ID), err)
