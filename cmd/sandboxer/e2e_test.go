@@ -27,6 +27,8 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
+	"github.com/sand-boxer/sandboxer/pkg/auth"
+	"github.com/sand-boxer/sandboxer/pkg/catalog"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/extension/composessh"
@@ -611,7 +613,17 @@ type e2eWorker struct {
 func e2eStartWorker(t *testing.T, s *e2eSystem, id string) *e2eWorker {
 	t.Helper()
 	w := &e2eWorker{id: id}
-	nc, err := nats.Connect(s.sys.NATS.ClientURL(), nats.Name(id))
+	// A worker of its own pool's identity, as an operator would start it
+	// with provisioner-<extension>.creds.
+	creds, _, err := s.sys.Auth.Issue(auth.Identity{Role: auth.RoleProvisioner, Extension: extCompose}, auth.IssueOptions{Unlisted: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts, err := auth.ConnectOptions(creds)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc, err := nats.Connect(s.sys.NATS.ClientURL(), append(opts, nats.Name(id))...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -623,10 +635,11 @@ func e2eStartWorker(t *testing.T, s *e2eSystem, id string) *e2eWorker {
 	}
 	wctx, stopWatch := context.WithCancel(context.Background())
 	t.Cleanup(stopWatch)
-	cat, err := watchCatalog(wctx, js)
+	cat, err := catalog.Follow(wctx, nc)
 	if err != nil {
 		t.Fatal(err)
 	}
+	<-cat.Ready()
 	reg := extension.NewRegistry(extension.Info{Handler: composessh.Handler, New: func() extension.Extension {
 		c := new(composessh.ComposeSSH)
 		w.ext.Store(c)

@@ -5,16 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/http"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/memory"
 	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/telemetry"
-	"github.com/sand-boxer/sandboxer/pkg/apikey"
-	"github.com/sand-boxer/sandboxer/pkg/bus"
-	"github.com/sand-boxer/sandboxer/services/gateway"
 	"github.com/sand-boxer/sandboxer/services/metering"
 	"github.com/sand-boxer/sandboxer/services/provisioner"
 	"github.com/sand-boxer/sandboxer/services/registry"
@@ -31,7 +27,7 @@ func newServeCmd(g *globals) *cobra.Command {
 
 // serveRun runs start, waits for ctx, then runs the returned shutdown with
 // a deadline.
-func serveRun(ctx context.Context, service, logLevel string, c *connectFlags, start func(ctx context.Context, s *stack, js *svcDeps) error) error {
+func serveRun(ctx context.Context, service, logLevel string, c *connectFlags, idleRelease time.Duration, start func(ctx context.Context, s *stack, js *svcDeps) error) error {
 	log, err := newLogger(logLevel)
 	if err != nil {
 		return err
@@ -56,7 +52,7 @@ func serveRun(ctx context.Context, service, logLevel string, c *connectFlags, st
 	if err := start(ctx, &st, deps); err != nil {
 		return err
 	}
-	go memory.ReleaseWhenIdle(ctx, c.idleRelease)
+	go memory.ReleaseWhenIdle(ctx, idleRelease)
 	log.Info("serving", "service", service, "nats", nc.ConnectedUrlRedacted())
 	<-ctx.Done()
 	return nil
@@ -64,59 +60,27 @@ func serveRun(ctx context.Context, service, logLevel string, c *connectFlags, st
 
 func serveGateway() *cobra.Command {
 	var (
-		c         connectFlags
-		addr      string
-		logLevel  string
-		retention time.Duration
+		c           connectFlags
+		addr        string
+		logLevel    string
+		retention   time.Duration
+		idleRelease time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "gateway [--http ADDR]",
-		Short: "Run the HTTP gateway",
+		Short: "Run the HTTP gateway and the bus intake of sandbox requests",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return serveRun(cmd.Context(), "gateway", logLevel, &c, func(ctx context.Context, st *stack, d *svcDeps) error {
-				cat, err := watchCatalog(ctx, d.js)
+			return serveRun(cmd.Context(), "gateway", logLevel, &c, idleRelease, func(ctx context.Context, st *stack, d *svcDeps) error {
+				gw, err := startGateway(ctx, st, d.nc, d.js, d.log, retention)
 				if err != nil {
 					return err
 				}
-				// Admission and the credits API ask the metering service,
-				// which must be running on the same cluster.
-				wc, stopWorkers, err := watchWorkers(ctx, d.js)
-				if err != nil {
-					return err
-				}
-				st.add(stopWorkers)
-				mc := metering.NewClient(d.nc)
-				gw, err := gateway.New(gateway.Options{
-					JS: d.js, Catalog: cat, Keys: apikey.NewStore(mustKV(ctx, d.js, bus.BucketAPIKeys)),
-					Resolver: &gateway.CapacityResolver{Liveness: wc},
-					Admitter: meteringAdmitter{mc}, Credits: meteringCredits{mc}, Logger: d.log, Retention: retention,
-				})
-				if err != nil {
-					return err
-				}
-				if err := gw.Start(ctx); err != nil {
-					return err
-				}
-				st.add(gw.Shutdown)
 				ln, err := net.Listen("tcp", addr)
 				if err != nil {
 					return fmt.Errorf("listening on %s: %w", addr, err)
 				}
-				hs := &http.Server{Handler: gw.Handler(), ReadHeaderTimeout: 10 * time.Second}
-				// Event streams end when the gateway shuts down, so the server's own
-				// shutdown does not wait on them until its deadline.
-				hs.RegisterOnShutdown(func() {
-					sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-					defer cancel()
-					_ = gw.Shutdown(sctx)
-				})
-				go func() {
-					if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-						d.log.Error("http server", "err", err)
-					}
-				}()
-				st.add(hs.Shutdown)
+				serveHTTP(st, gw, ln, d.log)
 				d.log.Info("gateway listening", "addr", ln.Addr().String())
 				return nil
 			})
@@ -125,6 +89,7 @@ func serveGateway() *cobra.Command {
 	c.add(cmd)
 	cmd.Flags().StringVar(&addr, "http", "127.0.0.1:8080", "HTTP listen address")
 	retentionFlag(cmd.Flags(), &retention)
+	idleReleaseFlag(cmd.Flags(), &idleRelease)
 	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return cmd
 }
@@ -136,6 +101,7 @@ func serveProvisioner(g *globals) *cobra.Command {
 		concurrency int
 		logLevel    string
 		worker      string
+		idleRelease time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "provisioner --extension ID [--extension ID]... [--concurrency N]",
@@ -145,11 +111,12 @@ func serveProvisioner(g *globals) *cobra.Command {
 			if len(pools) == 0 {
 				return &exitError{2, errors.New("at least one --extension is required")}
 			}
-			return serveRun(cmd.Context(), "provisioner", logLevel, &c, func(ctx context.Context, st *stack, d *svcDeps) error {
-				cat, err := watchCatalog(ctx, d.js)
+			return serveRun(cmd.Context(), "provisioner", logLevel, &c, idleRelease, func(ctx context.Context, st *stack, d *svcDeps) error {
+				cat, stopCat, err := followCatalog(ctx, d.nc)
 				if err != nil {
 					return err
 				}
+				st.add(stopCat)
 				p, err := provisioner.New(provisioner.Options{
 					JS: d.js, Catalog: cat, Extensions: linkedExtensions(), Pools: pools,
 					Concurrency: concurrency, DataDir: g.dataDir + "/extensions", WorkerID: worker, Logger: d.log,
@@ -169,21 +136,23 @@ func serveProvisioner(g *globals) *cobra.Command {
 	cmd.Flags().StringArrayVar(&pools, "extension", nil, "extension to serve, repeatable")
 	cmd.Flags().IntVar(&concurrency, "concurrency", 0, "commands run at once per extension in this process (default: the manifest's workers.concurrency)")
 	cmd.Flags().StringVar(&worker, "worker-id", "", "worker id in events and heartbeats (default host-pid)")
+	idleReleaseFlag(cmd.Flags(), &idleRelease)
 	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return cmd
 }
 
 func serveMetering() *cobra.Command {
 	var (
-		c        connectFlags
-		logLevel string
+		c           connectFlags
+		logLevel    string
+		idleRelease time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "metering",
 		Short: "Run the metering service",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return serveRun(cmd.Context(), "metering", logLevel, &c, func(ctx context.Context, st *stack, d *svcDeps) error {
+			return serveRun(cmd.Context(), "metering", logLevel, &c, idleRelease, func(ctx context.Context, st *stack, d *svcDeps) error {
 				m, err := metering.New(metering.Options{JS: d.js, Logger: d.log})
 				if err != nil {
 					return err
@@ -197,6 +166,7 @@ func serveMetering() *cobra.Command {
 		},
 	}
 	c.add(cmd)
+	idleReleaseFlag(cmd.Flags(), &idleRelease)
 	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return cmd
 }
@@ -207,13 +177,14 @@ func serveRegistry() *cobra.Command {
 		extDir, profDir string
 		logLevel        string
 		retention       time.Duration
+		idleRelease     time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "registry [--extensions DIR] [--profiles DIR]",
 		Short: "Run the registry: catalog and inventory",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return serveRun(cmd.Context(), "registry", logLevel, &c, func(ctx context.Context, st *stack, d *svcDeps) error {
+			return serveRun(cmd.Context(), "registry", logLevel, &c, idleRelease, func(ctx context.Context, st *stack, d *svcDeps) error {
 				r, err := registry.New(registry.Options{
 					JS: d.js, NC: d.nc, ExtensionsDir: extDir, ProfilesDir: profDir, Extensions: linkedExtensions(), Logger: d.log,
 					Retention: retention,
@@ -234,5 +205,6 @@ func serveRegistry() *cobra.Command {
 	cmd.Flags().StringVar(&profDir, "profiles", "profiles", "directory of profile.<slug>.yaml profiles")
 	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	retentionFlag(cmd.Flags(), &retention)
+	idleReleaseFlag(cmd.Flags(), &idleRelease)
 	return cmd
 }

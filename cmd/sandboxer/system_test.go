@@ -2,11 +2,14 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
+	"errors"
 	"io"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -14,11 +17,12 @@ import (
 	"github.com/cloudevents/sdk-go/v2/binding"
 	cehttp "github.com/cloudevents/sdk-go/v2/protocol/http"
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/goleak"
 
 	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/telemetry"
 	"github.com/sand-boxer/sandboxer/pkg/api"
+	"github.com/sand-boxer/sandboxer/pkg/auth"
+	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 )
@@ -123,7 +127,7 @@ func copyFile(t *testing.T, from, to string) {
 // ready, destroys it, and reads the lifecycle back from the stream with the
 // CloudEvents SDK's own binary-mode reader, as an independent party would.
 func TestEndToEndOverHTTP(t *testing.T) {
-	sys, c, _ := startTestSystem(t)
+	sys, c, dataDir := startTestSystem(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 
@@ -163,34 +167,39 @@ func TestEndToEndOverHTTP(t *testing.T) {
 		t.Fatalf("workspace %s still exists after destroyed: %v", dir, err)
 	}
 
-	// Read the lifecycle back over a plain client connection.
-	nc, err := nats.Connect(sys.NATS.ClientURL())
+	// Read the lifecycle back as the dev tenant would, with its own
+	// credentials: one direct get per state on its own subjects.
+	opts, err := readCreds(credsPath(dataDir, auth.Identity{Role: auth.RoleTenant, Consumer: DevConsumer}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc, err := nats.Connect(sys.NATS.ClientURL(), opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cons, err := js.OrderedConsumer(ctx, event.StreamLifecycle, jetstream.OrderedConsumerConfig{FilterSubjects: []string{event.SandboxFilter(s.ID)}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var states []event.State
-	for len(states) == 0 || states[len(states)-1] != event.StateDestroyed {
-		msg, err := cons.Next(jetstream.FetchContext(ctx))
-		if err != nil {
-			t.Fatalf("reading lifecycle after %v: %v", states, err)
+	var msgs []*bus.StoredMsg
+	for _, st := range event.States {
+		m, err := bus.LastMsg(ctx, nc, event.StreamLifecycle, event.LifecycleSubject(DevConsumer, "local", s.ID, st))
+		if errors.Is(err, bus.ErrNoMessage) {
+			continue
 		}
-		ev := sdkDecode(t, msg)
+		if err != nil {
+			t.Fatalf("reading %s: %v", st, err)
+		}
+		msgs = append(msgs, m)
+	}
+	slices.SortFunc(msgs, func(a, b *bus.StoredMsg) int { return cmp.Compare(a.Sequence, b.Sequence) })
+	var states []event.State
+	for _, msg := range msgs {
+		ev := sdkDecode(t, msg.Subject, msg.Header, msg.Data)
 		if ev.Subject() != s.ID {
 			t.Errorf("event subject %q, want %q", ev.Subject(), s.ID)
 		}
-		if msg.Headers().Get(event.HeaderMsgID) != ev.Source()+"#"+ev.ID() {
-			t.Errorf("Nats-Msg-Id %q, want source#id", msg.Headers().Get(event.HeaderMsgID))
+		if msg.Header.Get(event.HeaderMsgID) != ev.Source()+"#"+ev.ID() {
+			t.Errorf("Nats-Msg-Id %q, want source#id", msg.Header.Get(event.HeaderMsgID))
 		}
-		if msg.Headers().Get("traceparent") == "" {
+		if msg.Header.Get("traceparent") == "" {
 			t.Errorf("%s carries no traceparent", ev.Type())
 		}
 		st, ok := event.StateOf(event.Type(ev.Type()))
@@ -213,10 +222,10 @@ func TestEndToEndOverHTTP(t *testing.T) {
 // sdkDecode reads a NATS message with the CloudEvents SDK's HTTP binding:
 // ce- headers map one to one onto HTTP binary mode, whose percent-encoding
 // rule the NATS binding shares, and datacontenttype becomes Content-Type.
-func sdkDecode(t *testing.T, msg jetstream.Msg) *event.Event {
+func sdkDecode(t *testing.T, subject string, headers nats.Header, data []byte) *event.Event {
 	t.Helper()
 	h := http.Header{}
-	for k, vs := range msg.Headers() {
+	for k, vs := range headers {
 		lk := strings.ToLower(k)
 		switch {
 		case lk == "ce-datacontenttype":
@@ -225,13 +234,13 @@ func sdkDecode(t *testing.T, msg jetstream.Msg) *event.Event {
 			h.Set(k, vs[0])
 		}
 	}
-	m := cehttp.NewMessage(h, io.NopCloser(bytes.NewReader(msg.Data())))
+	m := cehttp.NewMessage(h, io.NopCloser(bytes.NewReader(data)))
 	if m.ReadEncoding() != binding.EncodingBinary {
 		t.Fatalf("message is not binary mode: %v", h)
 	}
 	ev, err := binding.ToEvent(context.Background(), m)
 	if err != nil {
-		t.Fatalf("CloudEvents SDK cannot read %s: %v", msg.Subject(), err)
+		t.Fatalf("CloudEvents SDK cannot read %s: %v", subject, err)
 	}
 	if err := ev.Validate(); err != nil {
 		t.Fatal(err)

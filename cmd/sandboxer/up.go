@@ -21,6 +21,7 @@ import (
 	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/memory"
 	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/telemetry"
 	"github.com/sand-boxer/sandboxer/pkg/apikey"
+	"github.com/sand-boxer/sandboxer/pkg/auth"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/catalog"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
@@ -36,6 +37,9 @@ type upOptions struct {
 	dataDir       string
 	httpAddr      string
 	natsListen    string
+	natsTLSCert   string
+	natsTLSKey    string
+	insecureNATS  bool
 	extensionsDir string
 	profilesDir   string
 	pools         []string
@@ -58,7 +62,10 @@ func newUpCmd(g *globals) *cobra.Command {
 	}
 	f := cmd.Flags()
 	f.StringVar(&o.httpAddr, "http", "127.0.0.1:8080", "HTTP listen address of the gateway")
-	f.StringVar(&o.natsListen, "nats-listen", "", "client listen address of the embedded NATS server, so workers on other machines can join (default: in-process only)")
+	f.StringVar(&o.natsListen, "nats-listen", "127.0.0.1:4222", "client listen address of the embedded NATS server, for workers, tenants and billing readers with credentials (empty: in-process only)")
+	f.StringVar(&o.natsTLSCert, "nats-tls-cert", "", "TLS certificate (PEM) of the NATS listener")
+	f.StringVar(&o.natsTLSKey, "nats-tls-key", "", "TLS key (PEM) of the NATS listener")
+	f.BoolVar(&o.insecureNATS, "insecure-nats", false, "allow a NATS listener on a non-loopback address without TLS")
 	f.StringVar(&o.extensionsDir, "extensions", "extensions", "directory of ext.<name>.yaml manifests")
 	f.StringVar(&o.profilesDir, "profiles", "profiles", "directory of profile.<slug>.yaml profiles")
 	f.StringArrayVar(&o.pools, "extension", nil, "run worker pools only for these extensions (default: every extension whose handler is linked)")
@@ -67,6 +74,26 @@ func newUpCmd(g *globals) *cobra.Command {
 	idleReleaseFlag(f, &o.idleRelease)
 	retentionFlag(f, &o.retention)
 	return cmd
+}
+
+// checkListen refuses a NATS listener on a non-loopback address without
+// TLS, unless insecure: credentials and every event would cross the
+// network in clear.
+func checkListen(addr string, tls, insecure bool) error {
+	if addr == "" || tls || insecure {
+		return nil
+	}
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return &exitError{2, fmt.Errorf("--nats-listen %q: %w", addr, err)}
+	}
+	if host == "localhost" {
+		return nil
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
+		return nil
+	}
+	return &exitError{2, fmt.Errorf("--nats-listen %s is not a loopback address: give --nats-tls-cert and --nats-tls-key, or --insecure-nats to send credentials and events in clear", addr)}
 }
 
 // retentionFlag adds --retention: how long the record of a sandbox that
@@ -115,8 +142,12 @@ func runUp(ctx context.Context, o *upOptions, out io.Writer) error {
 		return err
 	}
 	defer func() { _ = stopTrace(context.Background()) }()
+	if err := checkListen(o.natsListen, o.natsTLSCert != "", o.insecureNATS); err != nil {
+		return err
+	}
 	sys, err := startSystem(ctx, systemConfig{
 		DataDir: o.dataDir, HTTPAddr: o.httpAddr, NATSListen: o.natsListen, NATSLogs: o.natsLogs,
+		NATSTLSCert: o.natsTLSCert, NATSTLSKey: o.natsTLSKey,
 		ExtensionsDir: o.extensionsDir, ProfilesDir: o.profilesDir, Pools: o.pools,
 		Extensions: linkedExtensions(), Logger: log, Retention: o.retention,
 	})
@@ -131,10 +162,15 @@ func runUp(ctx context.Context, o *upOptions, out io.Writer) error {
 	go memory.ReleaseWhenIdle(ctx, o.idleRelease)
 	natsDesc := "in-process only"
 	if u := sys.NATS.ClientURL(); u != "" {
-		natsDesc = u
+		natsDesc = u + " (credentials required)"
 	}
-	fmt.Fprintf(out, "sandboxer is up\n  gateway    %s\n  nats       %s\n  data dir   %s\n  api keys   %s (dev), %s (admin)\n  pools      %s\n",
-		sys.URL, natsDesc, o.dataDir, keyPath(o.dataDir, "dev"), keyPath(o.dataDir, "admin"), strings.Join(sys.Pools, ", "))
+	var creds []string
+	for _, p := range sys.Creds {
+		creds = append(creds, filepath.Base(p))
+	}
+	fmt.Fprintf(out, "sandboxer is up\n  gateway    %s\n  nats       %s\n  data dir   %s\n  api keys   %s (dev), %s (admin)\n  creds      %s: %s\n  pools      %s\n",
+		sys.URL, natsDesc, o.dataDir, keyPath(o.dataDir, "dev"), keyPath(o.dataDir, "admin"),
+		credsDir(o.dataDir), strings.Join(creds, ", "), strings.Join(sys.Pools, ", "))
 	<-ctx.Done()
 	fmt.Fprintln(out, "sandboxer: shutting down")
 	return nil
@@ -145,6 +181,8 @@ type systemConfig struct {
 	DataDir       string
 	HTTPAddr      string // default 127.0.0.1:8080; port 0 picks one
 	NATSListen    string // empty: in-process connections only
+	NATSTLSCert   string
+	NATSTLSKey    string
 	NATSLogs      bool
 	ExtensionsDir string
 	ProfilesDir   string
@@ -159,17 +197,25 @@ type systemConfig struct {
 
 // system is the control plane running in one process.
 type system struct {
-	NATS  *bus.Embedded
+	NATS *bus.Embedded
+	// Auth is the authority the embedded server trusts.
+	Auth *auth.Authority
+	// NC and JS are the admin's in-process connection: setup, and tests'
+	// inspections. No service uses them.
 	NC    *nats.Conn
 	JS    jetstream.JetStream
 	URL   string // the gateway's base URL
 	Pools []string
+	// Creds are the credentials files written under the data dir.
+	Creds []string
 	st    stack
 	log   *slog.Logger
 }
 
-// startSystem starts an embedded NATS server and all four services on it.
-// On error, whatever started is stopped.
+// startSystem starts an embedded NATS server that trusts the data dir's
+// authority, sets the bus up as the admin, and starts all four services
+// on it, each under its own identity. On error, whatever started is
+// stopped.
 func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -189,48 +235,69 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating data dir: %w", err)
 	}
+	// The catalog first: a bad manifest stops nothing that started.
+	cat, ps := extension.LoadCatalog(cfg.ExtensionsDir, cfg.ProfilesDir, cfg.Extensions)
+	if len(ps) > 0 {
+		return nil, fmt.Errorf("loading catalog: %w", ps)
+	}
+	a, err := auth.Open(authDir(cfg.DataDir))
+	if err != nil {
+		return nil, err
+	}
+	sys.Auth = a
 	srv, err := bus.StartEmbedded(bus.EmbeddedOptions{
 		DataDir: filepath.Join(cfg.DataDir, "nats"), Listen: cfg.NATSListen, Logs: cfg.NATSLogs,
+		Auth:    a.ServerConfig(filepath.Join(cfg.DataDir, "nats", "jwt")),
+		TLSCert: cfg.NATSTLSCert, TLSKey: cfg.NATSTLSKey,
 	})
 	if err != nil {
 		return nil, err
 	}
 	sys.NATS = srv
 	sys.st.add(func(context.Context) error { srv.Shutdown(); return nil })
-	nc, err := srv.Connect("sandboxer-up")
+	// Each service gets its own in-process connection under its own
+	// identity, as it would as a process of its own: one service's
+	// traffic never queues behind another's, and each may do only its
+	// job.
+	connect := func(id auth.Identity) (*nats.Conn, jetstream.JetStream, error) {
+		c, j, err := connectAs(srv, a, id, "sandboxer-"+id.UserName())
+		if err != nil {
+			return nil, nil, err
+		}
+		sys.st.add(func(context.Context) error { return c.Drain() })
+		return c, j, nil
+	}
+	nc, js, err := connect(auth.Identity{Role: auth.RoleAdmin})
 	if err != nil {
 		return nil, err
 	}
-	sys.NC = nc
-	sys.st.add(func(context.Context) error { return nc.Drain() })
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return nil, fmt.Errorf("opening jetstream: %w", err)
+	sys.NC, sys.JS = nc, js
+
+	pools := cfg.Pools
+	if len(pools) == 0 {
+		for _, m := range cat.ExtensionList() {
+			if _, err := cfg.Extensions.Lookup(m.Handler); err == nil {
+				pools = append(pools, m.Name)
+			}
+		}
 	}
-	sys.JS = js
-	if err := cfg.Topology.Ensure(ctx, js); err != nil {
+	rep, err := cfg.Topology.Setup(ctx, js, bus.SetupOptions{Consumers: setupConsumers(cat, []string{auth.DefaultBilling})})
+	if err != nil {
+		return nil, fmt.Errorf("setting up the bus: %w", err)
+	}
+	for _, c := range rep {
+		if c.Action != bus.ActionUnchanged {
+			log.Info("bus set up", "kind", c.Kind, "name", c.Name, "action", c.Action, "detail", c.Detail)
+		}
+	}
+	if sys.Creds, err = ensureCreds(a, cfg.DataDir, upIdentities(pools)); err != nil {
 		return nil, err
 	}
 	if _, err := ensureKeys(ctx, js, cfg.DataDir); err != nil {
 		return nil, err
 	}
-	// Each service gets its own in-process connection, as it would as a
-	// process of its own: one service's traffic never queues behind
-	// another's in a shared connection.
-	connect := func(name string) (*nats.Conn, jetstream.JetStream, error) {
-		c, err := srv.Connect("sandboxer-" + name)
-		if err != nil {
-			return nil, nil, err
-		}
-		sys.st.add(func(context.Context) error { return c.Drain() })
-		j, err := jetstream.New(c)
-		if err != nil {
-			return nil, nil, fmt.Errorf("opening jetstream: %w", err)
-		}
-		return c, j, nil
-	}
 
-	regNC, regJS, err := connect("registry")
+	regNC, regJS, err := connect(auth.Identity{Role: auth.RoleRegistry})
 	if err != nil {
 		return nil, err
 	}
@@ -246,7 +313,7 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 	}
 	sys.st.add(reg.Shutdown)
 
-	_, metJS, err := connect("metering")
+	_, metJS, err := connect(auth.Identity{Role: auth.RoleMetering})
 	if err != nil {
 		return nil, err
 	}
@@ -259,27 +326,20 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 	}
 	sys.st.add(met.Shutdown)
 
-	cat, err := watchCatalog(ctx, js)
-	if err != nil {
-		return nil, err
-	}
-	pools := cfg.Pools
-	if len(pools) == 0 {
-		for _, m := range reg.Catalog().ExtensionList() {
-			if _, err := cfg.Extensions.Lookup(m.Handler); err == nil {
-				pools = append(pools, m.Name)
-			}
-		}
-	}
 	for _, name := range pools {
 		// One provisioner per pool, so a backend that cannot start (a
 		// missing SSH key, say) does not keep the others from running.
-		_, pJS, err := connect("provisioner-" + name)
+		pNC, pJS, err := connect(auth.Identity{Role: auth.RoleProvisioner, Extension: name})
 		if err != nil {
 			return nil, err
 		}
+		pcat, stopCat, err := followCatalog(ctx, pNC)
+		if err != nil {
+			return nil, err
+		}
+		sys.st.add(stopCat)
 		p, err := provisioner.New(provisioner.Options{
-			JS: pJS, Catalog: cat, Extensions: cfg.Extensions, Pools: []string{name},
+			JS: pJS, Catalog: pcat, Extensions: cfg.Extensions, Pools: []string{name},
 			DataDir: filepath.Join(cfg.DataDir, "extensions"), Logger: log.With("service", "provisioner"),
 		})
 		if err != nil {
@@ -293,21 +353,47 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 		sys.Pools = append(sys.Pools, name)
 	}
 
+	gwNC, gwJS, err := connect(auth.Identity{Role: auth.RoleGateway})
+	if err != nil {
+		return nil, err
+	}
+	gw, err := startGateway(ctx, &sys.st, gwNC, gwJS, log.With("service", "gateway"), cfg.Retention)
+	if err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", cfg.HTTPAddr)
+	if err != nil {
+		return nil, fmt.Errorf("listening on %s: %w", cfg.HTTPAddr, err)
+	}
+	serveHTTP(&sys.st, gw, ln, log)
+	sys.URL = "http://" + ln.Addr().String()
+	return sys, nil
+}
+
+// startGateway starts a gateway on its connection: its catalog, worker
+// liveness and metering client, and its bus intake.
+func startGateway(ctx context.Context, st *stack, nc *nats.Conn, js jetstream.JetStream, log *slog.Logger, retention time.Duration) (*gateway.Gateway, error) {
+	cat, err := watchCatalog(ctx, js)
+	if err != nil {
+		return nil, err
+	}
 	wc, stopWorkers, err := watchWorkers(ctx, js)
 	if err != nil {
 		return nil, err
 	}
-	sys.st.add(stopWorkers)
-	gwNC, gwJS, err := connect("gateway")
+	st.add(stopWorkers)
+	keys, err := js.KeyValue(ctx, bus.BucketAPIKeys)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("opening bucket %s: %w", bus.BucketAPIKeys, err)
 	}
-	mc := metering.NewClient(gwNC)
+	// Admission and the credits API ask the metering service, which must
+	// be running on the same bus.
+	mc := metering.NewClient(nc)
 	gw, err := gateway.New(gateway.Options{
-		JS: gwJS, Catalog: cat, Keys: apikey.NewStore(mustKV(ctx, js, bus.BucketAPIKeys)),
+		JS: js, Catalog: cat, Keys: apikey.NewStore(keys),
 		Resolver: &gateway.CapacityResolver{Liveness: wc},
-		Admitter: meteringAdmitter{mc}, Credits: meteringCredits{mc}, Logger: log.With("service", "gateway"),
-		Retention: cfg.Retention,
+		Admitter: meteringAdmitter{mc}, Credits: meteringCredits{mc}, Logger: log,
+		Retention: retention,
 	})
 	if err != nil {
 		return nil, err
@@ -315,11 +401,12 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 	if err := gw.Start(ctx); err != nil {
 		return nil, err
 	}
-	sys.st.add(gw.Shutdown)
-	ln, err := net.Listen("tcp", cfg.HTTPAddr)
-	if err != nil {
-		return nil, fmt.Errorf("listening on %s: %w", cfg.HTTPAddr, err)
-	}
+	st.add(gw.Shutdown)
+	return gw, nil
+}
+
+// serveHTTP serves the gateway's API on ln until the stack stops.
+func serveHTTP(st *stack, gw *gateway.Gateway, ln net.Listener, log *slog.Logger) {
 	hs := &http.Server{Handler: gw.Handler(), ReadHeaderTimeout: 10 * time.Second}
 	// Event streams end when the gateway shuts down, so the server's own
 	// shutdown does not wait on them until its deadline.
@@ -333,20 +420,32 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 			log.Error("http server", "err", err)
 		}
 	}()
-	sys.st.add(hs.Shutdown)
-	sys.URL = "http://" + ln.Addr().String()
-	return sys, nil
+	st.add(hs.Shutdown)
 }
 
 // Shutdown stops every service, newest first, then the NATS server.
 func (s *system) Shutdown(ctx context.Context) { s.st.shutdown(ctx, s.log) }
 
-func mustKV(ctx context.Context, js jetstream.JetStream, bucket string) jetstream.KeyValue {
-	kv, err := js.KeyValue(ctx, bucket)
+// followCatalog starts a worker's view of the catalog, which needs no
+// consumer ([catalog.Follow]); the returned stop ends it.
+func followCatalog(ctx context.Context, nc *nats.Conn) (*catalog.Cache, func(context.Context) error, error) {
+	fctx, cancel := context.WithCancel(context.Background())
+	c, err := catalog.Follow(fctx, nc)
 	if err != nil {
-		panic(fmt.Sprintf("bucket %s missing after Topology.Ensure: %v", bucket, err))
+		cancel()
+		return nil, nil, err
 	}
-	return kv
+	stop := func(context.Context) error { cancel(); return nil }
+	select {
+	case <-c.Ready():
+	case <-ctx.Done():
+		cancel()
+		return nil, nil, ctx.Err()
+	case <-time.After(30 * time.Second):
+		cancel()
+		return nil, nil, errors.New("catalog not readable after 30s")
+	}
+	return c, stop, nil
 }
 
 func watchCatalog(ctx context.Context, js jetstream.JetStream) (*catalog.Cache, error) {
@@ -372,7 +471,11 @@ func watchCatalog(ctx context.Context, js jetstream.JetStream) (*catalog.Cache, 
 // are written, mode 0600, under dataDir/keys. A key file whose key the
 // store no longer knows (the bus data was wiped) is replaced.
 func ensureKeys(ctx context.Context, js jetstream.JetStream, dataDir string) (string, error) {
-	store := apikey.NewStore(mustKV(ctx, js, bus.BucketAPIKeys))
+	kv, err := js.KeyValue(ctx, bus.BucketAPIKeys)
+	if err != nil {
+		return "", fmt.Errorf("opening bucket %s: %w", bus.BucketAPIKeys, err)
+	}
+	store := apikey.NewStore(kv)
 	dir := filepath.Join(dataDir, "keys")
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return "", fmt.Errorf("creating keys dir: %w", err)
@@ -403,27 +506,28 @@ func linkedExtensions() *extension.Registry {
 	return extension.NewRegistry(builtinExtensions()...)
 }
 
-// connectFlags are the flags of every `serve` verb.
+// connectFlags are the flags of every verb that talks to a NATS cluster.
 type connectFlags struct {
 	url, creds, tlsCA, tlsCert, tlsKey string
-	replicas                           int
-	idleRelease                        time.Duration
 }
 
 func (c *connectFlags) add(cmd *cobra.Command) {
 	f := cmd.Flags()
 	f.StringVar(&c.url, "nats", envOr("NATS_URL", nats.DefaultURL), "NATS server URL(s), comma-separated (env NATS_URL)")
-	f.StringVar(&c.creds, "creds", os.Getenv("NATS_CREDS"), "NATS credentials file (env NATS_CREDS)")
+	f.StringVar(&c.creds, "creds", os.Getenv("NATS_CREDS"), "NATS credentials file of this process's identity (env NATS_CREDS)")
 	f.StringVar(&c.tlsCA, "tls-ca", "", "CA certificate to verify the NATS server")
 	f.StringVar(&c.tlsCert, "tls-cert", "", "client certificate for NATS")
 	f.StringVar(&c.tlsKey, "tls-key", "", "client key for NATS")
-	f.IntVar(&c.replicas, "replicas", 1, "replicas of every stream and bucket (3 on a three-node cluster)")
-	idleReleaseFlag(f, &c.idleRelease)
 }
 
-// connect dials the cluster and ensures the topology.
+// connect dials the cluster with the credentials of --creds. It declares
+// nothing: `sandboxer setup` does.
 func (c *connectFlags) connect(ctx context.Context, name string) (*nats.Conn, jetstream.JetStream, error) {
-	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: c.url, Name: name, CredsFile: c.creds, TLSCA: c.tlsCA, TLSCert: c.tlsCert, TLSKey: c.tlsKey})
+	opts, err := readCreds(c.creds)
+	if err != nil {
+		return nil, nil, err
+	}
+	nc, err := bus.Connect(ctx, bus.ConnConfig{URL: c.url, Name: name, Options: opts, TLSCA: c.tlsCA, TLSCert: c.tlsCert, TLSKey: c.tlsKey})
 	if err != nil {
 		return nil, nil, err
 	}
@@ -431,10 +535,6 @@ func (c *connectFlags) connect(ctx context.Context, name string) (*nats.Conn, je
 	if err != nil {
 		nc.Close()
 		return nil, nil, fmt.Errorf("opening jetstream: %w", err)
-	}
-	if err := (bus.Topology{Replicas: c.replicas}).Ensure(ctx, js); err != nil {
-		nc.Close()
-		return nil, nil, err
 	}
 	return nc, js, nil
 }

@@ -25,8 +25,9 @@ type ConnConfig struct {
 	URL string
 	// Name is the client connection name shown by the server.
 	Name string
-	// CredsFile is a NATS credentials file (JWT and nkey seed), if any.
-	CredsFile string
+	// Options are extra connection options: the identity to connect as
+	// (auth.ConnectOptions of a .creds file).
+	Options []nats.Option
 	// TLSCA, TLSCert and TLSKey are PEM files. With TLSCA alone the server
 	// is verified; with a cert and key the client also authenticates.
 	TLSCA, TLSCert, TLSKey string
@@ -55,12 +56,7 @@ func Connect(ctx context.Context, cfg ConnConfig) (*nats.Conn, error) {
 		nats.ReconnectWait(250 * time.Millisecond),
 		nats.RetryOnFailedConnect(false),
 	}
-	if cfg.CredsFile != "" {
-		if _, err := os.Stat(cfg.CredsFile); err != nil {
-			return nil, fmt.Errorf("reading credentials file: %w", err)
-		}
-		opts = append(opts, nats.UserCredentials(cfg.CredsFile))
-	}
+	opts = append(opts, cfg.Options...)
 	if cfg.TLSCA != "" || cfg.TLSCert != "" {
 		tc, err := tlsConfig(cfg)
 		if err != nil {

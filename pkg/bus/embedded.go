@@ -26,6 +26,14 @@ type EmbeddedOptions struct {
 	Logs bool
 	// ReadyTimeout bounds start-up. Default 10s.
 	ReadyTimeout time.Duration
+	// Auth is nats-server configuration that sets who may connect: the
+	// operator, system account and account resolver of package auth
+	// (auth.Authority.ServerConfig). Empty: anyone may, for tests of the
+	// bus alone.
+	Auth string
+	// TLSCert and TLSKey are PEM files: when set, the client listener
+	// speaks TLS only.
+	TLSCert, TLSKey string
 }
 
 // Embedded is a running in-process nats-server: the real server, not a fake.
@@ -46,16 +54,29 @@ func StartEmbedded(opts EmbeddedOptions) (*Embedded, error) {
 	if name == "" {
 		name = "sandboxer"
 	}
-	so := &server.Options{
-		ServerName: name,
-		JetStream:  true,
-		StoreDir:   opts.DataDir,
-		NoSigs:     true,
-		NoLog:      !opts.Logs,
-		DontListen: opts.Listen == "",
-		// JetStream's own limits: the whole machine's. Streams carry their own.
-		JetStreamMaxMemory: -1,
-		JetStreamMaxStore:  -1,
+	so := &server.Options{}
+	if opts.Auth != "" {
+		if err := so.ProcessConfigString(opts.Auth); err != nil {
+			return nil, fmt.Errorf("starting embedded nats: reading auth configuration: %w", err)
+		}
+	}
+	so.ServerName = name
+	so.JetStream = true
+	so.StoreDir = opts.DataDir
+	so.NoSigs = true
+	so.NoLog = !opts.Logs
+	so.DontListen = opts.Listen == ""
+	// JetStream's own limits: the whole machine's. Streams carry their own.
+	so.JetStreamMaxMemory, so.JetStreamMaxStore = -1, -1
+	if (opts.TLSCert == "") != (opts.TLSKey == "") {
+		return nil, errors.New("starting embedded nats: tls cert and key must be given together")
+	}
+	if opts.TLSCert != "" {
+		tc, err := server.GenTLSConfig(&server.TLSConfigOpts{CertFile: opts.TLSCert, KeyFile: opts.TLSKey})
+		if err != nil {
+			return nil, fmt.Errorf("starting embedded nats: loading tls certificate: %w", err)
+		}
+		so.TLSConfig, so.TLS = tc, true
 	}
 	if opts.Listen != "" {
 		host, port, err := net.SplitHostPort(opts.Listen)
@@ -67,6 +88,15 @@ func StartEmbedded(opts EmbeddedOptions) (*Embedded, error) {
 			return nil, fmt.Errorf("starting embedded nats: listen port %q: %w", port, err)
 		}
 		so.Host, so.Port = host, p
+		if p > 0 {
+			// nats-server reports a taken port only in its log, after it
+			// gave up: try the address first, to say so at once.
+			ln, err := net.Listen("tcp", opts.Listen)
+			if err != nil {
+				return nil, fmt.Errorf("starting embedded nats: cannot listen on %s: %w", opts.Listen, err)
+			}
+			_ = ln.Close()
+		}
 	}
 	srv, err := server.NewServer(so)
 	if err != nil {

@@ -11,6 +11,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/sand-boxer/sandboxer/pkg/auth"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/natstest"
@@ -105,7 +106,7 @@ func TestEmbeddedInProcess(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := testCtx(t)
-	if err := (bus.Topology{MemoryStorage: true}).Ensure(ctx, js); err != nil {
+	if _, err := (bus.Topology{MemoryStorage: true}).Setup(ctx, js, bus.SetupOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	s, err := js.Stream(ctx, event.StreamCommands)
@@ -151,7 +152,11 @@ func TestStartEmbeddedErrors(t *testing.T) {
 func TestConnect(t *testing.T) {
 	t.Parallel()
 	srv := natstest.Start(t)
-	nc, err := bus.Connect(testCtx(t), bus.ConnConfig{URL: srv.ClientURL(), Name: "bus-test"})
+	creds, err := auth.ConnectOptions(srv.Creds(t, natstest.Admin))
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc, err := bus.Connect(testCtx(t), bus.ConnConfig{URL: srv.ClientURL(), Name: "bus-test", Options: creds})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -179,7 +184,7 @@ func TestConnect(t *testing.T) {
 		want string
 	}{
 		{"nothing listening", bus.ConnConfig{URL: closed, ConnectTimeout: time.Second}, "connecting to nats"},
-		{"missing credentials file", bus.ConnConfig{URL: srv.ClientURL(), CredsFile: filepath.Join(dir, "none.creds")}, "reading credentials file"},
+		{"no credentials", bus.ConnConfig{URL: srv.ClientURL()}, "Authorization Violation"},
 		{"missing CA", bus.ConnConfig{URL: srv.ClientURL(), TLSCA: filepath.Join(dir, "none.pem")}, "reading tls ca"},
 		{"CA without a certificate", bus.ConnConfig{URL: srv.ClientURL(), TLSCA: notPEM}, "no certificate found"},
 		{"cert without key", bus.ConnConfig{URL: srv.ClientURL(), TLSCert: notPEM}, "must be given together"},

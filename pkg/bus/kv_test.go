@@ -84,7 +84,7 @@ func TestEnsureEnablesRecordTTL(t *testing.T) {
 	if _, err := old.Put(ctx, "sbx-old", []byte("kept")); err != nil {
 		t.Fatal(err)
 	}
-	if err := (bus.Topology{}).Ensure(ctx, js); err != nil {
+	if _, err := (bus.Topology{}).Setup(ctx, js, bus.SetupOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	kv, err := js.KeyValue(ctx, bus.BucketSandboxes)

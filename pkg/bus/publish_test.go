@@ -131,7 +131,7 @@ func TestPublishBackPressure(t *testing.T) {
 	srv := natstest.Start(t)
 	js := srv.JetStream(t)
 	ctx := testCtx(t)
-	if err := (bus.Topology{CommandsMaxMsgs: 3}).Ensure(ctx, js); err != nil {
+	if _, err := (bus.Topology{CommandsMaxMsgs: 3}).Setup(ctx, js, bus.SetupOptions{Force: true}); err != nil {
 		t.Fatal(err)
 	}
 	pub := bus.NewPublisher(js)

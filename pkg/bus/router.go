@@ -85,8 +85,9 @@ type Route struct {
 	// Stream and Consumer name the durable consumer, which must exist
 	// ([EnsureConsumer]).
 	Stream, Consumer string
-	// Policy must be the policy the consumer was created with; the router
-	// uses it for heartbeats, back-off and the delivery bound.
+	// Policy gives the back-off between redeliveries. Its AckWait (for
+	// heartbeats) and MaxDeliver (the delivery bound) are read from the
+	// consumer itself.
 	Policy ConsumerPolicy
 	// Concurrency is how many handlers run at once in this process.
 	// Default 1.
@@ -143,7 +144,13 @@ func (r *Router) Run(ctx context.Context, rt Route) error {
 	}
 	cons, err := r.js.Consumer(ctx, rt.Stream, rt.Consumer)
 	if err != nil {
-		return fmt.Errorf("looking up consumer %s/%s: %w", rt.Stream, rt.Consumer, err)
+		return fmt.Errorf("looking up consumer %s/%s (created by `sandboxer setup`): %w", rt.Stream, rt.Consumer, err)
+	}
+	// The consumer's own bounds win over the route's: setup made it, and
+	// the server redelivers by them.
+	if cfg := cons.CachedInfo().Config; cfg.AckWait > 0 {
+		rt.Policy.AckWait = cfg.AckWait
+		rt.Policy.MaxDeliver = cfg.MaxDeliver
 	}
 	it, err := cons.Messages(jetstream.PullMaxMessages(n), jetstream.PullExpiry(5*time.Second))
 	if err != nil {
@@ -267,7 +274,7 @@ func (r *Router) fail(ctx context.Context, rt Route, msg jetstream.Msg, meta *je
 	span.RecordError(err)
 	span.SetStatus(codes.Error, err.Error())
 	r.Stats.Failed.Add(1)
-	last := int(meta.NumDelivered) >= rt.Policy.MaxDeliver
+	last := rt.Policy.MaxDeliver > 0 && int(meta.NumDelivered) >= rt.Policy.MaxDeliver
 	if !IsPermanent(err) && !last {
 		if ctx.Err() != nil {
 			// Shutting down: hand the message to another instance now.

@@ -21,6 +21,26 @@ const (
 	BucketIdempotency = "idempotency"
 )
 
+// KVStream is the stream behind bucket: KV_<bucket>.
+func KVStream(bucket string) string { return "KV_" + bucket }
+
+// Durable consumers of the design, created by setup ([Setup]) and only
+// used by the services.
+const (
+	// DurableRegistry is the registry's consumer of the lifecycle stream.
+	DurableRegistry = "registry"
+	// DurableRegistryTimers is the registry's consumer of fired expiries.
+	DurableRegistryTimers = "registry-timers"
+	// DurableMetering is metering's consumer of the lifecycle stream.
+	DurableMetering = "metering"
+	// DurableMeteringAccrual is metering's consumer of accrual ticks.
+	DurableMeteringAccrual = "metering-accrual"
+)
+
+// DurableProvisioner is the durable consumer every worker of extension's
+// pool shares on the commands stream: provisioner-<extension>.
+func DurableProvisioner(extension string) string { return "provisioner-" + extension }
+
 // Topology sizes the streams and buckets of the design. The zero value is
 // the single-machine default; a three-node cluster sets Replicas to 3.
 type Topology struct {
@@ -116,6 +136,8 @@ func (t Topology) Streams() []jetstream.StreamConfig {
 			Subjects:    []string{event.SubjectMetering},
 			Retention:   jetstream.LimitsPolicy,
 			MaxAge:      t.MeteringMaxAge,
+			// Tenants read their own account's events by subject.
+			AllowDirect: true,
 			Storage:     st,
 			Replicas:    t.Replicas,
 			Duplicates:  t.Duplicates,
@@ -166,29 +188,13 @@ func (t Topology) Buckets() []jetstream.KeyValueConfig {
 	}
 }
 
-// Ensure creates or updates every stream and bucket of t. It is idempotent
-// and safe to call from every service instance at start-up.
-func (t Topology) Ensure(ctx context.Context, js jetstream.JetStream) error {
-	for _, cfg := range t.Streams() {
-		if _, err := js.CreateOrUpdateStream(ctx, cfg); err != nil {
-			return fmt.Errorf("ensuring stream %s: %w", cfg.Name, err)
-		}
-	}
-	for _, cfg := range t.Buckets() {
-		if _, err := js.CreateOrUpdateKeyValue(ctx, cfg); err != nil {
-			return fmt.Errorf("ensuring bucket %s: %w", cfg.Bucket, err)
-		}
-	}
-	return nil
-}
-
 // ConsumerPolicy is the delivery policy of a durable consumer.
 type ConsumerPolicy struct {
 	// AckWait is how long a delivery may go without ack or heartbeat before
 	// it is redelivered. Default 30s.
 	AckWait time.Duration
 	// MaxDeliver bounds deliveries; the last failure goes to the dead-letter
-	// stream. Default 5.
+	// stream. Default 5; -1 never gives up.
 	MaxDeliver int
 	// Backoff is the delay before redelivery after the n-th failure; the
 	// last entry repeats. Default 1s, 5s, 15s, 30s.
@@ -203,7 +209,7 @@ func (p ConsumerPolicy) WithDefaults() ConsumerPolicy {
 	if p.AckWait <= 0 {
 		p.AckWait = 30 * time.Second
 	}
-	if p.MaxDeliver <= 0 {
+	if p.MaxDeliver == 0 {
 		p.MaxDeliver = 5
 	}
 	if len(p.Backoff) == 0 {
@@ -231,34 +237,26 @@ func (p ConsumerPolicy) Delay(delivered uint64) time.Duration {
 }
 
 // EnsureConsumer creates or updates the durable pull consumer name on
-// stream, filtered on filter, with explicit acks and policy p. It is
-// idempotent: every instance sharing the consumer calls it at start-up.
+// stream, filtered on filter, with explicit acks and policy p, as
+// [Topology.Setup] does for its consumers. It needs an identity allowed to
+// manage consumers: setup and tests, never a service.
 func EnsureConsumer(ctx context.Context, js jetstream.JetStream, stream, name, filter string, p ConsumerPolicy) (jetstream.Consumer, error) {
 	return EnsureConsumerFilters(ctx, js, stream, name, []string{filter}, p)
 }
 
-// EnsureConsumerFilters is [EnsureConsumer] with several filter subjects,
-// for a consumer that wants some of a stream's subjects: the server then
-// delivers nothing it would only ack.
+// EnsureConsumerFilters is [EnsureConsumer] with several filter subjects.
 func EnsureConsumerFilters(ctx context.Context, js jetstream.JetStream, stream, name string, filters []string, p ConsumerPolicy) (jetstream.Consumer, error) {
-	p = p.WithDefaults()
-	cfg := jetstream.ConsumerConfig{
-		Durable:       name,
-		Description:   "sand-boxer " + name,
-		AckPolicy:     jetstream.AckExplicitPolicy,
-		AckWait:       p.AckWait,
-		MaxDeliver:    p.MaxDeliver,
-		MaxAckPending: p.MaxAckPending,
-		DeliverPolicy: jetstream.DeliverAllPolicy,
+	return EnsureSpec(ctx, js, ConsumerSpec{Stream: stream, Name: name, Filters: filters, Policy: p})
+}
+
+// EnsureSpec creates or updates the consumer spec describes.
+func EnsureSpec(ctx context.Context, js jetstream.JetStream, spec ConsumerSpec) (jetstream.Consumer, error) {
+	if _, err := setupConsumer(ctx, js, spec); err != nil {
+		return nil, err
 	}
-	if len(filters) == 1 {
-		cfg.FilterSubject = filters[0]
-	} else {
-		cfg.FilterSubjects = filters
-	}
-	c, err := js.CreateOrUpdateConsumer(ctx, stream, cfg)
+	c, err := js.Consumer(ctx, spec.Stream, spec.Name)
 	if err != nil {
-		return nil, fmt.Errorf("ensuring consumer %s on %s: %w", name, stream, err)
+		return nil, fmt.Errorf("reading consumer %s on %s: %w", spec.Name, spec.Stream, err)
 	}
 	return c, nil
 }

@@ -1,8 +1,10 @@
 package bus_test
 
 import (
+	"errors"
 	"reflect"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -13,10 +15,10 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/natstest"
 )
 
-// TestEnsureIsIdempotent runs Ensure again on a server natstest already
+// TestSetupIsIdempotent runs Setup again on a server natstest already
 // declared the topology on: nothing is re-created, no configuration
-// changes and stored messages and keys stay.
-func TestEnsureIsIdempotent(t *testing.T) {
+// changes, the report says so, and stored messages and keys stay.
+func TestSetupIsIdempotent(t *testing.T) {
 	t.Parallel()
 	srv := natstest.Start(t)
 	js := srv.JetStream(t)
@@ -43,8 +45,14 @@ func TestEnsureIsIdempotent(t *testing.T) {
 		before[cfg.Name] = s.CachedInfo()
 	}
 	for i := range 2 {
-		if err := top.Ensure(ctx, js); err != nil {
-			t.Fatalf("Ensure #%d: %v", i+2, err)
+		rep, err := top.Setup(ctx, js, bus.SetupOptions{})
+		if err != nil {
+			t.Fatalf("Setup #%d: %v", i+2, err)
+		}
+		for _, c := range rep {
+			if c.Action != bus.ActionUnchanged {
+				t.Errorf("Setup #%d: %s %s %s (%s), want unchanged", i+2, c.Kind, c.Name, c.Action, c.Detail)
+			}
 		}
 	}
 	for _, cfg := range top.Streams() {
@@ -79,16 +87,38 @@ func TestEnsureIsIdempotent(t *testing.T) {
 		t.Errorf("sandboxes key after Ensure: %v %v", e, err)
 	}
 
-	// Ensure updates what changed.
-	if err := (bus.Topology{CommandsMaxMsgs: 10}).Ensure(ctx, js); err != nil {
-		t.Fatal(err)
+	maxMsgs := func() int64 {
+		cs, err := js.Stream(ctx, event.StreamCommands)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cs.CachedInfo().Config.MaxMsgs
 	}
-	cs, err := js.Stream(ctx, event.StreamCommands)
+	// Setup applies what keeps more.
+	rep, err := (bus.Topology{CommandsMaxMsgs: 200_000}).Setup(ctx, js, bus.SetupOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cs.CachedInfo().Config.MaxMsgs != 10 {
-		t.Errorf("commands MaxMsgs = %d after update, want 10", cs.CachedInfo().Config.MaxMsgs)
+	if n := maxMsgs(); n != 200_000 {
+		t.Errorf("commands MaxMsgs = %d after raising it, want 200000 (%+v)", n, rep)
+	}
+	// It refuses what keeps less, says so, and changes nothing...
+	rep, err = (bus.Topology{CommandsMaxMsgs: 10}).Setup(ctx, js, bus.SetupOptions{})
+	if !errors.Is(err, bus.ErrRefused) {
+		t.Fatalf("lowering MaxMsgs: %v, want ErrRefused", err)
+	}
+	if r := rep.Refused(); len(r) != 1 || r[0].Name != event.StreamCommands || !strings.Contains(r[0].Detail, "max_msgs 200000 -> 10") {
+		t.Errorf("refused %+v, want the commands stream's max_msgs", r)
+	}
+	if n := maxMsgs(); n != 200_000 {
+		t.Errorf("commands MaxMsgs = %d after a refused setup, want 200000", n)
+	}
+	// ...unless forced.
+	if _, err := (bus.Topology{CommandsMaxMsgs: 10}).Setup(ctx, js, bus.SetupOptions{Force: true}); err != nil {
+		t.Fatal(err)
+	}
+	if n := maxMsgs(); n != 10 {
+		t.Errorf("commands MaxMsgs = %d after a forced setup, want 10", n)
 	}
 }
 

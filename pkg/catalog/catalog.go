@@ -11,9 +11,12 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 )
 
@@ -117,8 +120,10 @@ func (c *Cache) run(ctx context.Context, w jetstream.KeyWatcher) {
 }
 
 func apply(work *extension.Catalog, e jetstream.KeyValueEntry) {
-	k := e.Key()
-	del := e.Operation() != jetstream.KeyValuePut
+	applyKey(work, e.Key(), e.Operation() != jetstream.KeyValuePut, e.Value())
+}
+
+func applyKey(work *extension.Catalog, k string, del bool, value []byte) {
 	switch {
 	case strings.HasPrefix(k, prefixExtension):
 		name := strings.TrimPrefix(k, prefixExtension)
@@ -127,7 +132,7 @@ func apply(work *extension.Catalog, e jetstream.KeyValueEntry) {
 			return
 		}
 		var m extension.Manifest
-		if json.Unmarshal(e.Value(), &m) == nil {
+		if json.Unmarshal(value, &m) == nil {
 			work.Extensions[name] = &m
 		}
 	case strings.HasPrefix(k, prefixProfile):
@@ -137,7 +142,7 @@ func apply(work *extension.Catalog, e jetstream.KeyValueEntry) {
 			return
 		}
 		var p extension.Profile
-		if json.Unmarshal(e.Value(), &p) == nil {
+		if json.Unmarshal(value, &p) == nil {
 			work.Profiles[slug] = &p
 		}
 	}
@@ -158,6 +163,63 @@ func (c *Cache) publish(work *extension.Catalog) {
 	c.changed = make(chan struct{})
 	c.mu.Unlock()
 	c.once.Do(func() { close(c.ready) })
+}
+
+// Follow starts a cache of the catalog bucket that needs no consumer, for
+// workers, which may not create one: it reads the bucket with one batched
+// direct get, and again whenever a plain subscription to the bucket's
+// subjects sees a change. It follows until ctx ends. Wait for
+// [Cache.Ready] before reading.
+func Follow(ctx context.Context, nc *nats.Conn) (*Cache, error) {
+	changed := make(chan struct{}, 1)
+	sub, err := nc.Subscribe("$KV."+bus.BucketCatalog+".>", func(*nats.Msg) {
+		select {
+		case changed <- struct{}{}:
+		default:
+		}
+	})
+	if err != nil {
+		return nil, fmt.Errorf("following catalog: %w", err)
+	}
+	c := &Cache{
+		cur:     &extension.Catalog{Extensions: map[string]*extension.Manifest{}, Profiles: map[string]*extension.Profile{}},
+		changed: make(chan struct{}),
+		ready:   make(chan struct{}),
+	}
+	go func() {
+		defer func() { _ = sub.Unsubscribe() }()
+		retry := time.NewTimer(0)
+		defer retry.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-changed:
+			case <-retry.C:
+			}
+			if err := c.reload(ctx, nc); err != nil && ctx.Err() == nil {
+				retry.Reset(time.Second) // a bus that is not there yet
+			}
+		}
+	}()
+	return c, nil
+}
+
+// reload reads the whole bucket and publishes it.
+func (c *Cache) reload(ctx context.Context, nc *nats.Conn) error {
+	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	msgs, _, err := bus.LastPerSubject(rctx, nc, bus.KVStream(bus.BucketCatalog), []string{"$KV." + bus.BucketCatalog + ".>"})
+	if err != nil {
+		return err
+	}
+	work := &extension.Catalog{Extensions: map[string]*extension.Manifest{}, Profiles: map[string]*extension.Profile{}}
+	for _, m := range msgs {
+		op := m.Header.Get("KV-Operation")
+		applyKey(work, strings.TrimPrefix(m.Subject, "$KV."+bus.BucketCatalog+"."), op == "DEL" || op == "PURGE", m.Data)
+	}
+	c.publish(work)
+	return nil
 }
 
 // Ready is closed once the cache holds the bucket's contents.

@@ -148,6 +148,12 @@ func (c *Catalog) Check(reg *Registry) Problems {
 				}
 				if err := spec.validate(p.Inputs[k]); err != nil {
 					ps = append(ps, p.problemAt("inputs."+k, "%v", err))
+				} else if spec.Format == FormatRepo {
+					// A default the backend's repo policy refuses would
+					// fail every request that takes it.
+					if err := m.Repo.Check(p.Inputs[k]); err != nil {
+						ps = append(ps, p.problemAt("inputs."+k, "extension %q's repo policy refuses it: %v", m.Name, err))
+					}
 				}
 			}
 		}

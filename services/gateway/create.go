@@ -510,7 +510,7 @@ func (g *Gateway) validate(req api.CreateRequest) (*plan, *api.Problem) {
 				continue
 			}
 			pl.manifests = append(pl.manifests, m)
-			in, ierrs := extension.ValidateInputs(m.Inputs, p.Inputs, req.Inputs)
+			in, ierrs := m.ValidateInputs(p.Inputs, req.Inputs)
 			for _, fe := range ierrs {
 				if len(names) > 1 {
 					fe.Detail = "extension " + name + ": " + fe.Detail

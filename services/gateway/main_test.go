@@ -20,6 +20,7 @@ import (
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
 	"github.com/sand-boxer/sandboxer/pkg/apikey"
+	"github.com/sand-boxer/sandboxer/pkg/auth"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/catalog"
 	"github.com/sand-boxer/sandboxer/pkg/event"
@@ -63,10 +64,13 @@ func newEnv(t testing.TB, cfg envConfig) *env {
 	js := srv.JetStream(t)
 	ctx := testCtx(t)
 	if cfg.topo != nil {
-		if err := cfg.topo.Ensure(ctx, js); err != nil {
-			t.Fatalf("ensuring topology: %v", err)
+		if _, err := cfg.topo.Setup(ctx, js, bus.SetupOptions{Force: true}); err != nil {
+			t.Fatalf("setting up topology: %v", err)
 		}
 	}
+	// The gateway runs as itself; the test's own connection (js) is the
+	// admin's, standing in for the other services.
+	gwJS := srv.JetStreamAs(t, auth.Identity{Role: auth.RoleGateway})
 	catKV, err := js.KeyValue(ctx, bus.BucketCatalog)
 	if err != nil {
 		t.Fatal(err)
@@ -80,7 +84,11 @@ func newEnv(t testing.TB, cfg envConfig) *env {
 	}
 	wctx, cancelWatch := context.WithCancel(context.Background())
 	t.Cleanup(cancelWatch)
-	cache, err := catalog.Watch(wctx, catKV)
+	gwCatKV, err := gwJS.KeyValue(ctx, bus.BucketCatalog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cache, err := catalog.Watch(wctx, gwCatKV)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -98,8 +106,12 @@ func newEnv(t testing.TB, cfg envConfig) *env {
 		e.tokens[c] = e.issue(t, c, apikey.RoleConsumer)
 	}
 	e.tokens["root"] = e.issue(t, "root", apikey.RoleAdmin)
+	gwKeyKV, err := gwJS.KeyValue(ctx, bus.BucketAPIKeys)
+	if err != nil {
+		t.Fatal(err)
+	}
 
-	opts := gateway.Options{JS: js, Catalog: cache, Keys: e.keys}
+	opts := gateway.Options{JS: gwJS, Catalog: cache, Keys: apikey.NewStore(gwKeyKV)}
 	if cfg.opts != nil {
 		cfg.opts(&opts)
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/goleak"
 
+	"github.com/sand-boxer/sandboxer/pkg/auth"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/catalog"
 	"github.com/sand-boxer/sandboxer/pkg/event"
@@ -114,7 +115,9 @@ func newEnv(t testing.TB) *env {
 	if err := catalog.Publish(ctx, kv, testCatalog()); err != nil {
 		t.Fatal(err)
 	}
-	e := &env{srv: srv, nc: nc, js: js, pub: bus.NewPublisher(js), client: metering.NewClient(nc)}
+	// The client asks as the gateway does.
+	gw := srv.ConnAs(t, auth.Identity{Role: auth.RoleGateway})
+	e := &env{srv: srv, nc: nc, js: js, pub: bus.NewPublisher(js), client: metering.NewClient(gw)}
 	if e.ledger, err = js.KeyValue(ctx, bus.BucketLedger); err != nil {
 		t.Fatal(err)
 	}
@@ -135,11 +138,7 @@ func testCtx(t tb) context.Context {
 // unless a test asks for them).
 func (e *env) start(t tb, opts metering.Options) *metering.Metering {
 	t.Helper()
-	nc, err := nats.Connect(e.srv.ClientURL(), nats.Name("metering"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
+	nc := e.srv.ConnAs(t, auth.Identity{Role: auth.RoleMetering})
 	js, err := jetstream.New(nc)
 	if err != nil {
 		t.Fatal(err)
@@ -158,6 +157,7 @@ func (e *env) start(t tb, opts metering.Options) *metering.Metering {
 		// A stopped instance's undelivered pull buffer comes back quickly.
 		opts.Policy.AckWait = 2 * time.Second
 	}
+	e.srv.Setup(t, metering.Consumers(opts.Policy)...)
 	m, err := metering.New(opts)
 	if err != nil {
 		t.Fatal(err)

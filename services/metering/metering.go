@@ -40,15 +40,31 @@ const (
 	// Source is the CloudEvents source of every event metering emits.
 	Source = "/sandboxer/metering"
 	// ConsumerLifecycle is the durable consumer of lifecycle events.
-	ConsumerLifecycle = "metering"
+	ConsumerLifecycle = bus.DurableMetering
 	// ConsumerAccrual is the durable consumer of fired accrual timers.
-	ConsumerAccrual = "metering-accrual"
+	ConsumerAccrual = bus.DurableMeteringAccrual
 	// ServiceName is the micro service answering admission and the
 	// credits API.
 	ServiceName = "sandboxer-metering"
 	// ServiceVersion is the version the micro service announces.
 	ServiceVersion = "0.1.0"
 )
+
+// Consumers are metering's durable consumers, with delivery policy p, for
+// setup to create: the lifecycle events that move money (provisioning,
+// destroying and expired are never delivered to metering) and the fired
+// accrual ticks.
+func Consumers(p bus.ConsumerPolicy) []bus.ConsumerSpec {
+	return []bus.ConsumerSpec{
+		{Stream: event.StreamLifecycle, Name: ConsumerLifecycle, Policy: p, Description: "metering: lifecycle events that move money",
+			Filters: []string{
+				event.StateFilter(event.StateReady), event.StateFilter(event.StateFailed),
+				event.StateFilter(event.StateRejected), event.StateFilter(event.StateDestroyed),
+			}},
+		{Stream: event.StreamTimers, Name: ConsumerAccrual, Filters: []string{event.AccrualFireFilter}, Policy: p,
+			Description: "metering: accrual ticks of running sandboxes"},
+	}
+}
 
 // Options configures a [Metering].
 type Options struct {
@@ -193,18 +209,6 @@ func (m *Metering) Start(ctx context.Context) (err error) {
 	}
 	if m.timers, err = js.Stream(ctx, event.StreamTimers); err != nil {
 		return fmt.Errorf("opening stream %s: %w", event.StreamTimers, err)
-	}
-	// Only the states that move money: provisioning, destroying and expired
-	// are never delivered to metering.
-	lifecycleFilters := []string{
-		event.StateFilter(event.StateReady), event.StateFilter(event.StateFailed),
-		event.StateFilter(event.StateRejected), event.StateFilter(event.StateDestroyed),
-	}
-	if _, err := bus.EnsureConsumerFilters(ctx, js, event.StreamLifecycle, ConsumerLifecycle, lifecycleFilters, m.opts.Policy); err != nil {
-		return err
-	}
-	if _, err := bus.EnsureConsumer(ctx, js, event.StreamTimers, ConsumerAccrual, event.AccrualFireFilter, m.opts.Policy); err != nil {
-		return err
 	}
 
 	watchCtx, stopWatch := context.WithCancel(context.Background())

@@ -10,7 +10,6 @@ import (
 
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
-	"github.com/sand-boxer/sandboxer/pkg/sandbox"
 )
 
 // quoteTimeout bounds one EstimateCost call.
@@ -67,15 +66,12 @@ func (pl *pool) quote(m extension.Metered, data []byte) event.QuoteReply {
 
 // meter asks a metered backend what a torn-down sandbox used. Backends
 // that do not meter return nil.
-func (pl *pool) meter(ctx context.Context, h extension.Handle, rec *sandbox.Record) (*event.MeterReading, error) {
+func (pl *pool) meter(ctx context.Context, h extension.Handle, readyAt time.Time) (*event.MeterReading, error) {
 	m, ok := pl.ext.(extension.Metered)
 	if !ok {
 		return nil, nil
 	}
-	u := extension.Usage{DestroyedAt: time.Now().UTC()}
-	if rec != nil {
-		u.ReadyAt = rec.ReadyAt
-	}
+	u := extension.Usage{DestroyedAt: time.Now().UTC(), ReadyAt: readyAt}
 	r, err := m.MeterActual(ctx, h, u)
 	if err != nil {
 		return nil, fmt.Errorf("metering %s: %w", h.SandboxID, err)

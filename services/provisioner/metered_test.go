@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sand-boxer/sandboxer/pkg/auth"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/extension/echo"
@@ -35,7 +36,7 @@ func TestMeteredPoolQuotesAndMeters(t *testing.T) {
 	reg := extension.NewRegistry(extension.Info{Handler: echo.Handler, New: func() extension.Extension { return meteredEcho{echo.New()} }})
 	e.start(t, reg, "metered", "w1")
 
-	nc := e.srv.Conn(t)
+	nc := e.srv.ConnAs(t, auth.Identity{Role: auth.RoleMetering}) // who asks for quotes
 	req, _ := json.Marshal(event.QuoteRequest{Profile: "metered", DurationSeconds: 600})
 	msg, err := nc.Request(event.QuoteSubject("metered"), req, 10*time.Second)
 	if err != nil {
@@ -59,16 +60,11 @@ func TestMeteredPoolQuotesAndMeters(t *testing.T) {
 
 	id := sandbox.NewID()
 	e.publishCreate(t, "metered", id, nil)
-	seen := e.awaitEvent(t, id, event.StateReady)
-	rec := sandbox.NewRequested(event.Create{Ref: event.Ref{SandboxID: id, Consumer: "dev", Profile: "metered", Extension: "metered"}, RequestedAt: time.Now()})
-	for _, ev := range seen {
-		if _, err := sandbox.Apply(rec, ev); err != nil {
-			t.Fatal(err)
-		}
-	}
-	e.putRecord(t, rec)
+	e.awaitEvent(t, id, event.StateReady)
+	// The worker reads when the sandbox became ready from its ready
+	// event; no inventory record is needed.
 	e.publishDestroy(t, "metered", id)
-	seen = e.awaitEvent(t, id, event.StateDestroyed)
+	seen := e.awaitEvent(t, id, event.StateDestroyed)
 	var d event.Destroyed
 	if err := event.DataAs(seen[len(seen)-1], &d); err != nil {
 		t.Fatal(err)

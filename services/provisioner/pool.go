@@ -9,13 +9,11 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
-	"github.com/sand-boxer/sandboxer/pkg/sandbox"
 )
 
 // pool is the worker pool of one extension in this process.
@@ -82,7 +80,7 @@ func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]b
 	var in extension.Inputs
 	if perr == nil {
 		var ferrs extension.FieldErrors
-		if in, ferrs = extension.ValidateInputs(pl.manifest.Inputs, nil, c.Inputs); ferrs != nil {
+		if in, ferrs = pl.manifest.ValidateInputs(nil, c.Inputs); ferrs != nil {
 			perr = ferrs
 		} else {
 			in[extension.InputSandboxID] = c.SandboxID
@@ -104,15 +102,15 @@ func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]b
 			return nil, err
 		}
 	}
-	rec, _, err := pl.record(ctx, c.SandboxID)
+	st, err := pl.latest(ctx, c.Ref)
 	if err != nil {
 		return nil, err
 	}
-	if rec != nil && rec.State.Rank() > event.StateProvisioning.Rank() {
+	if st.Rank() > event.StateProvisioning.Rank() {
 		// On a first delivery only when the gateway rejected a sandbox
 		// whose command it then found stored; the announcement moves
 		// nothing (states only move forward).
-		pl.log.Debug("create already done", "sandbox", c.SandboxID, "state", rec.State)
+		pl.log.Debug("create already done", "sandbox", c.SandboxID, "state", st)
 		return nil, nil
 	}
 	if perr != nil {
@@ -192,38 +190,38 @@ func (pl *pool) failed(c event.Create, phase string, h *extension.Handle, reason
 }
 
 func (pl *pool) destroy(ctx context.Context, d event.Destroy) ([]bus.Out, error) {
-	rec, _, err := pl.record(ctx, d.SandboxID)
+	// The sandbox's own events say where it is: this pool reads its
+	// backend's lifecycle subjects and nothing else.
+	st, err := pl.latest(ctx, d.Ref)
 	if err != nil {
 		return nil, err
 	}
-	if rec != nil && rec.State.Terminal() {
+	if st.Terminal() {
 		return nil, nil // destroyed already, or rejected before anything was made
 	}
-	if rec != nil && (rec.State == event.StateRequested || rec.State == event.StateProvisioning) {
-		// The inventory may only lag: when the create already announced its
-		// end on the lifecycle stream, take the handle from there.
-		if h, done, err := pl.createOutcome(ctx, d.Ref); err != nil {
-			return nil, err
-		} else if done {
-			rec.Handle = h
-		} else if rec, err = pl.awaitCreate(ctx, d.SandboxID, rec); err != nil {
-			// A create is in flight: let it finish, so teardown removes
-			// what it makes instead of racing it.
+	out, err := pl.createOutcome(ctx, d.Ref)
+	if err != nil {
+		return nil, err
+	}
+	if !out.done {
+		// A create may be in flight: let it finish, so teardown removes
+		// what it makes instead of racing it.
+		if out, err = pl.awaitCreate(ctx, d.Ref); err != nil {
 			return nil, err
 		}
-		if rec != nil && rec.State.Terminal() {
+		if out.terminal {
 			return nil, nil
 		}
 	}
 	ref := d.Ref
 	h := extension.Handle{SandboxID: d.SandboxID, Host: d.Host}
-	if rec != nil {
-		ref = rec.Ref()
-		if rec.Handle != nil {
-			h = *rec.Handle
-		} else if rec.Host != "" {
-			h.Host = rec.Host
-		}
+	if out.ref != nil {
+		ref = *out.ref // as the create announced it: its host, its request
+	}
+	if out.handle != nil {
+		h = *out.handle
+	} else if ref.Host != "" {
+		h.Host = ref.Host
 	}
 	if h.Host == "" {
 		h.Host = pl.manifest.HostList()[0]
@@ -243,106 +241,136 @@ func (pl *pool) destroy(ctx context.Context, d event.Destroy) ([]bus.Out, error)
 		// operator, with the reason.
 		return nil, fmt.Errorf("tearing down %s: %w", d.SandboxID, err)
 	}
-	reading, err := pl.meter(ctx, h, rec)
+	reading, err := pl.meter(ctx, h, out.readyAt)
 	if err != nil {
 		return nil, err
 	}
-	out, err := pl.lifecycle(event.StateDestroyed, ref, event.Destroyed{Ref: ref, Reason: d.Reason, Cleanup: rep, Meter: reading})
+	destroyed, err := pl.lifecycle(event.StateDestroyed, ref, event.Destroyed{Ref: ref, Reason: d.Reason, Cleanup: rep, Meter: reading})
 	if err != nil {
 		return nil, err
 	}
 	pl.log.Info("sandbox destroyed", "sandbox", d.SandboxID, "removed", len(rep.Removed))
-	return []bus.Out{out}, nil
+	return []bus.Out{destroyed}, nil
+}
+
+// latest is the state of the sandbox ref names, by the last of its
+// lifecycle events (one direct get over its subjects); StateRequested when
+// it has none yet.
+func (pl *pool) latest(ctx context.Context, ref event.Ref) (event.State, error) {
+	m, err := bus.LastMsg(ctx, pl.p.nc, event.StreamLifecycle, ref.RefFilter())
+	if errors.Is(err, bus.ErrNoMessage) {
+		return event.StateRequested, nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("reading the state of %s: %w", ref.SandboxID, err)
+	}
+	lr, err := event.ParseLifecycleSubject(m.Subject)
+	if err != nil {
+		return "", bus.Permanent(fmt.Errorf("reading the state of %s: %w", ref.SandboxID, err))
+	}
+	return lr.State, nil
+}
+
+// outcome is how a sandbox's create ended, as its lifecycle events say.
+type outcome struct {
+	// done is true once the create ended (ready or failed).
+	done bool
+	// terminal is true when the sandbox ended without one (rejected, or
+	// destroyed by another worker) while this one waited.
+	terminal bool
+	// ref is the sandbox's ref as its ready or failed event gave it.
+	ref *event.Ref
+	// handle is what the create made; nil when it failed before making
+	// anything.
+	handle  *extension.Handle
+	readyAt time.Time
 }
 
 // createOutcome reads the sandbox's ready or failed event from the
-// lifecycle stream: done reports that the create has ended, with the
-// handle it left (nil when it failed before making anything).
-func (pl *pool) createOutcome(ctx context.Context, ref event.Ref) (*extension.Handle, bool, error) {
-	id := ref.SandboxID
+// lifecycle stream.
+func (pl *pool) createOutcome(ctx context.Context, ref event.Ref) (outcome, error) {
 	for _, s := range []event.State{event.StateReady, event.StateFailed} {
-		msg, err := pl.p.lifecycle.GetLastMsgForSubject(ctx, ref.LifecycleSubject(s))
-		if errors.Is(err, jetstream.ErrMsgNotFound) {
+		m, err := bus.LastMsg(ctx, pl.p.nc, event.StreamLifecycle, ref.LifecycleSubject(s))
+		if errors.Is(err, bus.ErrNoMessage) {
 			continue
 		}
 		if err != nil {
-			return nil, false, fmt.Errorf("reading %s of %s: %w", s, id, err)
+			return outcome{}, fmt.Errorf("reading %s of %s: %w", s, ref.SandboxID, err)
 		}
-		_, e, err := event.Decode(ctx, msg.Header, msg.Data)
-		if err != nil {
-			return nil, false, bus.Permanent(err)
-		}
-		if s == event.StateReady {
-			var r event.Ready
-			if err := event.DataAs(e, &r); err != nil {
-				return nil, false, bus.Permanent(err)
-			}
-			return &r.Handle, true, nil
-		}
-		var f event.Failed
-		if err := event.DataAs(e, &f); err != nil {
-			return nil, false, bus.Permanent(err)
-		}
-		return f.Handle, true, nil
+		return pl.outcomeOf(ctx, s, m.Header, m.Data)
 	}
-	return nil, false, nil
+	return outcome{}, nil
 }
 
-// awaitCreate watches a sandbox's record until it leaves requested and
-// provisioning, or until the create could not still be running.
-func (pl *pool) awaitCreate(ctx context.Context, id string, rec *sandbox.Record) (*sandbox.Record, error) {
+// outcomeOf decodes a ready or failed event.
+func (pl *pool) outcomeOf(ctx context.Context, s event.State, h nats.Header, data []byte) (outcome, error) {
+	_, e, err := event.Decode(ctx, h, data)
+	if err != nil {
+		return outcome{}, bus.Permanent(err)
+	}
+	if s == event.StateReady {
+		var r event.Ready
+		if err := event.DataAs(e, &r); err != nil {
+			return outcome{}, bus.Permanent(err)
+		}
+		return outcome{done: true, ref: &r.Ref, handle: &r.Handle, readyAt: r.ReadyAt}, nil
+	}
+	var f event.Failed
+	if err := event.DataAs(e, &f); err != nil {
+		return outcome{}, bus.Permanent(err)
+	}
+	return outcome{done: true, ref: &f.Ref, handle: f.Handle}, nil
+}
+
+// awaitCreate waits for the sandbox's create to end (ready or failed), or
+// for the sandbox to end otherwise (rejected, destroyed), until the
+// create could not still be running. It listens on the sandbox's
+// subjects, then reads them once, so no event slips between the two.
+func (pl *pool) awaitCreate(ctx context.Context, ref event.Ref) (outcome, error) {
 	wait := pl.policy.AckWait * time.Duration(pl.policy.MaxDeliver)
-	if prof, err := pl.p.opts.Catalog.Current().Profile(rec.Profile); err == nil {
+	if prof, err := pl.p.opts.Catalog.Current().Profile(ref.Profile); err == nil {
 		wait += prof.Deadlines.ProvisionDeadline() + prof.Deadlines.ReadyDeadline()
 	}
 	wctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
-	w, err := pl.p.sandboxes.Watch(wctx, id)
+	ch := make(chan *nats.Msg, 16)
+	sub, err := pl.p.nc.ChanSubscribe(ref.RefFilter(), ch)
 	if err != nil {
-		return nil, fmt.Errorf("watching sandbox %s: %w", id, err)
+		return outcome{}, fmt.Errorf("watching sandbox %s: %w", ref.SandboxID, err)
 	}
-	defer func() { _ = w.Stop() }()
+	defer func() { _ = sub.Unsubscribe() }()
+	if err := pl.p.nc.FlushWithContext(wctx); err != nil {
+		return outcome{}, fmt.Errorf("watching sandbox %s: %w", ref.SandboxID, err)
+	}
+	if out, err := pl.createOutcome(wctx, ref); err != nil || out.done {
+		return out, err
+	}
+	if st, err := pl.latest(wctx, ref); err != nil {
+		return outcome{}, err
+	} else if st.Terminal() {
+		return outcome{terminal: true}, nil
+	}
 	for {
 		select {
 		case <-wctx.Done():
 			if ctx.Err() != nil {
-				return nil, ctx.Err()
+				return outcome{}, ctx.Err()
 			}
-			pl.log.Warn("create did not finish, tearing down anyway", "sandbox", id, "waited", wait)
-			return rec, nil
-		case e, ok := <-w.Updates():
-			if !ok {
-				return rec, nil
-			}
-			if e == nil || e.Operation() != jetstream.KeyValuePut {
+			pl.log.Warn("create did not finish, tearing down anyway", "sandbox", ref.SandboxID, "waited", wait)
+			return outcome{}, nil
+		case m := <-ch:
+			lr, err := event.ParseLifecycleSubject(m.Subject)
+			if err != nil {
 				continue
 			}
-			r, err := sandbox.Unmarshal(e.Value())
-			if err != nil {
-				return nil, err
-			}
-			rec = r
-			if rec.State != event.StateRequested && rec.State != event.StateProvisioning {
-				return rec, nil
+			switch {
+			case lr.State == event.StateReady || lr.State == event.StateFailed:
+				return pl.outcomeOf(ctx, lr.State, m.Header, m.Data)
+			case lr.State.Terminal():
+				return outcome{terminal: true}, nil
 			}
 		}
 	}
-}
-
-// record reads a sandbox's inventory record; nil when there is none.
-func (pl *pool) record(ctx context.Context, id string) (*sandbox.Record, uint64, error) {
-	e, err := pl.p.sandboxes.Get(ctx, id)
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return nil, 0, nil
-	}
-	if err != nil {
-		return nil, 0, fmt.Errorf("reading sandbox %s: %w", id, err)
-	}
-	r, err := sandbox.Unmarshal(e.Value())
-	if err != nil {
-		return nil, 0, bus.Permanent(err)
-	}
-	return r, e.Revision(), nil
 }
 
 // lifecycle builds the lifecycle event announcing state s. Its id is

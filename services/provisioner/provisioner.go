@@ -19,6 +19,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
@@ -60,14 +61,13 @@ type Options struct {
 
 // Provisioner is a running set of worker pools.
 type Provisioner struct {
-	opts      Options
-	router    *bus.Router
-	pub       *bus.Publisher
-	sandboxes jetstream.KeyValue
-	lifecycle jetstream.Stream
-	workers   jetstream.KeyValue
-	pools     []*pool
-	started   time.Time
+	opts    Options
+	nc      *nats.Conn
+	router  *bus.Router
+	pub     *bus.Publisher
+	workers jetstream.KeyValue
+	pools   []*pool
+	started time.Time
 
 	routes    *bus.Group         // the pools' routers, stopped together
 	stopBeats context.CancelFunc // stops the heartbeat loop
@@ -107,6 +107,7 @@ func New(opts Options) (*Provisioner, error) {
 	}
 	return &Provisioner{
 		opts:   opts,
+		nc:     opts.JS.Conn(),
 		router: bus.NewRouter(opts.JS, opts.Logger),
 		pub:    bus.NewPublisher(opts.JS),
 	}, nil
@@ -119,14 +120,7 @@ func (p *Provisioner) Stats() *bus.RouterStats { return &p.router.Stats }
 // ensures its durable consumer and starts consuming. It returns once every
 // pool consumes, or with the first error.
 func (p *Provisioner) Start(ctx context.Context) error {
-	kv, err := p.opts.JS.KeyValue(ctx, bus.BucketSandboxes)
-	if err != nil {
-		return fmt.Errorf("opening sandboxes bucket: %w", err)
-	}
-	p.sandboxes = kv
-	if p.lifecycle, err = p.opts.JS.Stream(ctx, event.StreamLifecycle); err != nil {
-		return fmt.Errorf("opening lifecycle stream: %w", err)
-	}
+	var err error
 	if p.workers, err = p.opts.JS.KeyValue(ctx, bus.BucketWorkers); err != nil {
 		return fmt.Errorf("opening workers bucket: %w", err)
 	}
@@ -197,22 +191,14 @@ func (p *Provisioner) openPool(ctx context.Context, name string) (*pool, error) 
 	if err != nil {
 		return nil, fmt.Errorf("starting pool %s: %w", name, err)
 	}
-	w := m.Workers.WithDefaults()
-	backoff := make([]time.Duration, len(w.Backoff))
-	for i, d := range w.Backoff {
-		backoff[i] = d.D()
-	}
-	policy := bus.ConsumerPolicy{
-		AckWait:       w.AckWait.D(),
-		MaxDeliver:    w.MaxDeliver,
-		Backoff:       backoff,
-		MaxAckPending: w.Concurrency,
-	}
-	consumer := "provisioner-" + name
-	if _, err := bus.EnsureConsumer(ctx, p.opts.JS, event.StreamCommands, consumer, event.CommandFilter(name), policy); err != nil {
+	spec := Consumer(m)
+	policy := spec.Policy
+	consumer := spec.Name
+	if _, err := p.opts.JS.Consumer(ctx, event.StreamCommands, consumer); err != nil {
 		_ = extension.Close(ext)
-		return nil, fmt.Errorf("starting pool %s: %w", name, err)
+		return nil, fmt.Errorf("starting pool %s: its consumer %s (created by `sandboxer setup`): %w", name, consumer, err)
 	}
+	w := m.Workers.WithDefaults()
 	conc := p.opts.Concurrency
 	if conc <= 0 {
 		conc = w.Concurrency
@@ -230,6 +216,31 @@ func (p *Provisioner) openPool(ctx context.Context, name string) (*pool, error) 
 		}
 	}
 	return pl, nil
+}
+
+// Consumer is the durable consumer of extension m's pool, for setup to
+// create: every worker of the pool shares it, with the delivery policy of
+// the manifest's workers section.
+func Consumer(m *extension.Manifest) bus.ConsumerSpec {
+	w := m.Workers.WithDefaults()
+	backoff := make([]time.Duration, len(w.Backoff))
+	for i, d := range w.Backoff {
+		backoff[i] = d.D()
+	}
+	return bus.ConsumerSpec{
+		Stream: event.StreamCommands, Name: bus.DurableProvisioner(m.Name), Filters: []string{event.CommandFilter(m.Name)},
+		Policy:      bus.ConsumerPolicy{AckWait: w.AckWait.D(), MaxDeliver: w.MaxDeliver, Backoff: backoff, MaxAckPending: w.Concurrency},
+		Description: "provisioner pool of " + m.Name + ": every worker shares it",
+	}
+}
+
+// Consumers are the durable consumers of every extension in c.
+func Consumers(c *extension.Catalog) []bus.ConsumerSpec {
+	var out []bus.ConsumerSpec
+	for _, m := range c.ExtensionList() {
+		out = append(out, Consumer(m))
+	}
+	return out
 }
 
 // Shutdown stops pulling commands and waits for the commands in flight,

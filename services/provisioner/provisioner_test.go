@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/goleak"
 
+	"github.com/sand-boxer/sandboxer/pkg/auth"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/catalog"
 	"github.com/sand-boxer/sandboxer/pkg/event"
@@ -70,6 +71,7 @@ func newEnv(t *testing.T, manifests ...*extension.Manifest) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
+	<-cache.Ready()
 	return &env{srv: srv, js: js, cat: cache, dataDir: t.TempDir()}
 }
 
@@ -77,13 +79,30 @@ func newEnv(t *testing.T, manifests ...*extension.Manifest) *env {
 // would, and returns it with that connection.
 func (e *env) start(t *testing.T, reg *extension.Registry, pool string, worker string) (*provisioner.Provisioner, *nats.Conn) {
 	t.Helper()
-	nc := e.srv.Conn(t)
+	nc := e.srv.ConnAs(t, auth.Identity{Role: auth.RoleProvisioner, Extension: pool})
 	js, err := jetstream.New(nc)
 	if err != nil {
 		t.Fatal(err)
 	}
+	m, err := e.cat.Current().Extension(pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.srv.Setup(t, provisioner.Consumer(m))
+	// The worker's own view of the catalog, as a worker process has it.
+	cctx, stopCat := context.WithCancel(context.Background())
+	t.Cleanup(stopCat)
+	cat, err := catalog.Follow(cctx, nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-cat.Ready():
+	case <-time.After(10 * time.Second):
+		t.Fatal("catalog not followed")
+	}
 	p, err := provisioner.New(provisioner.Options{
-		JS: js, Catalog: e.cat, Extensions: reg, Pools: []string{pool},
+		JS: js, Catalog: cat, Extensions: reg, Pools: []string{pool},
 		DataDir: e.dataDir, WorkerID: worker,
 	})
 	if err != nil {
@@ -170,18 +189,6 @@ func (e *env) lifecycleCount(t *testing.T, ext, id string, s event.State) uint64
 	return info.State.Subjects[event.LifecycleSubject("dev", ext, id, s)]
 }
 
-// putRecord stores an inventory record as the registry's projection would.
-func (e *env) putRecord(t *testing.T, r *sandbox.Record) {
-	t.Helper()
-	kv, err := e.js.KeyValue(context.Background(), bus.BucketSandboxes)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := kv.Put(context.Background(), r.ID, r.Marshal()); err != nil {
-		t.Fatal(err)
-	}
-}
-
 func TestCreateReadyDestroy(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, localManifest("local", 5*time.Second))
@@ -204,14 +211,6 @@ func TestCreateReadyDestroy(t *testing.T) {
 		t.Fatalf("ready = %+v", ready)
 	}
 
-	// The registry would project ready; do what it does.
-	rec := sandbox.NewRequested(event.Create{Ref: ready.Ref, RequestedAt: time.Now()})
-	for _, ev := range seen {
-		if _, err := sandbox.Apply(rec, ev); err != nil {
-			t.Fatal(err)
-		}
-	}
-	e.putRecord(t, rec)
 	e.publishDestroy(t, "local", id)
 	seen = e.awaitEvent(t, id, event.StateDestroyed)
 	var destroyed event.Destroyed
@@ -382,11 +381,11 @@ func TestWorkerKilledMidProvision(t *testing.T) {
 	}
 }
 
-// TestDestroyWhileInventoryLags destroys a ready sandbox whose inventory
-// record still says provisioning (the registry has not projected ready
-// yet): the worker takes the handle from the ready event instead of waiting
-// for the record, and removes the workspace.
-func TestDestroyWhileInventoryLags(t *testing.T) {
+// TestDestroyNeedsNoInventory destroys a ready sandbox the inventory has
+// no record of (the registry has not projected it, or is not running):
+// the worker reads the handle from the sandbox's ready event, on its own
+// backend's subjects, and removes the workspace.
+func TestDestroyNeedsNoInventory(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, localManifest("local", 5*time.Second))
 	e.start(t, extension.NewRegistry(local.Info), "local", "w1")
@@ -397,18 +396,18 @@ func TestDestroyWhileInventoryLags(t *testing.T) {
 	if err := event.DataAs(seen[len(seen)-1], &ready); err != nil {
 		t.Fatal(err)
 	}
-	rec := sandbox.NewRequested(event.Create{Ref: ready.Ref, RequestedAt: time.Now()})
-	if _, err := sandbox.Apply(rec, seen[0]); err != nil { // provisioning only
+	if _, err := os.Stat(ready.Reachability.RemoteDir); err != nil {
+		t.Fatalf("workspace of a ready sandbox: %v", err)
+	}
+	kv, err := e.js.KeyValue(context.Background(), bus.BucketSandboxes)
+	if err != nil {
 		t.Fatal(err)
 	}
-	e.putRecord(t, rec)
-	start := time.Now()
+	if _, err := kv.Get(context.Background(), id); !errors.Is(err, jetstream.ErrKeyNotFound) {
+		t.Fatalf("inventory record of %s: %v, want none", id, err)
+	}
 	e.publishDestroy(t, "local", id)
 	e.awaitEvent(t, id, event.StateDestroyed)
-	// Waiting for the record would take ack_wait x max_deliver (20s) and more.
-	if d := time.Since(start); d > 10*time.Second {
-		t.Fatalf("destroy took %s: it waited for the inventory", d)
-	}
 	if _, err := os.Stat(ready.Reachability.RemoteDir); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("workspace %s still there: %v", ready.Reachability.RemoteDir, err)
 	}

@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/goleak"
 
+	"github.com/sand-boxer/sandboxer/pkg/auth"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
@@ -66,31 +67,33 @@ isolation: process
 // env is one bus and one running registry.
 type env struct {
 	srv *natstest.Server
-	nc  *nats.Conn
-	js  jetstream.JetStream
+	nc  *nats.Conn          // the registry's connection, as the registry
+	js  jetstream.JetStream // the test's (admin) connection, for fixtures and checks
 	reg *registry.Registry
 	kv  jetstream.KeyValue
-	pub *bus.Publisher
+	pub *bus.Publisher // publishes as the test, standing in for the other services
 }
 
 // start starts a registry on srv with a fresh connection, shut down by
 // t.Cleanup (or earlier by stop).
 func start(t *testing.T, srv *natstest.Server, opts ...func(*registry.Options)) *env {
 	t.Helper()
-	nc := srv.Conn(t)
-	js, err := jetstream.New(nc)
+	nc := srv.ConnAs(t, auth.Identity{Role: auth.RoleRegistry})
+	regJS, err := jetstream.New(nc)
 	if err != nil {
 		t.Fatal(err)
 	}
+	js := srv.JetStream(t)
 	extDir, profDir := testCatalog(t)
 	o := registry.Options{
-		JS: js, ExtensionsDir: extDir, ProfilesDir: profDir,
+		JS: regJS, ExtensionsDir: extDir, ProfilesDir: profDir,
 		Extensions: extension.NewRegistry(echo.Info),
 		Policy:     bus.ConsumerPolicy{AckWait: 5 * time.Second, Backoff: []time.Duration{50 * time.Millisecond}},
 	}
 	for _, f := range opts {
 		f(&o)
 	}
+	srv.Setup(t, registry.Consumers(o.Policy)...)
 	reg, err := registry.New(o)
 	if err != nil {
 		t.Fatal(err)

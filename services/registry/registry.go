@@ -41,9 +41,9 @@ const (
 	Source = "/sandboxer/registry"
 	// ConsumerInventory is the durable consumer projecting the lifecycle
 	// stream into the sandboxes bucket.
-	ConsumerInventory = "registry"
+	ConsumerInventory = bus.DurableRegistry
 	// ConsumerTimers is the durable consumer of fired expiry timers.
-	ConsumerTimers = "registry-timers"
+	ConsumerTimers = bus.DurableRegistryTimers
 	// ServiceName is the micro service name answering catalog and worker
 	// requests.
 	ServiceName = "sandboxer-registry"
@@ -119,6 +119,18 @@ func Load(opts Options) (*extension.Catalog, error) {
 	return c, nil
 }
 
+// Consumers are the registry's durable consumers, with delivery policy p,
+// for setup to create: the inventory's on the lifecycle stream and the
+// one of fired expiries.
+func Consumers(p bus.ConsumerPolicy) []bus.ConsumerSpec {
+	return []bus.ConsumerSpec{
+		{Stream: event.StreamLifecycle, Name: ConsumerInventory, Filters: []string{event.SubjectLifecycle}, Policy: p,
+			Description: "registry: projects lifecycle events into the sandboxes bucket"},
+		{Stream: event.StreamTimers, Name: ConsumerTimers, Filters: []string{event.ExpiryFireFilter}, Policy: p,
+			Description: "registry: fired expiry timers"},
+	}
+}
+
 // Registry is the registry service. Build it with [New], run it with
 // [Registry.Start] and stop it with [Registry.Shutdown].
 type Registry struct {
@@ -159,7 +171,7 @@ func New(opts Options) (*Registry, error) {
 
 // Start loads and checks the catalog, refusing to start on any problem
 // (the error lists them all), publishes it to the catalog bucket, ensures
-// the registry's durable consumers, starts answering requests and starts
+// that the registry's durable consumers exist, starts answering requests and starts
 // projecting. ctx bounds start-up only; the registry runs until
 // [Registry.Shutdown]. Start may be called once.
 func (r *Registry) Start(ctx context.Context) (err error) {
@@ -195,12 +207,6 @@ func (r *Registry) Start(ctx context.Context) (err error) {
 	}
 	if r.timers, err = js.Stream(ctx, event.StreamTimers); err != nil {
 		return fmt.Errorf("opening stream %s: %w", event.StreamTimers, err)
-	}
-	if _, err := bus.EnsureConsumer(ctx, js, event.StreamLifecycle, ConsumerInventory, event.SubjectLifecycle, r.opts.Policy); err != nil {
-		return err
-	}
-	if _, err := bus.EnsureConsumer(ctx, js, event.StreamTimers, ConsumerTimers, event.ExpiryFireFilter, r.opts.Policy); err != nil {
-		return err
 	}
 
 	watchCtx, stopWatch := context.WithCancel(context.Background())

@@ -1,0 +1,116 @@
+package bus
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats.go"
+)
+
+// Headers of a direct get's answer.
+const (
+	headerStream   = "Nats-Stream"
+	headerSubject  = "Nats-Subject"
+	headerSequence = "Nats-Sequence"
+	headerTime     = "Nats-Time-Stamp"
+	headerStatus   = "Status"
+)
+
+// ErrNoMessage is returned when a stream holds no message on the subjects
+// asked for.
+var ErrNoMessage = errors.New("no message")
+
+// StoredMsg is a message read from a stream by a direct get.
+type StoredMsg struct {
+	Subject  string
+	Sequence uint64
+	Time     time.Time
+	Header   nats.Header
+	Data     []byte
+}
+
+// LastMsg reads the last message of stream on subject, which may hold
+// wildcards, with a direct get whose subject names it
+// ($JS.API.DIRECT.GET.<stream>.<subject>): the server checks that the
+// caller may read exactly those subjects, and no consumer is needed. The
+// stream must allow direct gets. No message wraps [ErrNoMessage].
+func LastMsg(ctx context.Context, nc *nats.Conn, stream, subject string) (*StoredMsg, error) {
+	reply, err := nc.RequestWithContext(ctx, "$JS.API.DIRECT.GET."+stream+"."+subject, nil)
+	if err != nil {
+		return nil, fmt.Errorf("reading the last message of %s on %s: %w", stream, subject, err)
+	}
+	m, err := storedMsg(reply)
+	if err != nil {
+		return nil, fmt.Errorf("reading the last message of %s on %s: %w", stream, subject, err)
+	}
+	return m, nil
+}
+
+// LastPerSubject reads the last message of every subject of stream that
+// matches one of subjects (at most 1024 subjects), with one batched direct
+// get: a snapshot of a key-value bucket without a consumer. The caller
+// must be allowed the request form of direct gets
+// ($JS.API.DIRECT.GET.<stream>). It returns the messages in stream order,
+// and the stream sequence the snapshot is consistent up to.
+func LastPerSubject(ctx context.Context, nc *nats.Conn, stream string, subjects []string) ([]*StoredMsg, uint64, error) {
+	inbox := nc.NewInbox()
+	sub, err := nc.SubscribeSync(inbox)
+	if err != nil {
+		return nil, 0, fmt.Errorf("reading %s: %w", stream, err)
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	req, _ := json.Marshal(struct {
+		MultiLast []string `json:"multi_last"`
+	}{subjects})
+	if err := nc.PublishRequest("$JS.API.DIRECT.GET."+stream, inbox, req); err != nil {
+		return nil, 0, fmt.Errorf("reading %s: %w", stream, err)
+	}
+	var out []*StoredMsg
+	for {
+		msg, err := sub.NextMsgWithContext(ctx)
+		if err != nil {
+			return nil, 0, fmt.Errorf("reading %s: %w", stream, err)
+		}
+		switch msg.Header.Get(headerStatus) {
+		case "":
+			m, err := storedMsg(msg)
+			if err != nil {
+				return nil, 0, fmt.Errorf("reading %s: %w", stream, err)
+			}
+			out = append(out, m)
+		case "204": // end of batch
+			upTo, _ := strconv.ParseUint(msg.Header.Get("Nats-UpTo-Sequence"), 10, 64)
+			return out, upTo, nil
+		case "404":
+			if len(out) == 0 {
+				return nil, 0, nil
+			}
+			return nil, 0, fmt.Errorf("reading %s: a message vanished while being read", stream)
+		default:
+			return nil, 0, fmt.Errorf("reading %s: server answered %s %s", stream, msg.Header.Get(headerStatus), msg.Header.Get("Description"))
+		}
+	}
+}
+
+func storedMsg(msg *nats.Msg) (*StoredMsg, error) {
+	switch st := msg.Header.Get(headerStatus); st {
+	case "":
+	case "404":
+		return nil, ErrNoMessage
+	default:
+		return nil, fmt.Errorf("server answered %s %s", st, msg.Header.Get("Description"))
+	}
+	seq, err := strconv.ParseUint(msg.Header.Get(headerSequence), 10, 64)
+	if err != nil {
+		return nil, fmt.Errorf("answer without a sequence: %w", err)
+	}
+	m := &StoredMsg{Subject: msg.Header.Get(headerSubject), Sequence: seq, Header: msg.Header, Data: msg.Data}
+	if t, err := time.Parse(time.RFC3339Nano, msg.Header.Get(headerTime)); err == nil {
+		m.Time = t
+	}
+	return m, nil
+}
