@@ -102,6 +102,14 @@ func (p *Problem) Error() string {
 	return s
 }
 
+// BusReply is the answer to a request event on sandboxer.req.<consumer>.<verb>
+// (JSON): the sandbox, as a 202 answer over HTTP would carry it, or the
+// problem a refused request gets over HTTP.
+type BusReply struct {
+	Sandbox *Sandbox `json:"sandbox,omitempty"`
+	Problem *Problem `json:"problem,omitempty"`
+}
+
 // ContentTypeProblem is the media type of error bodies.
 const ContentTypeProblem = "application/problem+json"
 

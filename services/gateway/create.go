@@ -77,35 +77,45 @@ func (g *Gateway) create(w http.ResponseWriter, r *http.Request, c caller) {
 		g.writeProblem(w, r, p)
 		return
 	}
-	pl, p := g.validate(req)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), g.opts.WriteTimeout)
+	defer cancel()
+	rec, p := g.createSandbox(ctx, st, c, req, idemKey, nil)
 	if p != nil {
 		g.writeProblem(w, r, p)
 		return
 	}
+	g.accepted(w, rec)
+}
 
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), g.opts.WriteTimeout)
-	defer cancel()
+// createSandbox checks req against the catalog and, when it passes,
+// routes, admits and records the sandbox and publishes its create command:
+// the one path of a create, whether it came over HTTP or as a request
+// event (origin names that event). A non-empty idemKey makes it
+// repeatable: the same key from the same consumer returns the same
+// sandbox.
+func (g *Gateway) createSandbox(ctx context.Context, st *state, c caller, req api.CreateRequest, idemKey string, origin *event.Origin) (*sandbox.Record, *api.Problem) {
+	pl, p := g.validate(req)
+	if p != nil {
+		return nil, p
+	}
 	id := sandbox.NewID()
 	var claim *idemClaim
 	if idemKey != "" {
 		var prev *sandbox.Record
 		claim, prev, p = g.claim(ctx, st, c, idemKey, requestHash(req), id)
 		if p != nil {
-			g.writeProblem(w, r, p)
-			return
+			return nil, p
 		}
 		if prev != nil {
-			g.accepted(w, prev)
-			return
+			return prev, nil
 		}
 	}
-	rec, p := g.request(ctx, st, c, id, pl)
+	rec, p := g.request(ctx, st, c, id, pl, origin)
 	if p != nil {
 		claim.release(ctx)
-		g.writeProblem(w, r, p)
-		return
+		return nil, p
 	}
-	g.accepted(w, rec)
+	return rec, nil
 }
 
 func (g *Gateway) accepted(w http.ResponseWriter, rec *sandbox.Record) {
@@ -116,9 +126,9 @@ func (g *Gateway) accepted(w http.ResponseWriter, rec *sandbox.Record) {
 // request routes and admits a valid request, records the sandbox and
 // publishes its create command. When the command cannot be published, the
 // sandbox is rejected and the answer is a 503.
-func (g *Gateway) request(ctx context.Context, st *state, c caller, id string, pl *plan) (*sandbox.Record, *api.Problem) {
+func (g *Gateway) request(ctx context.Context, st *state, c caller, id string, pl *plan, origin *event.Origin) (*sandbox.Record, *api.Problem) {
 	cr := event.Create{
-		Ref:         event.Ref{SandboxID: id, Consumer: c.Consumer, Profile: pl.profile.Slug, Extension: pl.manifest.Name},
+		Ref:         event.Ref{SandboxID: id, Consumer: c.Consumer, Profile: pl.profile.Slug, Extension: pl.manifest.Name, Request: origin},
 		Inputs:      pl.inputs[pl.manifest.Name],
 		Labels:      pl.labels,
 		TTLSeconds:  int64((pl.ttl + time.Second - 1) / time.Second),

@@ -39,7 +39,7 @@ func (g *Gateway) events(w http.ResponseWriter, r *http.Request, c caller) {
 		}
 		follow = b
 	}
-	rec, _ := g.visible(r.Context(), w, r, st, c, r.PathValue("id"))
+	rec := g.visible(r.Context(), w, r, st, c, r.PathValue("id"))
 	if rec == nil {
 		return
 	}

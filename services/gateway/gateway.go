@@ -1,4 +1,5 @@
-// Package gateway is the HTTP edge of sand-boxer. It authenticates API keys,
+// Package gateway is the edge of sand-boxer: the HTTP API, and the bus
+// intake where tenants ask with request events. It authenticates API keys,
 // validates sandbox requests against the catalog, routes and admits them,
 // records each requested sandbox in the inventory and publishes the create
 // and destroy commands. It answers reads from the sandboxes bucket and
@@ -84,6 +85,11 @@ type Options struct {
 	IdempotencyWait time.Duration
 	// RetryAfter is the Retry-After of 503 answers. Default 1s.
 	RetryAfter time.Duration
+	// NC is the connection the bus intake listens on. Default JS.Conn().
+	NC *nats.Conn
+	// IntakeConcurrency bounds the request events answered at once.
+	// Default 64.
+	IntakeConcurrency int
 	// Retention is how long the record of a sandbox the gateway rejects
 	// is kept, as the registry keeps every ended sandbox's. Default
 	// [sandbox.DefaultRetention]; negative keeps records forever.
@@ -121,6 +127,12 @@ func (o Options) withDefaults() Options {
 	if o.RetryAfter <= 0 {
 		o.RetryAfter = time.Second
 	}
+	if o.NC == nil && o.JS != nil {
+		o.NC = o.JS.Conn()
+	}
+	if o.IntakeConcurrency <= 0 {
+		o.IntakeConcurrency = 64
+	}
 	return o
 }
 
@@ -135,7 +147,8 @@ type Gateway struct {
 	keys    *keyCache
 	handler http.Handler
 
-	state atomic.Pointer[state] // nil until Start succeeds
+	state     atomic.Pointer[state] // nil until Start succeeds
+	intakeSub *nats.Subscription    // the bus intake, once started
 
 	// bg lives until Shutdown: the inventory watch and every event
 	// stream end with it.
@@ -227,6 +240,13 @@ func (g *Gateway) Start(ctx context.Context) error {
 		return fmt.Errorf("starting gateway: loading sandboxes: %w", ctx.Err())
 	}
 	g.state.Store(&state{sandboxes: sbx, idem: idem, lifecycle: lc, inv: inv})
+	sub, err := g.startIntake(g.opts.NC)
+	if err != nil {
+		return err
+	}
+	g.mu.Lock()
+	g.intakeSub = sub
+	g.mu.Unlock()
 	return nil
 }
 
@@ -240,7 +260,13 @@ func (g *Gateway) Handler() http.Handler { return g.handler }
 func (g *Gateway) Shutdown(ctx context.Context) error {
 	g.mu.Lock()
 	g.shutdown = true
+	sub := g.intakeSub
 	g.mu.Unlock()
+	if sub != nil {
+		// No new requests; those taken are answered before Shutdown
+		// returns (or cut short with g.bg).
+		_ = sub.Unsubscribe()
+	}
 	g.stopBg()
 	done := make(chan struct{})
 	go func() {

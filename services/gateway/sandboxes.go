@@ -21,18 +21,27 @@ import (
 // create). It writes the answer and returns nil when the sandbox is
 // missing or belongs to another consumer: both are a 404, so a consumer
 // cannot learn that another's sandbox exists.
-func (g *Gateway) visible(ctx context.Context, w http.ResponseWriter, r *http.Request, st *state, c caller, id string) (*sandbox.Record, uint64) {
-	rec, rev, err := getRecord(ctx, st, id)
+func (g *Gateway) visible(ctx context.Context, w http.ResponseWriter, r *http.Request, st *state, c caller, id string) *sandbox.Record {
+	rec, p := g.visibleRecord(ctx, st, c, id)
+	if p != nil {
+		g.writeProblem(w, r, p)
+		return nil
+	}
+	return rec
+}
+
+// visibleRecord reads sandbox id for c, or the problem to answer: a 404
+// when it is missing or another consumer's.
+func (g *Gateway) visibleRecord(ctx context.Context, st *state, c caller, id string) (*sandbox.Record, *api.Problem) {
+	rec, _, err := getRecord(ctx, st, id)
 	switch {
 	case errors.Is(err, jetstream.ErrKeyNotFound) || (err == nil && !c.owns(rec.Consumer)):
-		g.writeProblem(w, r, newProblem(http.StatusNotFound, "no such sandbox"))
-		return nil, 0
+		return nil, newProblem(http.StatusNotFound, "no such sandbox")
 	case err != nil:
 		g.log.Error("reading sandbox", "sandbox", id, "err", err)
-		g.writeProblem(w, r, newProblem(http.StatusServiceUnavailable, "cannot read sandboxes right now"))
-		return nil, 0
+		return nil, newProblem(http.StatusServiceUnavailable, "cannot read sandboxes right now")
 	}
-	return rec, rev
+	return rec, nil
 }
 
 // get handles GET /v1/sandboxes/{id}.
@@ -42,7 +51,7 @@ func (g *Gateway) get(w http.ResponseWriter, r *http.Request, c caller) {
 		g.writeProblem(w, r, newProblem(http.StatusServiceUnavailable, "gateway is not ready"))
 		return
 	}
-	rec, _ := g.visible(r.Context(), w, r, st, c, r.PathValue("id"))
+	rec := g.visible(r.Context(), w, r, st, c, r.PathValue("id"))
 	if rec == nil {
 		return
 	}
@@ -126,14 +135,26 @@ func (g *Gateway) destroy(w http.ResponseWriter, r *http.Request, c caller) {
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), g.opts.WriteTimeout)
 	defer cancel()
-	rec, _ := g.visible(ctx, w, r, st, c, r.PathValue("id"))
-	if rec == nil {
+	rec, p := g.destroySandbox(ctx, st, c, r.PathValue("id"))
+	if p != nil {
+		g.writeProblem(w, r, p)
 		return
+	}
+	writeJSON(w, http.StatusAccepted, api.FromRecord(rec))
+}
+
+// destroySandbox publishes the destroy command of c's sandbox id and
+// returns the sandbox as it is: the one path of a destroy, over HTTP or as
+// a request event. A sandbox already on its way out (expired, destroying)
+// or gone (destroyed, rejected) gets no new command.
+func (g *Gateway) destroySandbox(ctx context.Context, st *state, c caller, id string) (*sandbox.Record, *api.Problem) {
+	rec, p := g.visibleRecord(ctx, st, c, id)
+	if p != nil {
+		return nil, p
 	}
 	switch rec.State {
 	case event.StateExpired, event.StateDestroying, event.StateDestroyed, event.StateRejected:
-		writeJSON(w, http.StatusAccepted, api.FromRecord(rec))
-		return
+		return rec, nil
 	}
 	ev, err := event.New(event.TypeDestroy, Source, rec.ID, rec.ID+"."+event.VerbDestroy, event.Destroy{
 		Ref: rec.Ref(), Reason: event.ReasonRequested, RequestedBy: c.Consumer, RequestedAt: g.opts.Now().UTC(),
@@ -147,8 +168,7 @@ func (g *Gateway) destroy(w http.ResponseWriter, r *http.Request, c caller) {
 		if errors.Is(err, bus.ErrBackPressure) {
 			detail = "too many pending commands; retry later"
 		}
-		g.writeProblem(w, r, newProblem(http.StatusServiceUnavailable, detail))
-		return
+		return nil, newProblem(http.StatusServiceUnavailable, detail)
 	}
-	writeJSON(w, http.StatusAccepted, api.FromRecord(rec))
+	return rec, nil
 }
