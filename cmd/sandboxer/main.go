@@ -80,6 +80,8 @@ func newRoot() *cobra.Command {
 		newProfilesCmd(g),
 		newExtensionsCmd(g),
 		newKeysCmd(g),
+		newCredsCmd(g),
+		newSetupCmd(g),
 		newCreditsCmd(g),
 		newBenchCmd(g),
 	)

@@ -285,10 +285,17 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("setting up the bus: %w", err)
 	}
+	created := 0
 	for _, c := range rep {
-		if c.Action != bus.ActionUnchanged {
-			log.Info("bus set up", "kind", c.Kind, "name", c.Name, "action", c.Action, "detail", c.Detail)
+		switch c.Action {
+		case bus.ActionCreated:
+			created++
+		case bus.ActionUpdated:
+			log.Info("bus updated", "kind", c.Kind, "name", c.Name, "detail", c.Detail)
 		}
+	}
+	if created > 0 {
+		log.Info("bus set up", "created", created, "of", len(rep))
 	}
 	if sys.Creds, err = ensureCreds(a, cfg.DataDir, upIdentities(pools)); err != nil {
 		return nil, err

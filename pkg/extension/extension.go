@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/sand-boxer/sandboxer/pkg/event"
@@ -205,3 +206,8 @@ const InputSandboxID = "sandbox_id"
 
 // SandboxID returns the sandbox id Provision is keyed by.
 func (in Inputs) SandboxID() string { return in[InputSandboxID] }
+
+// CanonicalName is an extension name as the catalog knows it: manifests
+// are files called ext.<name>.yaml and people say ext.local, so a leading
+// "ext." is dropped, and both spellings name the same extension.
+func CanonicalName(s string) string { return strings.TrimPrefix(s, "ext.") }
