@@ -127,12 +127,25 @@ func (t Topology) Setup(ctx context.Context, js jetstream.JetStream, o SetupOpti
 		}
 		rep = append(rep, c)
 	}
+	// Messages of an earlier version's subjects move first, while the
+	// durables still filter on them; then the durables take today's
+	// filters and resume where they were.
+	moved, resumes, err := migrate(ctx, js)
+	if err != nil {
+		return rep, err
+	}
+	rep = append(rep, moved...)
 	for _, spec := range o.Consumers {
 		c, err := setupConsumer(ctx, js, spec)
 		if err != nil {
 			return rep, err
 		}
 		rep = append(rep, c)
+	}
+	for _, r := range resumes {
+		if err := r.apply(ctx, js); err != nil {
+			return rep, err
+		}
 	}
 	if r := rep.Refused(); len(r) > 0 {
 		var names []string

@@ -114,6 +114,8 @@ func (t Topology) Streams() []jetstream.StreamConfig {
 			Retention:   jetstream.WorkQueuePolicy,
 			Discard:     jetstream.DiscardNew,
 			MaxMsgs:     t.CommandsMaxMsgs,
+			// Setup reads commands by subject (a migration); no service may.
+			AllowDirect: true,
 			Storage:     st,
 			Replicas:    t.Replicas,
 			Duplicates:  t.Duplicates,
