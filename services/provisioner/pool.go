@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
@@ -88,17 +90,19 @@ func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]b
 	}
 	// Announce provisioning without waiting: the ack is checked before the
 	// ready event goes out, so events stay in order and nothing is lost,
-	// but the round trip overlaps the record's read and the backend's
-	// work. A command delivered again may find its create done: it is
-	// announced only once the record says it is not.
+	// but the round trip overlaps the state's read and the backend's work.
+	// On a first delivery the announcement is guarded: the stream takes it
+	// only if the sandbox has no event at all, so a create replayed after
+	// the sandbox moved on announces nothing. Otherwise it is announced
+	// only once the sandbox's last event says the create is not done.
 	var announced func(context.Context) error
-	announce := func() (err error) {
-		announced, err = pl.emitAsync(ctx, event.StateProvisioning, c.Ref, event.Provisioning{Ref: c.Ref, Worker: pl.p.opts.WorkerID, Attempt: int(m.Delivered)})
+	announce := func(guard string) (err error) {
+		announced, err = pl.emitAsync(ctx, event.StateProvisioning, c.Ref, event.Provisioning{Ref: c.Ref, Worker: pl.p.opts.WorkerID, Attempt: int(m.Delivered)}, guard)
 		return err
 	}
 	early := m.Delivered <= 1 && perr == nil
 	if early {
-		if err := announce(); err != nil {
+		if err := announce(c.Ref.RefFilter()); err != nil {
 			return nil, err
 		}
 	}
@@ -108,16 +112,23 @@ func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]b
 	}
 	if st.Rank() > event.StateProvisioning.Rank() {
 		// On a first delivery only when the gateway rejected a sandbox
-		// whose command it then found stored; the announcement moves
-		// nothing (states only move forward).
+		// whose command it then found stored, or a create replayed: the
+		// guarded announcement was refused.
 		pl.log.Debug("create already done", "sandbox", c.SandboxID, "state", st)
 		return nil, nil
 	}
 	if perr != nil {
 		return pl.failed(c, "provision", nil, perr)
 	}
+	if early {
+		if err := announced(ctx); errors.Is(err, errNotFirst) {
+			early = false // an earlier attempt announced it: announce again below
+		} else if err != nil {
+			return nil, err
+		}
+	}
 	if !early {
-		if err := announce(); err != nil {
+		if err := announce(""); err != nil {
 			return nil, err
 		}
 	}
@@ -386,7 +397,7 @@ func (pl *pool) lifecycle(s event.State, ref event.Ref, data any) (bus.Out, erro
 
 // emitAsync publishes a lifecycle event without waiting for the stream's
 // ack; the returned function waits for it.
-func (pl *pool) emitAsync(ctx context.Context, s event.State, ref event.Ref, data any) (func(context.Context) error, error) {
+func (pl *pool) emitAsync(ctx context.Context, s event.State, ref event.Ref, data any, guard string) (func(context.Context) error, error) {
 	out, err := pl.lifecycle(s, ref, data)
 	if err != nil {
 		return nil, err
@@ -395,11 +406,20 @@ func (pl *pool) emitAsync(ctx context.Context, s event.State, ref event.Ref, dat
 	if err != nil {
 		return nil, bus.Permanent(err)
 	}
+	if guard != "" {
+		// Stored only if no message on guard's subjects exists.
+		msg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, "0")
+		msg.Header.Set(jetstream.ExpectedLastSubjSeqSubjHeader, guard)
+	}
 	f, err := pl.p.opts.JS.PublishMsgAsync(msg)
 	if err != nil {
 		return nil, fmt.Errorf("announcing %s of %s: %w", s, ref.SandboxID, err)
 	}
-	return func(ctx context.Context) error {
+	var (
+		once   sync.Once
+		result error
+	)
+	wait := func(ctx context.Context) error {
 		if pl.p.opts.JS.Conn().IsClosed() {
 			return fmt.Errorf("announcing %s of %s: %w", s, ref.SandboxID, nats.ErrConnectionClosed)
 		}
@@ -409,14 +429,27 @@ func (pl *pool) emitAsync(ctx context.Context, s event.State, ref event.Ref, dat
 		case <-f.Ok():
 			return nil
 		case err := <-f.Err():
+			var apiErr *jetstream.APIError
+			if guard != "" && errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence || apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant) {
+				return fmt.Errorf("announcing %s of %s: %w", s, ref.SandboxID, errNotFirst)
+			}
 			return fmt.Errorf("announcing %s of %s: %w", s, ref.SandboxID, err)
 		case <-t.C:
 			return fmt.Errorf("announcing %s of %s: no ack after %s", s, ref.SandboxID, pl.policy.AckWait)
 		case <-ctx.Done():
 			return fmt.Errorf("announcing %s of %s: %w", s, ref.SandboxID, ctx.Err())
 		}
+	}
+	// The outcome is read once and remembered: the future answers once.
+	return func(ctx context.Context) error {
+		once.Do(func() { result = wait(ctx) })
+		return result
 	}, nil
 }
+
+// errNotFirst is a guarded announcement the stream refused: the sandbox
+// already had events.
+var errNotFirst = errors.New("the sandbox already has events")
 
 // emit publishes a lifecycle event now, before the work it announces.
 func (pl *pool) emit(ctx context.Context, s event.State, ref event.Ref, data any) error {

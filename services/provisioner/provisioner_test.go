@@ -412,3 +412,60 @@ func TestDestroyNeedsNoInventory(t *testing.T) {
 		t.Fatalf("workspace %s still there: %v", ready.Reachability.RemoteDir, err)
 	}
 }
+
+// TestReplayedCreateAfterDestroy delivers a sandbox's create command again
+// after the sandbox was destroyed (a replay from the dead-letter stream,
+// past the duplicate window): the worker announces nothing, provisions
+// nothing, and acks it.
+func TestReplayedCreateAfterDestroy(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, localManifest("local", 5*time.Second))
+	// A short duplicate window, so the replay's announcement is not
+	// dropped as a duplicate of the first one and only the guard keeps it
+	// out.
+	const window = 200 * time.Millisecond
+	if _, err := (bus.Topology{Duplicates: window}).Setup(context.Background(), e.js, bus.SetupOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	e.start(t, extension.NewRegistry(local.Info), "local", "w1")
+	id := sandbox.NewID()
+	c := e.publishCreate(t, "local", id, nil)
+	seen := e.awaitEvent(t, id, event.StateReady)
+	var ready event.Ready
+	if err := event.DataAs(seen[len(seen)-1], &ready); err != nil {
+		t.Fatal(err)
+	}
+	e.publishDestroy(t, "local", id)
+	e.awaitEvent(t, id, event.StateDestroyed)
+	time.Sleep(2 * window) // the clock is the condition: the window must pass
+
+	ev, err := event.New(event.TypeCreate, "/test/replay", id, id+".create", c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ack, err := bus.NewPublisher(e.js).Publish(context.Background(), c.Ref.CommandSubject(event.VerbCreate), ev)
+	if err != nil || ack.Duplicate {
+		t.Fatalf("replaying the create: %+v %v", ack, err)
+	}
+	// Handled: the work queue removes it once acked.
+	cmds, err := e.js.Stream(context.Background(), event.StreamCommands)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if _, err := cmds.GetMsg(context.Background(), ack.Sequence); errors.Is(err, jetstream.ErrMsgNotFound) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the replayed create was never acknowledged")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := e.lifecycleCount(t, "local", id, event.StateProvisioning); n != 1 {
+		t.Fatalf("%d provisioning events, want the first one only", n)
+	}
+	if _, err := os.Stat(ready.Reachability.RemoteDir); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("workspace of the destroyed sandbox came back: %v", err)
+	}
+}
