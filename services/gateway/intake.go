@@ -9,6 +9,7 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"strings"
 
 	"github.com/nats-io/nats.go"
 	"go.opentelemetry.io/otel/attribute"
@@ -159,6 +160,12 @@ func intakeKey(o *event.Origin) string {
 // reply answers m, when its sender waits for an answer.
 func (g *Gateway) reply(m *nats.Msg, r api.BusReply) {
 	if m.Reply == "" {
+		return
+	}
+	if !strings.HasPrefix(m.Reply, "_INBOX.") {
+		// A reply subject is the requester's to choose: answering on one
+		// that is not an inbox would publish wherever it points.
+		g.log.Warn("not answering a request whose reply subject is not an inbox", "subject", m.Subject, "reply", extension.SafeField(m.Reply))
 		return
 	}
 	b, err := json.Marshal(r)

@@ -300,3 +300,36 @@ func TestIntakeRefusals(t *testing.T) {
 		})
 	}
 }
+
+// TestIntakeAnswersInboxesOnly sends a request whose reply subject points
+// at a stream's subject: the gateway answers nothing there.
+func TestIntakeAnswersInboxesOnly(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envConfig{})
+	alice := e.tenant(t, "alice")
+	before := e.lastSeqs(t)
+	msg := requestEvent(t, "alice", event.VerbCreate, "/alice", "reply-elsewhere", event.CreateRequest{Profile: "echo"})
+	msg.Reply = event.CommandSubject("echo", event.VerbCreate, "bob", "sbx-forged")
+	if err := alice.nc.PublishMsg(msg); err != nil {
+		t.Fatal(err)
+	}
+	// The request itself is handled (its command is the one stored); a
+	// second, answered request on the same connection orders the check
+	// after it.
+	if r := alice.request(t, requestEvent(t, "alice", event.VerbCreate, "/alice", "after", event.CreateRequest{Profile: "echo"})); r.Sandbox == nil {
+		t.Fatalf("second request: %+v", r)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for len(e.messages(t, event.StreamCommands, "sandboxer.cmd.*.create.alice.*")) < 2 {
+		if time.Now().After(deadline) {
+			t.Fatal("the first request was not handled")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := len(e.messages(t, event.StreamCommands, "sandboxer.cmd.*.*.bob.*")); n != 0 {
+		t.Fatalf("%d messages on bob's command subjects: the reply went where the requester pointed it", n)
+	}
+	if after := e.lastSeqs(t); after[event.StreamCommands] != before[event.StreamCommands]+2 {
+		t.Fatalf("commands stream moved by %d, want the two creates", after[event.StreamCommands]-before[event.StreamCommands])
+	}
+}
