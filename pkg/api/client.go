@@ -219,6 +219,15 @@ func (c *Client) Extensions(ctx context.Context) (*ExtensionList, error) {
 	return &out, nil
 }
 
+// Workers lists the worker pools: per backend its live workers and queue.
+func (c *Client) Workers(ctx context.Context) (*WorkerList, error) {
+	var out WorkerList
+	if err := c.do(ctx, http.MethodGet, "/v1/workers", nil, nil, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
 // ErrStop, returned by an Events callback, ends the stream without error.
 var ErrStop = errors.New("stop")
 

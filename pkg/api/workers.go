@@ -1,0 +1,42 @@
+package api
+
+import "time"
+
+// WorkerList is the body of GET /v1/workers: one pool per extension of
+// the catalog, by extension name. Any API key may read it; it says
+// nothing about any consumer.
+type WorkerList struct {
+	Pools []WorkerPool `json:"pools"`
+}
+
+// WorkerPool is the worker pool of one backend: who is consuming its
+// commands, and how many wait.
+type WorkerPool struct {
+	Extension string `json:"extension"`
+	// Capacity is the manifest's capacity.max_sandboxes: 0 is unbounded.
+	Capacity int `json:"capacity"`
+	// LiveWorkers are the workers whose heartbeat is in the workers
+	// bucket (seen within its TTL), by worker id.
+	LiveWorkers []Worker `json:"live_workers"`
+	// Pending counts the commands of the pool's durable consumer
+	// (provisioner-<extension> on the commands stream) that no worker has
+	// taken yet; InFlight those taken and not yet acknowledged.
+	Pending  uint64 `json:"pending"`
+	InFlight int    `json:"in_flight"`
+	// QueueError, when set, says why Pending and InFlight could not be
+	// read (they are 0 then).
+	QueueError string `json:"queue_error,omitempty"`
+}
+
+// Worker is one live worker of a pool, as its last heartbeat says.
+type Worker struct {
+	Worker string `json:"worker"`
+	Host   string `json:"host"`
+	PID    int    `json:"pid"`
+	// Concurrency is how many commands the worker handles at once;
+	// InFlight how many it was handling when it last beat.
+	Concurrency int       `json:"concurrency"`
+	InFlight    int       `json:"in_flight"`
+	StartedAt   time.Time `json:"started_at"`
+	SeenAt      time.Time `json:"seen_at"`
+}
