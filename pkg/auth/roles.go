@@ -178,7 +178,9 @@ func IdentityFromTags(tags []string) (Identity, error) {
 
 // Permissions are exactly what id may publish and subscribe to. Every
 // list is an allow list: anything it does not name is refused by the
-// server with a permissions violation.
+// server with a permissions violation. A publish deny list takes back
+// what a wildcard allows too much of (the service durables beside the
+// gateway's ordered consumers).
 func (id Identity) Permissions() jwt.Permissions {
 	if id.Role == RoleAdmin {
 		return jwt.Permissions{Pub: jwt.Permission{Allow: []string{">"}}, Sub: jwt.Permission{Allow: []string{">"}}}
@@ -203,9 +205,8 @@ func (id Identity) Permissions() jwt.Permissions {
 		p.kvWrite(bus.BucketIdempotency, ">")
 		// Event streams (SSE) read one sandbox through an ordered consumer.
 		p.streamInfo(life)
-		p.ephemeral(life)
+		p.ephemeral(life, bus.DurableRegistry, bus.DurableMetering)
 		p.directGet(life, event.SubjectLifecycle)
-		p.pub("$JS.API.CONSUMER.INFO." + cmds + ".*")
 		p.pub("sandboxer.rpc.metering.*", "sandboxer.rpc.registry.*")
 		p.serve(event.RequestFilter)
 	case RoleRegistry:
@@ -268,14 +269,15 @@ func (id Identity) Permissions() jwt.Permissions {
 	return p.permissions()
 }
 
-// perms collects allow lists.
+// perms collects allow lists, and the publications they allow that are
+// denied after all.
 type perms struct {
-	pubs, subs []string
-	resp       bool
+	pubs, subs, denies []string
 }
 
-func (p *perms) pub(s ...string) { p.pubs = append(p.pubs, s...) }
-func (p *perms) sub(s ...string) { p.subs = append(p.subs, s...) }
+func (p *perms) pub(s ...string)  { p.pubs = append(p.pubs, s...) }
+func (p *perms) sub(s ...string)  { p.subs = append(p.subs, s...) }
+func (p *perms) deny(s ...string) { p.denies = append(p.denies, s...) }
 
 // jsInfo lets a service ask for the account's JetStream information.
 func (p *perms) jsInfo() { p.pub("$JS.API.INFO") }
@@ -313,15 +315,29 @@ func (p *perms) durable(stream, name string) {
 
 // ephemeral lets a service create, read and remove consumers of its own on
 // stream: ordered consumers for watches and event streams. They have no
-// acks to send.
-func (p *perms) ephemeral(stream string) {
+// acks to send. durables are the design's durable consumers of stream,
+// which setup declares and their services own: the user may not redefine,
+// delete or pull from them, nor create a consumer through the unnamed
+// (legacy) endpoint, whose name is in the request body where permissions
+// cannot see it (the jetstream package's ordered consumers name theirs in
+// the subject).
+func (p *perms) ephemeral(stream string, durables ...string) {
+	if len(durables) == 0 {
+		p.pub("$JS.API.CONSUMER.CREATE." + stream)
+	}
 	p.pub(
-		"$JS.API.CONSUMER.CREATE."+stream, "$JS.API.CONSUMER.CREATE."+stream+".>",
+		"$JS.API.CONSUMER.CREATE."+stream+".>",
 		"$JS.API.CONSUMER.DELETE."+stream+".*",
 		"$JS.API.CONSUMER.INFO."+stream+".*",
 		"$JS.API.CONSUMER.MSG.NEXT."+stream+".*",
 		"$JS.FC."+stream+".>", "$JS.FC.*.*."+stream+".>",
 	)
+	for _, d := range durables {
+		// Create, delete (and info) naming d, creates naming d with a
+		// filter, and pulls.
+		p.deny("$JS.API.CONSUMER.*."+stream+"."+d, "$JS.API.CONSUMER.CREATE."+stream+"."+d+".>",
+			"$JS.API.CONSUMER.MSG.NEXT."+stream+"."+d)
+	}
 }
 
 // purge lets a service purge subjects of stream (cancelling schedules).
@@ -347,19 +363,20 @@ func (p *perms) kvWatch(buckets ...string) {
 func (p *perms) kvWrite(bucket, keys string) { p.pub("$KV." + bucket + "." + keys) }
 
 // serve lets a service answer requests on subject: subscribe (queue
-// groups included), answer micro discovery, and reply to what it received.
+// groups included), answer micro discovery, and reply to inboxes. Replies
+// go to inboxes only, never to whatever reply subject a request names:
+// NATS's response permission would let a requester point the answer at
+// any subject (a bucket's key, a stream's API), and the server would
+// publish it with the service's rights.
 func (p *perms) serve(subject string) {
 	p.sub(subject, "$SRV.>")
-	p.resp = true
+	p.pub("_INBOX.>")
 }
 
 func (p *perms) permissions() jwt.Permissions {
 	out := jwt.Permissions{
-		Pub: jwt.Permission{Allow: dedupe(p.pubs)},
+		Pub: jwt.Permission{Allow: dedupe(p.pubs), Deny: dedupe(p.denies)},
 		Sub: jwt.Permission{Allow: dedupe(p.subs)},
-	}
-	if p.resp {
-		out.Resp = &jwt.ResponsePermission{MaxMsgs: 1}
 	}
 	if len(out.Pub.Allow) == 0 {
 		// An empty allow list allows everything: deny instead.
