@@ -207,6 +207,7 @@ func (id Identity) Permissions() jwt.Permissions {
 		p.streamInfo(life)
 		p.ephemeral(life, bus.DurableRegistry, bus.DurableMetering)
 		p.directGet(life, event.SubjectLifecycle)
+		p.pub("$JS.API.CONSUMER.INFO." + cmds + ".*")
 		p.pub("sandboxer.rpc.metering.*", "sandboxer.rpc.registry.*")
 		p.serve(event.RequestFilter)
 	case RoleRegistry:
