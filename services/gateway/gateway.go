@@ -61,6 +61,9 @@ type Options struct {
 	// Credits answers the credits API (/v1/credits/...). Default nil: those
 	// endpoints answer 503.
 	Credits Credits
+	// Workers lists the live workers of GET /v1/workers; [*workers.Cache]
+	// is one. Default nil: that endpoint answers 503.
+	Workers Liveness
 	// Logger receives operational logs. Default: discard.
 	Logger *slog.Logger
 	// Now is the clock of request timestamps and the key cache. Default

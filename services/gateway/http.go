@@ -15,6 +15,7 @@ import (
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/services/gateway/console"
 )
 
 // routes builds the API. Every path also has a method-less fallback, so a
@@ -36,6 +37,7 @@ func (g *Gateway) routes() http.Handler {
 		{"/v1/credits/grants", map[string]http.Handler{"POST": g.authed(g.creditGrant)}},
 		{"/v1/credits/ledger", map[string]http.Handler{"GET": g.authed(g.creditLedger)}},
 		{"/v1/credits/usage", map[string]http.Handler{"GET": g.authed(g.creditUsage)}},
+		{"/v1/workers", map[string]http.Handler{"GET": g.authed(g.workerPools)}},
 	}
 	for _, p := range paths {
 		allow := ""
@@ -58,6 +60,8 @@ func (g *Gateway) routes() http.Handler {
 			g.writeProblem(w, r, newProblem(http.StatusMethodNotAllowed, r.Method+" is not allowed here (allowed: "+allow+")"))
 		})
 	}
+	mux.Handle(console.Prefix, console.Handler()) // the web console: public assets, every API call with the user's key
+	mux.Handle(console.Prefix+"/", console.Handler())
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		g.writeProblem(w, r, newProblem(http.StatusNotFound, "no such endpoint"))
 	})
