@@ -4,8 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 )
@@ -59,14 +57,21 @@ func (c *Catalog) ProfileList() []*Profile {
 // every problem found in every file at once. With a registry, each
 // manifest's handler must be registered and may check its manifest.
 func LoadCatalog(extDir, profileDir string, reg *Registry) (*Catalog, Problems) {
+	return LoadCatalogDirs(CatalogDir{Path: extDir}, CatalogDir{Path: profileDir}, reg)
+}
+
+// LoadCatalogDirs is [LoadCatalog] on directories of any file system: the
+// manifests are the ext.*.yaml files of ext, the profiles the
+// profile.*.yaml files of profiles.
+func LoadCatalogDirs(ext, profiles CatalogDir, reg *Registry) (*Catalog, Problems) {
 	c := &Catalog{Extensions: map[string]*Manifest{}, Profiles: map[string]*Profile{}}
 	var ps Problems
-	extFiles, err := listYAML(extDir, "ext.")
+	extFiles, err := ext.list("ext.")
 	if err != nil {
-		ps = append(ps, Problem{File: extDir, Message: err.Error()})
+		ps = append(ps, Problem{File: ext.Path, Message: err.Error()})
 	}
 	for _, f := range extFiles {
-		m, mps := LoadManifestFile(f)
+		m, mps := loadFile(ext, f, ParseManifest)
 		ps = append(ps, mps...)
 		if m == nil || m.Name == "" {
 			continue
@@ -77,12 +82,12 @@ func LoadCatalog(extDir, profileDir string, reg *Registry) (*Catalog, Problems) 
 		}
 		c.Extensions[m.Name] = m
 	}
-	profFiles, err := listYAML(profileDir, "profile.")
+	profFiles, err := profiles.list("profile.")
 	if err != nil {
-		ps = append(ps, Problem{File: profileDir, Message: err.Error()})
+		ps = append(ps, Problem{File: profiles.Path, Message: err.Error()})
 	}
 	for _, f := range profFiles {
-		p, pps := LoadProfileFile(f)
+		p, pps := loadFile(profiles, f, ParseProfile)
 		ps = append(ps, pps...)
 		if p == nil || p.Slug == "" {
 			continue
@@ -95,7 +100,7 @@ func LoadCatalog(extDir, profileDir string, reg *Registry) (*Catalog, Problems) 
 	}
 	ps = append(ps, c.Check(reg)...)
 	if len(extFiles) == 0 && err == nil {
-		ps = append(ps, Problem{File: extDir, Message: "no ext.<name>.yaml manifests found"})
+		ps = append(ps, Problem{File: ext.Path, Message: "no ext.<name>.yaml manifests found"})
 	}
 	return c, ps
 }
@@ -159,24 +164,4 @@ func (c *Catalog) Check(reg *Registry) Problems {
 		}
 	}
 	return ps
-}
-
-func listYAML(dir, prefix string) ([]string, error) {
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		return nil, fmt.Errorf("reading %s: %w", dir, err)
-	}
-	var out []string
-	for _, e := range entries {
-		n := e.Name()
-		if e.IsDir() || !strings.HasPrefix(n, prefix) {
-			continue
-		}
-		if trimExt(n) == n {
-			continue
-		}
-		out = append(out, filepath.Join(dir, n))
-	}
-	slices.Sort(out)
-	return out, nil
 }
