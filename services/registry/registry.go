@@ -65,6 +65,11 @@ type Options struct {
 	// ProfilesDir holds the profile.<slug>.yaml profiles. Default
 	// "profiles".
 	ProfilesDir string
+	// Catalog, when set, is the catalog to serve, already loaded (from
+	// files anywhere, such as [extension.LoadCatalogDirs] reads, or built
+	// in code): ExtensionsDir and ProfilesDir are not read. It is checked
+	// at start like a loaded one, and must not be modified afterwards.
+	Catalog *extension.Catalog
 	// Extensions are the handlers linked into this binary: every
 	// manifest's handler must be one of them. Nil skips that check (a
 	// registry running apart from the provisioners).
@@ -107,12 +112,17 @@ func (o Options) withDefaults() Options {
 }
 
 // Load reads and checks the catalog in opts.ExtensionsDir and
-// opts.ProfilesDir. On any problem it returns an error wrapping
-// [extension.Problems] that lists every problem found in every file, each
-// as file:line:column: path: message.
+// opts.ProfilesDir, or checks opts.Catalog when it is set. On any problem
+// it returns an error wrapping [extension.Problems] that lists every
+// problem found in every file, each as file:line:column: path: message.
 func Load(opts Options) (*extension.Catalog, error) {
 	opts = opts.withDefaults()
-	c, ps := extension.LoadCatalog(opts.ExtensionsDir, opts.ProfilesDir, opts.Extensions)
+	c, ps := opts.Catalog, extension.Problems(nil)
+	if c != nil {
+		ps = c.Check(opts.Extensions)
+	} else {
+		c, ps = extension.LoadCatalog(opts.ExtensionsDir, opts.ProfilesDir, opts.Extensions)
+	}
 	if len(ps) > 0 {
 		return nil, fmt.Errorf("loading catalog: %w", ps)
 	}
