@@ -173,7 +173,7 @@ func newCreateCmd(g *globals) *cobra.Command {
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&profile, "profile", "", "profile slug (see `sandboxer profiles`)")
+	f.StringVar(&profile, "profile", "", "profile slug, one of those sandboxer profiles lists")
 	f.StringArrayVar(&inputs, "input", nil, "input key=value, repeatable")
 	f.StringArrayVar(&labels, "label", nil, "label key=value, repeatable")
 	f.StringVar(&ttl, "ttl", "", "time to live, such as 30m (default: the profile's)")

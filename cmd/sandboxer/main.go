@@ -11,12 +11,15 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
+	"github.com/sand-boxer/sandboxer/pkg/extension"
 )
 
 // exitError carries an exit code out of a command.
@@ -45,7 +48,12 @@ func main() {
 	os.Exit(code)
 }
 
-// globals are the flags every client verb shares.
+// globals are the values of the flags several verbs share. Each verb
+// shows only the ones it uses: the client verbs of the HTTP API take the
+// client flags (--url, --token, --as, --data-dir, --output, added by
+// [globals.clientFlags]); up, serve provisioner and creds take --data-dir;
+// setup and creds ls take --output. newRoot decides for the verbs defined
+// elsewhere.
 type globals struct {
 	url     string
 	token   string
@@ -62,30 +70,83 @@ func newRoot() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	pf := root.PersistentFlags()
-	pf.StringVar(&g.url, "url", envOr("SANDBOXER_URL", "http://127.0.0.1:8080"), "gateway URL (env SANDBOXER_URL)")
-	pf.StringVar(&g.token, "token", os.Getenv("SANDBOXER_TOKEN"), "API key (env SANDBOXER_TOKEN; default: the key of --as read from --data-dir)")
-	pf.StringVar(&g.dataDir, "data-dir", defaultDataDir(), "data directory (env SANDBOXER_DATA_DIR)")
-	pf.StringVar(&g.as, "as", "dev", "which key from the data directory to use when no token is given: dev or admin")
-	pf.StringVarP(&g.output, "output", "o", "table", "output format: table or json (credits ledger and usage also take csv)")
+	creds := newCredsCmd(g)
+	dataDirFlag(creds.PersistentFlags(), &g.dataDir, "data directory whose auth/ holds the authority")
+	if ls, _, err := creds.Find([]string{"ls"}); err == nil && ls != creds {
+		g.outputFlag(ls.Flags(), "output format: table or json")
+	}
+	setup := newSetupCmd(g)
+	g.outputFlag(setup.Flags(), "output format: table or json")
 
 	root.AddCommand(
-		newUpCmd(g),
-		newServeCmd(g),
-		newCreateCmd(g),
-		newGetCmd(g),
-		newListCmd(g),
-		newDestroyCmd(g),
-		newEventsCmd(g),
-		newProfilesCmd(g),
-		newExtensionsCmd(g),
+		newUpCmd(),
+		newServeCmd(),
+		g.clientFlags(newCreateCmd(g)),
+		g.clientFlags(newGetCmd(g)),
+		g.clientFlags(newListCmd(g)),
+		g.clientFlags(newDestroyCmd(g)),
+		g.clientFlags(newEventsCmd(g)),
+		g.clientFlags(newProfilesCmd(g)),
+		g.clientFlags(newExtensionsCmd(g)),
 		newKeysCmd(g),
-		newCredsCmd(g),
-		newSetupCmd(g),
-		newCreditsCmd(g),
+		creds,
+		setup,
+		g.clientFlags(newCreditsCmd(g)),
 		newBenchCmd(g),
 	)
 	return root
+}
+
+// clientFlags gives cmd and its subcommands the flags of a client of the
+// gateway's HTTP API, and returns it.
+func (g *globals) clientFlags(cmd *cobra.Command) *cobra.Command {
+	pf := cmd.PersistentFlags()
+	pf.StringVar(&g.url, "url", envOr("SANDBOXER_URL", "http://127.0.0.1:8080"), "gateway URL (env SANDBOXER_URL)")
+	pf.StringVar(&g.token, "token", os.Getenv("SANDBOXER_TOKEN"), "API key (env SANDBOXER_TOKEN; default: the key of --as read from --data-dir)")
+	pf.StringVar(&g.as, "as", "dev", "which key from the data directory to use when no token is given: dev or admin")
+	dataDirFlag(pf, &g.dataDir, "data directory whose keys/ sandboxer up wrote")
+	formats := "table or json"
+	if cmd.Name() == "credits" {
+		formats = "table or json (ledger and usage also take csv)"
+	}
+	g.outputFlag(pf, "output format: "+formats)
+	return cmd
+}
+
+// outputFlag adds -o, --output.
+func (g *globals) outputFlag(f *pflag.FlagSet, usage string) {
+	f.StringVarP(&g.output, "output", "o", "table", usage)
+}
+
+// dataDirFlag adds --data-dir, whose default is [defaultDataDir]; what
+// names what the verb keeps or reads there.
+func dataDirFlag(f *pflag.FlagSet, p *string, what string) {
+	f.StringVar(p, "data-dir", defaultDataDir(), what+" (env SANDBOXER_DATA_DIR)")
+}
+
+// extensionNames is a repeatable flag of extension names, each in its
+// canonical spelling ([extension.CanonicalName]) and listed once:
+// --extension local and --extension ext.local name the same extension.
+type extensionNames []string
+
+func (e *extensionNames) String() string { return "[" + strings.Join(*e, ",") + "]" }
+func (e *extensionNames) Type() string   { return "name" }
+
+func (e *extensionNames) Set(s string) error {
+	s = extension.CanonicalName(strings.TrimSpace(s))
+	if s == "" {
+		return errors.New("want an extension name, such as local or ext.local")
+	}
+	if !slices.Contains(*e, s) {
+		*e = append(*e, s)
+	}
+	return nil
+}
+
+// extensionsFlag adds a repeatable --extension whose values are stored in
+// canonical spelling in *p.
+func extensionsFlag(f *pflag.FlagSet, p *[]string, usage string) {
+	f.Var((*extensionNames)(p), "extension", usage+" (local or ext.local), repeatable")
 }
 
 func envOr(k, def string) string {
@@ -128,6 +189,16 @@ func (g *globals) client() (*api.Client, error) {
 		tok = strings.TrimSpace(string(b))
 	}
 	return api.NewClient(g.url, tok, nil), nil
+}
+
+// adminClient is client, with the admin key unless --as or --token says
+// otherwise: for the verbs only an admin key may run.
+func (g *globals) adminClient(cmd *cobra.Command) (*api.Client, error) {
+	gg := *g
+	if !cmd.Flags().Changed("as") && gg.token == "" {
+		gg.as = "admin"
+	}
+	return gg.client()
 }
 
 // outputFormat checks -o against the formats a verb supports.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"path/filepath"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -16,12 +17,12 @@ import (
 	"github.com/sand-boxer/sandboxer/services/registry"
 )
 
-func newServeCmd(g *globals) *cobra.Command {
+func newServeCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "serve gateway|provisioner|metering|registry",
 		Short: "Run one service against an external NATS cluster",
 	}
-	cmd.AddCommand(serveGateway(), serveProvisioner(g), serveMetering(), serveRegistry())
+	cmd.AddCommand(serveGateway(), serveProvisioner(), serveMetering(), serveRegistry())
 	return cmd
 }
 
@@ -94,9 +95,10 @@ func serveGateway() *cobra.Command {
 	return cmd
 }
 
-func serveProvisioner(g *globals) *cobra.Command {
+func serveProvisioner() *cobra.Command {
 	var (
 		c           connectFlags
+		dataDir     string
 		pools       []string
 		concurrency int
 		logLevel    string
@@ -119,7 +121,7 @@ func serveProvisioner(g *globals) *cobra.Command {
 				st.add(stopCat)
 				p, err := provisioner.New(provisioner.Options{
 					JS: d.js, Catalog: cat, Extensions: linkedExtensions(), Pools: pools,
-					Concurrency: concurrency, DataDir: g.dataDir + "/extensions", WorkerID: worker, Logger: d.log,
+					Concurrency: concurrency, DataDir: filepath.Join(dataDir, "extensions"), WorkerID: worker, Logger: d.log,
 				})
 				if err != nil {
 					return err
@@ -133,7 +135,8 @@ func serveProvisioner(g *globals) *cobra.Command {
 		},
 	}
 	c.add(cmd)
-	cmd.Flags().StringArrayVar(&pools, "extension", nil, "extension to serve, repeatable")
+	extensionsFlag(cmd.Flags(), &pools, "extension to serve")
+	dataDirFlag(cmd.Flags(), &dataDir, "data directory: the backends' working data, under extensions/")
 	cmd.Flags().IntVar(&concurrency, "concurrency", 0, "commands run at once per extension in this process (default: the manifest's workers.concurrency)")
 	cmd.Flags().StringVar(&worker, "worker-id", "", "worker id in events and heartbeats (default host-pid)")
 	idleReleaseFlag(cmd.Flags(), &idleRelease)

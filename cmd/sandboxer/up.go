@@ -49,18 +49,18 @@ type upOptions struct {
 	retention     time.Duration
 }
 
-func newUpCmd(g *globals) *cobra.Command {
+func newUpCmd() *cobra.Command {
 	o := &upOptions{}
 	cmd := &cobra.Command{
 		Use:   "up [--data-dir DIR] [--http ADDR] [--nats-listen ADDR]",
 		Short: "Run the whole control plane in one process on an embedded NATS server",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			o.dataDir = g.dataDir
 			return runUp(cmd.Context(), o, cmd.OutOrStdout())
 		},
 	}
 	f := cmd.Flags()
+	dataDirFlag(f, &o.dataDir, "data directory: the NATS store, the authority, credentials and API keys")
 	f.StringVar(&o.httpAddr, "http", "127.0.0.1:8080", "HTTP listen address of the gateway")
 	f.StringVar(&o.natsListen, "nats-listen", "127.0.0.1:4222", "client listen address of the embedded NATS server, for workers, tenants and billing readers with credentials (empty: in-process only)")
 	f.StringVar(&o.natsTLSCert, "nats-tls-cert", "", "TLS certificate (PEM) of the NATS listener")
@@ -68,7 +68,7 @@ func newUpCmd(g *globals) *cobra.Command {
 	f.BoolVar(&o.insecureNATS, "insecure-nats", false, "allow a NATS listener on a non-loopback address without TLS")
 	f.StringVar(&o.extensionsDir, "extensions", "extensions", "directory of ext.<name>.yaml manifests")
 	f.StringVar(&o.profilesDir, "profiles", "profiles", "directory of profile.<slug>.yaml profiles")
-	f.StringArrayVar(&o.pools, "extension", nil, "run worker pools only for these extensions (default: every extension whose handler is linked)")
+	extensionsFlag(f, &o.pools, "run worker pools only for this extension (default: every extension whose handler is linked)")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&o.natsLogs, "nats-logs", false, "show the embedded NATS server's logs")
 	idleReleaseFlag(f, &o.idleRelease)
