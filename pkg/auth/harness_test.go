@@ -248,7 +248,6 @@ func (r *recorder) saw(subject, mark string) bool {
 // probe is one row's identity on the bus, and what its action left.
 type probe struct {
 	*env
-	t  *testing.T
 	as auth.Identity
 	nc *nats.Conn
 	js jetstream.JetStream
@@ -327,7 +326,7 @@ func (e *env) run(t *testing.T, r row) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &probe{env: e, t: t, as: r.as, nc: nc, js: js, v: v}
+	p := &probe{env: e, as: r.as, nc: nc, js: js, v: v}
 	ctx := testCtx(t)
 	if r.setup != nil {
 		if err := r.setup(ctx, p); err != nil {

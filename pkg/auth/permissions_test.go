@@ -243,7 +243,7 @@ func permissionRows(t *testing.T) []row {
 		refuse(local, "subscribes to saas-stub's commands", subscribe(event.CommandFilter("saas-stub"), destroyCommand(t, "saas-stub", "dev").Subject)),
 		refuse(local, "subscribes to its own commands, which come through its durable", subscribe(event.CommandFilter("local"), destroyCommand(t, "local", "dev").Subject)),
 		refuse(local, "pulls saas-stub's durable", pull(cmds, saasDurable)),
-		refuse(local, "fetches from saas-stub's durable with jetstream", fetch(cmds, saasDurable)),
+		refuse(local, "fetches from saas-stub's durable with jetstream", fetch(cmds, saasDurable).withEffect(delivered(cmds, saasDurable))),
 		refuse(local, "publishes a metering event", jsPublish(meter, meterEvent("dev", "debit"))),
 		refuse(local, "publishes saas-stub's ready event", jsPublish(life, readyEvent(t, "dev", "saas-stub"))),
 		allow(local, "publishes its own backend's ready event", jsPublish(life, readyEvent(t, "dev", "local"))),
@@ -260,8 +260,8 @@ func permissionRows(t *testing.T) []row {
 		refuse(local, "reads saas-stub's events", directGet(life, event.ExtensionLifecycleFilter("saas-stub"), readyEvent(t, "dev", "saas-stub"))),
 		refuse(local, "updates the workers bucket", updateStream(bus.KVStream(bus.BucketWorkers), keepLess)),
 		refuse(local, "deletes its durable", jsAPI("$JS.API.CONSUMER.DELETE."+cmds+"."+localDurable, nil, consumerChanged(cmds, localDurable))),
-		createDurable(local, cmds),
-		refuse(local, "creates a durable through the legacy endpoint", legacyDurable(cmds)),
+		createDurable(local, cmds, "sandboxer.cmd."+uid("ext")+".>"),
+		refuse(local, "creates a durable through the legacy endpoint", legacyDurable()),
 		refuse(local, "creates an unnamed consumer", createConsumer("$JS.API.CONSUMER.CREATE."+dlq, dlq, "", jetstream.ConsumerConfig{AckPolicy: jetstream.AckNonePolicy}).
 			withEffect(consumerCount(dlq))),
 		refuse(local, "creates a consumer of its backend's events", namedEphemeral(life, event.ExtensionLifecycleFilter("local"))),
@@ -301,13 +301,14 @@ func permissionRows(t *testing.T) []row {
 		refuse(billing, "redefines its durable", jsAPI("$JS.API.CONSUMER.CREATE."+meter+"."+billing.BillingDurable(),
 			consumerConfig(meter, jetstream.ConsumerConfig{Durable: billing.BillingDurable(), FilterSubject: event.MeteringFilter("dev"), AckPolicy: jetstream.AckExplicitPolicy}),
 			consumerChanged(meter, billing.BillingDurable()))),
-		createDurable(billing, meter),
+		createDurable(billing, meter, event.MeteringFilter("dev")),
 	)
 
 	// Services: their jobs, and never the topology.
 	rows = append(rows,
 		allow(gateway, "publishes a create command", jsPublish(cmds, createCommand(t, "local", "dev"))),
 		allow(gateway, "reads events through an ordered consumer", orderedRead(readyEvent(t, "dev", "local"))),
+		allow(gateway, "reads a pool's queue depth", jsAPI("$JS.API.CONSUMER.INFO."+cmds+"."+localDurable, nil, nil)),
 		refuse(gateway, "makes the lifecycle stream keep less", updateStream(life, keepLess)),
 		refuse(gateway, "makes the sandboxes bucket keep less", updateStream(bus.KVStream(bus.BucketSandboxes), keepLess)),
 		refuse(gateway, "creates a stream", createStream()),
@@ -366,10 +367,11 @@ func (a action) withEffect(effect func(ctx context.Context, p *probe) (bool, err
 // message.
 func ownGet(stream string, m *nats.Msg) action { return directGet(stream, m.Subject, m) }
 
-// createDurable: who creates a durable on stream with the jetstream API.
-func createDurable(who auth.Identity, stream string) row {
+// createDurable: who creates a durable on stream with the jetstream API,
+// filtered on filter (which no other durable of a work-queue stream
+// holds, so the server would take it).
+func createDurable(who auth.Identity, stream, filter string) row {
 	name := uid("durable")
-	filter := "sandboxer." + uid("nothing") + ".>"
 	return refuse(who, "creates a durable on "+stream, action{
 		refusal: pubRefusal("$JS.API.CONSUMER.CREATE." + stream + "." + name + "." + filter),
 		do: func(ctx context.Context, p *probe) error {
@@ -380,12 +382,13 @@ func createDurable(who auth.Identity, stream string) row {
 	})
 }
 
-// legacyDurable creates a durable on stream through
-// $JS.API.CONSUMER.DURABLE.CREATE.
-func legacyDurable(stream string) action {
+// legacyDurable creates a durable on the commands stream through
+// $JS.API.CONSUMER.DURABLE.CREATE, filtered on commands of an extension
+// no other durable takes.
+func legacyDurable() action {
 	name := uid("durable")
-	return createConsumer("$JS.API.CONSUMER.DURABLE.CREATE."+stream+"."+name, stream, name,
-		jetstream.ConsumerConfig{Durable: name, FilterSubject: "sandboxer." + uid("nothing") + ".>", AckPolicy: jetstream.AckExplicitPolicy})
+	return createConsumer("$JS.API.CONSUMER.DURABLE.CREATE."+cmds+"."+name, cmds, name,
+		jetstream.ConsumerConfig{Durable: name, FilterSubject: event.CommandFilter(uid("ext")), AckPolicy: jetstream.AckExplicitPolicy})
 }
 
 // namedEphemeral creates an ephemeral consumer on stream named in the
@@ -438,7 +441,7 @@ func TestAdmin(t *testing.T) {
 		allow(admin, "updates the commands stream", updateStream(cmds, func(c *jetstream.StreamConfig) { c.Description = "updated by the admin" })),
 		allow(admin, "deletes the dead-letter stream", deleteStream(dlq)),
 		allow(admin, "creates a stream", createStream()),
-		allow(admin, "creates a durable through the legacy endpoint", legacyDurable(cmds)),
+		allow(admin, "creates a durable through the legacy endpoint", legacyDurable()),
 		allow(admin, "creates an unnamed consumer", createConsumer("$JS.API.CONSUMER.CREATE."+ledger, ledger, "",
 			jetstream.ConsumerConfig{AckPolicy: jetstream.AckNonePolicy, InactiveThreshold: time.Minute}).withEffect(consumerCount(ledger))),
 		allow(admin, "deletes the registry's durable", jsAPI("$JS.API.CONSUMER.DELETE."+life+"."+bus.DurableRegistry, nil, consumerChanged(life, bus.DurableRegistry))),
@@ -691,7 +694,7 @@ func TestBillingDurable(t *testing.T) {
 	})
 	e.runRows(t, []row{
 		refuse(billing, "pulls another billing durable", pull(meter, auditDurable)),
-		refuse(billing, "fetches from another billing durable with jetstream", fetch(meter, auditDurable)),
+		refuse(billing, "fetches from another billing durable with jetstream", fetch(meter, auditDurable).withEffect(delivered(meter, auditDurable))),
 		refuse(billing, "resets another billing durable", jsAPI("$JS.API.CONSUMER.RESET."+meter+"."+auditDurable, nil, delivered(meter, auditDurable))),
 		refuse(billing, "pulls metering's durable", pull(life, bus.DurableMetering)),
 		refuse(billing, "pulls saas-stub's durable", pull(cmds, bus.DurableProvisioner("saas-stub"))),
@@ -873,7 +876,7 @@ func TestReplies(t *testing.T) {
 			if !gv.Await("Permissions Violation for "+pubRefusal(c.reply), refusalWait) {
 				t.Fatalf("the gateway was not refused its answer on %s (violations: %v)", c.reply, gv.Errors())
 			}
-			ok, err := c.effect(testCtx(t), &probe{env: e, t: t})
+			ok, err := c.effect(testCtx(t), &probe{env: e})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -908,7 +911,7 @@ func TestReplies(t *testing.T) {
 		tick := time.NewTicker(10 * time.Millisecond)
 		defer tick.Stop()
 		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); <-tick.C {
-			ok, err := written(ctx, &probe{env: e, t: t})
+			ok, err := written(ctx, &probe{env: e})
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -179,7 +179,7 @@ func IdentityFromTags(tags []string) (Identity, error) {
 // Permissions are exactly what id may publish and subscribe to. Every
 // list is an allow list: anything it does not name is refused by the
 // server with a permissions violation. A publish deny list takes back
-// what a wildcard allows too much of (the service durables beside the
+// what a wildcard allows too much of (the services' durables beside the
 // gateway's ordered consumers).
 func (id Identity) Permissions() jwt.Permissions {
 	if id.Role == RoleAdmin {
@@ -205,7 +205,7 @@ func (id Identity) Permissions() jwt.Permissions {
 		p.kvWrite(bus.BucketIdempotency, ">")
 		// Event streams (SSE) read one sandbox through an ordered consumer.
 		p.streamInfo(life)
-		p.ephemeral(life, bus.DurableRegistry, bus.DurableMetering)
+		p.ordered(life, bus.DurableRegistry, bus.DurableMetering)
 		p.directGet(life, event.SubjectLifecycle)
 		p.pub("$JS.API.CONSUMER.INFO." + cmds + ".*")
 		p.pub("sandboxer.rpc.metering.*", "sandboxer.rpc.registry.*")
@@ -315,23 +315,30 @@ func (p *perms) durable(stream, name string) {
 }
 
 // ephemeral lets a service create, read and remove consumers of its own on
-// stream: ordered consumers for watches and event streams. They have no
-// acks to send. durables are the design's durable consumers of stream,
-// which setup declares and their services own: the user may not redefine,
-// delete or pull from them, nor create a consumer through the unnamed
-// (legacy) endpoint, whose name is in the request body where permissions
-// cannot see it (the jetstream package's ordered consumers name theirs in
-// the subject).
-func (p *perms) ephemeral(stream string, durables ...string) {
-	if len(durables) == 0 {
-		p.pub("$JS.API.CONSUMER.CREATE." + stream)
-	}
+// stream: ordered push consumers for watches. They have no acks to send.
+func (p *perms) ephemeral(stream string) {
+	p.pub(
+		"$JS.API.CONSUMER.CREATE."+stream, "$JS.API.CONSUMER.CREATE."+stream+".>",
+		"$JS.API.CONSUMER.DELETE."+stream+".*",
+		"$JS.API.CONSUMER.INFO."+stream+".*",
+		"$JS.API.CONSUMER.MSG.NEXT."+stream+".*",
+		"$JS.FC."+stream+".>", "$JS.FC.*.*."+stream+".>",
+	)
+}
+
+// ordered lets a service create, read and remove ordered pull consumers of
+// its own on stream (the jetstream package's, which name themselves in the
+// subject and send no flow control): event streams. durables are the
+// design's durable consumers of stream, which setup declares and their
+// services own: the user may not redefine, delete or pull from them, nor
+// create a consumer through the unnamed endpoint, whose name is in the
+// request body where permissions cannot see it.
+func (p *perms) ordered(stream string, durables ...string) {
 	p.pub(
 		"$JS.API.CONSUMER.CREATE."+stream+".>",
 		"$JS.API.CONSUMER.DELETE."+stream+".*",
 		"$JS.API.CONSUMER.INFO."+stream+".*",
 		"$JS.API.CONSUMER.MSG.NEXT."+stream+".*",
-		"$JS.FC."+stream+".>", "$JS.FC.*.*."+stream+".>",
 	)
 	for _, d := range durables {
 		// Create, delete (and info) naming d, creates naming d with a
