@@ -10,8 +10,10 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/catalogfs"
 	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/memory"
 	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/telemetry"
+	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/services/metering"
 	"github.com/sand-boxer/sandboxer/services/provisioner"
 	"github.com/sand-boxer/sandboxer/services/registry"
@@ -187,9 +189,17 @@ func serveRegistry() *cobra.Command {
 		Short: "Run the registry: catalog and inventory",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			ext := catalogDir(extDir, cmd.Flags().Changed("extensions"), catalogfs.Extensions)
+			prof := catalogDir(profDir, cmd.Flags().Changed("profiles"), catalogfs.Profiles)
+			reg := linkedExtensions()
+			cat, ps := extension.LoadCatalogDirs(ext, prof, reg)
+			if len(ps) > 0 {
+				return fmt.Errorf("loading catalog: %w", ps)
+			}
 			return serveRun(cmd.Context(), "registry", logLevel, &c, idleRelease, func(ctx context.Context, st *stack, d *svcDeps) error {
+				d.log.Info("catalog", "from", describeCatalog(ext, prof))
 				r, err := registry.New(registry.Options{
-					JS: d.js, NC: d.nc, ExtensionsDir: extDir, ProfilesDir: profDir, Extensions: linkedExtensions(), Logger: d.log,
+					JS: d.js, NC: d.nc, Catalog: cat, Extensions: reg, Logger: d.log,
 					Retention: retention,
 				})
 				if err != nil {
@@ -204,8 +214,7 @@ func serveRegistry() *cobra.Command {
 		},
 	}
 	c.add(cmd)
-	cmd.Flags().StringVar(&extDir, "extensions", "extensions", "directory of ext.<name>.yaml manifests")
-	cmd.Flags().StringVar(&profDir, "profiles", "profiles", "directory of profile.<slug>.yaml profiles")
+	catalogFlags(cmd.Flags(), &extDir, &profDir)
 	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	retentionFlag(cmd.Flags(), &retention)
 	idleReleaseFlag(cmd.Flags(), &idleRelease)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
@@ -18,6 +19,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/catalogfs"
 	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/memory"
 	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/telemetry"
 	"github.com/sand-boxer/sandboxer/pkg/apikey"
@@ -47,6 +49,10 @@ type upOptions struct {
 	natsLogs      bool
 	idleRelease   time.Duration
 	retention     time.Duration
+
+	// extensionsGiven and profilesGiven: --extensions and --profiles
+	// were given.
+	extensionsGiven, profilesGiven bool
 }
 
 func newUpCmd() *cobra.Command {
@@ -56,6 +62,7 @@ func newUpCmd() *cobra.Command {
 		Short: "Run the whole control plane in one process on an embedded NATS server",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			o.extensionsGiven, o.profilesGiven = cmd.Flags().Changed("extensions"), cmd.Flags().Changed("profiles")
 			return runUp(cmd.Context(), o, cmd.OutOrStdout())
 		},
 	}
@@ -66,8 +73,7 @@ func newUpCmd() *cobra.Command {
 	f.StringVar(&o.natsTLSCert, "nats-tls-cert", "", "TLS certificate (PEM) of the NATS listener")
 	f.StringVar(&o.natsTLSKey, "nats-tls-key", "", "TLS key (PEM) of the NATS listener")
 	f.BoolVar(&o.insecureNATS, "insecure-nats", false, "allow a NATS listener on a non-loopback address without TLS")
-	f.StringVar(&o.extensionsDir, "extensions", "extensions", "directory of ext.<name>.yaml manifests")
-	f.StringVar(&o.profilesDir, "profiles", "profiles", "directory of profile.<slug>.yaml profiles")
+	catalogFlags(f, &o.extensionsDir, &o.profilesDir)
 	extensionsFlag(f, &o.pools, "run worker pools only for this extension (default: every extension whose handler is linked)")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&o.natsLogs, "nats-logs", false, "show the embedded NATS server's logs")
@@ -94,6 +100,41 @@ func checkListen(addr string, tls, insecure bool) error {
 		return nil
 	}
 	return &exitError{2, fmt.Errorf("--nats-listen %s is not a loopback address: give --nats-tls-cert and --nats-tls-key, or --insecure-nats to send credentials and events in clear", addr)}
+}
+
+// catalogFlags adds --extensions and --profiles, the directories of the
+// catalog; [catalogDir] says what is read when they are not given.
+func catalogFlags(f *pflag.FlagSet, ext, prof *string) {
+	f.StringVar(ext, "extensions", "extensions", "directory of ext.<name>.yaml manifests (default: ./extensions, else the ones built in)")
+	f.StringVar(prof, "profiles", "profiles", "directory of profile.<slug>.yaml profiles (default: ./profiles, else the ones built in)")
+}
+
+// catalogDir is where one part of the catalog is read: dir when its flag
+// gave it or when it exists, else the copy of the repository's shipped
+// files built into the binary, under embedded of [catalogfs.FS]. So
+// sandboxer started outside a clone serves the shipped catalog, and a
+// clone's edits or an explicit flag win.
+func catalogDir(dir string, given bool, embedded string) extension.CatalogDir {
+	if given {
+		return extension.CatalogDir{Path: dir}
+	}
+	if _, err := os.Stat(dir); err == nil {
+		return extension.CatalogDir{Path: dir}
+	}
+	return extension.CatalogDir{FS: catalogfs.FS, Path: embedded}
+}
+
+// describeCatalog names where the catalog was read, for the banner.
+func describeCatalog(dirs ...extension.CatalogDir) string {
+	var out []string
+	for _, d := range dirs {
+		if d.FS != nil {
+			out = append(out, d.Path+" (built in)")
+		} else {
+			out = append(out, d.Path)
+		}
+	}
+	return strings.Join(out, ", ")
 }
 
 // retentionFlag adds --retention: how long the record of a sandbox that
@@ -145,10 +186,12 @@ func runUp(ctx context.Context, o *upOptions, out io.Writer) error {
 	if err := checkListen(o.natsListen, o.natsTLSCert != "", o.insecureNATS); err != nil {
 		return err
 	}
+	ext := catalogDir(o.extensionsDir, o.extensionsGiven, catalogfs.Extensions)
+	prof := catalogDir(o.profilesDir, o.profilesGiven, catalogfs.Profiles)
 	sys, err := startSystem(ctx, systemConfig{
 		DataDir: o.dataDir, HTTPAddr: o.httpAddr, NATSListen: o.natsListen, NATSLogs: o.natsLogs,
 		NATSTLSCert: o.natsTLSCert, NATSTLSKey: o.natsTLSKey,
-		ExtensionsDir: o.extensionsDir, ProfilesDir: o.profilesDir, Pools: o.pools,
+		ExtensionsDir: ext.Path, ExtensionsFS: ext.FS, ProfilesDir: prof.Path, ProfilesFS: prof.FS, Pools: o.pools,
 		Extensions: linkedExtensions(), Logger: log, Retention: o.retention,
 	})
 	if err != nil {
@@ -168,9 +211,9 @@ func runUp(ctx context.Context, o *upOptions, out io.Writer) error {
 	for _, p := range sys.Creds {
 		creds = append(creds, filepath.Base(p))
 	}
-	fmt.Fprintf(out, "sandboxer is up\n  gateway    %s\n  nats       %s\n  data dir   %s\n  api keys   %s (dev), %s (admin)\n  creds      %s: %s\n  pools      %s\n",
+	fmt.Fprintf(out, "sandboxer is up\n  gateway    %s\n  nats       %s\n  data dir   %s\n  api keys   %s (dev), %s (admin)\n  creds      %s: %s\n  catalog    %s\n  pools      %s\n",
 		sys.URL, natsDesc, o.dataDir, keyPath(o.dataDir, "dev"), keyPath(o.dataDir, "admin"),
-		credsDir(o.dataDir), strings.Join(creds, ", "), strings.Join(sys.Pools, ", "))
+		credsDir(o.dataDir), strings.Join(creds, ", "), describeCatalog(ext, prof), strings.Join(sys.Pools, ", "))
 	<-ctx.Done()
 	fmt.Fprintln(out, "sandboxer: shutting down")
 	return nil
@@ -186,10 +229,15 @@ type systemConfig struct {
 	NATSLogs      bool
 	ExtensionsDir string
 	ProfilesDir   string
-	Pools         []string // default: every catalog extension whose handler is linked
-	Extensions    *extension.Registry
-	Topology      bus.Topology
-	Logger        *slog.Logger
+	// ExtensionsFS and ProfilesFS, when set, are the file systems
+	// ExtensionsDir and ProfilesDir are directories of (the built-in
+	// catalog's); nil is the operating system's.
+	ExtensionsFS fs.FS
+	ProfilesFS   fs.FS
+	Pools        []string // default: every catalog extension whose handler is linked
+	Extensions   *extension.Registry
+	Topology     bus.Topology
+	Logger       *slog.Logger
 	// Retention is how long records of ended sandboxes are kept. Zero:
 	// the default.
 	Retention time.Duration
@@ -236,7 +284,8 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 		return nil, fmt.Errorf("creating data dir: %w", err)
 	}
 	// The catalog first: a bad manifest stops nothing that started.
-	cat, ps := extension.LoadCatalog(cfg.ExtensionsDir, cfg.ProfilesDir, cfg.Extensions)
+	cat, ps := extension.LoadCatalogDirs(extension.CatalogDir{FS: cfg.ExtensionsFS, Path: cfg.ExtensionsDir},
+		extension.CatalogDir{FS: cfg.ProfilesFS, Path: cfg.ProfilesDir}, cfg.Extensions)
 	if len(ps) > 0 {
 		return nil, fmt.Errorf("loading catalog: %w", ps)
 	}
@@ -309,8 +358,7 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 		return nil, err
 	}
 	reg, err := registry.New(registry.Options{
-		JS: regJS, NC: regNC, ExtensionsDir: cfg.ExtensionsDir, ProfilesDir: cfg.ProfilesDir,
-		Extensions: cfg.Extensions, Logger: log.With("service", "registry"), Retention: cfg.Retention,
+		JS: regJS, NC: regNC, Catalog: cat, Extensions: cfg.Extensions, Logger: log.With("service", "registry"), Retention: cfg.Retention,
 	})
 	if err != nil {
 		return nil, err
@@ -398,7 +446,7 @@ func startGateway(ctx context.Context, st *stack, nc *nats.Conn, js jetstream.Je
 	mc := metering.NewClient(nc)
 	gw, err := gateway.New(gateway.Options{
 		JS: js, Catalog: cat, Keys: apikey.NewStore(keys),
-		Resolver: &gateway.CapacityResolver{Liveness: wc},
+		Resolver: &gateway.CapacityResolver{Liveness: wc}, Workers: wc,
 		Admitter: meteringAdmitter{mc}, Credits: meteringCredits{mc}, Logger: log,
 		Retention: retention,
 	})
