@@ -25,9 +25,16 @@ func newCreditsCmd(g *globals) *cobra.Command {
 	return cmd
 }
 
+// Directions of a duration given to a time flag.
+const (
+	ago     = -1 // --since 24h: a day before now
+	fromNow = +1 // --expires 720h: thirty days after now
+)
+
 // parseWhen reads a time flag: an RFC 3339 time, a date (midnight UTC), or
-// a duration meaning that long before now.
-func parseWhen(flag, s string, now time.Time) (time.Time, error) {
+// a duration meaning that long before now (dir ago) or after now (dir
+// fromNow).
+func parseWhen(flag, s string, now time.Time, dir int) (time.Time, error) {
 	if s == "" {
 		return time.Time{}, nil
 	}
@@ -38,9 +45,18 @@ func parseWhen(flag, s string, now time.Time) (time.Time, error) {
 		return t, nil
 	}
 	if d, err := time.ParseDuration(s); err == nil && d >= 0 {
-		return now.Add(-d), nil
+		return now.Add(time.Duration(dir) * d), nil
 	}
-	return time.Time{}, &exitError{2, fmt.Errorf("--%s %q: want an RFC 3339 time (2025-01-02T15:04:05Z), a date (2025-01-02) or a duration ago (24h)", flag, s)}
+	return time.Time{}, &exitError{2, fmt.Errorf("--%s %q: want an RFC 3339 time (2025-01-02T15:04:05Z), a date (2025-01-02) or %s", flag, s, durationUsage(dir))}
+}
+
+// durationUsage says what a duration means for a time flag of direction
+// dir.
+func durationUsage(dir int) string {
+	if dir == fromNow {
+		return "a duration from now (720h: in 30 days)"
+	}
+	return "a duration ago (24h: a day ago)"
 }
 
 func newCreditsBalanceCmd(g *globals) *cobra.Command {
@@ -118,19 +134,10 @@ func newCreditsGrantCmd(g *globals) *cobra.Command {
 				return &exitError{2, fmt.Errorf("AMOUNT %q: want a positive integer of credit minor units", args[1])}
 			}
 			req := api.GrantRequest{Consumer: args[0], Amount: amount, Priority: priority, Promo: promo, ID: id}
-			if expires != "" {
-				// A duration here is from now: --expires 720h.
-				if d, err := time.ParseDuration(expires); err == nil && d > 0 {
-					req.ExpiresAt = time.Now().Add(d)
-				} else if req.ExpiresAt, err = parseWhen("expires", expires, time.Now()); err != nil {
-					return err
-				}
+			if req.ExpiresAt, err = parseWhen("expires", expires, time.Now(), fromNow); err != nil {
+				return err
 			}
-			gg := *g
-			if !cmd.Flags().Changed("as") && gg.token == "" {
-				gg.as = "admin"
-			}
-			c, err := gg.client()
+			c, err := g.adminClient(cmd)
 			if err != nil {
 				return err
 			}
@@ -152,7 +159,7 @@ func newCreditsGrantCmd(g *globals) *cobra.Command {
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&expires, "expires", "", "when the unspent rest expires: an RFC 3339 time, a date, or a duration from now (720h)")
+	f.StringVar(&expires, "expires", "", "when the unspent rest expires: an RFC 3339 time, a date or "+durationUsage(fromNow))
 	f.IntVar(&priority, "priority", 0, "spending order, lower first (0 to 1000)")
 	f.BoolVar(&promo, "promo", false, "promotional (unpaid) credit")
 	f.StringVar(&id, "id", "", "grant id: granting again with the same id changes nothing (default: a fresh id)")
@@ -170,7 +177,7 @@ func newCreditsLedgerCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			t, err := parseWhen("since", since, time.Now())
+			t, err := parseWhen("since", since, time.Now(), ago)
 			if err != nil {
 				return err
 			}
@@ -198,7 +205,7 @@ func newCreditsLedgerCmd(g *globals) *cobra.Command {
 			return tw.Flush()
 		},
 	}
-	cmd.Flags().StringVar(&since, "since", "", "only entries at or after: an RFC 3339 time, a date, or a duration ago (24h)")
+	cmd.Flags().StringVar(&since, "since", "", "only entries at or after: an RFC 3339 time, a date or "+durationUsage(ago))
 	return cmd
 }
 
@@ -236,10 +243,10 @@ func newCreditsUsageCmd(g *globals) *cobra.Command {
 			}
 			now := time.Now()
 			q := api.UsageQuery{Consumer: consumer}
-			if q.From, err = parseWhen("from", from, now); err != nil {
+			if q.From, err = parseWhen("from", from, now, ago); err != nil {
 				return err
 			}
-			if q.To, err = parseWhen("to", to, now); err != nil {
+			if q.To, err = parseWhen("to", to, now, ago); err != nil {
 				return err
 			}
 			c, err := g.client()
@@ -271,8 +278,8 @@ func newCreditsUsageCmd(g *globals) *cobra.Command {
 	}
 	f := cmd.Flags()
 	f.StringVar(&consumer, "consumer", "", "only this consumer's records (default: your own; every consumer's for an admin key)")
-	f.StringVar(&from, "from", "", "only sandboxes destroyed at or after: an RFC 3339 time, a date, or a duration ago")
-	f.StringVar(&to, "to", "", "only sandboxes destroyed before: an RFC 3339 time, a date, or a duration ago")
+	f.StringVar(&from, "from", "", "only sandboxes destroyed at or after: an RFC 3339 time, a date or "+durationUsage(ago))
+	f.StringVar(&to, "to", "", "only sandboxes destroyed before: an RFC 3339 time, a date or "+durationUsage(ago))
 	return cmd
 }
 
