@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/sand-boxer/sandboxer/pkg/extension"
 )
 
 // timeFlags are the time flags of the CLI and which way a duration goes
@@ -62,6 +64,31 @@ func TestTimeFlagsSayWhichWay(t *testing.T) {
 	if strings.Contains(readme, "or a duration ago (`24h`); ") {
 		t.Error("README still says every time flag's duration is ago")
 	}
+}
+
+// TestREADMEStatesLocalTTL: the README states profile.local's default and
+// maximum TTL as the shipped profile declares them.
+func TestREADMEStatesLocalTTL(t *testing.T) {
+	p, ps := extension.LoadProfileFile("../../profiles/profile.local.yaml")
+	if len(ps) > 0 {
+		t.Fatal(ps)
+	}
+	want := "`profile.local` sandboxes live " + shortDuration(p.TTL.Default.D()) + " by default (at most " + shortDuration(p.TTL.Max.D())
+	if !strings.Contains(strings.Join(strings.Fields(readRepoFile(t, "README.md")), " "), want) {
+		t.Fatalf("README does not say %q", want)
+	}
+}
+
+// shortDuration formats d without zero trailing units: 1h, not 1h0m0s.
+func shortDuration(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = strings.TrimSuffix(s, "0s")
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = strings.TrimSuffix(s, "0m")
+	}
+	return s
 }
 
 func readRepoFile(t *testing.T, name string) string {
