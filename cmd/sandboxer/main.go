@@ -92,6 +92,7 @@ func newRoot() *cobra.Command {
 		creds,
 		setup,
 		g.clientFlags(newCreditsCmd(g)),
+		g.clientFlags(newWorkersCmd(g)),
 		newBenchCmd(g),
 	)
 	return root
