@@ -648,6 +648,8 @@
     $('credit-balance').textContent = String(b.balance);
     $('credit-held').textContent = String(b.held);
     $('credit-available').textContent = String(b.available);
+    $('grants-empty').hidden = (b.grants || []).length > 0;
+    $('holds-empty').hidden = (b.holds || []).length > 0;
     $('grant-rows').replaceChildren(...(b.grants || []).map((g) => el('tr', null,
       el('td', { class: 'mono' }, g.id),
       el('td', { class: 'num' }, String(g.amount)),
@@ -700,7 +702,7 @@
   // chart draws balance_after and held_after over at as step lines, in
   // SVG built node by node.
   function chart(entries) {
-    const W = 720, H = 220, L = 64, R = 16, T = 16, B = 30;
+    const W = 720, H = 230, L = 64, R = 16, T = 30, B = 30;
     const pts = entries
       .map((e) => ({ t: new Date(e.at).getTime(), b: e.balance_after, h: e.held_after, e }))
       .filter((p) => !isNaN(p.t));
@@ -739,8 +741,8 @@
         svg('title', null, '#' + p.e.seq + ' ' + p.e.kind + ' ' + p.e.amount + ' → balance ' + p.b + ', held ' + p.h + ' · ' + fmtTime(p.e.at))));
     }
     root.append(
-      svg('text', { x: L + 8, y: T + 12, class: 'legend-balance' }, 'balance'),
-      svg('text', { x: L + 72, y: T + 12, class: 'legend-held' }, 'held'));
+      svg('text', { x: W - R - 48, y: 14, 'text-anchor': 'end', class: 'legend-balance' }, 'balance'),
+      svg('text', { x: W - R, y: 14, 'text-anchor': 'end', class: 'legend-held' }, 'held'));
     return root;
   }
 
