@@ -154,4 +154,3 @@ func readKey(t *testing.T, dir, who string) string {
 	}
 	return strings.TrimSpace(string(b))
 }
-

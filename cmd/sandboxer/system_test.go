@@ -21,7 +21,6 @@ import (
 
 	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/telemetry"
 	"github.com/sand-boxer/sandboxer/pkg/api"
-	"github.com/sand-boxer/sandboxer/pkg/auth"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
@@ -167,9 +166,10 @@ func TestEndToEndOverHTTP(t *testing.T) {
 		t.Fatalf("workspace %s still exists after destroyed: %v", dir, err)
 	}
 
-	// Read the lifecycle back as the dev tenant would, with its own
-	// credentials: one direct get per state on its own subjects.
-	opts, err := readCreds(credsPath(dataDir, auth.Identity{Role: auth.RoleTenant, Consumer: DevConsumer}))
+	// Read the lifecycle back over a plain client connection, with the
+	// admin's credentials (a tenant reads its events live, not back from
+	// the stream): one direct get per state.
+	opts, err := readCreds(filepath.Join(credsDir(dataDir), "admin.creds"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -49,11 +49,11 @@ import (
 
 // The contract's names.
 const (
-	typeCreate      = "dev.sandboxer.request.create.v1"
-	typeDestroy     = "dev.sandboxer.request.destroy.v1"
-	streamLifecycle = "SANDBOXER_LIFECYCLE"
-	defaultSource   = "/examples/bus-request"
-	defaultNATS     = "nats://127.0.0.1:4222"
+	typeCreate    = "dev.sandboxer.request.create.v1"
+	typeDestroy   = "dev.sandboxer.request.destroy.v1"
+	typeGet       = "dev.sandboxer.request.get.v1"
+	defaultSource = "/examples/bus-request"
+	defaultNATS   = "nats://127.0.0.1:4222"
 )
 
 // attemptTimeout bounds one request attempt (and one direct get). A
@@ -300,6 +300,11 @@ type destroyRequest struct {
 	SandboxID string `json:"sandbox_id"`
 }
 
+// getRequest is the data of dev.sandboxer.request.get.v1.
+type getRequest struct {
+	SandboxID string `json:"sandbox_id"`
+}
+
 // reply is the gateway's answer to a request: exactly one of the two.
 type reply struct {
 	Sandbox *sandbox `json:"sandbox"`
@@ -308,10 +313,17 @@ type reply struct {
 
 // sandbox is the part of the HTTP API's sandbox object this client reads.
 type sandbox struct {
-	ID     string `json:"id"`
-	State  string `json:"state"`
-	Reason string `json:"reason"`
-	Code   string `json:"code"`
+	ID           string        `json:"id"`
+	State        string        `json:"state"`
+	Consumer     string        `json:"consumer"`
+	Profile      string        `json:"profile"`
+	Extension    string        `json:"extension"`
+	Host         string        `json:"host,omitempty"`
+	Reachability *reachability `json:"reachability,omitempty"`
+	ReadyAt      string        `json:"ready_at,omitempty"`
+	ExpiresAt    string        `json:"expires_at,omitempty"`
+	Reason       string        `json:"reason"`
+	Code         string        `json:"code"`
 }
 
 // problem is an RFC 9457 problem.
@@ -733,27 +745,23 @@ func parseLifecycle(subject string, msg *nats.Msg) (*lifecycleEvent, error) {
 	return ev, nil
 }
 
-// sandboxFilter is every lifecycle subject of one sandbox.
-func sandboxFilter(consumer, id string) string {
-	return "sandboxer.evt." + consumer + ".*." + id + ".*"
-}
-
-// lastEvent reads the latest stored lifecycle event of sandbox id with a
-// direct get by subject; nil when there is none yet.
-func lastEvent(ctx context.Context, nc *nats.Conn, consumer, id string) (*lifecycleEvent, error) {
-	ctx, cancel := context.WithTimeout(ctx, attemptTimeout)
-	defer cancel()
-	api := "$JS.API.DIRECT.GET." + streamLifecycle + "." + sandboxFilter(consumer, id)
-	res, err := nc.RequestMsgWithContext(ctx, &nats.Msg{Subject: api})
-	if err != nil {
-		return nil, fmt.Errorf("direct get of %s: %w", sandboxFilter(consumer, id), err)
-	}
-	if status := res.Header.Get("Status"); status == "404" {
+// current asks the gateway for sandbox id as it is now, with a get
+// request event on sandboxer.req.<consumer>.get: a tenant sends nothing
+// to JetStream itself. The answer is the sandbox record, which may trail
+// the lifecycle events by a moment; nil when there is no such sandbox.
+func (cfg *config) current(ctx context.Context, nc *nats.Conn, consumer, id string, stderr io.Writer) (*lifecycleEvent, error) {
+	sb, err := cfg.send(ctx, nc, consumer, "get", typeGet, "get-"+strings.ToLower(rand.Text()), getRequest{SandboxID: id}, stderr)
+	var p *problem
+	if errors.As(err, &p) && p.Status == 404 {
 		return nil, nil
-	} else if status != "" {
-		return nil, fmt.Errorf("direct get of %s: %s %s", sandboxFilter(consumer, id), status, res.Header.Get("Description"))
 	}
-	return parseLifecycle(res.Header.Get("Nats-Subject"), res)
+	if err != nil {
+		return nil, err
+	}
+	return &lifecycleEvent{Consumer: sb.Consumer, Extension: sb.Extension, Sandbox: sb.ID, State: sb.State, Data: lifecycleData{
+		SandboxID: sb.ID, Consumer: sb.Consumer, Profile: sb.Profile, Extension: sb.Extension, Host: sb.Host,
+		Reachability: sb.Reachability, ReadyAt: sb.ReadyAt, ExpiresAt: sb.ExpiresAt, Reason: sb.Reason, Code: sb.Code,
+	}}, nil
 }
 
 // verdict says what ev means to someone waiting for state want: done
@@ -779,10 +787,10 @@ func verdict(ev *lifecycleEvent, want string, inOrder bool) (done bool, err erro
 
 // waitState waits until sandbox id reaches state want. sub receives the
 // consumer's lifecycle events and was subscribed before the request that
-// leads there was sent, so nothing after it is missed; the latest stored
-// event is read first in case it already says.
-func waitState(ctx context.Context, nc *nats.Conn, sub *nats.Subscription, consumer, id, want string, stderr io.Writer) (*lifecycleEvent, error) {
-	ev, err := lastEvent(ctx, nc, consumer, id)
+// leads there was sent, so nothing after it is missed; the sandbox as it
+// is now is asked for first (current), in case it already says.
+func waitState(ctx context.Context, sub *nats.Subscription, id, want string, current func(context.Context) (*lifecycleEvent, error), stderr io.Writer) (*lifecycleEvent, error) {
+	ev, err := current(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -868,7 +876,10 @@ func (cfg *config) execute(ctx context.Context, stdout, stderr io.Writer, refuse
 
 	// Wait until it is ready.
 	wctx, cancel := context.WithTimeout(ctx, cfg.timeout)
-	ready, err := waitState(wctx, nc, sub, consumer, created.ID, "ready", stderr)
+	now := func(ctx context.Context) (*lifecycleEvent, error) {
+		return cfg.current(ctx, nc, consumer, created.ID, stderr)
+	}
+	ready, err := waitState(wctx, sub, created.ID, "ready", now, stderr)
 	cancel()
 	if err != nil {
 		if ready == nil && !cfg.keep && !errors.Is(context.Cause(ctx), nats.ErrPermissionViolation) {
@@ -896,7 +907,7 @@ func (cfg *config) execute(ctx context.Context, stdout, stderr io.Writer, refuse
 	}
 	wctx, cancel = context.WithTimeout(ctx, cfg.timeout)
 	defer cancel()
-	gone, err := waitState(wctx, nc, sub, consumer, created.ID, "destroyed", stderr)
+	gone, err := waitState(wctx, sub, created.ID, "destroyed", now, stderr)
 	if err != nil {
 		return err
 	}

@@ -362,6 +362,9 @@ func (a *Authority) ServerConfig(resolverDir string) string {
 	b.WriteString("# sand-boxer: trust this operator; resolve its accounts from a directory\n")
 	b.WriteString("operator: " + strconv.Quote(a.operatorJWT) + "\n")
 	b.WriteString("system_account: " + sysPub + "\n")
+	// A user's JWT travels in its CONNECT line; a service's permissions
+	// make it longer than the 4 KiB a server takes by default.
+	b.WriteString("max_control_line: 16384\n")
 	b.WriteString("resolver: {\n  type: full\n  dir: " + strconv.Quote(resolverDir) + "\n  allow_delete: false\n  interval: \"2m\"\n  timeout: \"5s\"\n}\n")
 	b.WriteString("resolver_preload: {\n")
 	b.WriteString("  " + sysPub + ": " + strconv.Quote(a.sysJWT) + "\n")

@@ -257,11 +257,16 @@ func (id Identity) Permissions() jwt.Permissions {
 		p.pub(event.DLQSubject(cmds, bus.DurableProvisioner(ext)))
 		p.serve(event.QuoteSubject(ext))
 	case RoleTenant:
+		// A tenant sends requests (the gateway reads a sandbox for it:
+		// sandboxer.req.<c>.get) and listens; it sends nothing to
+		// JetStream itself. JetStream answers an API request (a direct
+		// get, a pull) on whatever reply subject the request names, with
+		// the server's own rights, and a stream capturing that subject
+		// would store the answer: a tenant with a direct get could write
+		// into a bucket.
 		c := id.Consumer
 		p.pub(event.RequestSubject(c, "*"))
 		p.sub(event.ConsumerLifecycleFilter(c), event.MeteringFilter(c))
-		p.directGet(life, event.ConsumerLifecycleFilter(c))
-		p.directGet(meter, event.MeteringFilter(c))
 	case RoleBilling:
 		p.streamInfo(meter)
 		p.durable(meter, id.BillingDurable())

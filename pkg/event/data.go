@@ -180,6 +180,12 @@ type DestroyRequest struct {
 	SandboxID string `json:"sandbox_id"`
 }
 
+// GetRequest is the data of a [TypeRequestGet] event: read one sandbox,
+// as GET /v1/sandboxes/{id} does.
+type GetRequest struct {
+	SandboxID string `json:"sandbox_id"`
+}
+
 // Expired is the data of a [TypeExpired] event.
 type Expired struct {
 	Ref

@@ -51,12 +51,13 @@ func payloads() map[event.Type]any {
 		event.TypeRequestCreate: event.CreateRequest{Profile: "compose-dev", Inputs: map[string]string{"repo": "https://example.com/r.git"},
 			Labels: map[string]string{"team": "a"}, TTL: "30m"},
 		event.TypeRequestDestroy: event.DestroyRequest{SandboxID: ref.SandboxID},
+		event.TypeRequestGet:     event.GetRequest{SandboxID: ref.SandboxID},
 	}
 }
 
 // allTypes is every event type the package declares.
 func allTypes() []event.Type {
-	out := []event.Type{event.TypeCreate, event.TypeDestroy, event.TypeExpiry, event.TypeRequestCreate, event.TypeRequestDestroy}
+	out := []event.Type{event.TypeCreate, event.TypeDestroy, event.TypeExpiry, event.TypeRequestCreate, event.TypeRequestDestroy, event.TypeRequestGet}
 	for _, s := range event.States {
 		if t := event.LifecycleType(s); t != "" {
 			out = append(out, t)

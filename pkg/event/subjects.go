@@ -21,10 +21,11 @@ const (
 )
 
 // Command verbs, the fourth token of a command subject and the last of a
-// request subject.
+// request subject. A request may also read one sandbox (VerbGet).
 const (
 	VerbCreate  = "create"
 	VerbDestroy = "destroy"
+	VerbGet     = "get"
 )
 
 // Unrouted stands in for the extension token of a lifecycle subject when a
@@ -97,7 +98,7 @@ const (
 )
 
 // RequestSubject is sandboxer.req.<consumer>.<verb>: where consumer asks
-// for a create or a destroy. Permissions let a tenant publish under its
+// for a create or a destroy, or reads one of its sandboxes. Permissions let a tenant publish under its
 // own name only, so the subject, never the payload, says who asks.
 func RequestSubject(consumer, verb string) string {
 	return "sandboxer.req." + consumer + "." + verb
@@ -230,7 +231,7 @@ func ParseRequestSubject(subject string) (RequestRef, error) {
 	if len(t) != 4 || t[0] != "sandboxer" || t[1] != "req" {
 		return RequestRef{}, fmt.Errorf("not a request subject: %q", subject)
 	}
-	if t[3] != VerbCreate && t[3] != VerbDestroy {
+	if t[3] != VerbCreate && t[3] != VerbDestroy && t[3] != VerbGet {
 		return RequestRef{}, fmt.Errorf("unknown request verb %q in %q", t[3], subject)
 	}
 	if err := CheckName("consumer", t[2]); err != nil {

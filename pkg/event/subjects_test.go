@@ -176,7 +176,7 @@ func TestParseLifecycleSubjectErrors(t *testing.T) {
 
 func TestRequestSubject(t *testing.T) {
 	t.Parallel()
-	for _, verb := range []string{event.VerbCreate, event.VerbDestroy} {
+	for _, verb := range []string{event.VerbCreate, event.VerbDestroy, event.VerbGet} {
 		s := event.RequestSubject("team-a", verb)
 		if want := "sandboxer.req.team-a." + verb; s != want {
 			t.Errorf("RequestSubject = %q, want %q", s, want)

@@ -28,6 +28,7 @@ const (
 const (
 	TypeRequestCreate  Type = "dev.sandboxer.request.create.v1"
 	TypeRequestDestroy Type = "dev.sandboxer.request.destroy.v1"
+	TypeRequestGet     Type = "dev.sandboxer.request.get.v1"
 )
 
 // Lifecycle types, one per state a sandbox enters. They travel on the

@@ -111,8 +111,7 @@ func (g *Gateway) intake(m *nats.Msg) {
 		if ref.Verb == event.VerbCreate {
 			g.rejectRequest(ctx, c.Consumer, "", nil, p)
 		}
-	case ref.Verb == event.VerbCreate && event.Type(e.Type()) != event.TypeRequestCreate,
-		ref.Verb == event.VerbDestroy && event.Type(e.Type()) != event.TypeRequestDestroy:
+	case event.Type(e.Type()) != requestType(ref.Verb):
 		p = newProblem(http.StatusBadRequest, "wrong event type for "+ref.Verb,
 			extension.FieldError{Field: "type", Detail: fmt.Sprintf("want %s on %s, got %s", requestType(ref.Verb), m.Subject, extension.SafeField(e.Type()))})
 	case ref.Verb == event.VerbCreate:
@@ -123,6 +122,13 @@ func (g *Gateway) intake(m *nats.Msg) {
 		if p != nil && p.Status < 500 && p.Instance == "" && p.Status != http.StatusConflict {
 			// Refused before routing (a routed refusal published its own).
 			g.rejectRequest(ctx, c.Consumer, req.Profile, origin, p)
+		}
+	case ref.Verb == event.VerbGet:
+		var d event.GetRequest
+		if err := event.DataAs(e, &d); err != nil {
+			p = newProblem(http.StatusBadRequest, "malformed request data", extension.FieldError{Field: "data", Detail: err.Error()})
+		} else {
+			rec, p = g.visibleRecord(ctx, st, c, d.SandboxID)
 		}
 	default:
 		var d event.DestroyRequest
@@ -144,8 +150,11 @@ func (g *Gateway) intake(m *nats.Msg) {
 }
 
 func requestType(verb string) event.Type {
-	if verb == event.VerbCreate {
+	switch verb {
+	case event.VerbCreate:
 		return event.TypeRequestCreate
+	case event.VerbGet:
+		return event.TypeRequestGet
 	}
 	return event.TypeRequestDestroy
 }
@@ -164,7 +173,10 @@ func (g *Gateway) reply(m *nats.Msg, r api.BusReply) {
 	}
 	if !strings.HasPrefix(m.Reply, "_INBOX.") {
 		// A reply subject is the requester's to choose: answering on one
-		// that is not an inbox would publish wherever it points.
+		// that is not an inbox would publish wherever it points. (A
+		// tenant's own inbox is _INBOX.tenant-<consumer>; another inbox
+		// gets an answer nobody there asked for and nobody but the
+		// tenant could read it into: harmless.)
 		g.log.Warn("not answering a request whose reply subject is not an inbox", "subject", m.Subject, "reply", extension.SafeField(m.Reply))
 		return
 	}

@@ -54,10 +54,7 @@ func (tn *tenant) request(t *testing.T, msg *nats.Msg) api.BusReply {
 // requestEvent builds a request event in binary mode.
 func requestEvent(t *testing.T, consumer, verb, source, id string, data any) *nats.Msg {
 	t.Helper()
-	typ := event.TypeRequestCreate
-	if verb == event.VerbDestroy {
-		typ = event.TypeRequestDestroy
-	}
+	typ := map[string]event.Type{event.VerbCreate: event.TypeRequestCreate, event.VerbDestroy: event.TypeRequestDestroy, event.VerbGet: event.TypeRequestGet}[verb]
 	ev, err := event.New(typ, source, "", id, data)
 	if err != nil {
 		t.Fatal(err)
@@ -105,8 +102,15 @@ func TestIntakeCreateAndDestroy(t *testing.T) {
 		t.Fatalf("record %+v does not name its request", rec)
 	}
 
-	// Another tenant cannot destroy it: as over HTTP, it does not exist.
+	// Alice reads it on the bus; to bob, as over HTTP, it does not exist.
+	got := alice.request(t, requestEvent(t, "alice", event.VerbGet, "/alice/ci", "get-1", event.GetRequest{SandboxID: sb.ID}))
+	if got.Problem != nil || got.Sandbox.ID != sb.ID || got.Sandbox.State != event.StateRequested {
+		t.Fatalf("get: %+v", got)
+	}
 	bob := e.tenant(t, "bob")
+	if r := bob.request(t, requestEvent(t, "bob", event.VerbGet, "/bob", "g-1", event.GetRequest{SandboxID: sb.ID})); r.Problem == nil || r.Problem.Status != http.StatusNotFound {
+		t.Fatalf("bob reading alice's sandbox: %+v", r)
+	}
 	if r := bob.request(t, requestEvent(t, "bob", event.VerbDestroy, "/bob", "d-1", event.DestroyRequest{SandboxID: sb.ID})); r.Problem == nil || r.Problem.Status != http.StatusNotFound {
 		t.Fatalf("bob destroying alice's sandbox: %+v", r)
 	}
