@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -40,10 +41,31 @@ func printJSON(w io.Writer, v any) error {
 	return enc.Encode(v)
 }
 
-func printSandbox(w io.Writer, s *api.Sandbox) {
+// printSandbox writes s as a table. The state row says what the API
+// answered, and that the sandbox failed when it did and has moved on
+// since (its cleanup after the failure).
+func printSandbox(w io.Writer, s *api.Sandbox) { printSandboxState(w, s, stateText(s)) }
+
+// stateText is the state row of s: its state, or "failed (now S)" for a
+// sandbox that failed and is now in state S.
+func stateText(s *api.Sandbox) string {
+	if s.State != event.StateFailed && failed(s) {
+		return fmt.Sprintf("%s (now %s)", event.StateFailed, s.State)
+	}
+	return string(s.State)
+}
+
+// failed reports whether s failed: its state, its history or its reason
+// says so.
+func failed(s *api.Sandbox) bool {
+	return s.State == event.StateFailed || s.Reason == event.ReasonFailed || hasState(s, event.StateFailed)
+}
+
+// printSandboxState writes s as a table with state as its state row.
+func printSandboxState(w io.Writer, s *api.Sandbox, state string) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "id\t%s\n", s.ID)
-	fmt.Fprintf(tw, "state\t%s\n", s.State)
+	fmt.Fprintf(tw, "state\t%s\n", state)
 	fmt.Fprintf(tw, "profile\t%s\n", s.Profile)
 	fmt.Fprintf(tw, "extension\t%s\n", s.Extension)
 	fmt.Fprintf(tw, "consumer\t%s\n", s.Consumer)
@@ -64,7 +86,8 @@ func printSandbox(w io.Writer, s *api.Sandbox) {
 			fmt.Fprintf(tw, "port %s\t%s\n", k, r.Ports[k])
 		}
 	}
-	if !s.ExpiresAt.IsZero() {
+	if !s.ExpiresAt.IsZero() && s.State.Rank() < event.StateExpired.Rank() && s.State != event.StateFailed {
+		// Only while it lives: an ended sandbox expires no more.
 		fmt.Fprintf(tw, "expires_at\t%s\n", s.ExpiresAt.Format(time.RFC3339))
 	}
 	if s.Reason != "" {
@@ -94,13 +117,11 @@ func isTerminal(f *os.File) bool {
 
 // failedState turns a sandbox that ended badly into a non-zero exit.
 func failedState(s *api.Sandbox) error {
-	switch s.State {
-	case event.StateFailed, event.StateRejected:
+	switch {
+	case s.State == event.StateFailed, s.State == event.StateRejected:
 		return &exitError{1, fmt.Errorf("sandbox %s %s: %s", s.ID, s.State, s.Reason)}
-	case event.StateDestroyed, event.StateDestroying, event.StateExpired:
-		if s.Reason == event.ReasonFailed || s.History != nil && hasState(s, event.StateFailed) {
-			return &exitError{1, fmt.Errorf("sandbox %s failed: %s", s.ID, s.Reason)}
-		}
+	case failed(s):
+		return &exitError{1, fmt.Errorf("sandbox %s failed (now %s): %s", s.ID, s.State, s.Reason)}
 	}
 	return nil
 }
@@ -264,6 +285,12 @@ func newDestroyCmd(g *globals) *cobra.Command {
 			if asJSON {
 				return printJSON(cmd.OutOrStdout(), s)
 			}
+			if !wait {
+				// The answer is the sandbox as it was when the destroy
+				// was asked for: say that, not "ready".
+				printSandboxState(cmd.OutOrStdout(), s, destroyRequested(s))
+				return nil
+			}
 			printSandbox(cmd.OutOrStdout(), s)
 			return nil
 		},
@@ -271,6 +298,19 @@ func newDestroyCmd(g *globals) *cobra.Command {
 	cmd.Flags().BoolVar(&wait, "wait", false, "wait until the sandbox is destroyed")
 	cmd.Flags().DurationVar(&timeout, "timeout", 15*time.Minute, "give up after this long")
 	return cmd
+}
+
+// destroyRequested is the state row of the answer to a destroy that was
+// not waited for: a destroy was requested of a sandbox in the state the
+// answer shows, or none was needed.
+func destroyRequested(s *api.Sandbox) string {
+	switch s.State {
+	case event.StateDestroying, event.StateExpired:
+		return stateText(s) + " (being destroyed already)"
+	case event.StateDestroyed, event.StateRejected:
+		return stateText(s) + " (nothing to destroy)"
+	}
+	return "destroy requested (was " + stateText(s) + ")"
 }
 
 func newEventsCmd(g *globals) *cobra.Command {
@@ -286,10 +326,17 @@ func newEventsCmd(g *globals) *cobra.Command {
 			}
 			w := cmd.OutOrStdout()
 			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-			if !asJSON {
-				fmt.Fprintln(tw, "SEQ\tTIME\tSTATE\tTYPE")
+			// The header waits for the stream: a refusal (no such
+			// sandbox) prints only the error. JSON lines have none.
+			headed := asJSON
+			header := func() {
+				if !headed {
+					fmt.Fprintln(tw, "SEQ\tTIME\tSTATE\tTYPE")
+					headed = true
+				}
 			}
 			err = c.Events(cmd.Context(), args[0], follow, func(se api.StreamEvent) error {
+				header()
 				if asJSON {
 					b, err := json.Marshal(se.Event)
 					if err != nil {
@@ -305,11 +352,14 @@ func newEventsCmd(g *globals) *cobra.Command {
 				}
 				return nil
 			})
+			if errors.Is(err, context.Canceled) {
+				err = nil
+			}
+			if err == nil {
+				header() // a sandbox without events yet
+			}
 			if ferr := tw.Flush(); err == nil {
 				err = ferr
-			}
-			if err == context.Canceled {
-				return nil
 			}
 			return err
 		},

@@ -43,13 +43,18 @@ type Sandbox struct {
 }
 
 // FromRecord returns the API view of an inventory record. The backend
-// handle and the credit hold stay internal.
+// handle and the credit hold stay internal, and a sandbox that ended
+// (destroyed or rejected) has no expiry.
 func FromRecord(r *sandbox.Record) Sandbox {
+	expires := r.ExpiresAt
+	if r.State.Terminal() {
+		expires = time.Time{}
+	}
 	return Sandbox{
 		ID: r.ID, State: r.State, Consumer: r.Consumer, Profile: r.Profile, Extension: r.Extension,
 		Host: r.Host, Labels: r.Labels, Inputs: r.Inputs, TTLSeconds: r.TTLSeconds,
 		Reachability: r.Reachability, Reason: r.Reason, Code: r.Code,
-		CreatedAt: r.CreatedAt, UpdatedAt: r.UpdatedAt, ReadyAt: r.ReadyAt, ExpiresAt: r.ExpiresAt,
+		CreatedAt: r.CreatedAt, UpdatedAt: r.UpdatedAt, ReadyAt: r.ReadyAt, ExpiresAt: expires,
 		DestroyedAt: r.DestroyedAt, History: r.History,
 	}
 }
