@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
 	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/services/gateway/console"
 )
 
 // TestConsole uses the web console in headless Chromium as a person would,
@@ -40,6 +42,17 @@ func TestConsole(t *testing.T) {
 	saas := sandboxOf(t, cs.mustCLI(t, "create", "--profile", "saas", "--wait", "-o", "json"))
 	cs.mustCLI(t, "destroy", saas, "--wait")
 	usageOf(t, cs.dev, saas)
+
+	// The page needs no key, and comes with the console's policy.
+	resp, err := http.Get(cs.sys.URL + "/console/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if h := resp.Header; resp.StatusCode != http.StatusOK || h.Get("Content-Security-Policy") != console.ContentSecurityPolicy ||
+		h.Get("X-Content-Type-Options") != "nosniff" {
+		t.Fatalf("GET /console/ = %d with headers %v; want 200 with the console's policy and nosniff", resp.StatusCode, h)
+	}
 
 	p := openBrowser(t, chrome)
 	p.step("open the console", 30*time.Second,
