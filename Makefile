@@ -18,7 +18,10 @@ build:
 up: build
 	./$(BIN) up $(UP_FLAGS)
 
+# The console test drives a headless Chromium: installed from Debian's
+# packages when missing (a no-op when it is there).
 test: vet
+	@sh .ci/install-console.sh
 	@set -e; for m in $(MODULES); do \
 		echo "== go test $$m"; \
 		(cd $$m && $(GO) test $(TESTFLAGS) ./...); \
@@ -26,6 +29,7 @@ test: vet
 
 # The same tests under the race detector.
 race:
+	@sh .ci/install-console.sh
 	@set -e; for m in $(MODULES); do \
 		echo "== go test -race $$m"; \
 		(cd $$m && $(GO) test -race $(TESTFLAGS) ./...); \
