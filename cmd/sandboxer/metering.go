@@ -28,8 +28,8 @@ type meteringAdmitter struct{ c *metering.Client }
 // answers 402 and publishes the rejected event. Metering answers the same
 // hold when asked again for the same sandbox. A free sandbox (a
 // self-hosted backend, a profile without a price) needs no credit and
-// gets no hold: metering opens an empty one when it sees the sandbox
-// ready, and settles it like any other.
+// gets no hold: metering meters it from its ready event without a ledger
+// entry, and writes its usage record when it is destroyed.
 func (a meteringAdmitter) Admit(ctx context.Context, r gateway.AdmitRequest) (string, error) {
 	if r.Profile == nil {
 		return "", errors.New("admitting sandbox: no profile")

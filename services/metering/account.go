@@ -153,6 +153,11 @@ type Hold struct {
 	// Implicit marks a hold opened at ready for a sandbox that was never
 	// admitted.
 	Implicit bool `json:"implicit,omitempty"`
+	// Free marks the hold of a free sandbox ([terms.free]): it holds
+	// nothing, and is opened and closed without ledger entries. It is
+	// the sandbox's meter (when it became ready) until settlement, whose
+	// usage record is the only trace the sandbox leaves.
+	Free bool `json:"free,omitempty"`
 }
 
 // accrues reports whether running costs anything: a free sandbox (no
@@ -404,6 +409,13 @@ func (a *Account) reserve(h *Hold, amount int64, cause string, now time.Time) er
 	return nil
 }
 
+// openFree opens hold h of a free sandbox: it holds nothing and records
+// no ledger entry.
+func (a *Account) openFree(h *Hold) {
+	h.Free, h.Amount, h.Reserved = true, 0, 0
+	a.Open++
+}
+
 // extend adds up to amount to hold h, as far as the available credit
 // allows, and returns what it added.
 func (a *Account) extend(h *Hold, amount int64, cause string, now time.Time) int64 {
@@ -467,7 +479,9 @@ func (a *Account) refund(h *Hold, amount int64, cause string, now time.Time) {
 	a.record(&Entry{Key: refundKey(a.Consumer, h.Sandbox), Kind: EntryRefund, Amount: given, Sandbox: h.Sandbox, Hold: h.ID, Draws: draws, Cause: cause, Reason: "charged beyond actual usage", At: now})
 }
 
-// release frees what is left of hold h and closes it.
+// release frees what is left of hold h and closes it. The hold of a free
+// sandbox that was charged nothing closes without a ledger entry, as it
+// opened.
 func (a *Account) release(h *Hold, cause, reason string, now time.Time) {
 	a.Held -= h.Amount
 	freed := h.Amount
@@ -477,6 +491,9 @@ func (a *Account) release(h *Hold, cause, reason string, now time.Time) {
 		if g := a.grant(d.Grant); g != nil {
 			g.Holds--
 		}
+	}
+	if h.Free && freed == 0 && h.Debited == 0 && len(h.Draws) == 0 {
+		return
 	}
 	a.record(&Entry{Key: releaseKey(a.Consumer, h.Sandbox), Kind: EntryRelease, Held: -freed, Sandbox: h.Sandbox, Hold: h.ID, Cause: cause, Reason: reason, At: now})
 }

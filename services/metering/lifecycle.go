@@ -94,7 +94,8 @@ func decode(e *event.Event, v any, ref event.LifecycleRef) error {
 
 // onReady starts the meter of a sandbox: its hold records when it became
 // ready, and its accrual schedule fires every interval from now on. A
-// sandbox that was never admitted gets an empty hold, extended as it runs.
+// sandbox that was never admitted gets an empty hold, extended as it runs;
+// a free one (the gateway admits none) a hold without a ledger entry.
 func (m *Metering) onReady(ctx context.Context, e *event.Event, d event.Ready) ([]bus.Out, error) {
 	c, sb := d.Consumer, d.SandboxID
 	readyAt := d.ReadyAt
@@ -102,7 +103,8 @@ func (m *Metering) onReady(ctx context.Context, e *event.Event, d event.Ready) (
 		readyAt = e.Time()
 	}
 	running := false
-	_, err := m.store.update(ctx, c, prefetch{holds: []string{sb}, ledger: []string{releaseKey(c, sb)}}, func(t *tx) error {
+	pre := prefetch{holds: []string{sb}, ledger: []string{releaseKey(c, sb)}, usage: []string{sb}}
+	_, err := m.store.update(ctx, c, pre, func(t *tx) error {
 		running = false
 		h, err := t.hold(sb)
 		if err != nil {
@@ -110,11 +112,11 @@ func (m *Metering) onReady(ctx context.Context, e *event.Event, d event.Ready) (
 		}
 		if h == nil {
 			// Never admitted, or already settled.
-			seen, err := t.seen(releaseKey(c, sb))
+			closed, err := t.closed(sb)
 			if err != nil {
 				return err
 			}
-			if seen {
+			if closed {
 				return errNoChange
 			}
 			tm, err := m.pricer.terms(d.Profile, d.Extension, "")
@@ -126,7 +128,9 @@ func (m *Metering) onReady(ctx context.Context, e *event.Event, d event.Ready) (
 				ID: sb, Sandbox: sb, Profile: d.Profile, Extension: d.Extension, PricingModel: tm.Model,
 				Price: tm.Price, CreatedAt: t.now, Implicit: true,
 			}
-			if err := t.a.reserve(h, 0, e.ID(), t.now); err != nil {
+			if tm.free() {
+				t.a.openFree(h)
+			} else if err := t.a.reserve(h, 0, e.ID(), t.now); err != nil {
 				return err
 			}
 			t.open(h)
@@ -182,15 +186,29 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 			if state != event.StateDestroyed {
 				return errNoChange
 			}
-			// A destroyed sandbox with no hold: close its account so a
-			// late ready or admission cannot open one.
-			seen, err := t.seen(releaseKey(c, sb))
+			closed, err := t.closed(sb)
 			if err != nil {
 				return err
 			}
-			if seen {
+			if closed {
 				return errNoChange
 			}
+			if tm, err := m.pricer.terms(ref.Profile, ref.Extension, ""); err == nil && tm.free() {
+				// A free sandbox destroyed before its ready was seen
+				// (or never ready): its usage record, from when the
+				// lifecycle stream says it became ready, closes it.
+				if !priced {
+					return errNeedIO
+				}
+				h := &Hold{ID: sb, Sandbox: sb, Profile: ref.Profile, Extension: ref.Extension, PricingModel: tm.Model, Price: tm.Price, ReadyAt: readyAt, Free: true}
+				u := usageOf(c, h, actual, endAt, reason, e.ID())
+				// Nothing is held to charge a meter reading to.
+				u.Unpaid = actual.Amount
+				t.a.Outbox = append(t.a.Outbox, &Item{Usage: u})
+				return nil
+			}
+			// A destroyed sandbox with no hold: close its account so a
+			// late ready or admission cannot open one.
 			t.a.record(&Entry{Key: releaseKey(c, sb), Kind: EntryRelease, Sandbox: sb, Hold: sb, Cause: e.ID(), Reason: "destroyed without a hold", At: t.now})
 			return nil
 		}
@@ -209,14 +227,7 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 			h.ReadyAt = readyAt
 		}
 		schedule = !h.ReadyAt.IsZero() && h.accrues()
-		u := &UsageRecord{
-			Key: usageKey(c, sb), Consumer: c, Sandbox: sb, Hold: h.ID, Profile: h.Profile, Extension: h.Extension,
-			PricingModel: string(h.PricingModel), ReadyAt: h.ReadyAt, DestroyedAt: endAt, Quote: h.Quote,
-			Actual: actual, Reason: reason, Cause: e.ID(),
-		}
-		if !h.ReadyAt.IsZero() && endAt.After(h.ReadyAt) {
-			u.Seconds = int64((endAt.Sub(h.ReadyAt) + time.Second - 1) / time.Second)
-		}
+		u := usageOf(c, h, actual, endAt, reason, e.ID())
 		switch diff := actual.Amount - h.Debited; {
 		case diff > 0:
 			charged := t.a.debit(h, settleKey(c, sb), diff, e.ID(), "settlement: "+actual.Source, t.now)
@@ -233,7 +244,7 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 		t.a.Outbox = append(t.a.Outbox, &Item{Usage: u})
 		return nil
 	}
-	pre := prefetch{holds: []string{sb}, ledger: []string{releaseKey(c, sb)}}
+	pre := prefetch{holds: []string{sb}, ledger: []string{releaseKey(c, sb)}, usage: []string{sb}}
 	_, err := m.store.update(ctx, c, pre, apply)
 	if errors.Is(err, errNeedIO) {
 		// Price it outside the change: when the sandbox became ready
@@ -242,6 +253,12 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 		h, err := m.store.peek(ctx, c, sb)
 		if err != nil {
 			return err
+		}
+		if h == nil {
+			// A free sandbox without a hold: priced by its terms.
+			if tm, err := m.pricer.terms(ref.Profile, ref.Extension, ""); err == nil {
+				h = &Hold{Sandbox: sb, Profile: ref.Profile, Extension: ref.Extension, PricingModel: tm.Model, Price: tm.Price}
+			}
 		}
 		if h != nil {
 			readyAt = h.ReadyAt
@@ -268,6 +285,21 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 		m.stopAccrual(ctx, sb)
 	}
 	return nil
+}
+
+// usageOf is the usage record of consumer c's sandbox of hold h, destroyed
+// (or failed, or rejected) at endAt: quote and actual side by side; what
+// was charged, refunded and left unpaid is the settlement's to fill in.
+func usageOf(c string, h *Hold, actual Actual, endAt time.Time, reason, cause string) *UsageRecord {
+	u := &UsageRecord{
+		Key: usageKey(c, h.Sandbox), Consumer: c, Sandbox: h.Sandbox, Hold: h.ID, Profile: h.Profile, Extension: h.Extension,
+		PricingModel: string(h.PricingModel), ReadyAt: h.ReadyAt, DestroyedAt: endAt, Quote: h.Quote,
+		Actual: actual, Reason: reason, Cause: cause,
+	}
+	if !h.ReadyAt.IsZero() && endAt.After(h.ReadyAt) {
+		u.Seconds = int64((endAt.Sub(h.ReadyAt) + time.Second - 1) / time.Second)
+	}
+	return u
 }
 
 // errNeedIO tells settle that pricing needs I/O outside the change.

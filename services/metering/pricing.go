@@ -34,6 +34,14 @@ type terms struct {
 	Price              *extension.Price
 }
 
+// free reports whether a sandbox on these terms costs nothing: a
+// self-hosted backend, and a profile without a price or priced at zero
+// (as [extension.Charges] decides admission). Such a sandbox leaves no
+// ledger entry, only its usage record.
+func (t terms) free() bool {
+	return t.Model == extension.PricingSelfHosted && t.Price.Free()
+}
+
 // terms looks up how a sandbox of profile on ext is priced. model, when
 // given, is the caller's word for the extension's pricing model.
 func (p *pricer) terms(profile, ext string, model extension.PricingModel) (terms, error) {

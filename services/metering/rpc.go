@@ -325,7 +325,8 @@ func (m *Metering) Hold(ctx context.Context, r HoldRequest) (HoldReply, error) {
 		return HoldReply{}, err
 	}
 	var reply HoldReply
-	_, err = m.store.update(ctx, c, prefetch{holds: []string{sb}, ledger: []string{releaseKey(c, sb)}}, func(t *tx) error {
+	pre := prefetch{holds: []string{sb}, ledger: []string{releaseKey(c, sb)}, usage: []string{sb}}
+	_, err = m.store.update(ctx, c, pre, func(t *tx) error {
 		h, err := t.hold(sb)
 		if err != nil {
 			return err
@@ -334,18 +335,21 @@ func (m *Metering) Hold(ctx context.Context, r HoldRequest) (HoldReply, error) {
 			reply = HoldReply{Hold: h.ID, Amount: h.Reserved, Quote: h.Quote, Available: t.a.Available()}
 			return errNoChange
 		}
-		seen, err := t.seen(releaseKey(c, sb))
+		closed, err := t.closed(sb)
 		if err != nil {
 			return err
 		}
-		if seen {
+		if closed {
 			return fmt.Errorf("%w: sandbox %s", ErrHoldClosed, sb)
 		}
 		h = &Hold{
 			ID: sb, Sandbox: sb, Profile: r.Profile, Extension: r.Extension, PricingModel: tm.Model,
 			Price: tm.Price, Quote: q, CreatedAt: t.now,
 		}
-		if err := t.a.reserve(h, q.Amount, "admission."+sb, t.now); err != nil {
+		if tm.free() {
+			// Nothing to hold, nothing for the ledger.
+			t.a.openFree(h)
+		} else if err := t.a.reserve(h, q.Amount, "admission."+sb, t.now); err != nil {
 			return err
 		}
 		t.open(h)

@@ -167,13 +167,16 @@ type batch struct {
 	pending map[string]bool
 	// ledger caches which ledger keys exist.
 	ledger map[string]bool
+	// usage caches which sandboxes have a usage record.
+	usage map[string]bool
 	// absent are sandboxes read to have no open hold.
 	absent map[string]bool
 	dirty  bool // write even when no change changed anything
 }
 
 func newBatch(st *state, now time.Time) *batch {
-	b := &batch{st: st, a: st.a.clone(), holds: map[string]*Hold{}, pending: map[string]bool{}, ledger: map[string]bool{}, absent: map[string]bool{}}
+	b := &batch{st: st, a: st.a.clone(), holds: map[string]*Hold{}, pending: map[string]bool{}, ledger: map[string]bool{},
+		usage: map[string]bool{}, absent: map[string]bool{}}
 	b.a.Outbox = nil // finished before the batch: the write clears it
 	b.dirty = len(st.a.Outbox) > 0 || len(st.migrated) > 0
 	for sb, h := range st.migrated {
@@ -294,6 +297,49 @@ func (t *tx) seen(key string) (bool, error) {
 	return ok, nil
 }
 
+// closed reports whether the meter of sandbox sb was closed for good: its
+// hold released (a release entry), or, for a free sandbox, whose hold
+// closes without one, its usage record written. Once closed, no ready
+// event or admission opens it again.
+func (t *tx) closed(sb string) (bool, error) {
+	if seen, err := t.seen(releaseKey(t.a.Consumer, sb)); err != nil || seen {
+		return seen, err
+	}
+	return t.settled(sb)
+}
+
+// settled reports whether the usage record of sandbox sb was written: by
+// this batch, in the outbox of the change, or in the credits bucket.
+func (t *tx) settled(sb string) (bool, error) {
+	key := usageKey(t.a.Consumer, sb)
+	for _, it := range t.a.Outbox {
+		if it.Usage != nil && it.Usage.Key == key {
+			return true, nil
+		}
+	}
+	if ok, known := t.b.usage[sb]; known {
+		return ok, nil
+	}
+	ok, err := t.s.hasUsage(t.ctx, t.a.Consumer, sb)
+	if err != nil {
+		return false, err
+	}
+	t.b.usage[sb] = ok
+	return ok, nil
+}
+
+// hasUsage reports whether the usage record of sandbox sb exists.
+func (s *store) hasUsage(ctx context.Context, consumer, sb string) (bool, error) {
+	_, err := s.credits.Get(ctx, usageKey(consumer, sb))
+	switch {
+	case err == nil:
+		return true, nil
+	case errors.Is(err, jetstream.ErrKeyNotFound):
+		return false, nil
+	}
+	return false, fmt.Errorf("reading usage record of %s: %w", sb, err)
+}
+
 func (s *store) inLedger(ctx context.Context, key string) (bool, error) {
 	_, err := s.ledger.Get(ctx, key)
 	switch {
@@ -374,6 +420,7 @@ const batchTimeout = 20 * time.Second
 type prefetch struct {
 	holds  []string // sandboxes whose hold is read
 	ledger []string // ledger keys asked about
+	usage  []string // sandboxes whose usage record is asked about
 }
 
 // change is one queued change: fn applied to the account.
@@ -594,6 +641,7 @@ func (s *store) run(w *writer, cs []*change) {
 func (s *store) prefetch(ctx context.Context, b *batch, cs []*change) error {
 	holds := map[string]bool{}
 	ledger := map[string]bool{}
+	usage := map[string]bool{}
 	for _, c := range cs {
 		known := true
 		for _, sb := range c.pre.holds {
@@ -610,8 +658,13 @@ func (s *store) prefetch(ctx context.Context, b *batch, cs []*change) error {
 				ledger[k] = true
 			}
 		}
+		for _, sb := range c.pre.usage {
+			if _, ok := b.usage[sb]; !ok {
+				usage[sb] = true
+			}
+		}
 	}
-	if len(holds)+len(ledger) == 0 {
+	if len(holds)+len(ledger)+len(usage) == 0 {
 		return nil
 	}
 	var (
@@ -645,6 +698,18 @@ func (s *store) prefetch(ctx context.Context, b *batch, cs []*change) error {
 				return
 			}
 			b.ledger[k] = ok
+		})
+	}
+	for sb := range usage {
+		wg.Go(func() {
+			ok, err := s.hasUsage(ctx, consumer, sb)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				first = cmp.Or(first, err)
+				return
+			}
+			b.usage[sb] = ok
 		})
 	}
 	wg.Wait()
