@@ -47,14 +47,34 @@ func (g *Gateway) authed(h func(http.ResponseWriter, *http.Request, caller)) htt
 	})
 }
 
-// bearer extracts the token of an Authorization: Bearer header.
+// bearer extracts the token of an Authorization header of the Bearer
+// scheme, exactly as RFC 6750 (section 2.1) writes it: the scheme in any
+// case, one space, and a token68 (letters, digits and -._~+/, then any
+// =). Anything else (two spaces, a tab, a second word) is no bearer token.
 func bearer(h string) (string, bool) {
-	scheme, token, ok := strings.Cut(strings.TrimSpace(h), " ")
-	if !ok || !strings.EqualFold(scheme, "Bearer") {
+	scheme, token, ok := strings.Cut(h, " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") || !isToken68(token) {
 		return "", false
 	}
-	token = strings.TrimSpace(token)
-	return token, token != ""
+	return token, true
+}
+
+// isToken68 reports whether s is an RFC 7235 token68.
+func isToken68(s string) bool {
+	i := 0
+	for ; i < len(s); i++ {
+		c := s[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte("-._~+/", c) >= 0) {
+			break
+		}
+	}
+	if i == 0 {
+		return false
+	}
+	for i < len(s) && s[i] == '=' {
+		i++
+	}
+	return i == len(s)
 }
 
 // keyCache remembers successful key lookups for a while, keyed by the

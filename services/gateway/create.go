@@ -10,11 +10,14 @@ import (
 	"io"
 	"maps"
 	"mime"
+	"net"
 	"net/http"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -67,7 +70,7 @@ func (g *Gateway) create(w http.ResponseWriter, r *http.Request, c caller) {
 		g.writeProblem(w, r, newProblem(http.StatusServiceUnavailable, "gateway is not ready"))
 		return
 	}
-	req, p := decodeCreate(w, r)
+	req, p := g.decodeCreate(w, r)
 	if p != nil {
 		g.writeProblem(w, r, p)
 		return
@@ -343,10 +346,10 @@ type createBody struct {
 // decodeCreate reads the body strictly: one JSON object of at most
 // MaxBodyBytes with no unknown fields, whose inputs and labels are
 // strings.
-func decodeCreate(w http.ResponseWriter, r *http.Request) (api.CreateRequest, *api.Problem) {
+func (g *Gateway) decodeCreate(w http.ResponseWriter, r *http.Request) (api.CreateRequest, *api.Problem) {
 	var req api.CreateRequest
 	var body createBody
-	if p := decodeBody(w, r, MaxBodyBytes, &body); p != nil {
+	if p := g.decodeBody(w, r, MaxBodyBytes, &body); p != nil {
 		return req, p
 	}
 	req.Profile, req.TTL = body.Profile, body.TTL
@@ -360,22 +363,48 @@ func decodeCreate(w http.ResponseWriter, r *http.Request) (api.CreateRequest, *a
 }
 
 // decodeBody decodes a request body of at most limit bytes into v,
-// strictly: a JSON content type, no unknown fields, exactly one JSON value.
-func decodeBody(w http.ResponseWriter, r *http.Request, limit int64, v any) *api.Problem {
+// strictly: the content type application/json (or none), no unknown
+// fields, exactly one JSON value, read within BodyReadTimeout.
+// application/problem+json and other +json types are refused: the body
+// of a request is the API's JSON, nothing else.
+func (g *Gateway) decodeBody(w http.ResponseWriter, r *http.Request, limit int64, v any) *api.Problem {
 	if ct := r.Header.Get("Content-Type"); ct != "" {
 		mt, _, err := mime.ParseMediaType(ct)
-		if err != nil || (mt != "application/json" && !strings.HasSuffix(mt, "+json")) {
-			return newProblem(http.StatusUnsupportedMediaType, fmt.Sprintf("content type %q: want application/json", ct))
+		if err != nil || mt != "application/json" {
+			return newProblem(http.StatusUnsupportedMediaType, fmt.Sprintf("content type %s: want application/json", strconv.Quote(clip(ct))))
 		}
 	}
+	// The body has a deadline of its own, whatever the server's
+	// ReadTimeout: a client that sends it slowly holds a connection for
+	// at most that long. It is lifted once the body is read in full, so
+	// what the handler does next is not cut by it; after a bad body, the
+	// connection is closed instead (what is left of the body is not read:
+	// the server would wait for it).
+	rc := http.NewResponseController(w)
+	deadline := rc.SetReadDeadline(time.Now().Add(g.opts.BodyReadTimeout)) == nil
+	p := decodeJSON(w, r, limit, v)
+	if p != nil {
+		w.Header().Set("Connection", "close")
+		return p
+	}
+	if deadline {
+		_ = rc.SetReadDeadline(time.Time{})
+	}
+	return nil
+}
+
+// decodeJSON decodes r's body, exactly one JSON value of at most limit
+// bytes without unknown fields, into v.
+func decodeJSON(w http.ResponseWriter, r *http.Request, limit int64, v any) *api.Problem {
+	known := jsonFields(v)
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, limit))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		return bodyProblem(err)
+		return bodyProblem(err, known...)
 	}
 	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
 		if err != nil {
-			if p := bodyProblem(err); p.Status == http.StatusRequestEntityTooLarge {
+			if p := bodyProblem(err, known...); p.Status == http.StatusRequestEntityTooLarge || p.Status == http.StatusRequestTimeout {
 				return p
 			}
 		}
@@ -383,6 +412,31 @@ func decodeBody(w http.ResponseWriter, r *http.Request, limit int64, v any) *api
 			extension.FieldError{Field: "body", Detail: "want exactly one JSON object; found more after it"})
 	}
 	return nil
+}
+
+// jsonFields are the JSON names of the fields of the struct v points to,
+// in declaration order.
+func jsonFields(v any) []string {
+	t := reflect.TypeOf(v)
+	for t != nil && t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if t == nil || t.Kind() != reflect.Struct {
+		return nil
+	}
+	var out []string
+	for i := range t.NumField() {
+		f := t.Field(i)
+		name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		switch {
+		case name == "-" || !f.IsExported():
+		case name == "":
+			out = append(out, f.Name)
+		default:
+			out = append(out, name)
+		}
+	}
+	return out
 }
 
 // stringMap converts raw JSON values that must be strings, adding an error
@@ -424,20 +478,28 @@ func jsonKindOf(v json.RawMessage) string {
 }
 
 // bodyProblem describes a JSON decoding error, naming the field where it
-// can.
-func bodyProblem(err error) *api.Problem {
+// can; an unknown field's problem lists known, the fields of the body
+// being decoded (those of a create request when none are given: the bus
+// intake's).
+func bodyProblem(err error, known ...string) *api.Problem {
 	var (
 		tooLarge *http.MaxBytesError
 		syntax   *json.SyntaxError
 		typ      *json.UnmarshalTypeError
+		netErr   net.Error
 	)
 	bad := func(field, detail string) *api.Problem {
 		return newProblem(http.StatusBadRequest, "malformed request body", extension.FieldError{Field: field, Detail: detail})
 	}
+	if len(known) == 0 {
+		known = jsonFields(&createBody{})
+	}
 	switch {
 	case errors.As(err, &tooLarge):
 		return newProblem(http.StatusRequestEntityTooLarge, "request body too large",
-			extension.FieldError{Field: "body", Detail: fmt.Sprintf("larger than %d bytes", MaxBodyBytes)})
+			extension.FieldError{Field: "body", Detail: fmt.Sprintf("larger than %d bytes", tooLarge.Limit)})
+	case errors.As(err, &netErr) && netErr.Timeout():
+		return newProblem(http.StatusRequestTimeout, "request body not received in time")
 	case errors.Is(err, io.EOF):
 		return bad("body", "empty: want a JSON object")
 	case errors.Is(err, io.ErrUnexpectedEOF):
@@ -455,7 +517,7 @@ func bodyProblem(err error) *api.Problem {
 		if s, uerr := strconv.Unquote(name); uerr == nil {
 			name = s
 		}
-		return bad(extension.SafeField(name), "unknown field (known: profile, inputs, labels, ttl)")
+		return bad(extension.SafeField(name), "unknown field (known: "+strings.Join(known, ", ")+")")
 	}
 	return bad("body", err.Error())
 }
@@ -549,7 +611,7 @@ func (g *Gateway) validate(req api.CreateRequest) (*plan, *api.Problem) {
 		for _, k := range slices.Sorted(maps.Keys(req.Labels)) {
 			v := req.Labels[k]
 			if err := extension.CheckLabel(k, v); err != nil {
-				errs = append(errs, extension.FieldError{Field: "labels." + extension.SafeField(k), Detail: err.Error()})
+				errs = append(errs, extension.FieldError{Field: "labels." + extension.SafeField(k), Detail: clipQuoted(err.Error(), k, v)})
 				continue
 			}
 			if pl.labels == nil {
@@ -579,11 +641,31 @@ func (g *Gateway) validate(req api.CreateRequest) (*plan, *api.Problem) {
 	return pl, nil
 }
 
-func clip(s string) string {
-	if len(s) > 64 {
-		return s[:64] + "..."
+// clip shortens a value of the request for quoting in an answer: at most
+// 64 bytes of it, cut at a character.
+func clip(s string) string { return clipTo(s, 64) }
+
+// clipTo shortens s to at most n bytes, cut at a character, marked with
+// "..." when cut.
+func clipTo(s string, n int) string {
+	if len(s) <= n {
+		return s
 	}
-	return s
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n] + "..."
+}
+
+// clipQuoted replaces each of values that msg quotes (as %q does) with
+// its clipped quote.
+func clipQuoted(msg string, values ...string) string {
+	for _, v := range values {
+		if len(v) > 64 {
+			msg = strings.ReplaceAll(msg, strconv.Quote(v), strconv.Quote(clip(v)))
+		}
+	}
+	return msg
 }
 
 // requestHash identifies a request's content for Idempotency-Key reuse.

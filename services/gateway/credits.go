@@ -123,7 +123,7 @@ func (g *Gateway) creditGrant(w http.ResponseWriter, r *http.Request, c caller) 
 		return
 	}
 	var req api.GrantRequest
-	if p := decodeBody(w, r, 64<<10, &req); p != nil {
+	if p := g.decodeBody(w, r, 64<<10, &req); p != nil {
 		g.writeProblem(w, r, p)
 		return
 	}

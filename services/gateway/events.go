@@ -22,7 +22,11 @@ import (
 // stream ends after the events so far; with follow it ends after a
 // terminal state (destroyed or rejected), when the client goes away or at
 // Shutdown, with a keep-alive comment every KeepAlive meanwhile. A client
-// reconnecting with Last-Event-ID resumes after that event.
+// reconnecting with Last-Event-ID resumes after that event. A consumer
+// has at most MaxStreamsPerConsumer streams open at once: one more is
+// answered 429. A stream lifts the server's write deadline: it outlives
+// an http.Server's WriteTimeout (and its ReadTimeout, which bounds reading
+// the request only).
 func (g *Gateway) events(w http.ResponseWriter, r *http.Request, c caller) {
 	st := g.current()
 	if st == nil {
@@ -56,6 +60,13 @@ func (g *Gateway) events(w http.ResponseWriter, r *http.Request, c caller) {
 		cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, last+1
 	}
 
+	if !g.openStream(c.Consumer) {
+		w.Header().Set("Retry-After", strconv.Itoa(max(1, int(g.opts.RetryAfter.Seconds()))))
+		g.writeProblem(w, r, newProblem(http.StatusTooManyRequests,
+			fmt.Sprintf("%d event streams of consumer %s are open, the most at once: close one first", g.opts.MaxStreamsPerConsumer, c.Consumer)))
+		return
+	}
+	defer g.closeStream(c.Consumer)
 	if !g.track() {
 		g.writeProblem(w, r, newProblem(http.StatusServiceUnavailable, "gateway is shutting down"))
 		return

@@ -78,6 +78,15 @@ type Options struct {
 	// KeepAlive is the interval of comments on an idle event stream.
 	// Default 15s.
 	KeepAlive time.Duration
+	// MaxStreamsPerConsumer bounds the event streams
+	// (GET /v1/sandboxes/{id}/events) one consumer has open at once; one
+	// more is answered 429 until one of them ends. Default 16.
+	MaxStreamsPerConsumer int
+	// BodyReadTimeout bounds the reading of a request's body: a body not
+	// received in full by then is answered 408. Only the body: neither
+	// the handling after it nor an event stream is bounded by it.
+	// Default 10s.
+	BodyReadTimeout time.Duration
 	// WriteTimeout bounds the bus writes of one create or destroy request.
 	// They run to completion even when the client goes away, so a request
 	// is never left half done. Default 10s.
@@ -117,6 +126,12 @@ func (o Options) withDefaults() Options {
 	}
 	if o.KeepAlive <= 0 {
 		o.KeepAlive = 15 * time.Second
+	}
+	if o.MaxStreamsPerConsumer <= 0 {
+		o.MaxStreamsPerConsumer = 16
+	}
+	if o.BodyReadTimeout <= 0 {
+		o.BodyReadTimeout = 10 * time.Second
 	}
 	if o.WriteTimeout <= 0 {
 		o.WriteTimeout = 10 * time.Second
@@ -162,6 +177,8 @@ type Gateway struct {
 	started  bool
 	shutdown bool
 	wg       sync.WaitGroup // the inventory watch and open event streams
+	// streams counts the open event streams of each consumer.
+	streams map[string]int
 }
 
 // state is what Start opens.
@@ -294,6 +311,31 @@ func (g *Gateway) track() bool {
 	}
 	g.wg.Add(1)
 	return true
+}
+
+// openStream counts an event stream of consumer, and reports false when
+// the consumer has MaxStreamsPerConsumer open already. Each true is
+// undone by one closeStream.
+func (g *Gateway) openStream(consumer string) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.streams[consumer] >= g.opts.MaxStreamsPerConsumer {
+		return false
+	}
+	if g.streams == nil {
+		g.streams = map[string]int{}
+	}
+	g.streams[consumer]++
+	return true
+}
+
+// closeStream uncounts an event stream of consumer.
+func (g *Gateway) closeStream(consumer string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.streams[consumer]--; g.streams[consumer] <= 0 {
+		delete(g.streams, consumer)
+	}
 }
 
 // current returns what Start opened, or nil before Start and after

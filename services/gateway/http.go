@@ -134,9 +134,22 @@ func (s *statusWriter) Write(b []byte) (int, error) {
 
 func (s *statusWriter) Unwrap() http.ResponseWriter { return s.ResponseWriter }
 
-// newProblem returns a problem with the standard title of status.
+// Bounds of what a problem quotes: whatever of a request its detail or a
+// field error repeats is cut there, so an answer never echoes a large
+// input whole (each check clips the values it quotes; this is the net).
+const (
+	maxProblemDetail = 1024
+	maxProblemField  = 128
+)
+
+// newProblem returns a problem with the standard title of status, its
+// detail and field errors clipped.
 func newProblem(status int, detail string, errs ...extension.FieldError) *api.Problem {
-	return &api.Problem{Title: http.StatusText(status), Status: status, Detail: detail, Errors: errs}
+	for i := range errs {
+		errs[i].Field = clipTo(errs[i].Field, maxProblemField)
+		errs[i].Detail = clipTo(errs[i].Detail, maxProblemDetail)
+	}
+	return &api.Problem{Title: http.StatusText(status), Status: status, Detail: clipTo(detail, maxProblemDetail), Errors: errs}
 }
 
 // writeProblem answers with p as application/problem+json. A 503 carries
