@@ -106,12 +106,17 @@ func (m meteringCredits) Usage(ctx context.Context, q api.UsageQuery) (api.Usage
 }
 
 // creditsError marks metering's refusals of malformed requests for the
-// gateway, which answers them 422.
+// gateway, which answers them 422 with metering's reason.
 func creditsError(err error) error {
-	if errors.Is(err, metering.ErrInvalidRequest) {
-		return fmt.Errorf("%w: %w", gateway.ErrInvalidRequest, err)
+	if !errors.Is(err, metering.ErrInvalidRequest) {
+		return err
 	}
-	return err
+	detail := err.Error()
+	var me *metering.Error
+	if errors.As(err, &me) {
+		detail = me.Detail
+	}
+	return fmt.Errorf("%w: %s", gateway.ErrInvalidRequest, strings.TrimPrefix(detail, metering.ErrInvalidRequest.Error()+": "))
 }
 
 // watchWorkers starts a cache of live workers for the gateway's resolver.

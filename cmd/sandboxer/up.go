@@ -460,9 +460,39 @@ func startGateway(ctx context.Context, st *stack, nc *nats.Conn, js jetstream.Je
 	return gw, nil
 }
 
+// HTTP server limits of the gateway.
+const (
+	// httpReadHeaderTimeout bounds a request's headers.
+	httpReadHeaderTimeout = 10 * time.Second
+	// httpReadTimeout bounds reading a whole request, its body included
+	// (the gateway gives a body it decodes less: gateway.Options'
+	// BodyReadTimeout). Reading only: once the body is read, net/http
+	// lifts it, so it never cuts a handler or an event stream.
+	httpReadTimeout = 30 * time.Second
+	// httpWriteTimeout bounds writing an answer, from the end of the
+	// request's headers; an event stream lifts it for itself.
+	httpWriteTimeout = time.Minute
+	// httpIdleTimeout bounds an idle keep-alive connection.
+	httpIdleTimeout = 2 * time.Minute
+	// httpMaxHeaderBytes bounds a request's headers.
+	httpMaxHeaderBytes = 64 << 10
+)
+
+// newHTTPServer is the HTTP server of handler h, with the limits above.
+func newHTTPServer(h http.Handler) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: httpReadHeaderTimeout,
+		ReadTimeout:       httpReadTimeout,
+		WriteTimeout:      httpWriteTimeout,
+		IdleTimeout:       httpIdleTimeout,
+		MaxHeaderBytes:    httpMaxHeaderBytes,
+	}
+}
+
 // serveHTTP serves the gateway's API on ln until the stack stops.
 func serveHTTP(st *stack, gw *gateway.Gateway, ln net.Listener, log *slog.Logger) {
-	hs := &http.Server{Handler: gw.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	hs := newHTTPServer(gw.Handler())
 	// Event streams end when the gateway shuts down, so the server's own
 	// shutdown does not wait on them until its deadline.
 	hs.RegisterOnShutdown(func() {

@@ -13,6 +13,13 @@ import (
 // ledger records. sand-boxer never divides a minor unit: prices are integers
 // per second or per started minute, so every charge is an integer.
 
+// MaxBalance is the most credit an account holds, and so the largest
+// grant: 2^53 minor units, which every JSON number holds exactly. A grant
+// that would take a balance beyond it is refused ([ErrInvalidRequest]);
+// nothing else adds to a balance but refunds of what was debited, so no
+// sum of amounts ever wraps around.
+const MaxBalance int64 = 1 << 53
+
 // ErrInsufficientCredits is wrapped by every refusal for lack of credit: a
 // hold larger than the available balance.
 var ErrInsufficientCredits = errors.New("insufficient credits")

@@ -383,8 +383,8 @@ func (m *Metering) Grant(ctx context.Context, r GrantRequest) (GrantReply, error
 	if err := checkNames("grant id", r.ID); err != nil {
 		return GrantReply{}, err
 	}
-	if r.Amount <= 0 || r.Amount > 1<<53 {
-		return GrantReply{}, fmt.Errorf("%w: amount %d: want 1 to 2^53 credit minor units", ErrInvalidRequest, r.Amount)
+	if r.Amount <= 0 || r.Amount > MaxBalance {
+		return GrantReply{}, fmt.Errorf("%w: amount %d: want 1 to %d (2^53) credit minor units", ErrInvalidRequest, r.Amount, MaxBalance)
 	}
 	if r.Priority < 0 || r.Priority > 1000 {
 		return GrantReply{}, fmt.Errorf("%w: priority %d: want 0 to 1000", ErrInvalidRequest, r.Priority)
@@ -398,6 +398,10 @@ func (m *Metering) Grant(ctx context.Context, r GrantRequest) (GrantReply, error
 		if seen {
 			reply.Duplicate = true
 			return errNoChange
+		}
+		if t.a.Balance > MaxBalance-r.Amount {
+			return fmt.Errorf("%w: a grant of %d would take %s's balance of %d beyond %d (2^53) credit minor units, the most an account holds",
+				ErrInvalidRequest, r.Amount, r.Consumer, t.a.Balance, MaxBalance)
 		}
 		t.a.addGrant(Grant{ID: r.ID, Amount: r.Amount, Priority: r.Priority, ExpiresAt: r.ExpiresAt.UTC(), Promo: r.Promo}, "grant."+r.ID, t.now)
 		return nil
