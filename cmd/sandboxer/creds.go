@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/spf13/cobra"
 
+	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/catalogfs"
 	"github.com/sand-boxer/sandboxer/pkg/auth"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
@@ -266,7 +267,11 @@ credentials, again after adding an extension or a billing reader.`,
 			if err != nil {
 				return err
 			}
-			cat, ps := extension.LoadCatalog(extDir, profDir, linkedExtensions())
+			// The manifests built into the binary unless a directory is
+			// given or present, as for up and serve registry.
+			ext := catalogDir(extDir, cmd.Flags().Changed("extensions"), catalogfs.Extensions)
+			prof := catalogDir(profDir, cmd.Flags().Changed("profiles"), catalogfs.Profiles)
+			cat, ps := extension.LoadCatalogDirs(ext, prof, linkedExtensions())
 			if len(ps) > 0 {
 				return fmt.Errorf("loading catalog: %w", ps)
 			}
