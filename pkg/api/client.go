@@ -410,3 +410,36 @@ func (c *Client) Usage(ctx context.Context, q UsageQuery) (*UsageList, error) {
 	}
 	return &out, nil
 }
+
+// IssueKey issues an API key; it needs an admin key. The token in the
+// answer is shown this once.
+func (c *Client) IssueKey(ctx context.Context, req KeyRequest) (*IssuedKey, error) {
+	var out IssuedKey
+	if err := c.do(ctx, http.MethodPost, "/v1/keys", nil, req, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// Keys lists the API keys of consumer, or every consumer's when it is
+// empty; it needs an admin key.
+func (c *Client) Keys(ctx context.Context, consumer string) (*KeyList, error) {
+	path := "/v1/keys"
+	if consumer != "" {
+		path += "?" + url.Values{"consumer": {consumer}}.Encode()
+	}
+	var out KeyList
+	if err := c.do(ctx, http.MethodGet, path, nil, nil, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// RevokeKey revokes the API key id and returns it; it needs an admin key.
+func (c *Client) RevokeKey(ctx context.Context, id string) (*APIKey, error) {
+	var out APIKey
+	if err := c.do(ctx, http.MethodDelete, "/v1/keys/"+url.PathEscape(id), nil, nil, &out); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
