@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"strings"
 	"sync"
@@ -14,19 +15,31 @@ import (
 // caller is the authenticated client of a request.
 type caller struct {
 	Consumer string
-	Role     string
+	// Scopes are what the caller may do; without any, its Role's (the
+	// first version's keys, and request events on the bus, whose caller
+	// is a consumer).
+	Scopes []apikey.Scope
+	Role   string
+	// KeyID names the API key, when the caller has one.
+	KeyID string
+}
+
+// can reports whether the caller may do what scope s covers.
+func (c caller) can(s apikey.Scope) bool {
+	return apikey.Key{Scopes: c.Scopes, Role: c.Role}.Allows(s)
 }
 
 // admin reports whether the caller sees every consumer's sandboxes.
-func (c caller) admin() bool { return c.Role == apikey.RoleAdmin }
+func (c caller) admin() bool { return c.can(apikey.ScopeAdmin) }
 
 // owns reports whether the caller may see and destroy a sandbox of
 // consumer.
 func (c caller) owns(consumer string) bool { return c.admin() || c.Consumer == consumer }
 
-// authed authenticates the bearer token of a request before h runs:
-// without one, or with one that maps to no key, the answer is 401.
-func (g *Gateway) authed(h func(http.ResponseWriter, *http.Request, caller)) http.Handler {
+// authed authenticates the bearer token of a request and checks its key
+// has scope before h runs: without a token, or with one that maps to no
+// key or to an expired one, the answer is 401; without the scope, 403.
+func (g *Gateway) authed(scope apikey.Scope, h func(http.ResponseWriter, *http.Request, caller)) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		token, ok := bearer(r.Header.Get("Authorization"))
 		if !ok {
@@ -35,6 +48,9 @@ func (g *Gateway) authed(h func(http.ResponseWriter, *http.Request, caller)) htt
 		}
 		k, err := g.keys.lookup(r.Context(), token)
 		switch {
+		case errors.Is(err, apikey.ErrExpired):
+			g.writeProblem(w, r, newProblem(http.StatusUnauthorized, "api key expired"))
+			return
 		case errors.Is(err, apikey.ErrUnknown):
 			g.writeProblem(w, r, newProblem(http.StatusUnauthorized, "unknown api key"))
 			return
@@ -43,8 +59,25 @@ func (g *Gateway) authed(h func(http.ResponseWriter, *http.Request, caller)) htt
 			g.writeProblem(w, r, newProblem(http.StatusServiceUnavailable, "cannot check api keys right now"))
 			return
 		}
-		h(w, r, caller{Consumer: k.Consumer, Role: k.Role})
+		c := caller{Consumer: k.Consumer, Scopes: k.Scopes, Role: k.Role, KeyID: k.ID}
+		if !c.can(scope) {
+			g.writeProblem(w, r, newProblem(http.StatusForbidden, fmt.Sprintf("this api key does not have the %s scope (it has %s)", scope, scopeList(k.Grants()))))
+			return
+		}
+		h(w, r, c)
 	})
+}
+
+// scopeList names scopes for a message.
+func scopeList(scopes []apikey.Scope) string {
+	if len(scopes) == 0 {
+		return "none"
+	}
+	names := make([]string, len(scopes))
+	for i, s := range scopes {
+		names[i] = string(s)
+	}
+	return strings.Join(names, ", ")
 }
 
 // bearer extracts the token of an Authorization header of the Bearer
@@ -79,7 +112,10 @@ func isToken68(s string) bool {
 
 // keyCache remembers successful key lookups for a while, keyed by the
 // token's hash so no token is kept in memory. Failed lookups are not
-// remembered: a key issued a moment ago works at once.
+// remembered: a key issued a moment ago works at once. A remembered key
+// is forgotten at its expiry (an expired key never works), and at once
+// when it is revoked through this gateway ([keyCache.forget]); revoked
+// anywhere else, it keeps working here for at most ttl.
 type keyCache struct {
 	store *apikey.Store
 	ttl   time.Duration
@@ -91,8 +127,10 @@ type keyCache struct {
 }
 
 type cachedKey struct {
-	key     apikey.Key
-	expires time.Time
+	key apikey.Key
+	// until is when the entry is forgotten: ttl after the lookup, or the
+	// key's expiry if that is sooner.
+	until time.Time
 }
 
 func newKeyCache(store *apikey.Store, ttl time.Duration, size int, now func() time.Time) *keyCache {
@@ -100,34 +138,54 @@ func newKeyCache(store *apikey.Store, ttl time.Duration, size int, now func() ti
 }
 
 // lookup returns the key of token, from memory when a lookup succeeded
-// less than ttl ago. The error wraps apikey.ErrUnknown for unknown tokens.
+// less than ttl ago. The error wraps apikey.ErrUnknown for unknown
+// tokens, apikey.ErrExpired for a key that expired by the cache's clock
+// or the store's.
 func (c *keyCache) lookup(ctx context.Context, token string) (apikey.Key, error) {
 	h := apikey.Hash(token)
 	now := c.now()
 	c.mu.Lock()
 	e, ok := c.m[h]
 	c.mu.Unlock()
-	if ok && now.Before(e.expires) {
+	if ok && now.Before(e.until) {
 		return e.key, nil
 	}
 	k, err := c.store.Lookup(ctx, token)
 	if err != nil {
 		return apikey.Key{}, err
 	}
+	if k.Expired(now) {
+		return apikey.Key{}, apikey.ErrExpired
+	}
+	until := now.Add(c.ttl)
+	if !k.ExpiresAt.IsZero() && k.ExpiresAt.Before(until) {
+		until = k.ExpiresAt
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if _, ok := c.m[h]; !ok && len(c.m) >= c.size {
 		c.evict(now)
 	}
-	c.m[h] = cachedKey{key: k, expires: now.Add(c.ttl)}
+	c.m[h] = cachedKey{key: k, until: until}
 	return k, nil
+}
+
+// forget drops the key with id, revoked.
+func (c *keyCache) forget(id string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for h, e := range c.m {
+		if e.key.ID == id {
+			delete(c.m, h)
+		}
+	}
 }
 
 // evict drops expired entries, and when none has expired, an arbitrary
 // tenth of the cache, so an insert never waits on more than one sweep.
 func (c *keyCache) evict(now time.Time) {
 	for h, e := range c.m {
-		if !now.Before(e.expires) {
+		if !now.Before(e.until) {
 			delete(c.m, h)
 		}
 	}

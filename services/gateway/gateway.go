@@ -49,7 +49,9 @@ type Options struct {
 	// Catalog is a live copy of the catalog: profiles and extensions.
 	// Required.
 	Catalog *catalog.Cache
-	// Keys checks bearer tokens. Required.
+	// Keys checks bearer tokens and serves the key endpoints
+	// (/v1/keys), which write the apikeys bucket and list it with direct
+	// gets on JS's connection. Required.
 	Keys *apikey.Store
 	// Resolver decides where a sandbox goes. Default &CapacityResolver{}:
 	// the profile's first extension with room under its manifest's
@@ -71,7 +73,9 @@ type Options struct {
 	Now func() time.Time
 
 	// KeyCacheTTL is how long a successful API key lookup is remembered: a
-	// revoked key keeps working for at most this long. Default 30s.
+	// key revoked elsewhere keeps working here for at most this long (one
+	// revoked through this gateway stops at once, an expired one at its
+	// expiry). Default 30s.
 	KeyCacheTTL time.Duration
 	// KeyCacheSize bounds the remembered keys. Default 10,000.
 	KeyCacheSize int
@@ -163,6 +167,7 @@ type Gateway struct {
 	pub     *bus.Publisher
 	tracer  trace.Tracer
 	keys    *keyCache
+	store   *apikey.Store // the key endpoints'
 	handler http.Handler
 
 	state     atomic.Pointer[state] // nil until Start succeeds
@@ -213,6 +218,7 @@ func New(opts Options) (*Gateway, error) {
 		pub:    bus.NewPublisher(opts.JS),
 		tracer: otel.Tracer("github.com/sand-boxer/sandboxer/services/gateway"),
 		keys:   newKeyCache(opts.Keys, opts.KeyCacheTTL, opts.KeyCacheSize, opts.Now),
+		store:  opts.Keys.WithConn(opts.JS.Conn()),
 		bg:     bg,
 		stopBg: stop,
 	}

@@ -14,6 +14,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
+	"github.com/sand-boxer/sandboxer/pkg/apikey"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/services/gateway/console"
 )
@@ -21,6 +22,15 @@ import (
 // routes builds the API. Every path also has a method-less fallback, so a
 // wrong method gets a 405 problem rather than the mux's plain text.
 func (g *Gateway) routes() http.Handler {
+	// The scope each endpoint needs (apikey.Scope): admin keys have
+	// every one.
+	const (
+		read    = apikey.ScopeRead
+		create  = apikey.ScopeCreate
+		destroy = apikey.ScopeDestroy
+		credits = apikey.ScopeCredits
+		admin   = apikey.ScopeAdmin
+	)
 	mux := http.NewServeMux()
 	paths := []struct {
 		path    string
@@ -28,16 +38,18 @@ func (g *Gateway) routes() http.Handler {
 	}{
 		{"/healthz", map[string]http.Handler{"GET": http.HandlerFunc(g.healthz)}},
 		{"/readyz", map[string]http.Handler{"GET": http.HandlerFunc(g.readyz)}},
-		{"/v1/sandboxes", map[string]http.Handler{"POST": g.authed(g.create), "GET": g.authed(g.list)}},
-		{"/v1/sandboxes/{id}", map[string]http.Handler{"GET": g.authed(g.get), "DELETE": g.authed(g.destroy)}},
-		{"/v1/sandboxes/{id}/events", map[string]http.Handler{"GET": g.authed(g.events)}},
-		{"/v1/profiles", map[string]http.Handler{"GET": g.authed(g.profiles)}},
-		{"/v1/extensions", map[string]http.Handler{"GET": g.authed(g.extensions)}},
-		{"/v1/credits/balance", map[string]http.Handler{"GET": g.authed(g.creditBalance)}},
-		{"/v1/credits/grants", map[string]http.Handler{"POST": g.authed(g.creditGrant)}},
-		{"/v1/credits/ledger", map[string]http.Handler{"GET": g.authed(g.creditLedger)}},
-		{"/v1/credits/usage", map[string]http.Handler{"GET": g.authed(g.creditUsage)}},
-		{"/v1/workers", map[string]http.Handler{"GET": g.authed(g.workerPools)}},
+		{"/v1/sandboxes", map[string]http.Handler{"POST": g.authed(create, g.create), "GET": g.authed(read, g.list)}},
+		{"/v1/sandboxes/{id}", map[string]http.Handler{"GET": g.authed(read, g.get), "DELETE": g.authed(destroy, g.destroy)}},
+		{"/v1/sandboxes/{id}/events", map[string]http.Handler{"GET": g.authed(read, g.events)}},
+		{"/v1/profiles", map[string]http.Handler{"GET": g.authed(read, g.profiles)}},
+		{"/v1/extensions", map[string]http.Handler{"GET": g.authed(read, g.extensions)}},
+		{"/v1/credits/balance", map[string]http.Handler{"GET": g.authed(credits, g.creditBalance)}},
+		{"/v1/credits/grants", map[string]http.Handler{"POST": g.authed(admin, g.creditGrant)}},
+		{"/v1/credits/ledger", map[string]http.Handler{"GET": g.authed(credits, g.creditLedger)}},
+		{"/v1/credits/usage", map[string]http.Handler{"GET": g.authed(credits, g.creditUsage)}},
+		{"/v1/workers", map[string]http.Handler{"GET": g.authed(read, g.workerPools)}},
+		{"/v1/keys", map[string]http.Handler{"POST": g.authed(admin, g.issueKey), "GET": g.authed(admin, g.listKeys)}},
+		{"/v1/keys/{id}", map[string]http.Handler{"DELETE": g.authed(admin, g.revokeKey)}},
 	}
 	for _, p := range paths {
 		allow := ""
