@@ -21,6 +21,7 @@ var timeFlags = []struct {
 	{[]string{"credits", "ledger"}, "since", ago},
 	{[]string{"credits", "usage"}, "from", ago},
 	{[]string{"credits", "usage"}, "to", ago},
+	{[]string{"keys", "issue"}, "expires", fromNow},
 }
 
 // TestTimeFlagsSayWhichWay: each time flag's help says whether a duration
