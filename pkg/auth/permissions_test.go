@@ -319,7 +319,7 @@ func permissionRows(t *testing.T) []row {
 			consumerConfig(life, jetstream.ConsumerConfig{Name: bus.DurableMetering, FilterSubject: "sandboxer.evt.nobody.>", AckPolicy: jetstream.AckExplicitPolicy}),
 			consumerChanged(life, bus.DurableMetering))),
 		refuse(gateway, "pulls metering's durable", pull(life, bus.DurableMetering)),
-		refuse(gateway, "puts an apikeys key with KeyValue", kvPut(bus.BucketAPIKeys, uid("key"))),
+		allow(gateway, "puts an apikeys key with KeyValue", kvPut(bus.BucketAPIKeys, uid("key"))),
 		refuse(gateway, "publishes a credits key", kvPublish(bus.BucketCredits, uid("key"))),
 		refuse(gateway, "publishes a metering event", jsPublish(meter, meterEvent("dev", "debit"))),
 

@@ -203,6 +203,9 @@ func (id Identity) Permissions() jwt.Permissions {
 		p.kvWatch(bus.BucketCatalog, bus.BucketSandboxes, bus.BucketWorkers)
 		p.kvWrite(bus.BucketSandboxes, ">")
 		p.kvWrite(bus.BucketIdempotency, ">")
+		// API keys over the admin API (POST and DELETE /v1/keys): the
+		// gateway already decides who is an admin on its own API.
+		p.kvWrite(bus.BucketAPIKeys, ">")
 		// Event streams (SSE) read one sandbox through an ordered consumer.
 		p.streamInfo(life)
 		p.ordered(life, bus.DurableRegistry, bus.DurableMetering)

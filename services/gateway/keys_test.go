@@ -11,29 +11,14 @@ import (
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
 	"github.com/sand-boxer/sandboxer/pkg/apikey"
-	"github.com/sand-boxer/sandboxer/pkg/auth"
-	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/services/gateway"
 )
-
-// needKeyWrites skips t while the gateway's identity may not write the
-// apikeys bucket, which issuing and revoking keys through /v1/keys need:
-// the gateway's role in pkg/auth must grant it (kvWrite of
-// bus.BucketAPIKeys). Without it the server refuses the gateway's writes,
-// and these tests would fail on the refusal.
-func needKeyWrites(t *testing.T) {
-	t.Helper()
-	if !slices.Contains(auth.Identity{Role: auth.RoleGateway}.Permissions().Pub.Allow, "$KV."+bus.BucketAPIKeys+".>") {
-		t.Skip("the gateway's NATS role may not write the apikeys bucket yet (pkg/auth RoleGateway: kvWrite(bus.BucketAPIKeys))")
-	}
-}
 
 // TestKeysAPI: an admin key issues a key (its token shown once), lists
 // keys without tokens, and revokes one by id, which stops working at once;
 // a consumer key may do none of it.
 func TestKeysAPI(t *testing.T) {
 	t.Parallel()
-	needKeyWrites(t)
 	e := newEnv(t, envConfig{})
 	ctx := testCtx(t)
 	root := e.client("root")
@@ -125,7 +110,6 @@ func TestKeyRequestValidation(t *testing.T) {
 		t.Fatalf("unknown field: %d %s", r.Status, r.Body)
 	}
 	// Defaults: every scope but admin, no expiry.
-	needKeyWrites(t)
 	r = e.do(t, http.MethodPost, "/v1/keys", "root", `{"consumer":"newcomer"}`, nil)
 	var k api.IssuedKey
 	mustUnmarshal(t, r.Body, &k)
