@@ -69,6 +69,11 @@ var connect = []string{"nats", "creds", "tls-ca", "tls-cert", "tls-key"}
 // command missing here fails the test: decide what it takes.
 var allowedFlags = map[string][]string{
 	"sandboxer":                 nil,
+	"sandboxer dlq":             nil,
+	"sandboxer dlq ls":          append([]string{"consumer", "limit", "output"}, connect...),
+	"sandboxer dlq show":        connect,
+	"sandboxer dlq replay":      connect,
+	"sandboxer dlq discard":     connect,
 	"sandboxer bench":           {"cpuprofile", "json", "live", "only", "priced", "quick"},
 	"sandboxer bench serve":     {"dir", "heapprofile", "idle-release", "priced"},
 	"sandboxer create":          append([]string{"profile", "input", "label", "ttl", "idempotency-key", "wait", "timeout"}, client...),

@@ -93,6 +93,7 @@ func newRoot() *cobra.Command {
 		setup,
 		g.clientFlags(newCreditsCmd(g)),
 		g.clientFlags(newWorkersCmd(g)),
+		newDLQCmd(g),
 		newBenchCmd(g),
 	)
 	return root
