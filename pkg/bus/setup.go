@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -127,6 +128,12 @@ func (t Topology) Setup(ctx context.Context, js jetstream.JetStream, o SetupOpti
 		}
 		rep = append(rep, c)
 	}
+	// On a cluster, the servers learn of a new or changed stream's
+	// direct-get responders a moment after the change: wait, so that the
+	// migration below and whoever reads after setup find them.
+	if err := awaitDirectGets(ctx, js, t.streamNames()); err != nil {
+		return rep, err
+	}
 	// Messages of an earlier version's subjects move first, while the
 	// durables still filter on them; then the durables take today's
 	// filters and resume where they were.
@@ -155,6 +162,60 @@ func (t Topology) Setup(ctx context.Context, js jetstream.JetStream, o SetupOpti
 		return rep, fmt.Errorf("%w: %s; nothing of them was changed (--force changes them)", ErrRefused, strings.Join(names, "; "))
 	}
 	return rep, nil
+}
+
+// streamNames are the names of every stream of t, the buckets' included.
+func (t Topology) streamNames() []string {
+	var names []string
+	for _, cfg := range t.Streams() {
+		names = append(names, cfg.Name)
+	}
+	for _, cfg := range t.Buckets() {
+		names = append(names, KVStream(cfg.Bucket))
+	}
+	return names
+}
+
+// directGetTimeout bounds how long setup waits for a stream's direct gets.
+const directGetTimeout = 10 * time.Second
+
+// awaitDirectGets waits until the server js is connected to routes both
+// forms of direct get ($JS.API.DIRECT.GET.<stream> and the one naming a
+// subject) of every stream of names that allows them to a responder: any
+// answer, a message or a status, will do; "no responders" will not.
+func awaitDirectGets(ctx context.Context, js jetstream.JetStream, names []string) error {
+	ctx, cancel := context.WithTimeout(ctx, directGetTimeout)
+	defer cancel()
+	tick := time.NewTicker(25 * time.Millisecond)
+	defer tick.Stop()
+	nc := js.Conn()
+	for _, name := range names {
+		s, err := js.Stream(ctx, name)
+		if err != nil {
+			return fmt.Errorf("reading stream %s: %w", name, err)
+		}
+		cfg := s.CachedInfo().Config
+		if !cfg.AllowDirect || len(cfg.Subjects) == 0 {
+			continue
+		}
+		for _, subj := range []string{"$JS.API.DIRECT.GET." + name, "$JS.API.DIRECT.GET." + name + "." + cfg.Subjects[0]} {
+			for {
+				_, err := nc.RequestWithContext(ctx, subj, []byte(`{"seq":1}`))
+				if err == nil {
+					break
+				}
+				if !errors.Is(err, nats.ErrNoResponders) {
+					return fmt.Errorf("awaiting direct gets of stream %s: %w", name, err)
+				}
+				select {
+				case <-ctx.Done():
+					return fmt.Errorf("awaiting direct gets of stream %s: %w", name, ctx.Err())
+				case <-tick.C:
+				}
+			}
+		}
+	}
+	return nil
 }
 
 func setupStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.StreamConfig, force bool) (Change, error) {
