@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -105,11 +106,20 @@ func migrateStream(ctx context.Context, js jetstream.JetStream, l legacy) (*Chan
 	if err != nil {
 		return nil, nil, fmt.Errorf("migrating %s: %w", l.stream, err)
 	}
+	// Nothing of the old forms (the usual case): nothing to read, not
+	// even the durables, which a cluster may be moving right now.
+	if first, _, err := LastPerSubject(ctx, js.Conn(), l.stream, []string{l.filter}); err != nil {
+		return nil, nil, fmt.Errorf("migrating %s: %w", l.stream, err)
+	} else if len(first) == 0 {
+		return nil, nil, nil
+	}
 	// Where each durable consumer was, before anything moves.
 	var durables []durableAt
 	names := s.ConsumerNames(ctx)
 	for name := range names.Name() {
-		c, err := s.Consumer(ctx, name)
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		c, err := s.Consumer(cctx, name)
+		cancel()
 		if err != nil {
 			return nil, nil, fmt.Errorf("migrating %s: reading consumer %s: %w", l.stream, name, err)
 		}
