@@ -15,8 +15,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sand-boxer/sandboxer/pkg/auth"
 )
@@ -43,8 +41,7 @@ type Cluster struct {
 	// other node: its pool and one per pinned account.
 	routesPerPeer int
 
-	mu    sync.Mutex
-	creds map[auth.Identity][]byte
+	users
 }
 
 // StartCluster starts n (at least two) nats-servers named n1..nN in the
@@ -65,7 +62,8 @@ func StartCluster(tb testing.TB, n int) *Cluster {
 	if err != nil {
 		tb.Fatalf("opening authority: %v", err)
 	}
-	c := &Cluster{Auth: a, logs: &nodeLogs{}, creds: map[auth.Identity][]byte{}}
+	c := &Cluster{Auth: a, logs: &nodeLogs{}}
+	c.users = newUsers(a, "cluster", c.ClientURLs)
 	// Runs after the nodes stopped (cleanups run last first).
 	tb.Cleanup(func() {
 		if tb.Failed() {
@@ -345,89 +343,4 @@ func (c *Cluster) ClientURLs() string {
 		urls[i] = s.ClientURL()
 	}
 	return strings.Join(urls, ",")
-}
-
-// Creds returns credentials for id, issued once per cluster.
-func (c *Cluster) Creds(tb TB, id auth.Identity) []byte {
-	tb.Helper()
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if b, ok := c.creds[id]; ok {
-		return b
-	}
-	b, _, err := c.Auth.Issue(id, auth.IssueOptions{Unlisted: true, Note: "test"})
-	if err != nil {
-		tb.Fatalf("issuing credentials for %+v: %v", id, err)
-	}
-	c.creds[id] = b
-	return b
-}
-
-// Conn opens an admin connection to the cluster, closed by t.Cleanup: for
-// a test's own declarations and inspections, never for the code under
-// test.
-func (c *Cluster) Conn(tb TB) *nats.Conn {
-	tb.Helper()
-	nc, _ := c.dial(tb, Admin)
-	return nc
-}
-
-// ConnAs opens a connection to the cluster as id, closed by t.Cleanup.
-// The test fails if the servers refuse anything the connection does, as
-// with [Server.ConnAs].
-func (c *Cluster) ConnAs(tb TB, id auth.Identity) *nats.Conn {
-	tb.Helper()
-	nc, v := c.dial(tb, id)
-	tb.Cleanup(func() {
-		if errs := v.Errors(); len(errs) > 0 {
-			tb.Errorf("%s was refused %d time(s) by the cluster: %v", id.UserName(), len(errs), errs)
-		}
-	})
-	return nc
-}
-
-// ConnRefusable opens a connection to the cluster as id whose refusals
-// are the test's to check, with [Violations].
-func (c *Cluster) ConnRefusable(tb TB, id auth.Identity) (*nats.Conn, *Violations) {
-	tb.Helper()
-	return c.dial(tb, id)
-}
-
-func (c *Cluster) dial(tb TB, id auth.Identity) (*nats.Conn, *Violations) {
-	tb.Helper()
-	opts, err := auth.ConnectOptions(c.Creds(tb, id))
-	if err != nil {
-		tb.Fatal(err)
-	}
-	v := &Violations{}
-	opts = append(opts, nats.Name("test as "+id.UserName()), nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
-		v.add(err)
-	}))
-	nc, err := nats.Connect(c.ClientURLs(), opts...)
-	if err != nil {
-		tb.Fatalf("connecting to the cluster as %s: %v", id.UserName(), err)
-	}
-	tb.Cleanup(nc.Close)
-	return nc, v
-}
-
-// JetStream opens an admin connection and returns its JetStream context.
-func (c *Cluster) JetStream(tb TB) jetstream.JetStream {
-	tb.Helper()
-	js, err := jetstream.New(c.Conn(tb))
-	if err != nil {
-		tb.Fatalf("jetstream: %v", err)
-	}
-	return js
-}
-
-// JetStreamAs opens a connection as id ([Cluster.ConnAs]) and returns its
-// JetStream context.
-func (c *Cluster) JetStreamAs(tb TB, id auth.Identity) jetstream.JetStream {
-	tb.Helper()
-	js, err := jetstream.New(c.ConnAs(tb, id))
-	if err != nil {
-		tb.Fatalf("jetstream: %v", err)
-	}
-	return js
 }

@@ -19,7 +19,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sand-boxer/sandboxer/pkg/auth"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
@@ -31,9 +30,7 @@ type Server struct {
 	DataDir string
 	// Auth is the authority the server trusts.
 	Auth *auth.Authority
-
-	mu    sync.Mutex
-	creds map[auth.Identity][]byte
+	users
 }
 
 // TB is what the helpers need of a test: a *testing.T, *testing.B or a
@@ -75,7 +72,8 @@ func StartAt(tb testing.TB, dir string) *Server {
 		tb.Fatalf("starting nats: %v", err)
 	}
 	tb.Cleanup(e.Shutdown)
-	s := &Server{Embedded: e, DataDir: dir, Auth: a, creds: map[auth.Identity][]byte{}}
+	s := &Server{Embedded: e, DataDir: dir, Auth: a}
+	s.users = newUsers(a, "server", e.ClientURL)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if _, err := (bus.Topology{}).Setup(ctx, s.JetStream(tb), bus.SetupOptions{}); err != nil {
@@ -95,90 +93,6 @@ func (s *Server) Setup(tb TB, specs ...bus.ConsumerSpec) {
 			tb.Fatalf("setting up consumer: %v", err)
 		}
 	}
-}
-
-// Creds returns credentials for id, issued once per server.
-func (s *Server) Creds(tb TB, id auth.Identity) []byte {
-	tb.Helper()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if c, ok := s.creds[id]; ok {
-		return c
-	}
-	c, _, err := s.Auth.Issue(id, auth.IssueOptions{Unlisted: true, Note: "test"})
-	if err != nil {
-		tb.Fatalf("issuing credentials for %+v: %v", id, err)
-	}
-	s.creds[id] = c
-	return c
-}
-
-// Conn opens an admin connection over TCP, closed by t.Cleanup: for a
-// test's own declarations and inspections, never for the code under test.
-func (s *Server) Conn(tb TB) *nats.Conn {
-	tb.Helper()
-	nc, _ := s.dial(tb, Admin)
-	return nc
-}
-
-// ConnAs opens a connection as id, closed by t.Cleanup. The test fails if
-// the server refuses anything the connection does: the code under test
-// must need no more than id's permissions.
-func (s *Server) ConnAs(tb TB, id auth.Identity) *nats.Conn {
-	tb.Helper()
-	nc, v := s.dial(tb, id)
-	tb.Cleanup(func() {
-		if errs := v.Errors(); len(errs) > 0 {
-			tb.Errorf("%s was refused %d time(s) by the server: %v", id.UserName(), len(errs), errs)
-		}
-	})
-	return nc
-}
-
-// ConnRefusable opens a connection as id whose refusals are the test's to
-// check, with [Violations].
-func (s *Server) ConnRefusable(tb TB, id auth.Identity) (*nats.Conn, *Violations) {
-	tb.Helper()
-	return s.dial(tb, id)
-}
-
-func (s *Server) dial(tb TB, id auth.Identity) (*nats.Conn, *Violations) {
-	tb.Helper()
-	opts, err := auth.ConnectOptions(s.Creds(tb, id))
-	if err != nil {
-		tb.Fatal(err)
-	}
-	v := &Violations{}
-	opts = append(opts, nats.Name("test as "+id.UserName()), nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
-		v.add(err)
-	}))
-	nc, err := nats.Connect(s.ClientURL(), opts...)
-	if err != nil {
-		tb.Fatalf("connecting to nats as %s: %v", id.UserName(), err)
-	}
-	tb.Cleanup(nc.Close)
-	return nc, v
-}
-
-// JetStream opens an admin connection and returns its JetStream context.
-func (s *Server) JetStream(tb TB) jetstream.JetStream {
-	tb.Helper()
-	js, err := jetstream.New(s.Conn(tb))
-	if err != nil {
-		tb.Fatalf("jetstream: %v", err)
-	}
-	return js
-}
-
-// JetStreamAs opens a connection as id ([Server.ConnAs]) and returns its
-// JetStream context.
-func (s *Server) JetStreamAs(tb TB, id auth.Identity) jetstream.JetStream {
-	tb.Helper()
-	js, err := jetstream.New(s.ConnAs(tb, id))
-	if err != nil {
-		tb.Fatalf("jetstream: %v", err)
-	}
-	return js
 }
 
 // Violations collects the permissions violations the server reported to a
