@@ -1,0 +1,43 @@
+# sand-boxer as a cluster on the local Docker engine (deploy/compose):
+# three NATS JetStream nodes, setup at three replicas, every service twice.
+# Included from the main Makefile; deploy/compose/README.md says more.
+#
+#   make cluster-up      build, write deploy/compose/state/, start, print how to use it
+#   make cluster-down    stop; remove the containers, the network and the volumes
+#   make cluster-clean   cluster-down, then remove state/, build/ and the images
+#   make cluster-logs    follow the logs (CLUSTER_SERVICES='gateway-1 n1': only those)
+#   make cluster-ps      the containers
+
+GO  ?= go
+BIN ?= bin/sandboxer
+CLUSTER_DIR   := deploy/compose
+CLUSTER_BUILD := $(CLUSTER_DIR)/build
+CLUSTER_SH     = CLI=$(abspath $(BIN)) sh $(CLUSTER_DIR)/cluster.sh
+
+.PHONY: cluster-up cluster-down cluster-clean cluster-logs cluster-ps cluster-build
+
+# The static binaries of the images: sandboxer, and nats-server from the
+# Go module pkg/ requires. The host's CLI, bin/sandboxer, is the same
+# sandboxer build (one compile; what the CLI and the services speak agrees).
+cluster-build:
+	@test -x /bin/busybox || { echo "cluster-build: needs Debian's busybox-static (/bin/busybox) for the NATS image's health check"; exit 1; }
+	@mkdir -p $(dir $(BIN)) $(CLUSTER_BUILD)/sandboxer/empty $(CLUSTER_BUILD)/nats/empty
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags='-s -w' -o $(CLUSTER_BUILD)/sandboxer/sandboxer ./cmd/sandboxer
+	cp $(CLUSTER_BUILD)/sandboxer/sandboxer $(BIN).new && mv -f $(BIN).new $(BIN)
+	cd pkg && CGO_ENABLED=0 $(GO) build -trimpath -ldflags='-s -w' -o $(abspath $(CLUSTER_BUILD))/nats/nats-server github.com/nats-io/nats-server/v2
+	cp /bin/busybox $(CLUSTER_BUILD)/nats/busybox
+
+cluster-up: cluster-build
+	@$(CLUSTER_SH) up
+
+cluster-down:
+	@$(CLUSTER_SH) down
+
+cluster-clean:
+	@$(CLUSTER_SH) clean
+
+cluster-logs:
+	@$(CLUSTER_SH) logs $(CLUSTER_SERVICES)
+
+cluster-ps:
+	@$(CLUSTER_SH) ps
