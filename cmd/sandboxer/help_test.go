@@ -103,12 +103,12 @@ var allowedFlags = map[string][]string{
 	"sandboxer creds server-config": {"auth-dir", "data-dir", "resolver-dir"},
 	"sandboxer setup":               append([]string{"replicas", "force", "extensions", "profiles", "billing", "output"}, connect...),
 	"sandboxer serve":               nil,
-	"sandboxer serve gateway":       append([]string{"http", "retention", "idle-release", "log-level"}, connect...),
-	"sandboxer serve metering":      append([]string{"idle-release", "log-level"}, connect...),
-	"sandboxer serve registry":      append([]string{"extensions", "profiles", "retention", "idle-release", "log-level"}, connect...),
-	"sandboxer serve provisioner":   append([]string{"extension", "concurrency", "worker-id", "data-dir", "idle-release", "log-level"}, connect...),
+	"sandboxer serve gateway":       append([]string{"http", "retention", "idle-release", "log-level", "log-format"}, connect...),
+	"sandboxer serve metering":      append([]string{"idle-release", "log-level", "log-format"}, connect...),
+	"sandboxer serve registry":      append([]string{"extensions", "profiles", "retention", "idle-release", "log-level", "log-format"}, connect...),
+	"sandboxer serve provisioner":   append([]string{"extension", "concurrency", "worker-id", "data-dir", "idle-release", "log-level", "log-format"}, connect...),
 	"sandboxer up": {"data-dir", "http", "nats-listen", "nats-tls-cert", "nats-tls-key", "insecure-nats", "extensions", "profiles",
-		"extension", "log-level", "nats-logs", "idle-release", "retention"},
+		"extension", "log-level", "log-format", "nats-logs", "idle-release", "retention"},
 }
 
 // TestFlagsPerCommand: each verb shows only the flags it uses, the ones

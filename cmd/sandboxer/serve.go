@@ -30,8 +30,8 @@ func newServeCmd() *cobra.Command {
 
 // serveRun runs start, waits for ctx, then runs the returned shutdown with
 // a deadline.
-func serveRun(ctx context.Context, service, logLevel string, c *connectFlags, idleRelease time.Duration, start func(ctx context.Context, s *stack, js *svcDeps) error) error {
-	log, err := newLogger(logLevel)
+func serveRun(ctx context.Context, service string, logs logFlags, c *connectFlags, idleRelease time.Duration, start func(ctx context.Context, s *stack, js *svcDeps) error) error {
+	log, err := logs.logger()
 	if err != nil {
 		return err
 	}
@@ -65,7 +65,7 @@ func serveGateway() *cobra.Command {
 	var (
 		c           connectFlags
 		addr        string
-		logLevel    string
+		logs        logFlags
 		retention   time.Duration
 		idleRelease time.Duration
 	)
@@ -74,7 +74,7 @@ func serveGateway() *cobra.Command {
 		Short: "Run the HTTP gateway and the bus intake of sandbox requests",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return serveRun(cmd.Context(), "gateway", logLevel, &c, idleRelease, func(ctx context.Context, st *stack, d *svcDeps) error {
+			return serveRun(cmd.Context(), "gateway", logs, &c, idleRelease, func(ctx context.Context, st *stack, d *svcDeps) error {
 				gw, err := startGateway(ctx, st, d.nc, d.js, d.log, retention)
 				if err != nil {
 					return err
@@ -93,7 +93,7 @@ func serveGateway() *cobra.Command {
 	cmd.Flags().StringVar(&addr, "http", "127.0.0.1:8080", "HTTP listen address")
 	retentionFlag(cmd.Flags(), &retention)
 	idleReleaseFlag(cmd.Flags(), &idleRelease)
-	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	logs.add(cmd.Flags())
 	return cmd
 }
 
@@ -103,7 +103,7 @@ func serveProvisioner() *cobra.Command {
 		dataDir     string
 		pools       []string
 		concurrency int
-		logLevel    string
+		logs        logFlags
 		worker      string
 		idleRelease time.Duration
 	)
@@ -115,7 +115,7 @@ func serveProvisioner() *cobra.Command {
 			if len(pools) == 0 {
 				return &exitError{2, errors.New("at least one --extension is required")}
 			}
-			return serveRun(cmd.Context(), "provisioner", logLevel, &c, idleRelease, func(ctx context.Context, st *stack, d *svcDeps) error {
+			return serveRun(cmd.Context(), "provisioner", logs, &c, idleRelease, func(ctx context.Context, st *stack, d *svcDeps) error {
 				cat, stopCat, err := followCatalog(ctx, d.nc)
 				if err != nil {
 					return err
@@ -142,14 +142,14 @@ func serveProvisioner() *cobra.Command {
 	cmd.Flags().IntVar(&concurrency, "concurrency", 0, "commands run at once per extension in this process (default: the manifest's workers.concurrency)")
 	cmd.Flags().StringVar(&worker, "worker-id", "", "worker id in events and heartbeats (default host-pid)")
 	idleReleaseFlag(cmd.Flags(), &idleRelease)
-	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	logs.add(cmd.Flags())
 	return cmd
 }
 
 func serveMetering() *cobra.Command {
 	var (
 		c           connectFlags
-		logLevel    string
+		logs        logFlags
 		idleRelease time.Duration
 	)
 	cmd := &cobra.Command{
@@ -157,7 +157,7 @@ func serveMetering() *cobra.Command {
 		Short: "Run the metering service",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return serveRun(cmd.Context(), "metering", logLevel, &c, idleRelease, func(ctx context.Context, st *stack, d *svcDeps) error {
+			return serveRun(cmd.Context(), "metering", logs, &c, idleRelease, func(ctx context.Context, st *stack, d *svcDeps) error {
 				m, err := metering.New(metering.Options{JS: d.js, Logger: d.log})
 				if err != nil {
 					return err
@@ -172,7 +172,7 @@ func serveMetering() *cobra.Command {
 	}
 	c.add(cmd)
 	idleReleaseFlag(cmd.Flags(), &idleRelease)
-	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	logs.add(cmd.Flags())
 	return cmd
 }
 
@@ -180,7 +180,7 @@ func serveRegistry() *cobra.Command {
 	var (
 		c               connectFlags
 		extDir, profDir string
-		logLevel        string
+		logs            logFlags
 		retention       time.Duration
 		idleRelease     time.Duration
 	)
@@ -196,7 +196,7 @@ func serveRegistry() *cobra.Command {
 			if len(ps) > 0 {
 				return fmt.Errorf("loading catalog: %w", ps)
 			}
-			return serveRun(cmd.Context(), "registry", logLevel, &c, idleRelease, func(ctx context.Context, st *stack, d *svcDeps) error {
+			return serveRun(cmd.Context(), "registry", logs, &c, idleRelease, func(ctx context.Context, st *stack, d *svcDeps) error {
 				d.log.Info("catalog", "from", describeCatalog(ext, prof))
 				r, err := registry.New(registry.Options{
 					JS: d.js, NC: d.nc, Catalog: cat, Extensions: reg, Logger: d.log,
@@ -215,7 +215,7 @@ func serveRegistry() *cobra.Command {
 	}
 	c.add(cmd)
 	catalogFlags(cmd.Flags(), &extDir, &profDir)
-	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	logs.add(cmd.Flags())
 	retentionFlag(cmd.Flags(), &retention)
 	idleReleaseFlag(cmd.Flags(), &idleRelease)
 	return cmd

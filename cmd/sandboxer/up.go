@@ -45,7 +45,7 @@ type upOptions struct {
 	extensionsDir string
 	profilesDir   string
 	pools         []string
-	logLevel      string
+	logs          logFlags
 	natsLogs      bool
 	idleRelease   time.Duration
 	retention     time.Duration
@@ -75,7 +75,7 @@ func newUpCmd() *cobra.Command {
 	f.BoolVar(&o.insecureNATS, "insecure-nats", false, "allow a NATS listener on a non-loopback address without TLS")
 	catalogFlags(f, &o.extensionsDir, &o.profilesDir)
 	extensionsFlag(f, &o.pools, "run worker pools only for this extension (default: every extension whose handler is linked)")
-	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	o.logs.add(f)
 	f.BoolVar(&o.natsLogs, "nats-logs", false, "show the embedded NATS server's logs")
 	idleReleaseFlag(f, &o.idleRelease)
 	retentionFlag(f, &o.retention)
@@ -150,12 +150,24 @@ func idleReleaseFlag(f *pflag.FlagSet, d *time.Duration) {
 	f.DurationVar(d, "idle-release", 5*time.Second, "give freed memory back to the OS after this long without garbage collection (0: leave it to the Go runtime)")
 }
 
-func newLogger(level string) (*slog.Logger, error) {
-	var l slog.Level
-	if err := l.UnmarshalText([]byte(level)); err != nil {
+// logFlags are --log-level and --log-format, of up and every serve verb.
+type logFlags struct{ level, format string }
+
+func (l *logFlags) add(f *pflag.FlagSet) {
+	f.StringVar(&l.level, "log-level", "info", "debug, info, warn or error")
+	f.StringVar(&l.format, "log-format", telemetry.LogText, "log lines as text (key=value) or json (one object per line); lines about a traced operation carry trace_id and span_id")
+}
+
+// logger is the process's logger on standard error, as the flags say.
+func (l logFlags) logger() (*slog.Logger, error) {
+	if l.format != telemetry.LogText && l.format != telemetry.LogJSON {
+		return nil, &exitError{2, fmt.Errorf("--log-format %q: want text or json", l.format)}
+	}
+	log, err := telemetry.NewLogger(os.Stderr, l.level, l.format)
+	if err != nil {
 		return nil, &exitError{2, fmt.Errorf("--log-level: %w", err)}
 	}
-	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l})), nil
+	return log, nil
 }
 
 // stack is the services of one process, stopped in reverse order.
@@ -174,7 +186,7 @@ func (s *stack) shutdown(ctx context.Context, log *slog.Logger) {
 }
 
 func runUp(ctx context.Context, o *upOptions, out io.Writer) error {
-	log, err := newLogger(o.logLevel)
+	log, err := o.logs.logger()
 	if err != nil {
 		return err
 	}

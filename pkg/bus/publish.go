@@ -7,6 +7,10 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/sand-boxer/sandboxer/pkg/event"
 )
@@ -38,13 +42,44 @@ type Publisher struct {
 // NewPublisher returns a Publisher on js.
 func NewPublisher(js jetstream.JetStream) *Publisher { return &Publisher{js: js} }
 
-// Publish encodes e for subject, publishes it and waits for the ack.
+// Publish encodes e for subject, publishes it and waits for the ack, in a
+// producer span ([StartPublish]) whose context the message carries.
 func (p *Publisher) Publish(ctx context.Context, subject string, e *event.Event, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error) {
+	ctx, span := StartPublish(ctx, subject, e)
 	msg, err := event.Encode(ctx, subject, e)
 	if err != nil {
+		EndPublish(span, err)
 		return nil, err
 	}
-	return p.PublishMsg(ctx, msg, opts...)
+	ack, err := p.PublishMsg(ctx, msg, opts...)
+	EndPublish(span, err)
+	return ack, err
+}
+
+// StartPublish starts the producer span of publishing e on subject
+// ("publish <type>"): a child of ctx's span. Encode the event with the
+// returned context, so the message's traceparent names this span, and end
+// the span with [EndPublish] once the stream acknowledged it.
+func StartPublish(ctx context.Context, subject string, e *event.Event) (context.Context, trace.Span) {
+	return otel.Tracer(tracerName).Start(ctx, "publish "+e.Type(),
+		trace.WithSpanKind(trace.SpanKindProducer),
+		trace.WithAttributes(
+			attribute.String("messaging.system", "nats"),
+			attribute.String("messaging.destination.name", subject),
+			attribute.String("messaging.operation.type", "send"),
+			attribute.String("cloudevents.event_type", e.Type()),
+			attribute.String("cloudevents.event_id", e.ID()),
+			attribute.String("cloudevents.event_subject", e.Subject()),
+		))
+}
+
+// EndPublish records the outcome of a publish on its span and ends it.
+func EndPublish(span trace.Span, err error) {
+	if err != nil {
+		span.RecordError(err)
+		span.SetStatus(codes.Error, err.Error())
+	}
+	span.End()
 }
 
 // PublishMsg publishes an already encoded message and waits for the ack.
@@ -75,24 +110,38 @@ func (p *Publisher) PublishAll(ctx context.Context, outs []Out) error {
 		defer cancel()
 	}
 	futures := make([]jetstream.PubAckFuture, 0, len(outs))
+	spans := make([]trace.Span, 0, len(outs))
+	defer func() {
+		for _, s := range spans {
+			s.End() // a no-op for those ended with their ack
+		}
+	}()
 	for _, o := range outs {
-		msg, err := event.Encode(ctx, o.Subject, o.Event)
+		sctx, span := StartPublish(ctx, o.Subject, o.Event)
+		spans = append(spans, span)
+		msg, err := event.Encode(sctx, o.Subject, o.Event)
 		if err != nil {
+			EndPublish(span, err)
 			return err
 		}
 		f, err := p.js.PublishMsgAsync(msg, o.Opts...)
 		if err != nil {
-			return publishErr(o.Subject, err)
+			err = publishErr(o.Subject, err)
+			EndPublish(span, err)
+			return err
 		}
 		futures = append(futures, f)
 	}
 	var first error
-	for _, f := range futures {
+	for i, f := range futures {
 		select {
 		case <-f.Ok():
+			EndPublish(spans[i], nil)
 		case err := <-f.Err():
+			err = publishErr(f.Msg().Subject, err)
+			EndPublish(spans[i], err)
 			if first == nil {
-				first = publishErr(f.Msg().Subject, err)
+				first = err
 			}
 		case <-ctx.Done():
 			return fmt.Errorf("waiting for publish acks: %w", ctx.Err())

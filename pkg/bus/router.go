@@ -239,7 +239,8 @@ func (r *Router) handle(ctx context.Context, rt Route, msg jetstream.Msg) {
 		r.fail(hctx, rt, msg, meta, derr, span)
 		return
 	}
-	span.SetAttributes(attribute.String("cloudevents.event_type", e.Type()), attribute.String("cloudevents.event_id", e.ID()))
+	span.SetAttributes(attribute.String("cloudevents.event_type", e.Type()), attribute.String("cloudevents.event_id", e.ID()),
+		attribute.String("cloudevents.event_subject", e.Subject()))
 	m := &Message{Event: e, Subject: msg.Subject(), Delivered: meta.NumDelivered, StreamSeq: meta.Sequence.Stream, Timestamp: meta.Timestamp, raw: msg}
 
 	stopBeat := heartbeat(msg, rt.Policy.AckWait)
@@ -253,7 +254,7 @@ func (r *Router) handle(ctx context.Context, rt Route, msg jetstream.Msg) {
 		return
 	}
 	if err := msg.Ack(); err != nil {
-		r.log.Warn("acking", "consumer", rt.Consumer, "subject", msg.Subject(), "err", err)
+		r.log.WarnContext(hctx, "acking", "consumer", rt.Consumer, "subject", msg.Subject(), "err", err)
 	}
 	r.Stats.Handled.Add(1)
 }
@@ -263,7 +264,7 @@ func (r *Router) call(ctx context.Context, rt Route, m *Message) (outs []Out, er
 	defer func() {
 		if p := recover(); p != nil {
 			r.Stats.Panics.Add(1)
-			r.log.Error("handler panicked", "consumer", rt.Consumer, "subject", m.Subject, "panic", p, "stack", string(debug.Stack()))
+			r.log.ErrorContext(ctx, "handler panicked", "consumer", rt.Consumer, "subject", m.Subject, "panic", p, "stack", string(debug.Stack()))
 			outs, err = nil, fmt.Errorf("handler panicked: %v", p)
 		}
 	}()
@@ -282,7 +283,7 @@ func (r *Router) fail(ctx context.Context, rt Route, msg jetstream.Msg, meta *je
 			return
 		}
 		delay := rt.Policy.Delay(meta.NumDelivered)
-		r.log.Warn("handler failed, will retry", "consumer", rt.Consumer, "subject", msg.Subject(),
+		r.log.WarnContext(ctx, "handler failed, will retry", "consumer", rt.Consumer, "subject", msg.Subject(),
 			"delivered", meta.NumDelivered, "retry_in", delay, "err", err)
 		_ = msg.NakWithDelay(delay)
 		return
@@ -295,12 +296,12 @@ func (r *Router) fail(ctx context.Context, rt Route, msg jetstream.Msg, meta *je
 	defer cancel()
 	if derr := r.deadLetter(dctx, rt, msg, meta, reason); derr != nil {
 		// Keep the message rather than lose it; it comes back after back-off.
-		r.log.Error("dead-lettering failed, keeping message", "consumer", rt.Consumer, "err", derr)
+		r.log.ErrorContext(ctx, "dead-lettering failed, keeping message", "consumer", rt.Consumer, "err", derr)
 		_ = msg.NakWithDelay(rt.Policy.Delay(meta.NumDelivered))
 		return
 	}
 	r.Stats.DeadLettered.Add(1)
-	r.log.Error("message dead-lettered", "consumer", rt.Consumer, "subject", msg.Subject(), "reason", reason)
+	r.log.ErrorContext(ctx, "message dead-lettered", "consumer", rt.Consumer, "subject", msg.Subject(), "reason", reason)
 	_ = msg.TermWithReason(truncate(reason, 200))
 }
 

@@ -50,6 +50,10 @@ type Record struct {
 	// Request is the request event the sandbox was asked for with, when it
 	// was asked for on the bus.
 	Request *event.Origin `json:"request,omitempty"`
+	// Trace is the W3C traceparent of the sandbox's create: the trace
+	// every later step of the sandbox (its destroy) continues, so one
+	// trace covers its life. Empty when the create was not traced.
+	Trace string `json:"trace,omitempty"`
 
 	// Handle is what the backend needs for teardown.
 	Handle       *event.Handle       `json:"handle,omitempty"`

@@ -8,10 +8,15 @@ import (
 	"io"
 	"net"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
 
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/crypto/ssh"
 	"golang.org/x/crypto/ssh/agent"
 )
@@ -356,8 +361,64 @@ exit "$st"`
 // session is abandoned (the command then ends with the connection).
 const stopGrace = 10 * time.Second
 
-// RunCmd runs cmd on the host, as [Client.Run] does.
+// RunCmd runs cmd on the host, as [Client.Run] does, in a client span
+// ("ssh <program>") naming the program, the target and the outcome (exit
+// status, signal): never the arguments, which may carry credentials, nor
+// anything the command wrote.
 func (c *Client) RunCmd(ctx context.Context, cmd Cmd) error {
+	ctx, span := c.startRun(ctx, cmd.Argv)
+	err := c.runCmd(ctx, cmd)
+	endRun(span, err)
+	return err
+}
+
+// startRun starts the span of one remote command.
+func (c *Client) startRun(ctx context.Context, argv []string) (context.Context, trace.Span) {
+	program := ""
+	if len(argv) > 0 {
+		program = argv[0]
+	}
+	t := c.cfg.Target
+	return otel.Tracer("github.com/sand-boxer/sandboxer/pkg/sshx").Start(ctx, "ssh "+program,
+		trace.WithSpanKind(trace.SpanKindClient),
+		trace.WithAttributes(
+			attribute.String("process.executable.name", program),
+			attribute.Int("process.args_count", len(argv)),
+			attribute.String("server.address", t.Host),
+			attribute.Int("server.port", t.Port),
+			attribute.String("sandboxer.ssh.user", t.User),
+		))
+}
+
+// endRun records how a remote command ended and ends its span. Only what
+// carries no output of the command is recorded.
+func endRun(span trace.Span, err error) {
+	defer span.End()
+	var ee *ExitError
+	var ce *ConnError
+	switch {
+	case err == nil:
+		span.SetAttributes(attribute.Int("process.exit.code", 0))
+	case errors.As(err, &ee):
+		span.SetAttributes(attribute.Int("process.exit.code", ee.Status))
+		what := "exit status " + strconv.Itoa(ee.Status)
+		if ee.Signal != "" {
+			span.SetAttributes(attribute.String("sandboxer.ssh.signal", ee.Signal))
+			what = "killed by signal " + ee.Signal
+		}
+		span.SetStatus(codes.Error, what)
+	case errors.As(err, &ce):
+		span.SetStatus(codes.Error, ce.Error())
+	case errors.Is(err, context.DeadlineExceeded):
+		span.SetStatus(codes.Error, "stopped: deadline exceeded")
+	case errors.Is(err, context.Canceled):
+		span.SetStatus(codes.Error, "stopped: cancelled")
+	default:
+		span.SetStatus(codes.Error, "command failed")
+	}
+}
+
+func (c *Client) runCmd(ctx context.Context, cmd Cmd) error {
 	name := commandName(cmd.Argv)
 	argv := cmd.Argv
 	if cmd.Stdin == nil && len(argv) > 0 {

@@ -55,7 +55,7 @@ func (g *Gateway) authed(scope apikey.Scope, h func(http.ResponseWriter, *http.R
 			g.writeProblem(w, r, newProblem(http.StatusUnauthorized, "unknown api key"))
 			return
 		case err != nil:
-			g.log.Warn("checking api key", "err", err)
+			g.log.WarnContext(r.Context(), "checking api key", "err", err)
 			g.writeProblem(w, r, newProblem(http.StatusServiceUnavailable, "cannot check api keys right now"))
 			return
 		}

@@ -20,6 +20,10 @@ import (
 	"unicode/utf8"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
@@ -137,6 +141,9 @@ func (g *Gateway) request(ctx context.Context, st *state, c caller, id string, p
 		TTLSeconds:  int64((pl.ttl + time.Second - 1) / time.Second),
 		RequestedAt: g.opts.Now().UTC(),
 	}
+	// The span of the request (HTTP or bus intake) names the sandbox: the
+	// start of the sandbox's trace.
+	trace.SpanFromContext(ctx).SetAttributes(attribute.String(attrSandbox, id))
 	route, err := g.opts.Resolver.Resolve(ctx, RouteRequest{
 		SandboxID: id, Consumer: c.Consumer, Profile: pl.profile, Manifest: pl.manifest,
 		Candidates: pl.manifests, Load: st.inv,
@@ -152,31 +159,38 @@ func (g *Gateway) request(ctx context.Context, st *state, c caller, id string, p
 		g.reject(ctx, st, cr, CodeNoRoute, err.Error())
 		return nil, rejection(http.StatusServiceUnavailable, id, "no route for this sandbox: "+err.Error())
 	case err != nil:
-		g.log.Error("resolving route", "sandbox", id, "err", err)
+		g.log.ErrorContext(ctx, "resolving route", "sandbox", id, "err", err)
 		return nil, newProblem(http.StatusServiceUnavailable, "cannot route sandboxes right now")
 	}
 	cr.Extension, cr.Host = route.Extension, route.Host
 	cr.Inputs = pl.inputs[route.Extension]
 
 	if g.opts.Admitter != nil {
-		hold, err := g.opts.Admitter.Admit(ctx, AdmitRequest{
+		actx, span := g.tracer.Start(ctx, "admit", trace.WithAttributes(attribute.String(attrSandbox, id),
+			attribute.String("sandboxer.consumer", c.Consumer), attribute.String("sandboxer.extension", route.Extension)))
+		hold, err := g.opts.Admitter.Admit(actx, AdmitRequest{
 			SandboxID: id, Consumer: c.Consumer, Profile: pl.profile, Route: route, Manifest: pl.manifestOf(route.Extension), TTL: pl.ttl,
 		})
+		if err != nil {
+			span.SetStatus(codes.Error, err.Error())
+		}
+		span.End()
 		switch {
 		case errors.Is(err, ErrInsufficientCredits):
 			g.reject(ctx, st, cr, CodeInsufficientCredits, err.Error())
 			return nil, rejection(http.StatusPaymentRequired, id, err.Error())
 		case err != nil:
-			g.log.Error("admitting sandbox", "sandbox", id, "err", err)
+			g.log.ErrorContext(ctx, "admitting sandbox", "sandbox", id, "err", err)
 			return nil, newProblem(http.StatusServiceUnavailable, "cannot admit sandboxes right now")
 		}
 		cr.Hold = hold
 	}
 
 	rec := sandbox.NewRequested(cr)
+	rec.Trace = traceParent(ctx)
 	ev, err := event.New(event.TypeCreate, Source, id, id+"."+event.VerbCreate, cr)
 	if err != nil {
-		g.log.Error("building create command", "sandbox", id, "err", err)
+		g.log.ErrorContext(ctx, "building create command", "sandbox", id, "err", err)
 		if cr.Hold != "" {
 			g.reject(ctx, st, cr, CodeUnavailable, "building the create command failed")
 		}
@@ -195,20 +209,32 @@ func (g *Gateway) request(ctx context.Context, st *state, c caller, id string, p
 	if recErr == nil {
 		st.inv.put(id, rec, rev)
 	} else {
-		g.log.Warn("recording sandbox", "sandbox", id, "err", recErr)
+		g.log.WarnContext(ctx, "recording sandbox", "sandbox", id, "err", recErr)
 	}
 	if err != nil {
 		code, detail := CodeUnavailable, "cannot publish the create command"
 		if errors.Is(err, bus.ErrBackPressure) {
 			code, detail = CodeBackPressure, "too many pending commands; retry later"
 		}
-		g.log.Warn("publishing create command", "sandbox", id, "err", err)
+		g.log.WarnContext(ctx, "publishing create command", "sandbox", id, "err", err)
 		if movedOn := g.reject(ctx, st, cr, code, err.Error()); movedOn != nil {
 			return movedOn, nil // the command arrived after all
 		}
 		return nil, rejection(http.StatusServiceUnavailable, id, detail)
 	}
+	g.log.InfoContext(ctx, "sandbox requested", "sandbox", id, "consumer", c.Consumer, "profile", cr.Profile, "extension", cr.Extension)
 	return rec, nil
+}
+
+// attrSandbox is the span attribute naming the sandbox a span is about.
+const attrSandbox = "sandboxer.sandbox"
+
+// traceParent is the W3C traceparent of ctx's span, or empty when ctx
+// has none: what a sandbox's record keeps of its create's trace.
+func traceParent(ctx context.Context) string {
+	c := propagation.MapCarrier{}
+	propagation.TraceContext{}.Inject(ctx, c)
+	return c.Get("traceparent")
 }
 
 // createRecord starts writing rec as sandbox id's first record, without
@@ -264,15 +290,15 @@ func (g *Gateway) reject(ctx context.Context, st *state, cr event.Create, code, 
 	ev, err := event.New(event.TypeRejected, Source, id, id+"."+string(event.StateRejected),
 		event.Rejected{Ref: cr.Ref, Code: code, Reason: reason})
 	if err != nil {
-		g.log.Error("building rejected event", "sandbox", id, "err", err)
+		g.log.ErrorContext(ctx, "building rejected event", "sandbox", id, "err", err)
 		return nil
 	}
 	if rec := g.recordRejection(ctx, st, cr, ev); rec != nil {
-		g.log.Warn("not rejecting a sandbox that moved on", "sandbox", id, "state", rec.State)
+		g.log.WarnContext(ctx, "not rejecting a sandbox that moved on", "sandbox", id, "state", rec.State)
 		return rec
 	}
 	if _, err := g.pub.Publish(ctx, cr.Ref.LifecycleSubject(event.StateRejected), ev); err != nil {
-		g.log.Error("publishing rejected event", "sandbox", id, "code", code, "err", err)
+		g.log.ErrorContext(ctx, "publishing rejected event", "sandbox", id, "code", code, "err", err)
 	}
 	return nil
 }
@@ -283,7 +309,7 @@ func (g *Gateway) reject(ctx context.Context, st *state, cr event.Create, code, 
 func (g *Gateway) recordRejection(ctx context.Context, st *state, cr event.Create, ev *event.Event) *sandbox.Record {
 	id := cr.SandboxID
 	failed := func(err error) *sandbox.Record {
-		g.log.Warn("recording rejection; the registry will apply the event", "sandbox", id, "err", err)
+		g.log.WarnContext(ctx, "recording rejection; the registry will apply the event", "sandbox", id, "err", err)
 		return nil
 	}
 	const attempts = 5
@@ -720,7 +746,7 @@ func (g *Gateway) claim(ctx context.Context, st *state, c caller, key, hash, id 
 			return &idemClaim{kv: st.idem, key: k, rev: rev}, nil, nil
 		}
 		if !errors.Is(err, jetstream.ErrKeyExists) {
-			g.log.Error("recording idempotency key", "err", err)
+			g.log.ErrorContext(ctx, "recording idempotency key", "err", err)
 			return nil, nil, newProblem(http.StatusServiceUnavailable, "cannot record the Idempotency-Key right now")
 		}
 		rec, p := g.awaitIdempotent(ctx, st, k, hash, deadline)
@@ -742,7 +768,7 @@ func (g *Gateway) awaitIdempotent(ctx context.Context, st *state, k, hash string
 			return nil, nil
 		}
 		if err != nil {
-			g.log.Error("reading idempotency key", "err", err)
+			g.log.ErrorContext(ctx, "reading idempotency key", "err", err)
 			return nil, newProblem(http.StatusServiceUnavailable, "cannot read the Idempotency-Key right now")
 		}
 		var ir idemRecord
@@ -755,7 +781,7 @@ func (g *Gateway) awaitIdempotent(ctx context.Context, st *state, k, hash string
 		}
 		rec, _, err := getRecord(ctx, st, ir.SandboxID)
 		if err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
-			g.log.Error("reading sandbox", "sandbox", ir.SandboxID, "err", err)
+			g.log.ErrorContext(ctx, "reading sandbox", "sandbox", ir.SandboxID, "err", err)
 			return nil, newProblem(http.StatusServiceUnavailable, "cannot read sandboxes right now")
 		}
 		if rec != nil {
@@ -784,9 +810,19 @@ func getRecord(ctx context.Context, st *state, id string) (*sandbox.Record, uint
 	if !event.ValidName(id) {
 		return nil, 0, jetstream.ErrKeyNotFound
 	}
+	// On a cluster a read may be answered by a replica that has not yet
+	// applied this gateway's own write (a record it created a moment
+	// ago): what the inventory holds at a newer revision wins.
+	mine, myRev, ok := st.inv.get(id)
 	e, err := st.sandboxes.Get(ctx, id)
+	if errors.Is(err, jetstream.ErrKeyNotFound) && ok {
+		return mine, myRev, nil
+	}
 	if err != nil {
 		return nil, 0, err
+	}
+	if ok && myRev > e.Revision() {
+		return mine, myRev, nil
 	}
 	rec, err := sandbox.Unmarshal(e.Value())
 	if err != nil {

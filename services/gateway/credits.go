@@ -49,7 +49,7 @@ func (g *Gateway) creditsFailed(w http.ResponseWriter, r *http.Request, what str
 		g.writeProblem(w, r, newProblem(http.StatusUnprocessableEntity, err.Error()))
 		return
 	}
-	g.log.Error(what, "err", err)
+	g.log.ErrorContext(r.Context(), what, "err", err)
 	g.writeProblem(w, r, newProblem(http.StatusServiceUnavailable, "cannot "+what+" right now"))
 }
 

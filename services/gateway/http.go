@@ -100,7 +100,7 @@ func (g *Gateway) serve(mux *http.ServeMux) http.Handler {
 				if p == http.ErrAbortHandler {
 					panic(p)
 				}
-				g.log.Error("handler panicked", "path", r.URL.Path, "panic", p, "stack", string(debug.Stack()))
+				g.log.ErrorContext(r.Context(), "handler panicked", "path", r.URL.Path, "panic", p, "stack", string(debug.Stack()))
 				span.SetStatus(codes.Error, fmt.Sprint(p))
 				if sw.status == 0 {
 					g.writeProblem(sw, r, newProblem(http.StatusInternalServerError, "internal error"))
@@ -177,7 +177,7 @@ func (g *Gateway) writeProblem(w http.ResponseWriter, r *http.Request, p *api.Pr
 		h.Set("WWW-Authenticate", `Bearer realm="sandboxer"`)
 	}
 	if p.Status >= 500 {
-		g.log.Warn("request failed", "method", r.Method, "path", r.URL.Path, "status", p.Status, "detail", p.Detail)
+		g.log.WarnContext(r.Context(), "request failed", "method", r.Method, "path", r.URL.Path, "status", p.Status, "detail", p.Detail)
 	}
 	w.WriteHeader(p.Status)
 	_ = json.NewEncoder(w).Encode(p)

@@ -247,11 +247,11 @@ func (g *Gateway) rejectRequest(ctx context.Context, consumer, profile string, o
 	ev, err := event.New(event.TypeRejected, Source, id, id+"."+string(event.StateRejected),
 		event.Rejected{Ref: ref, Code: code, Reason: reason})
 	if err != nil {
-		g.log.Error("building rejected event", "consumer", consumer, "err", err)
+		g.log.ErrorContext(ctx, "building rejected event", "sandbox", id, "consumer", consumer, "err", err)
 		return
 	}
 	if _, err := g.pub.Publish(ctx, ref.LifecycleSubject(event.StateRejected), ev); err != nil {
-		g.log.Warn("publishing rejected event", "consumer", consumer, "code", code, "err", err)
+		g.log.WarnContext(ctx, "publishing rejected event", "sandbox", id, "consumer", consumer, "code", code, "err", err)
 	}
 }
 

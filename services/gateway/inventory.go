@@ -236,3 +236,15 @@ func (v *inventory) page(f listFilter, after string, limit int) ([]*sandbox.Reco
 	}
 	return out, false
 }
+
+// get returns the record of id as this gateway last saw it (written or
+// watched) and its revision; false when it has none.
+func (v *inventory) get(id string) (*sandbox.Record, uint64, bool) {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	e, ok := v.recs[id]
+	if !ok || e.rec == nil {
+		return nil, 0, false
+	}
+	return e.rec, e.rev, true
+}

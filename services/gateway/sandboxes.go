@@ -9,6 +9,10 @@ import (
 	"strings"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
@@ -38,7 +42,7 @@ func (g *Gateway) visibleRecord(ctx context.Context, st *state, c caller, id str
 	case errors.Is(err, jetstream.ErrKeyNotFound) || (err == nil && !c.owns(rec.Consumer)):
 		return nil, newProblem(http.StatusNotFound, "no such sandbox")
 	case err != nil:
-		g.log.Error("reading sandbox", "sandbox", id, "err", err)
+		g.log.ErrorContext(ctx, "reading sandbox", "sandbox", id, "err", err)
 		return nil, newProblem(http.StatusServiceUnavailable, "cannot read sandboxes right now")
 	}
 	return rec, nil
@@ -152,10 +156,13 @@ func (g *Gateway) destroySandbox(ctx context.Context, st *state, c caller, id st
 	if p != nil {
 		return nil, p
 	}
+	trace.SpanFromContext(ctx).SetAttributes(attribute.String(attrSandbox, rec.ID))
 	switch rec.State {
 	case event.StateExpired, event.StateDestroying, event.StateDestroyed, event.StateRejected:
 		return rec, nil
 	}
+	ctx, span := g.startDestroy(ctx, rec)
+	defer span.End()
 	ev, err := event.New(event.TypeDestroy, Source, rec.ID, rec.ID+"."+event.VerbDestroy, event.Destroy{
 		Ref: rec.Ref(), Reason: event.ReasonRequested, RequestedBy: c.Consumer, RequestedAt: g.opts.Now().UTC(),
 	})
@@ -163,12 +170,47 @@ func (g *Gateway) destroySandbox(ctx context.Context, st *state, c caller, id st
 		_, err = g.pub.Publish(ctx, rec.Ref().CommandSubject(event.VerbDestroy), ev)
 	}
 	if err != nil {
-		g.log.Warn("publishing destroy command", "sandbox", rec.ID, "err", err)
+		span.SetStatus(codes.Error, err.Error())
+		g.log.WarnContext(ctx, "publishing destroy command", "sandbox", rec.ID, "err", err)
 		detail := "cannot publish the destroy command right now"
 		if errors.Is(err, bus.ErrBackPressure) {
 			detail = "too many pending commands; retry later"
 		}
 		return nil, newProblem(http.StatusServiceUnavailable, detail)
 	}
+	g.log.InfoContext(ctx, "sandbox destroy requested", "sandbox", rec.ID, "consumer", rec.Consumer, "by", c.Consumer)
 	return rec, nil
+}
+
+// startDestroy starts the span of destroying rec's sandbox ("destroy
+// sandbox") in the sandbox's own trace, the one its create began
+// (rec.Trace): the destroy command carries it, so teardown, the destroyed
+// event and the settlement join the create's trace, and a sandbox has
+// one trace from its create to its usage record. The request that asked
+// (a DELETE, a destroy request event) has a trace of its own: the two are
+// linked both ways. A record without a trace context (written by a
+// gateway that did not keep one) leaves the destroy in the request's
+// trace.
+func (g *Gateway) startDestroy(ctx context.Context, rec *sandbox.Record) (context.Context, trace.Span) {
+	opts := []trace.SpanStartOption{trace.WithAttributes(attribute.String(attrSandbox, rec.ID),
+		attribute.String("sandboxer.consumer", rec.Consumer), attribute.String("sandboxer.extension", rec.Extension))}
+	if sc := recordTrace(rec); sc.IsValid() {
+		req := trace.SpanFromContext(ctx)
+		if rc := req.SpanContext(); rc.IsValid() && rc.TraceID() != sc.TraceID() {
+			req.AddLink(trace.Link{SpanContext: sc, Attributes: []attribute.KeyValue{attribute.String("sandboxer.link", "sandbox")}})
+			opts = append(opts, trace.WithLinks(trace.Link{SpanContext: rc, Attributes: []attribute.KeyValue{attribute.String("sandboxer.link", "request")}}))
+		}
+		ctx = trace.ContextWithRemoteSpanContext(ctx, sc)
+	}
+	return g.tracer.Start(ctx, "destroy sandbox", opts...)
+}
+
+// recordTrace is the span context of rec's create, from its traceparent;
+// invalid when it has none.
+func recordTrace(rec *sandbox.Record) trace.SpanContext {
+	if rec.Trace == "" {
+		return trace.SpanContext{}
+	}
+	ctx := propagation.TraceContext{}.Extract(context.Background(), propagation.MapCarrier{"traceparent": rec.Trace})
+	return trace.SpanContextFromContext(ctx)
 }

@@ -214,6 +214,11 @@ type Item struct {
 	Notice *Notice      `json:"notice,omitempty"`
 	Usage  *UsageRecord `json:"usage,omitempty"`
 	Hold   *HoldWrite   `json:"hold,omitempty"`
+	// Trace is the W3C traceparent of what caused the item (the
+	// lifecycle event, tick or request handled): the event the item
+	// publishes joins that trace, however late the outbox is finished.
+	// Empty: the event starts a trace of its own.
+	Trace string `json:"trace,omitempty"`
 }
 
 // HoldWrite is a write of one hold's value: its new state, or its

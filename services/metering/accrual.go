@@ -71,7 +71,7 @@ func (m *Metering) onAccrual(ctx context.Context, msg *bus.Message) ([]bus.Out, 
 	}
 	// No price now (a metered backend's workers are away): the next tick
 	// charges what this one could not.
-	m.log.Warn("accrual skipped: no price", "sandbox", sb, "err", err)
+	m.log.WarnContext(ctx, "accrual skipped: no price", "sandbox", sb, "err", err)
 	return nil, nil
 }
 
@@ -179,7 +179,7 @@ func (m *Metering) accrue(ctx context.Context, c, sb, tick string, p *prices) ([
 		return nil, nil
 	}
 	m.stopAccrual(ctx, sb)
-	m.log.Info("credits exhausted: destroying sandbox", "consumer", c, "sandbox", sb)
+	m.log.InfoContext(ctx, "credits exhausted: destroying sandbox", "consumer", c, "sandbox", sb)
 	return m.destroyOut(held, c)
 }
 

@@ -9,6 +9,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 
+	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 )
 
@@ -124,9 +125,11 @@ func (c *Client) call(ctx context.Context, subject string, req, reply any) error
 	if err != nil {
 		return fmt.Errorf("encoding request: %w", err)
 	}
-	msg, err := c.nc.RequestWithContext(ctx, subject, body)
+	// A client span whose context the request carries: metering's answer
+	// (and a quote it asks for) joins the caller's trace.
+	msg, err := bus.Request(ctx, c.nc, subject, body)
 	if err != nil {
-		return fmt.Errorf("requesting %s: %w", subject, err)
+		return err
 	}
 	if code := msg.Header.Get(micro.ErrorCodeHeader); code != "" || msg.Header.Get(micro.ErrorHeader) != "" {
 		var er ErrorReply

@@ -16,6 +16,9 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/propagation"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.uber.org/goleak"
 
 	"github.com/sand-boxer/sandboxer/pkg/auth"
@@ -39,6 +42,11 @@ func TestMain(m *testing.M) {
 			_ = flag.Set(name, v)
 		}
 	}
+	// As every sandboxer process: W3C trace context on every hop, and a
+	// tracer provider (without processors: no goroutine) whose spans
+	// have ids to propagate.
+	otel.SetTextMapPropagator(propagation.TraceContext{})
+	otel.SetTracerProvider(sdktrace.NewTracerProvider())
 	goleak.VerifyTestMain(m)
 }
 

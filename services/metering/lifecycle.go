@@ -121,7 +121,7 @@ func (m *Metering) onReady(ctx context.Context, e *event.Event, d event.Ready) (
 			}
 			tm, err := m.pricer.terms(d.Profile, d.Extension, "")
 			if err != nil {
-				m.log.Warn("sandbox ready without admission and without a price: metering it as free", "sandbox", sb, "err", err)
+				m.log.WarnContext(ctx, "sandbox ready without admission and without a price: metering it as free", "sandbox", sb, "err", err)
 				tm = terms{Profile: d.Profile, Extension: d.Extension, Model: extension.PricingSelfHosted}
 			}
 			h = &Hold{
@@ -318,7 +318,7 @@ func (m *Metering) actual(ctx context.Context, h *Hold, readyAt, endAt time.Time
 	if err != nil {
 		// A metered backend that cannot be asked: settle at what the
 		// accrual charged, rather than hold the credit forever.
-		m.log.Warn("settling at the accrued amount", "sandbox", h.Sandbox, "err", err)
+		m.log.WarnContext(ctx, "settling at the accrued amount", "sandbox", h.Sandbox, "err", err)
 		return Actual{Source: SourceLifecycle, Amount: h.Debited, Quantity: int64((d + time.Second - 1) / time.Second), Unit: "second",
 			Breakdown: []string{"no quote: settled at the accrued amount"}}, nil
 	}
@@ -354,6 +354,6 @@ func (m *Metering) readyAt(ctx context.Context, r event.Ref) (time.Time, error) 
 // effort: a tick for a settled sandbox removes it again.
 func (m *Metering) stopAccrual(ctx context.Context, sb string) {
 	if err := m.timers.Purge(ctx, jetstream.WithPurgeSubject(event.AccrualScheduleSubject(sb))); err != nil {
-		m.log.Warn("removing accrual schedule", "sandbox", sb, "err", err)
+		m.log.WarnContext(ctx, "removing accrual schedule", "sandbox", sb, "err", err)
 	}
 }

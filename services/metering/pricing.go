@@ -9,6 +9,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/catalog"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
@@ -92,7 +93,7 @@ func (p *pricer) cost(ctx context.Context, t terms, d time.Duration) (Quote, err
 	}
 	ctx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
-	msg, err := p.nc.RequestWithContext(ctx, event.QuoteSubject(t.Extension), body)
+	msg, err := bus.Request(ctx, p.nc, event.QuoteSubject(t.Extension), body)
 	if err != nil {
 		return Quote{}, fmt.Errorf("%w: asking %s for a quote: %w", ErrNoPrice, t.Extension, err)
 	}

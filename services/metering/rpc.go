@@ -13,7 +13,11 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 
+	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 )
@@ -204,7 +208,7 @@ const requestTimeout = 10 * time.Second
 // takes only the request's data and answers on the connection itself.
 func (m *Metering) endpoint(h func(context.Context, []byte) (any, error)) micro.HandlerFunc {
 	return func(req micro.Request) {
-		in := inbound{subject: req.Subject(), reply: req.Reply(), data: req.Data()}
+		in := inbound{subject: req.Subject(), reply: req.Reply(), data: req.Data(), header: nats.Header(req.Headers())}
 		m.reqSlots <- struct{}{}
 		m.requests.Go(func() {
 			defer func() { <-m.reqSlots }()
@@ -217,6 +221,7 @@ func (m *Metering) endpoint(h func(context.Context, []byte) (any, error)) micro.
 type inbound struct {
 	subject, reply string
 	data           []byte
+	header         nats.Header // the caller's trace context is there
 }
 
 // answer handles one request and responds with its reply or, the way
@@ -225,6 +230,11 @@ type inbound struct {
 func (m *Metering) answer(h func(context.Context, []byte) (any, error), in inbound) {
 	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
 	defer cancel()
+	// The server span of the answer, a child of the caller's client span:
+	// what the request changes (a hold's ledger entry and its event)
+	// joins the caller's trace.
+	ctx, span := bus.StartAnswer(ctx, in.subject, in.header)
+	defer span.End()
 	reply, err := h(ctx, in.data)
 	msg := &nats.Msg{Subject: in.reply}
 	if err == nil {
@@ -232,8 +242,10 @@ func (m *Metering) answer(h func(context.Context, []byte) (any, error), in inbou
 	}
 	if err != nil {
 		code := codeOf(err)
+		span.SetAttributes(attribute.String("sandboxer.metering.code", code))
 		if code == CodeInternal {
-			m.log.Error("answering request", "subject", in.subject, "err", err)
+			span.SetStatus(codes.Error, err.Error())
+			m.log.ErrorContext(ctx, "answering request", "subject", in.subject, "err", err)
 		}
 		msg.Header = nats.Header{micro.ErrorHeader: {err.Error()}, micro.ErrorCodeHeader: {code}}
 		msg.Data, _ = json.Marshal(ErrorReply{Code: code, Detail: err.Error()})
@@ -242,7 +254,7 @@ func (m *Metering) answer(h func(context.Context, []byte) (any, error), in inbou
 		return // nobody asked for an answer
 	}
 	if err := m.opts.NC.PublishMsg(msg); err != nil {
-		m.log.Warn("answering request", "subject", in.subject, "err", err)
+		m.log.WarnContext(ctx, "answering request", "subject", in.subject, "err", err)
 	}
 }
 
@@ -308,6 +320,7 @@ func (m *Metering) handleHold(ctx context.Context, data []byte) (any, error) {
 // Shutdown.
 func (m *Metering) Hold(ctx context.Context, r HoldRequest) (HoldReply, error) {
 	c, sb := r.Consumer, r.SandboxID
+	trace.SpanFromContext(ctx).SetAttributes(attribute.String("sandboxer.sandbox", sb))
 	tm, err := m.pricer.terms(r.Profile, r.Extension, r.PricingModel)
 	if err != nil {
 		return HoldReply{}, err

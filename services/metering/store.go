@@ -17,6 +17,8 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
@@ -209,15 +211,28 @@ type tx struct {
 	a     *Account
 	now   time.Time
 	holds map[string]*Hold
+	// cause is the context of the change's caller, whose trace the
+	// change's outbox items join.
+	cause context.Context
 }
 
 func (b *batch) tx(ctx context.Context, s *store, now time.Time) *tx {
 	return &tx{ctx: ctx, s: s, b: b, a: b.a.clone(), now: now, holds: map[string]*Hold{}}
 }
 
-// commit merges a successful change into its batch.
+// commit merges a successful change into its batch. The outbox items the
+// change added carry its caller's trace context.
 func (t *tx) commit() {
 	n := len(t.b.a.Outbox)
+	if len(t.a.Outbox) > n && t.cause != nil {
+		if tp := traceParent(t.cause); tp != "" {
+			for _, it := range t.a.Outbox[n:] {
+				if it.Trace == "" {
+					it.Trace = tp
+				}
+			}
+		}
+	}
 	t.b.a = t.a
 	t.b.note(n)
 	for sb, h := range t.holds {
@@ -569,6 +584,7 @@ func (s *store) run(w *writer, cs []*change) {
 		}
 		for i, c := range cs {
 			t := b.tx(ctx, s, now)
+			t.cause = c.ctx
 			err := c.fn(t)
 			switch {
 			case errors.Is(err, errNoChange):
@@ -772,6 +788,7 @@ func (s *store) flush(ctx context.Context, st *state, items []*Item) error {
 		what string
 		hold *HoldWrite // a hold write: its revision is remembered
 		once bool       // a Create: a key that exists was written before
+		span trace.Span // an event's publish
 	}
 	var waits []pending
 	publish := func(msg *nats.Msg, p pending) error {
@@ -843,17 +860,37 @@ func (s *store) flush(ctx context.Context, st *state, items []*Item) error {
 		if err != nil {
 			return err
 		}
-		msg, err := event.Encode(ctx, event.MeteringSubject(consumer, string(kind)), ev)
+		// Published in the trace of what caused it (a sandbox's lifecycle
+		// event, a request), which the item kept.
+		mctx := ctx
+		if it.Trace != "" {
+			mctx = propagation.TraceContext{}.Extract(ctx, propagation.MapCarrier{"traceparent": it.Trace})
+		}
+		msubject := event.MeteringSubject(consumer, string(kind))
+		mctx, span := bus.StartPublish(mctx, msubject, ev)
+		msg, err := event.Encode(mctx, msubject, ev)
 		if err != nil {
+			bus.EndPublish(span, err)
 			return err
 		}
-		if err := publish(msg, pending{what: "publishing " + msg.Subject}); err != nil {
+		if err := publish(msg, pending{what: "publishing " + msg.Subject, span: span}); err != nil {
+			bus.EndPublish(span, err)
 			first = cmp.Or(first, err)
 		}
 	}
+	defer func() {
+		for _, p := range waits {
+			if p.span != nil {
+				p.span.End() // a no-op for those ended with their ack
+			}
+		}
+	}()
 	for _, p := range waits {
 		select {
 		case ack := <-p.f.Ok():
+			if p.span != nil {
+				bus.EndPublish(p.span, nil)
+			}
 			if w := p.hold; w != nil {
 				sb := w.Key[strings.LastIndexByte(w.Key, '.')+1:]
 				if w.Delete {
@@ -863,6 +900,9 @@ func (s *store) flush(ctx context.Context, st *state, items []*Item) error {
 				}
 			}
 		case err := <-p.f.Err():
+			if p.span != nil {
+				bus.EndPublish(p.span, err)
+			}
 			switch {
 			case isConflict(err) && p.hold != nil:
 				delete(st.holds, p.hold.Key[strings.LastIndexByte(p.hold.Key, '.')+1:]) // read it again when needed
@@ -875,6 +915,14 @@ func (s *store) flush(ctx context.Context, st *state, items []*Item) error {
 		}
 	}
 	return first
+}
+
+// traceParent is the W3C traceparent of ctx's span, or empty when it has
+// none.
+func traceParent(ctx context.Context) string {
+	c := propagation.MapCarrier{}
+	propagation.TraceContext{}.Inject(ctx, c)
+	return c.Get("traceparent")
 }
 
 // read returns consumer's account without changing it, finishing a

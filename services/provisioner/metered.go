@@ -6,8 +6,12 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
 
+	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 )
@@ -30,7 +34,14 @@ func (pl *pool) serveQuotes(m extension.Metered) (micro.Service, error) {
 		return nil, fmt.Errorf("serving quotes for %s: %w", pl.name, err)
 	}
 	err = svc.AddEndpoint("quote", micro.HandlerFunc(func(req micro.Request) {
-		reply := pl.quote(m, req.Data())
+		// The answer's span is a child of the asker's (metering pricing
+		// an admission or an accrual tick): in the sandbox's trace.
+		ctx, span := bus.StartAnswer(context.Background(), req.Subject(), nats.Header(req.Headers()))
+		defer span.End()
+		reply := pl.quote(ctx, m, req.Data())
+		if reply.Error != "" {
+			span.SetStatus(codes.Error, reply.Error)
+		}
 		_ = req.RespondJSON(reply)
 	}), micro.WithEndpointSubject(event.QuoteSubject(pl.name)))
 	if err != nil {
@@ -40,7 +51,7 @@ func (pl *pool) serveQuotes(m extension.Metered) (micro.Service, error) {
 	return svc, nil
 }
 
-func (pl *pool) quote(m extension.Metered, data []byte) event.QuoteReply {
+func (pl *pool) quote(ctx context.Context, m extension.Metered, data []byte) event.QuoteReply {
 	var q event.QuoteRequest
 	if err := json.Unmarshal(data, &q); err != nil {
 		return event.QuoteReply{Error: "decoding quote request: " + err.Error()}
@@ -55,9 +66,12 @@ func (pl *pool) quote(m extension.Metered, data []byte) event.QuoteReply {
 	if !prof.Binds(pl.name) {
 		return event.QuoteReply{Error: fmt.Sprintf("profile %q is not bound to extension %q", q.Profile, pl.name)}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), quoteTimeout)
+	ctx, cancel := context.WithTimeout(ctx, quoteTimeout)
 	defer cancel()
+	ctx, span := pl.startCall(ctx, "EstimateCost", event.Ref{}, attribute.String("sandboxer.profile", q.Profile),
+		attribute.Int64("sandboxer.duration_seconds", q.DurationSeconds))
 	mq, err := m.EstimateCost(ctx, *prof, time.Duration(q.DurationSeconds)*time.Second)
+	endCall(span, err)
 	if err != nil {
 		return event.QuoteReply{Error: err.Error()}
 	}
@@ -66,13 +80,15 @@ func (pl *pool) quote(m extension.Metered, data []byte) event.QuoteReply {
 
 // meter asks a metered backend what a torn-down sandbox used. Backends
 // that do not meter return nil.
-func (pl *pool) meter(ctx context.Context, h extension.Handle, readyAt time.Time) (*event.MeterReading, error) {
+func (pl *pool) meter(ctx context.Context, ref event.Ref, h extension.Handle, readyAt time.Time) (*event.MeterReading, error) {
 	m, ok := pl.ext.(extension.Metered)
 	if !ok {
 		return nil, nil
 	}
 	u := extension.Usage{DestroyedAt: time.Now().UTC(), ReadyAt: readyAt}
+	ctx, span := pl.startCall(ctx, "MeterActual", ref)
 	r, err := m.MeterActual(ctx, h, u)
+	endCall(span, err)
 	if err != nil {
 		return nil, fmt.Errorf("metering %s: %w", h.SandboxID, err)
 	}

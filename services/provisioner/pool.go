@@ -12,6 +12,10 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
@@ -114,11 +118,11 @@ func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]b
 		// On a first delivery only when the gateway rejected a sandbox
 		// whose command it then found stored, or a create replayed: the
 		// guarded announcement was refused.
-		pl.log.Debug("create already done", "sandbox", c.SandboxID, "state", st)
+		pl.log.DebugContext(ctx, "create already done", "sandbox", c.SandboxID, "state", st)
 		return nil, nil
 	}
 	if perr != nil {
-		return pl.failed(c, "provision", nil, perr)
+		return pl.failed(ctx, c, "provision", nil, perr)
 	}
 	if early {
 		if err := announced(ctx); errors.Is(err, errNotFirst) {
@@ -136,11 +140,13 @@ func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]b
 		if err := announced(ctx); err != nil {
 			return nil, err
 		}
-		return pl.failed(c, phase, h, reason)
+		return pl.failed(ctx, c, phase, h, reason)
 	}
 
 	pctx, cancel := context.WithTimeout(ctx, prof.Deadlines.ProvisionDeadline())
+	pctx, span := pl.startCall(pctx, "Provision", c.Ref)
 	h, err := pl.ext.Provision(pctx, *prof, in, c.Host)
+	endCall(span, err)
 	cancel()
 	if err != nil {
 		if ctx.Err() != nil {
@@ -155,7 +161,9 @@ func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]b
 		h.Host = c.Host
 	}
 	rctx, cancel := context.WithTimeout(ctx, prof.Deadlines.ReadyDeadline())
+	rctx, span = pl.startCall(rctx, "WaitReady", c.Ref, attribute.String("sandboxer.host", h.Host))
 	reach, err := pl.ext.WaitReady(rctx, h)
+	endCall(span, err)
 	cancel()
 	if err != nil {
 		if ctx.Err() != nil {
@@ -179,15 +187,40 @@ func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]b
 	if err := announced(ctx); err != nil {
 		return nil, err
 	}
-	pl.log.Info("sandbox ready", "sandbox", c.SandboxID, "host", h.Host)
+	pl.log.InfoContext(ctx, "sandbox ready", "sandbox", c.SandboxID, "host", h.Host)
 	return []bus.Out{out}, nil
+}
+
+// startCall starts the span of one call into the extension's code
+// (Provision, WaitReady, Teardown, MeterActual, EstimateCost), a child of
+// ctx's: the command's span, so in the sandbox's trace. Its attributes
+// name the sandbox, never its inputs.
+func (pl *pool) startCall(ctx context.Context, op string, ref event.Ref, attrs ...attribute.KeyValue) (context.Context, trace.Span) {
+	attrs = append(attrs, attribute.String("sandboxer.extension", pl.name))
+	if ref.SandboxID != "" {
+		attrs = append(attrs, attribute.String("sandboxer.sandbox", ref.SandboxID), attribute.String("sandboxer.consumer", ref.Consumer),
+			attribute.String("sandboxer.profile", ref.Profile))
+	}
+	return otel.Tracer(tracerName).Start(ctx, op, trace.WithAttributes(attrs...))
+}
+
+// tracerName names the tracer of the provisioner's spans.
+const tracerName = "github.com/sand-boxer/sandboxer/services/provisioner"
+
+// endCall records the outcome of an extension call and ends its span.
+func endCall(span trace.Span, err error) {
+	if err != nil {
+		span.RecordError(err)
+		span.SetStatus(codes.Error, err.Error())
+	}
+	span.End()
 }
 
 // failed reports a create that cannot succeed: a failed event with the
 // reason, and a destroy command so that teardown of whatever was made runs
 // with the destroy path's retries.
-func (pl *pool) failed(c event.Create, phase string, h *extension.Handle, reason error) ([]bus.Out, error) {
-	pl.log.Warn("sandbox failed", "sandbox", c.SandboxID, "phase", phase, "err", reason)
+func (pl *pool) failed(ctx context.Context, c event.Create, phase string, h *extension.Handle, reason error) ([]bus.Out, error) {
+	pl.log.WarnContext(ctx, "sandbox failed", "sandbox", c.SandboxID, "phase", phase, "err", reason)
 	f, err := pl.lifecycle(event.StateFailed, c.Ref, event.Failed{Ref: c.Ref, Phase: phase, Reason: reason.Error(), Handle: h})
 	if err != nil {
 		return nil, err
@@ -245,14 +278,16 @@ func (pl *pool) destroy(ctx context.Context, d event.Destroy) ([]bus.Out, error)
 		deadline = prof.Deadlines.TeardownDeadline()
 	}
 	tctx, cancel := context.WithTimeout(ctx, deadline)
+	tctx, span := pl.startCall(tctx, "Teardown", ref, attribute.String("sandboxer.host", h.Host), attribute.String("sandboxer.reason", d.Reason))
 	rep, err := pl.ext.Teardown(tctx, h)
+	endCall(span, err)
 	cancel()
 	if err != nil {
 		// Cleanup must happen: retry with back-off, then dead-letter for an
 		// operator, with the reason.
 		return nil, fmt.Errorf("tearing down %s: %w", d.SandboxID, err)
 	}
-	reading, err := pl.meter(ctx, h, out.readyAt)
+	reading, err := pl.meter(ctx, ref, h, out.readyAt)
 	if err != nil {
 		return nil, err
 	}
@@ -260,7 +295,7 @@ func (pl *pool) destroy(ctx context.Context, d event.Destroy) ([]bus.Out, error)
 	if err != nil {
 		return nil, err
 	}
-	pl.log.Info("sandbox destroyed", "sandbox", d.SandboxID, "removed", len(rep.Removed))
+	pl.log.InfoContext(ctx, "sandbox destroyed", "sandbox", d.SandboxID, "removed", len(rep.Removed))
 	return []bus.Out{destroyed}, nil
 }
 
@@ -367,7 +402,7 @@ func (pl *pool) awaitCreate(ctx context.Context, ref event.Ref) (outcome, error)
 			if ctx.Err() != nil {
 				return outcome{}, ctx.Err()
 			}
-			pl.log.Warn("create did not finish, tearing down anyway", "sandbox", ref.SandboxID, "waited", wait)
+			pl.log.WarnContext(ctx, "create did not finish, tearing down anyway", "sandbox", ref.SandboxID, "waited", wait)
 			return outcome{}, nil
 		case m := <-ch:
 			lr, err := event.ParseLifecycleSubject(m.Subject)

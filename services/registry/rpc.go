@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 
+	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/workers"
@@ -65,6 +66,8 @@ func (r *Registry) serve() (micro.Service, error) {
 // handleCatalog answers with the catalog loaded at start, as JSON
 // ([extension.Catalog]).
 func (r *Registry) handleCatalog(req micro.Request) {
+	_, span := bus.StartAnswer(context.Background(), req.Subject(), nats.Header(req.Headers()))
+	defer span.End()
 	var body CatalogRequest
 	if err := decodeRequest(req.Data(), &body); err != nil {
 		_ = req.Error("400", err.Error(), nil)
@@ -75,6 +78,8 @@ func (r *Registry) handleCatalog(req micro.Request) {
 
 // handleWorkers answers with the live workers ([WorkersReply]).
 func (r *Registry) handleWorkers(req micro.Request) {
+	_, span := bus.StartAnswer(context.Background(), req.Subject(), nats.Header(req.Headers()))
+	defer span.End()
 	var body WorkersRequest
 	if err := decodeRequest(req.Data(), &body); err != nil {
 		_ = req.Error("400", err.Error(), nil)
@@ -144,9 +149,9 @@ type ServiceError struct {
 func (e *ServiceError) Error() string { return e.Code + " " + e.Description }
 
 func request(ctx context.Context, nc *nats.Conn, subject string, body []byte, v any) error {
-	msg, err := nc.RequestWithContext(ctx, subject, body)
+	msg, err := bus.Request(ctx, nc, subject, body) // a client span the answer joins
 	if err != nil {
-		return fmt.Errorf("requesting %s: %w", subject, err)
+		return err
 	}
 	if desc := msg.Header.Get(micro.ErrorHeader); desc != "" {
 		return &ServiceError{Code: msg.Header.Get(micro.ErrorCodeHeader), Description: desc}

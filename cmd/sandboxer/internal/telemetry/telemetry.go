@@ -1,7 +1,8 @@
 // Package telemetry sets up OpenTelemetry for a sandboxer process: the W3C
 // trace-context propagator always (so traceparent crosses every hop), a
 // tracer provider that samples what the caller sampled, and an exporter
-// only when the standard OTEL_* variables ask for one.
+// only when the standard OTEL_* variables ask for one; and the process's
+// logger, whose lines carry the trace and span of the work they are about.
 package telemetry
 
 import (
