@@ -70,3 +70,6 @@ tidy:
 
 clean:
 	rm -rf bin
+
+# The three-node cluster of deploy/compose: make cluster-up, cluster-down.
+include deploy/compose/cluster.mk
