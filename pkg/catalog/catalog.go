@@ -165,6 +165,10 @@ func (c *Cache) publish(work *extension.Catalog) {
 	c.once.Do(func() { close(c.ready) })
 }
 
+// followRefresh is how often a followed catalog is read again without a
+// change seen: the bound on how long a replica's lag can hide one.
+const followRefresh = 5 * time.Second
+
 // Follow starts a cache of the catalog bucket that needs no consumer, for
 // workers, which may not create one: it reads the bucket with one batched
 // direct get, and again whenever a plain subscription to the bucket's
@@ -199,6 +203,11 @@ func Follow(ctx context.Context, nc *nats.Conn) (*Cache, error) {
 			}
 			if err := c.reload(ctx, nc); err != nil && ctx.Err() == nil {
 				retry.Reset(time.Second) // a bus that is not there yet
+			} else {
+				// On a cluster the read may come from a replica that has
+				// not applied the change yet: read again a little later,
+				// and every so often anyway.
+				retry.Reset(followRefresh)
 			}
 		}
 	}()
