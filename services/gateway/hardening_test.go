@@ -189,6 +189,7 @@ func TestEventStreamOutlivesServerTimeouts(t *testing.T) {
 	hs.Config.ReadTimeout = writeTimeout
 	hs.Start()
 	t.Cleanup(hs.Close)
+	hs.Client().Transport = checkedTransport(t, hs.Client().Transport)
 	sb, err := e.client("alice").Create(testCtx(t), api.CreateRequest{Profile: "echo"}, "")
 	if err != nil {
 		t.Fatal(err)

@@ -17,11 +17,16 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/apikey"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/services/gateway/console"
+	"github.com/sand-boxer/sandboxer/services/gateway/openapi"
 )
 
 // routes builds the API. Every path also has a method-less fallback, so a
 // wrong method gets a 405 problem rather than the mux's plain text.
-func (g *Gateway) routes() http.Handler {
+func (g *Gateway) routes() http.Handler { return g.serve(g.mux().ServeMux) }
+
+// mux registers every route of the API on a new mux, which remembers the
+// patterns (the OpenAPI document has an operation for each: a test checks).
+func (g *Gateway) mux() *routeMux {
 	// The scope each endpoint needs (apikey.Scope): admin keys have
 	// every one.
 	const (
@@ -31,7 +36,7 @@ func (g *Gateway) routes() http.Handler {
 		credits = apikey.ScopeCredits
 		admin   = apikey.ScopeAdmin
 	)
-	mux := http.NewServeMux()
+	mux := &routeMux{ServeMux: http.NewServeMux()}
 	paths := []struct {
 		path    string
 		methods map[string]http.Handler
@@ -50,6 +55,7 @@ func (g *Gateway) routes() http.Handler {
 		{"/v1/workers", map[string]http.Handler{"GET": g.authed(read, g.workerPools)}},
 		{"/v1/keys", map[string]http.Handler{"POST": g.authed(admin, g.issueKey), "GET": g.authed(admin, g.listKeys)}},
 		{"/v1/keys/{id}", map[string]http.Handler{"DELETE": g.authed(admin, g.revokeKey)}},
+		{openapi.Path, map[string]http.Handler{"GET": openapi.Handler()}}, // the API's OpenAPI document, public
 	}
 	for _, p := range paths {
 		allow := ""
@@ -77,7 +83,23 @@ func (g *Gateway) routes() http.Handler {
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		g.writeProblem(w, r, newProblem(http.StatusNotFound, "no such endpoint"))
 	})
-	return g.serve(mux)
+	return mux
+}
+
+// routeMux is a ServeMux that remembers its patterns, in the order they
+// were registered.
+type routeMux struct {
+	*http.ServeMux
+	patterns []string
+}
+
+func (m *routeMux) Handle(pattern string, h http.Handler) {
+	m.ServeMux.Handle(pattern, h)
+	m.patterns = append(m.patterns, pattern)
+}
+
+func (m *routeMux) HandleFunc(pattern string, h func(http.ResponseWriter, *http.Request)) {
+	m.Handle(pattern, http.HandlerFunc(h))
 }
 
 // serve wraps every request in an OpenTelemetry server span (continuing a

@@ -123,6 +123,9 @@ func newEnv(t testing.TB, cfg envConfig) *env {
 		t.Fatal(err)
 	}
 	e.hs = httptest.NewServer(e.gw.Handler())
+	// Every request through e.hs.Client() (e.do, e.client, the event
+	// streams) and every answer are validated against the OpenAPI document.
+	e.hs.Client().Transport = checkedTransport(t, e.hs.Client().Transport)
 	t.Cleanup(e.hs.Close)
 	t.Cleanup(func() { // before hs.Close: event streams end here
 		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
