@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"strconv"
@@ -129,7 +130,10 @@ func (g *Gateway) history(ctx context.Context, cons jetstream.Consumer, out *sse
 // follow sends events as they come until a terminal one, ctx ends or the
 // client cannot be written to.
 func (g *Gateway) follow(ctx context.Context, cons jetstream.Consumer, out *sseWriter) {
-	it, err := cons.Messages()
+	// A short heartbeat: on a cluster the first pull can reach the
+	// consumer before it is ready; the ordered consumer then starts again
+	// after two missed heartbeats, in 2s instead of the default 10s.
+	it, err := cons.Messages(jetstream.PullHeartbeat(time.Second), jetstream.PullExpiry(10*time.Second))
 	if err != nil {
 		g.log.Warn("following lifecycle events", "err", err)
 		return
@@ -137,10 +141,29 @@ func (g *Gateway) follow(ctx context.Context, cons jetstream.Consumer, out *sseW
 	msgs := make(chan jetstream.Msg)
 	go func() {
 		defer close(msgs)
+		failures := 0
 		for {
 			m, err := it.Next()
-			if err != nil {
+			switch {
+			case err == nil:
+				failures = 0
+			case errors.Is(err, jetstream.ErrMsgIteratorClosed) || ctx.Err() != nil:
 				return
+			default:
+				// Missed heartbeats and the like: the ordered consumer
+				// recovers by itself, and the stream goes on; a consumer
+				// that keeps failing ends it.
+				if failures++; failures > 20 {
+					g.log.Warn("following lifecycle events: giving up", "err", err)
+					return
+				}
+				g.log.Debug("following lifecycle events", "err", err)
+				select {
+				case <-ctx.Done():
+					return
+				case <-time.After(100 * time.Millisecond):
+				}
+				continue
 			}
 			select {
 			case msgs <- m:
