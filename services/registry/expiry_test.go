@@ -88,10 +88,13 @@ func TestExpiryAcrossRestart(t *testing.T) {
 	if cmd.Type() != string(event.TypeDestroy) || cmd.Source() != registry.Source || d.Reason != event.ReasonExpired || d.SandboxID != id || d.Extension != testExt {
 		t.Errorf("destroy command %s from %s: %+v", cmd.Type(), cmd.Source(), d)
 	}
-	evt := e2.lastMsg(t, event.StreamLifecycle, event.LifecycleSubject("team-a", testExt, id, event.StateExpired))
-	if evt == nil {
-		t.Fatal("no expired event on the lifecycle stream")
-	}
+	// The expired event and the destroy command go out together, to two
+	// streams: the destroy found, the event may still be on its way.
+	var evt *jetstream.RawStreamMsg
+	eventually(t, 5*time.Second, func() (bool, string) {
+		evt = e2.lastMsg(t, event.StreamLifecycle, event.LifecycleSubject("team-a", testExt, id, event.StateExpired))
+		return evt != nil, "no expired event on the lifecycle stream"
+	})
 	_, xe, err := event.Decode(t.Context(), evt.Header, evt.Data)
 	if err != nil {
 		t.Fatal(err)
