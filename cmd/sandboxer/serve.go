@@ -5,15 +5,23 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"path/filepath"
+	"strings"
+	"sync/atomic"
 	"time"
 
+	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/catalogfs"
 	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/memory"
 	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/telemetry"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/metrics"
 	"github.com/sand-boxer/sandboxer/services/metering"
 	"github.com/sand-boxer/sandboxer/services/provisioner"
 	"github.com/sand-boxer/sandboxer/services/registry"
@@ -64,6 +72,7 @@ func serveRun(ctx context.Context, service string, logs logFlags, c *connectFlag
 func serveGateway() *cobra.Command {
 	var (
 		c           connectFlags
+		mf          metricsFlag
 		addr        string
 		logs        logFlags
 		retention   time.Duration
@@ -75,7 +84,11 @@ func serveGateway() *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return serveRun(cmd.Context(), "gateway", logs, &c, idleRelease, func(ctx context.Context, st *stack, d *svcDeps) error {
-				gw, err := startGateway(ctx, st, d.nc, d.js, d.log, retention)
+				mreg, err := mf.start(st, d)
+				if err != nil {
+					return err
+				}
+				gw, err := startGateway(ctx, st, d.nc, d.js, d.log, retention, mreg)
 				if err != nil {
 					return err
 				}
@@ -84,12 +97,14 @@ func serveGateway() *cobra.Command {
 					return fmt.Errorf("listening on %s: %w", addr, err)
 				}
 				serveHTTP(st, gw, ln, d.log)
+				mf.started(st)
 				d.log.Info("gateway listening", "addr", ln.Addr().String())
 				return nil
 			})
 		},
 	}
 	c.add(cmd)
+	mf.add(cmd.Flags())
 	cmd.Flags().StringVar(&addr, "http", "127.0.0.1:8080", "HTTP listen address")
 	retentionFlag(cmd.Flags(), &retention)
 	idleReleaseFlag(cmd.Flags(), &idleRelease)
@@ -100,6 +115,7 @@ func serveGateway() *cobra.Command {
 func serveProvisioner() *cobra.Command {
 	var (
 		c           connectFlags
+		mf          metricsFlag
 		dataDir     string
 		pools       []string
 		concurrency int
@@ -116,6 +132,10 @@ func serveProvisioner() *cobra.Command {
 				return &exitError{2, errors.New("at least one --extension is required")}
 			}
 			return serveRun(cmd.Context(), "provisioner", logs, &c, idleRelease, func(ctx context.Context, st *stack, d *svcDeps) error {
+				mreg, err := mf.start(st, d)
+				if err != nil {
+					return err
+				}
 				cat, stopCat, err := followCatalog(ctx, d.nc)
 				if err != nil {
 					return err
@@ -124,6 +144,7 @@ func serveProvisioner() *cobra.Command {
 				p, err := provisioner.New(provisioner.Options{
 					JS: d.js, Catalog: cat, Extensions: linkedExtensions(), Pools: pools,
 					Concurrency: concurrency, DataDir: filepath.Join(dataDir, "extensions"), WorkerID: worker, Logger: d.log,
+					Metrics: mreg,
 				})
 				if err != nil {
 					return err
@@ -132,11 +153,13 @@ func serveProvisioner() *cobra.Command {
 					return err
 				}
 				st.add(p.Shutdown)
+				mf.started(st)
 				return nil
 			})
 		},
 	}
 	c.add(cmd)
+	mf.add(cmd.Flags())
 	extensionsFlag(cmd.Flags(), &pools, "extension to serve")
 	dataDirFlag(cmd.Flags(), &dataDir, "data directory: the backends' working data, under extensions/")
 	cmd.Flags().IntVar(&concurrency, "concurrency", 0, "commands run at once per extension in this process (default: the manifest's workers.concurrency)")
@@ -150,6 +173,7 @@ func serveMetering() *cobra.Command {
 	var (
 		c           connectFlags
 		logs        logFlags
+		mf          metricsFlag
 		idleRelease time.Duration
 	)
 	cmd := &cobra.Command{
@@ -158,7 +182,11 @@ func serveMetering() *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return serveRun(cmd.Context(), "metering", logs, &c, idleRelease, func(ctx context.Context, st *stack, d *svcDeps) error {
-				m, err := metering.New(metering.Options{JS: d.js, Logger: d.log})
+				mreg, err := mf.start(st, d)
+				if err != nil {
+					return err
+				}
+				m, err := metering.New(metering.Options{JS: d.js, Logger: d.log, Metrics: mreg})
 				if err != nil {
 					return err
 				}
@@ -166,11 +194,13 @@ func serveMetering() *cobra.Command {
 					return err
 				}
 				st.add(m.Shutdown)
+				mf.started(st)
 				return nil
 			})
 		},
 	}
 	c.add(cmd)
+	mf.add(cmd.Flags())
 	idleReleaseFlag(cmd.Flags(), &idleRelease)
 	logs.add(cmd.Flags())
 	return cmd
@@ -179,6 +209,7 @@ func serveMetering() *cobra.Command {
 func serveRegistry() *cobra.Command {
 	var (
 		c               connectFlags
+		mf              metricsFlag
 		extDir, profDir string
 		logs            logFlags
 		retention       time.Duration
@@ -198,8 +229,12 @@ func serveRegistry() *cobra.Command {
 			}
 			return serveRun(cmd.Context(), "registry", logs, &c, idleRelease, func(ctx context.Context, st *stack, d *svcDeps) error {
 				d.log.Info("catalog", "from", describeCatalog(ext, prof))
+				mreg, err := mf.start(st, d)
+				if err != nil {
+					return err
+				}
 				r, err := registry.New(registry.Options{
-					JS: d.js, NC: d.nc, Catalog: cat, Extensions: reg, Logger: d.log,
+					JS: d.js, NC: d.nc, Catalog: cat, Extensions: reg, Logger: d.log, Metrics: mreg,
 					Retention: retention,
 				})
 				if err != nil {
@@ -209,14 +244,75 @@ func serveRegistry() *cobra.Command {
 					return err
 				}
 				st.add(r.Shutdown)
+				mf.started(st)
 				return nil
 			})
 		},
 	}
 	c.add(cmd)
+	mf.add(cmd.Flags())
 	catalogFlags(cmd.Flags(), &extDir, &profDir)
 	logs.add(cmd.Flags())
 	retentionFlag(cmd.Flags(), &retention)
 	idleReleaseFlag(cmd.Flags(), &idleRelease)
 	return cmd
+}
+
+// newMetricsRegistry is the one registry of a process, which its services
+// register their families in: with the Go runtime's and the process's.
+func newMetricsRegistry() *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return reg
+}
+
+// metricsFlag is --metrics of the serve verbs: a listener with the
+// process's /metrics, /healthz (200 while it runs) and /readyz (200 once
+// the service started, while its NATS connection is up).
+type metricsFlag struct {
+	addr  string
+	ready atomic.Bool
+}
+
+func (m *metricsFlag) add(f *pflag.FlagSet) {
+	f.StringVar(&m.addr, "metrics", "", "listen address of /metrics, /healthz and /readyz, such as :9090 (empty: none)")
+}
+
+// start returns the process's registry and, with --metrics, serves it
+// until the stack stops. Call it before the service starts, so /healthz
+// answers while it does.
+func (m *metricsFlag) start(st *stack, d *svcDeps) (*prometheus.Registry, error) {
+	reg := newMetricsRegistry()
+	if m.addr == "" {
+		return reg, nil
+	}
+	ln, err := net.Listen("tcp", m.addr)
+	if err != nil {
+		return nil, fmt.Errorf("listening on %s (--metrics): %w", m.addr, err)
+	}
+	hs := newHTTPServer(metrics.Mux(reg, func(context.Context) []string {
+		var not []string
+		if s := d.nc.Status(); s != nats.CONNECTED {
+			not = append(not, "nats "+strings.ToLower(s.String()))
+		}
+		if !m.ready.Load() {
+			not = append(not, "service not started")
+		}
+		return not
+	}))
+	go func() {
+		if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			d.log.Error("metrics server", "err", err)
+		}
+	}()
+	st.add(hs.Shutdown)
+	d.log.Info("metrics listening", "addr", ln.Addr().String())
+	return reg, nil
+}
+
+// started marks the service started: /readyz answers 200 from now on,
+// until the stack begins to stop it.
+func (m *metricsFlag) started(st *stack) {
+	m.ready.Store(true)
+	st.add(func(context.Context) error { m.ready.Store(false); return nil })
 }

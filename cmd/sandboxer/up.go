@@ -16,6 +16,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
@@ -268,8 +269,11 @@ type system struct {
 	Pools []string
 	// Creds are the credentials files written under the data dir.
 	Creds []string
-	st    stack
-	log   *slog.Logger
+	// Metrics is the process's one registry: every service's families,
+	// which the gateway serves on /metrics.
+	Metrics *prometheus.Registry
+	st      stack
+	log     *slog.Logger
 }
 
 // startSystem starts an embedded NATS server that trusts the data dir's
@@ -284,7 +288,7 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 		cfg.HTTPAddr = "127.0.0.1:8080"
 	}
 	log := cfg.Logger
-	sys := &system{log: log}
+	sys := &system{log: log, Metrics: newMetricsRegistry()}
 	defer func() {
 		if err != nil {
 			sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -371,6 +375,7 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 	}
 	reg, err := registry.New(registry.Options{
 		JS: regJS, NC: regNC, Catalog: cat, Extensions: cfg.Extensions, Logger: log.With("service", "registry"), Retention: cfg.Retention,
+		Metrics: sys.Metrics,
 	})
 	if err != nil {
 		return nil, err
@@ -384,7 +389,7 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 	if err != nil {
 		return nil, err
 	}
-	met, err := metering.New(metering.Options{JS: metJS, Logger: log.With("service", "metering")})
+	met, err := metering.New(metering.Options{JS: metJS, Logger: log.With("service", "metering"), Metrics: sys.Metrics})
 	if err != nil {
 		return nil, err
 	}
@@ -408,6 +413,7 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 		p, err := provisioner.New(provisioner.Options{
 			JS: pJS, Catalog: pcat, Extensions: cfg.Extensions, Pools: []string{name},
 			DataDir: filepath.Join(cfg.DataDir, "extensions"), Logger: log.With("service", "provisioner"),
+			Metrics: sys.Metrics,
 		})
 		if err != nil {
 			return nil, err
@@ -424,7 +430,7 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 	if err != nil {
 		return nil, err
 	}
-	gw, err := startGateway(ctx, &sys.st, gwNC, gwJS, log.With("service", "gateway"), cfg.Retention)
+	gw, err := startGateway(ctx, &sys.st, gwNC, gwJS, log.With("service", "gateway"), cfg.Retention, sys.Metrics)
 	if err != nil {
 		return nil, err
 	}
@@ -439,7 +445,8 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 
 // startGateway starts a gateway on its connection: its catalog, worker
 // liveness and metering client, and its bus intake.
-func startGateway(ctx context.Context, st *stack, nc *nats.Conn, js jetstream.JetStream, log *slog.Logger, retention time.Duration) (*gateway.Gateway, error) {
+// Its /metrics serves reg, where its families are registered too.
+func startGateway(ctx context.Context, st *stack, nc *nats.Conn, js jetstream.JetStream, log *slog.Logger, retention time.Duration, reg *prometheus.Registry) (*gateway.Gateway, error) {
 	cat, err := watchCatalog(ctx, js)
 	if err != nil {
 		return nil, err
@@ -460,7 +467,7 @@ func startGateway(ctx context.Context, st *stack, nc *nats.Conn, js jetstream.Je
 		JS: js, Catalog: cat, Keys: apikey.NewStore(keys),
 		Resolver: &gateway.CapacityResolver{Liveness: wc}, Workers: wc,
 		Admitter: meteringAdmitter{mc}, Credits: meteringCredits{mc}, Logger: log,
-		Retention: retention,
+		Retention: retention, Metrics: reg,
 	})
 	if err != nil {
 		return nil, err

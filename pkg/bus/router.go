@@ -98,6 +98,8 @@ type Route struct {
 	// Run's: Run's context then only stops pulling, so a service can drain
 	// the handlers in flight before it cancels them.
 	HandlerContext context.Context
+
+	metrics *routeMetrics // set by Run
 }
 
 // RouterStats counts what a router did.
@@ -114,6 +116,10 @@ type Router struct {
 	log    *slog.Logger
 	tracer trace.Tracer
 	Stats  RouterStats
+	// Metrics, when set before Run, counts what Stats counts per durable
+	// consumer, with redeliveries and handler durations, in Prometheus
+	// families ([NewRouterMetrics]). Default nil: Stats only.
+	Metrics *RouterMetrics
 }
 
 // NewRouter returns a router on js. A nil logger discards.
@@ -138,6 +144,7 @@ func (r *Router) Run(ctx context.Context, rt Route) error {
 		return errors.New("running route: nil handler")
 	}
 	rt.Policy = rt.Policy.WithDefaults()
+	rt.metrics = r.Metrics.route(rt.Consumer)
 	n := rt.Concurrency
 	if n <= 0 {
 		n = 1
@@ -225,6 +232,9 @@ func (r *Router) handle(ctx context.Context, rt Route, msg jetstream.Msg) {
 		_ = msg.Term()
 		return
 	}
+	if meta.NumDelivered > 1 {
+		rt.metrics.redelivered.Inc()
+	}
 	hctx, e, derr := event.Decode(ctx, msg.Headers(), msg.Data())
 	hctx, span := r.tracer.Start(hctx, "process "+rt.Consumer,
 		trace.WithSpanKind(trace.SpanKindConsumer),
@@ -244,10 +254,12 @@ func (r *Router) handle(ctx context.Context, rt Route, msg jetstream.Msg) {
 	m := &Message{Event: e, Subject: msg.Subject(), Delivered: meta.NumDelivered, StreamSeq: meta.Sequence.Stream, Timestamp: meta.Timestamp, raw: msg}
 
 	stopBeat := heartbeat(msg, rt.Policy.AckWait)
+	start := time.Now()
 	outs, herr := r.call(hctx, rt, m)
 	if herr == nil && len(outs) > 0 {
 		herr = r.pub.PublishAll(hctx, outs)
 	}
+	rt.metrics.duration.Observe(time.Since(start).Seconds())
 	stopBeat()
 	if herr != nil {
 		r.fail(hctx, rt, msg, meta, herr, span)
@@ -257,6 +269,7 @@ func (r *Router) handle(ctx context.Context, rt Route, msg jetstream.Msg) {
 		r.log.WarnContext(hctx, "acking", "consumer", rt.Consumer, "subject", msg.Subject(), "err", err)
 	}
 	r.Stats.Handled.Add(1)
+	rt.metrics.handled.Inc()
 }
 
 // call runs the handler and turns a panic into an error.
@@ -264,6 +277,7 @@ func (r *Router) call(ctx context.Context, rt Route, m *Message) (outs []Out, er
 	defer func() {
 		if p := recover(); p != nil {
 			r.Stats.Panics.Add(1)
+			rt.metrics.panics.Inc()
 			r.log.ErrorContext(ctx, "handler panicked", "consumer", rt.Consumer, "subject", m.Subject, "panic", p, "stack", string(debug.Stack()))
 			outs, err = nil, fmt.Errorf("handler panicked: %v", p)
 		}
@@ -275,6 +289,7 @@ func (r *Router) fail(ctx context.Context, rt Route, msg jetstream.Msg, meta *je
 	span.RecordError(err)
 	span.SetStatus(codes.Error, err.Error())
 	r.Stats.Failed.Add(1)
+	rt.metrics.failed.Inc()
 	last := rt.Policy.MaxDeliver > 0 && int(meta.NumDelivered) >= rt.Policy.MaxDeliver
 	if !IsPermanent(err) && !last {
 		if ctx.Err() != nil {
@@ -301,6 +316,7 @@ func (r *Router) fail(ctx context.Context, rt Route, msg jetstream.Msg, meta *je
 		return
 	}
 	r.Stats.DeadLettered.Add(1)
+	rt.metrics.deadLettered.Inc()
 	r.log.ErrorContext(ctx, "message dead-lettered", "consumer", rt.Consumer, "subject", msg.Subject(), "reason", reason)
 	_ = msg.TermWithReason(truncate(reason, 200))
 }

@@ -272,6 +272,16 @@ func (v *inventory) account(old, cur *sandbox.Record) {
 		}
 		return l
 	}
+	if old != nil {
+		v.byState[old.State]--
+		delete(v.transient, old.ID)
+	}
+	if cur != nil {
+		v.byState[cur.State]++
+		if transient(cur.State) {
+			v.transient[cur.ID] = cur
+		}
+	}
 	if old != nil && !old.State.Terminal() {
 		l := load(old.Extension)
 		l.total--

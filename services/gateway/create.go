@@ -103,6 +103,7 @@ func (g *Gateway) create(w http.ResponseWriter, r *http.Request, c caller) {
 func (g *Gateway) createSandbox(ctx context.Context, st *state, c caller, req api.CreateRequest, idemKey string, origin *event.Origin) (*sandbox.Record, *api.Problem) {
 	pl, p := g.validate(req)
 	if p != nil {
+		g.metrics.admitted(admitInvalid)
 		return nil, p
 	}
 	id := sandbox.NewID()
@@ -122,6 +123,7 @@ func (g *Gateway) createSandbox(ctx context.Context, st *state, c caller, req ap
 		claim.release(ctx)
 		return nil, p
 	}
+	g.metrics.admitted(admitAdmitted)
 	return rec, nil
 }
 
@@ -156,10 +158,12 @@ func (g *Gateway) request(ctx context.Context, st *state, c caller, id string, p
 	}
 	switch {
 	case errors.Is(err, ErrNoRoute):
+		g.metrics.admitted(admitNoRoute)
 		g.reject(ctx, st, cr, CodeNoRoute, err.Error())
 		return nil, rejection(http.StatusServiceUnavailable, id, "no route for this sandbox: "+err.Error())
 	case err != nil:
 		g.log.ErrorContext(ctx, "resolving route", "sandbox", id, "err", err)
+		g.metrics.admitted(admitUnavailable)
 		return nil, newProblem(http.StatusServiceUnavailable, "cannot route sandboxes right now")
 	}
 	cr.Extension, cr.Host = route.Extension, route.Host
@@ -177,10 +181,12 @@ func (g *Gateway) request(ctx context.Context, st *state, c caller, id string, p
 		span.End()
 		switch {
 		case errors.Is(err, ErrInsufficientCredits):
+			g.metrics.admitted(admitInsufficient)
 			g.reject(ctx, st, cr, CodeInsufficientCredits, err.Error())
 			return nil, rejection(http.StatusPaymentRequired, id, err.Error())
 		case err != nil:
 			g.log.ErrorContext(ctx, "admitting sandbox", "sandbox", id, "err", err)
+			g.metrics.admitted(admitUnavailable)
 			return nil, newProblem(http.StatusServiceUnavailable, "cannot admit sandboxes right now")
 		}
 		cr.Hold = hold
@@ -194,6 +200,7 @@ func (g *Gateway) request(ctx context.Context, st *state, c caller, id string, p
 		if cr.Hold != "" {
 			g.reject(ctx, st, cr, CodeUnavailable, "building the create command failed")
 		}
+		g.metrics.admitted(admitUnavailable)
 		return nil, newProblem(http.StatusInternalServerError, "cannot build the create command")
 	}
 	// The record and the command go out together: one round trip, not
@@ -219,6 +226,11 @@ func (g *Gateway) request(ctx context.Context, st *state, c caller, id string, p
 		g.log.WarnContext(ctx, "publishing create command", "sandbox", id, "err", err)
 		if movedOn := g.reject(ctx, st, cr, code, err.Error()); movedOn != nil {
 			return movedOn, nil // the command arrived after all
+		}
+		if code == CodeBackPressure {
+			g.metrics.admitted(admitBackPressure)
+		} else {
+			g.metrics.admitted(admitUnavailable)
 		}
 		return nil, rejection(http.StatusServiceUnavailable, id, detail)
 	}

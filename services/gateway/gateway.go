@@ -27,6 +27,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/trace"
 
@@ -110,6 +111,15 @@ type Options struct {
 	// is kept, as the registry keeps every ended sandbox's. Default
 	// [sandbox.DefaultRetention]; negative keeps records forever.
 	Retention time.Duration
+	// Metrics is where the gateway's Prometheus families are registered
+	// (requests, admissions, the bus intake, the pools' queues and the
+	// inventory by state). Default nil: none are.
+	Metrics prometheus.Registerer
+	// Gatherer is what GET /metrics serves: every family of the process
+	// when the services share one registry. Default: Metrics, when it is
+	// a [prometheus.Gatherer] (a *prometheus.Registry); without one,
+	// /metrics answers 404.
+	Gatherer prometheus.Gatherer
 }
 
 func (o Options) withDefaults() Options {
@@ -155,6 +165,9 @@ func (o Options) withDefaults() Options {
 	if o.IntakeConcurrency <= 0 {
 		o.IntakeConcurrency = 64
 	}
+	if g, ok := o.Metrics.(prometheus.Gatherer); ok && o.Gatherer == nil {
+		o.Gatherer = g
+	}
 	return o
 }
 
@@ -169,6 +182,7 @@ type Gateway struct {
 	keys    *keyCache
 	store   *apikey.Store // the key endpoints'
 	handler http.Handler
+	metrics *gatewayMetrics
 
 	state     atomic.Pointer[state] // nil until Start succeeds
 	intakeSub *nats.Subscription    // the bus intake, once started
@@ -222,6 +236,7 @@ func New(opts Options) (*Gateway, error) {
 		bg:     bg,
 		stopBg: stop,
 	}
+	g.metrics = newGatewayMetrics(g, opts.Metrics, opts.Gatherer)
 	g.handler = g.routes()
 	return g, nil
 }

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"runtime/debug"
 	"strconv"
+	"time"
 
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
@@ -43,6 +44,7 @@ func (g *Gateway) mux() *routeMux {
 	}{
 		{"/healthz", map[string]http.Handler{"GET": http.HandlerFunc(g.healthz)}},
 		{"/readyz", map[string]http.Handler{"GET": http.HandlerFunc(g.readyz)}},
+		{"/metrics", map[string]http.Handler{"GET": http.HandlerFunc(g.serveMetrics)}}, // Prometheus, public
 		{"/v1/sandboxes", map[string]http.Handler{"POST": g.authed(create, g.create), "GET": g.authed(read, g.list)}},
 		{"/v1/sandboxes/{id}", map[string]http.Handler{"GET": g.authed(read, g.get), "DELETE": g.authed(destroy, g.destroy)}},
 		{"/v1/sandboxes/{id}/events", map[string]http.Handler{"GET": g.authed(read, g.events)}},
@@ -117,6 +119,7 @@ func (g *Gateway) serve(mux *http.ServeMux) http.Handler {
 		defer span.End()
 		sw := &statusWriter{ResponseWriter: w}
 		r = r.WithContext(ctx)
+		defer g.countRequest(r, sw, time.Now()) // after the recovery below has answered
 		defer func() {
 			if p := recover(); p != nil {
 				if p == http.ErrAbortHandler {

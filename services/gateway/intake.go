@@ -168,6 +168,7 @@ func intakeKey(o *event.Origin) string {
 
 // reply answers m, when its sender waits for an answer.
 func (g *Gateway) reply(m *nats.Msg, r api.BusReply) {
+	g.countIntake(m.Subject, r)
 	if m.Reply == "" {
 		return
 	}

@@ -30,6 +30,12 @@ type inventory struct {
 	live  bool                // the watch is running and loaded
 	once  sync.Once
 
+	// byState counts recs by state, and transient holds the records in a
+	// transient state (few: most sandboxes are ready or ended); both are
+	// kept with recs, for metrics.
+	byState   map[event.State]int
+	transient map[string]*sandbox.Record
+
 	// byID holds the records of recs (not the deletions) sorted by id, and
 	// byConsumer each consumer's, for pages. Both are kept with recs.
 	byID       []*sandbox.Record
@@ -45,6 +51,7 @@ func newInventory(kv jetstream.KeyValue, log *slog.Logger) *inventory {
 	return &inventory{
 		kv: kv, log: log, recs: make(map[string]invEntry), byConsumer: make(map[string][]*sandbox.Record),
 		loads: make(map[string]*extLoad), ready: make(chan struct{}),
+		byState: make(map[event.State]int), transient: make(map[string]*sandbox.Record),
 	}
 }
 

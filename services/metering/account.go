@@ -192,6 +192,9 @@ type Account struct {
 	Grants []*Grant `json:"grants,omitempty"`
 	// Open counts the open holds.
 	Open int `json:"open_holds,omitempty"`
+	// LowHolds counts the open holds whose low or exhausted notice went
+	// out: the account is low on credit while it is not zero.
+	LowHolds int `json:"low_holds,omitempty"`
 	// LegacyHolds are the open holds of an account written before holds
 	// had keys of their own; the next change moves them out.
 	LegacyHolds map[string]*Hold `json:"holds,omitempty"`
@@ -428,6 +431,14 @@ func (a *Account) openFree(h *Hold) {
 	a.Open++
 }
 
+// flagLow counts h among the holds short of credit, the first time it is
+// flagged low or exhausted; the caller flags it.
+func (a *Account) flagLow(h *Hold) {
+	if !h.Low && !h.Exhausted {
+		a.LowHolds++
+	}
+}
+
 // extend adds up to amount to hold h, as far as the available credit
 // allows, and returns what it added.
 func (a *Account) extend(h *Hold, amount int64, cause string, now time.Time) int64 {
@@ -499,6 +510,9 @@ func (a *Account) release(h *Hold, cause, reason string, now time.Time) {
 	freed := h.Amount
 	h.Amount = 0
 	a.Open--
+	if h.Low || h.Exhausted {
+		a.LowHolds = max(a.LowHolds-1, 0) // holds flagged before LowHolds was counted: not counted
+	}
 	for _, d := range h.Draws {
 		if g := a.grant(d.Grant); g != nil {
 			g.Holds--

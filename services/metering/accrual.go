@@ -155,9 +155,11 @@ func (m *Metering) accrue(ctx context.Context, c, sb, tick string, p *prices) ([
 		}
 		switch {
 		case short || (need > h.Amount && h.Amount == 0 && a.Available() == 0):
+			a.flagLow(h)
 			h.Exhausted, exhausted = true, true
 			notice(KindExhausted)
 		case need > h.Amount && !h.Low:
+			a.flagLow(h)
 			h.Low = true
 			notice(KindLow)
 		case a.Seq == seq:

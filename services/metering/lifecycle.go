@@ -18,6 +18,7 @@ func (m *Metering) countLifecycle(ctx context.Context, msg *bus.Message) ([]bus.
 	outs, err := m.onLifecycle(ctx, msg)
 	if err == nil {
 		m.processed.Add(1)
+		m.metrics.foldedLifecycle(msg.Subject)
 	}
 	return outs, err
 }

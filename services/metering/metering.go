@@ -29,6 +29,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/catalog"
@@ -102,6 +103,15 @@ type Options struct {
 	Policy bus.ConsumerPolicy
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
+	// Metrics is where metering's Prometheus families are registered
+	// (events folded, credit granted and debited, notices, its durables'
+	// lag, open holds, accounts low on credit, the router's counts).
+	// Default nil: none are.
+	Metrics prometheus.Registerer
+	// MetricsRefresh is how old the open holds and accounts low on credit
+	// of a scrape may be: a scrape reads every account document again
+	// once they are older. Default 15s.
+	MetricsRefresh time.Duration
 }
 
 func (o Options) withDefaults() Options {
@@ -136,6 +146,9 @@ func (o Options) withDefaults() Options {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
+	if o.MetricsRefresh <= 0 {
+		o.MetricsRefresh = 15 * time.Second
+	}
 	o.Policy = o.Policy.WithDefaults()
 	return o
 }
@@ -158,6 +171,7 @@ type Metering struct {
 	timers    jetstream.Stream
 	svc       micro.Service
 	router    *bus.Router
+	metrics   *meteringMetrics
 
 	// processed counts lifecycle events fully handled: their changes
 	// durable in the ledger (or found to change nothing).
@@ -177,7 +191,8 @@ func New(opts Options) (*Metering, error) {
 	if opts.NC == nil {
 		return nil, errors.New("creating metering: no NATS connection")
 	}
-	return &Metering{opts: opts, log: opts.Logger, reqSlots: make(chan struct{}, opts.Requests)}, nil
+	return &Metering{opts: opts, log: opts.Logger, reqSlots: make(chan struct{}, opts.Requests),
+		metrics: newMeteringMetrics(opts.Metrics, opts.Logger, opts.MetricsRefresh)}, nil
 }
 
 // Start opens the buckets, follows the catalog, ensures the durable
@@ -226,7 +241,8 @@ func (m *Metering) Start(ctx context.Context) (err error) {
 	case <-ctx.Done():
 		return fmt.Errorf("loading catalog: %w", ctx.Err())
 	}
-	m.store = &store{credits: credits, ledger: ledger, js: js, log: m.log, now: m.opts.Now}
+	m.store = &store{credits: credits, ledger: ledger, js: js, log: m.log, now: m.opts.Now, metrics: m.metrics}
+	m.metrics.started(js, credits)
 	m.pricer = &pricer{cat: cat, nc: m.opts.NC, timeout: m.opts.QuoteTimeout}
 
 	if m.svc, err = m.serve(); err != nil {
@@ -243,6 +259,7 @@ func (m *Metering) Start(ctx context.Context) (err error) {
 
 	m.stopWatch = stopWatch
 	m.router = bus.NewRouter(js, m.log)
+	m.router.Metrics = bus.NewRouterMetrics(m.opts.Metrics)
 	routes := []bus.Route{
 		{
 			Stream: event.StreamLifecycle, Consumer: ConsumerLifecycle, Policy: m.opts.Policy,
@@ -250,7 +267,7 @@ func (m *Metering) Start(ctx context.Context) (err error) {
 		},
 		{
 			Stream: event.StreamTimers, Consumer: ConsumerAccrual, Policy: m.opts.Policy,
-			Concurrency: m.opts.Concurrency, Handler: m.onAccrual,
+			Concurrency: m.opts.Concurrency, Handler: m.countAccrual,
 		},
 	}
 	m.routes = m.router.Start(routes...)

@@ -60,6 +60,7 @@ type store struct {
 	js      jetstream.JetStream
 	log     *slog.Logger
 	now     func() time.Time
+	metrics *meteringMetrics
 
 	mu sync.Mutex
 	// writers has one writer per account this process changed, kept for
@@ -628,6 +629,7 @@ func (s *store) run(w *writer, cs []*change) {
 			return
 		}
 		w.st = b.settled(rev)
+		s.metrics.committed(b.a.Outbox)
 		for i, c := range cs {
 			if !c.read {
 				answer(i, b.a, errs[i])

@@ -35,6 +35,7 @@ type pool struct {
 	log         *slog.Logger
 	inFlight    atomic.Int64
 	quotes      micro.Service // nil unless the backend is metered
+	metrics     *poolMetrics
 }
 
 // handle routes one command. Commands are idempotent: a redelivered create
@@ -145,7 +146,9 @@ func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]b
 
 	pctx, cancel := context.WithTimeout(ctx, prof.Deadlines.ProvisionDeadline())
 	pctx, span := pl.startCall(pctx, "Provision", c.Ref)
+	start := time.Now()
 	h, err := pl.ext.Provision(pctx, *prof, in, c.Host)
+	took(ctx, pl.metrics.provision, start)
 	endCall(span, err)
 	cancel()
 	if err != nil {
@@ -162,7 +165,9 @@ func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]b
 	}
 	rctx, cancel := context.WithTimeout(ctx, prof.Deadlines.ReadyDeadline())
 	rctx, span = pl.startCall(rctx, "WaitReady", c.Ref, attribute.String("sandboxer.host", h.Host))
+	start = time.Now()
 	reach, err := pl.ext.WaitReady(rctx, h)
+	took(ctx, pl.metrics.ready, start)
 	endCall(span, err)
 	cancel()
 	if err != nil {
@@ -188,6 +193,7 @@ func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]b
 		return nil, err
 	}
 	pl.log.InfoContext(ctx, "sandbox ready", "sandbox", c.SandboxID, "host", h.Host)
+	pl.metrics.outcome(outcomeReady)
 	return []bus.Out{out}, nil
 }
 
@@ -230,6 +236,7 @@ func (pl *pool) failed(ctx context.Context, c event.Create, phase string, h *ext
 	if err != nil {
 		return nil, bus.Permanent(err)
 	}
+	pl.metrics.outcome(outcomeFailed + phase)
 	return []bus.Out{f, {Subject: c.Ref.CommandSubject(event.VerbDestroy), Event: d}}, nil
 }
 
@@ -279,12 +286,17 @@ func (pl *pool) destroy(ctx context.Context, d event.Destroy) ([]bus.Out, error)
 	}
 	tctx, cancel := context.WithTimeout(ctx, deadline)
 	tctx, span := pl.startCall(tctx, "Teardown", ref, attribute.String("sandboxer.host", h.Host), attribute.String("sandboxer.reason", d.Reason))
+	start := time.Now()
 	rep, err := pl.ext.Teardown(tctx, h)
+	took(ctx, pl.metrics.teardown, start)
 	endCall(span, err)
 	cancel()
 	if err != nil {
 		// Cleanup must happen: retry with back-off, then dead-letter for an
 		// operator, with the reason.
+		if ctx.Err() == nil {
+			pl.metrics.outcome(outcomeTeardownError)
+		}
 		return nil, fmt.Errorf("tearing down %s: %w", d.SandboxID, err)
 	}
 	reading, err := pl.meter(ctx, ref, h, out.readyAt)
@@ -296,6 +308,7 @@ func (pl *pool) destroy(ctx context.Context, d event.Destroy) ([]bus.Out, error)
 		return nil, err
 	}
 	pl.log.InfoContext(ctx, "sandbox destroyed", "sandbox", d.SandboxID, "removed", len(rep.Removed))
+	pl.metrics.outcome(outcomeDestroyed)
 	return []bus.Out{destroyed}, nil
 }
 

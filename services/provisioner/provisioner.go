@@ -21,6 +21,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/catalog"
@@ -57,6 +58,10 @@ type Options struct {
 	// CatalogTimeout bounds the wait for a pool's manifest to appear in the
 	// catalog at start-up. Default 30s.
 	CatalogTimeout time.Duration
+	// Metrics is where the pools' Prometheus families are registered
+	// (durations of Provision, WaitReady and Teardown, outcomes, the
+	// router's counts). Default nil: none are.
+	Metrics prometheus.Registerer
 }
 
 // Provisioner is a running set of worker pools.
@@ -64,6 +69,7 @@ type Provisioner struct {
 	opts    Options
 	nc      *nats.Conn
 	router  *bus.Router
+	metrics *provisionerMetrics
 	pub     *bus.Publisher
 	workers jetstream.KeyValue
 	pools   []*pool
@@ -105,12 +111,15 @@ func New(opts Options) (*Provisioner, error) {
 	if opts.CatalogTimeout <= 0 {
 		opts.CatalogTimeout = 30 * time.Second
 	}
-	return &Provisioner{
-		opts:   opts,
-		nc:     opts.JS.Conn(),
-		router: bus.NewRouter(opts.JS, opts.Logger),
-		pub:    bus.NewPublisher(opts.JS),
-	}, nil
+	p := &Provisioner{
+		opts:    opts,
+		nc:      opts.JS.Conn(),
+		router:  bus.NewRouter(opts.JS, opts.Logger),
+		pub:     bus.NewPublisher(opts.JS),
+		metrics: newProvisionerMetrics(opts.Metrics),
+	}
+	p.router.Metrics = bus.NewRouterMetrics(opts.Metrics)
+	return p, nil
 }
 
 // Stats returns the router's counters.
@@ -205,7 +214,7 @@ func (p *Provisioner) openPool(ctx context.Context, name string) (*pool, error) 
 	}
 	pl := &pool{
 		p: p, name: name, ext: ext, manifest: m, policy: policy.WithDefaults(),
-		consumer: consumer, concurrency: conc,
+		consumer: consumer, concurrency: conc, metrics: p.metrics.pool(name),
 		source: "/sandboxer/provisioner/" + name,
 		log:    p.opts.Logger.With("extension", name, "worker", p.opts.WorkerID),
 	}

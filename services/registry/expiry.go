@@ -114,6 +114,7 @@ func (r *Registry) fire(ctx context.Context, m *bus.Message) ([]bus.Out, error) 
 			// The sandbox left ready while the timer fired.
 			return nil, nil
 		}
+		r.expiries.Inc()
 		return r.expiryOuts(rec, expired)
 	case rec.State == event.StateExpired && rec.Reason == ExpiredReason:
 		// Redelivered after the record moved: emit again, de-duplicated.

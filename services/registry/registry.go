@@ -26,11 +26,13 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/catalog"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/metrics"
 	"github.com/sand-boxer/sandboxer/pkg/sandbox"
 	"github.com/sand-boxer/sandboxer/pkg/workers"
 )
@@ -86,6 +88,9 @@ type Options struct {
 	// (destroyed or rejected) is kept; the bucket then removes it.
 	// Default [sandbox.DefaultRetention]; negative keeps records forever.
 	Retention time.Duration
+	// Metrics is where the registry's Prometheus families are registered
+	// (expiries fired, the router's counts). Default nil: none are.
+	Metrics prometheus.Registerer
 }
 
 func (o Options) withDefaults() Options {
@@ -161,6 +166,7 @@ type Registry struct {
 	workers      *workers.Cache
 	svc          micro.Service
 	router       *bus.Router
+	expiries     prometheus.Counter
 
 	stopWatch context.CancelFunc // stops the workers cache
 	routes    *bus.Group         // the routers, stopped together
@@ -176,7 +182,11 @@ func New(opts Options) (*Registry, error) {
 	if opts.NC == nil {
 		return nil, errors.New("creating registry: no NATS connection")
 	}
-	return &Registry{opts: opts, log: opts.Logger, pub: bus.NewPublisher(opts.JS)}, nil
+	expiries := metrics.Register(opts.Metrics, prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: metrics.Namespace, Subsystem: "registry", Name: "expiries_fired_total",
+		Help: "Ready sandboxes the registry expired when their TTL's timer fired (each then gets an expired event and a destroy command).",
+	}))
+	return &Registry{opts: opts, log: opts.Logger, pub: bus.NewPublisher(opts.JS), expiries: expiries}, nil
 }
 
 // Start loads and checks the catalog, refusing to start on any problem
@@ -243,6 +253,7 @@ func (r *Registry) Start(ctx context.Context) (err error) {
 
 	r.stopWatch = stopWatch
 	r.router = bus.NewRouter(js, r.log)
+	r.router.Metrics = bus.NewRouterMetrics(r.opts.Metrics)
 	routes := []bus.Route{
 		{
 			Stream: event.StreamLifecycle, Consumer: ConsumerInventory, Policy: r.opts.Policy,
