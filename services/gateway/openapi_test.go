@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/pb33f/libopenapi/datamodel/high/base"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
 	"github.com/sand-boxer/sandboxer/services/gateway"
@@ -81,6 +82,7 @@ func TestOpenAPIServed(t *testing.T) {
 		"/healthz": http.StatusOK, "/readyz": http.StatusOK, "/console": http.StatusOK, "/console/console.js": http.StatusOK,
 		"/console/console.css": http.StatusOK, "/console/favicon.svg": http.StatusOK, "/console/nope.js": http.StatusNotFound,
 		"/v1/nope": http.StatusNotFound,
+		"/metrics": http.StatusNotFound, // this env has no registry: a problem
 	} {
 		resp, err := e.hs.Client().Get(e.hs.URL + path)
 		if err != nil {
@@ -462,5 +464,21 @@ func TestOpenAPICredits(t *testing.T) {
 	}
 	if r := e.do(t, http.MethodGet, "/v1/credits/usage?from=2025-01-02T00:00:00Z&to=2025-01-01T00:00:00Z", "alice", "", nil); r.Status != http.StatusBadRequest {
 		t.Fatalf("usage with to before from: %d %s", r.Status, r.Body)
+	}
+}
+
+// TestOpenAPIMetrics: GET /metrics of a gateway with a registry answers the
+// Prometheus text format the document names.
+func TestOpenAPIMetrics(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envConfig{opts: func(o *gateway.Options) { o.Metrics = prometheus.NewRegistry() }})
+	resp, err := e.hs.Client().Get(e.hs.URL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/plain; version=0.0.4") {
+		t.Fatalf("GET /metrics: %d %q", resp.StatusCode, resp.Header.Get("Content-Type"))
 	}
 }
