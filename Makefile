@@ -22,6 +22,7 @@ up: build
 # packages when missing (a no-op when it is there).
 test: vet
 	@sh .ci/install-console.sh
+	@sh .ci/install-metrics.sh
 	@set -e; for m in $(MODULES); do \
 		echo "== go test $$m"; \
 		(cd $$m && $(GO) test $(TESTFLAGS) ./...); \
@@ -30,6 +31,7 @@ test: vet
 # The same tests under the race detector.
 race:
 	@sh .ci/install-console.sh
+	@sh .ci/install-metrics.sh
 	@set -e; for m in $(MODULES); do \
 		echo "== go test -race $$m"; \
 		(cd $$m && $(GO) test -race $(TESTFLAGS) ./...); \
