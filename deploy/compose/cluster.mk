@@ -26,6 +26,12 @@ cluster-build:
 	cp $(CLUSTER_BUILD)/sandboxer/sandboxer $(BIN).new && mv -f $(BIN).new $(BIN)
 	cd pkg && CGO_ENABLED=0 $(GO) build -trimpath -ldflags='-s -w' -o $(abspath $(CLUSTER_BUILD))/nats/nats-server github.com/nats-io/nats-server/v2
 	cp /bin/busybox $(CLUSTER_BUILD)/nats/busybox
+	@command -v prometheus >/dev/null || { echo "cluster-build: needs Debian's prometheus (sh .ci/install-metrics.sh installs it)"; exit 1; }
+	@mkdir -p $(CLUSTER_BUILD)/prometheus/empty $(CLUSTER_BUILD)/prometheus/lib $(CLUSTER_BUILD)/prometheus/lib64
+	cp $$(command -v prometheus) $(CLUSTER_BUILD)/prometheus/prometheus
+	@# Its shared libraries (libc, the loader), at the paths it asks for.
+	@ldd $$(command -v prometheus) | awk '/=> \//{print $$3} /^\t\/lib64/{print $$1}' | while read -r lib; do \
+		mkdir -p $(CLUSTER_BUILD)/prometheus$$(dirname $$lib); cp -L $$lib $(CLUSTER_BUILD)/prometheus$$lib; done
 
 cluster-up: cluster-build
 	@$(CLUSTER_SH) up

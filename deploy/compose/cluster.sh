@@ -50,9 +50,9 @@ write_env() {
 }
 
 build_images() {
-	for img in sandboxer nats; do
+	for img in sandboxer nats prometheus; do
 		tag=sandboxer:dev
-		[ "$img" = nats ] && tag=sandboxer-nats:dev
+		[ "$img" != sandboxer ] && tag=sandboxer-$img:dev
 		out=$(docker build -q -t "$tag" --build-arg UID="$(id -u)" --build-arg GID="$(id -g)" \
 			-f "$img.Dockerfile" "build/$img" 2>&1) || { printf '%s\n' "$out" >&2; die "building $tag"; }
 		say "image $tag $(docker image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.1f MB", $1/1e6}')"
@@ -130,6 +130,13 @@ write_keys() {
 	fi
 }
 
+# scraped: Prometheus has found every service and scraped each once:
+# the gateways, both registries and meterings, and every pool's workers.
+scraped() {
+	curl -fsS http://127.0.0.1:9090/api/v1/targets 2>/dev/null |
+		jq -e '[.data.activeTargets[] | select(.health == "up")] | length >= 10' >/dev/null
+}
+
 up() {
 	command -v curl >/dev/null || die "needs curl"
 	command -v jq >/dev/null || die "needs jq"
@@ -149,6 +156,7 @@ up() {
 	for p in $GATEWAYS; do wait_for 60 "gateway on :$p not ready" ready "$p"; done
 	write_keys
 	wait_for 60 "pools without two live workers each" pools_live
+	wait_for 60 "prometheus has not scraped every service" scraped
 	compose ps
 	cat <<-EOF
 
@@ -165,6 +173,9 @@ up() {
 		  go run ./examples/bus-request --nats nats://127.0.0.1:4222 --creds deploy/compose/state/creds/dev.creds --profile local
 		  nats -s nats://127.0.0.1:4222 --creds deploy/compose/state/creds/admin.creds stream ls
 
+		Prometheus scrapes every service, with the alert rules of deploy/prometheus:
+		http://127.0.0.1:9090 (targets: /targets, alerts: /alerts).
+
 		make cluster-logs follows the logs; make cluster-down stops it and removes its volumes (state/ stays).
 	EOF
 }
@@ -176,7 +187,7 @@ down() {
 
 clean() {
 	down
-	docker image rm sandboxer:dev sandboxer-nats:dev >/dev/null 2>&1 || true
+	docker image rm sandboxer:dev sandboxer-nats:dev sandboxer-prometheus:dev >/dev/null 2>&1 || true
 	# and the earlier builds that a rebuild left untagged
 	docker image prune -f --filter label=org.sand-boxer.image >/dev/null
 	rm -rf state build .env
