@@ -281,7 +281,7 @@ func (g *Gateway) Start(ctx context.Context) error {
 		return fmt.Errorf("starting gateway: loading sandboxes: %w", ctx.Err())
 	}
 	g.state.Store(&state{sandboxes: sbx, idem: idem, lifecycle: lc, inv: inv})
-	sub, err := g.startIntake(g.opts.NC)
+	sub, err := g.startIntake(ctx, g.opts.NC)
 	if err != nil {
 		return err
 	}

@@ -40,7 +40,7 @@ const (
 // as a queue group. Each request runs in a goroutine of its own, at most
 // IntakeConcurrency at once; beyond that the subscription's buffer holds
 // them.
-func (g *Gateway) startIntake(nc *nats.Conn) (*nats.Subscription, error) {
+func (g *Gateway) startIntake(ctx context.Context, nc *nats.Conn) (*nats.Subscription, error) {
 	sem := make(chan struct{}, g.opts.IntakeConcurrency)
 	sub, err := nc.QueueSubscribe(event.RequestFilter, IntakeQueue, func(m *nats.Msg) {
 		select {
@@ -59,6 +59,12 @@ func (g *Gateway) startIntake(nc *nats.Conn) (*nats.Subscription, error) {
 		}()
 	})
 	if err != nil {
+		return nil, fmt.Errorf("subscribing to requests: %w", err)
+	}
+	// The server has the interest once it answered a flush: a request
+	// right after Start must find its responder.
+	if err := nc.FlushWithContext(ctx); err != nil {
+		_ = sub.Unsubscribe()
 		return nil, fmt.Errorf("subscribing to requests: %w", err)
 	}
 	return sub, nil
