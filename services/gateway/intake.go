@@ -3,6 +3,7 @@ package gateway
 import (
 	"bytes"
 	"context"
+	"time"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -40,6 +41,10 @@ const (
 // as a queue group. Each request runs in a goroutine of its own, at most
 // IntakeConcurrency at once; beyond that the subscription's buffer holds
 // them.
+// intakeFlushTimeout bounds the wait for the server to confirm the
+// intake's subscription.
+const intakeFlushTimeout = 10 * time.Second
+
 func (g *Gateway) startIntake(ctx context.Context, nc *nats.Conn) (*nats.Subscription, error) {
 	sem := make(chan struct{}, g.opts.IntakeConcurrency)
 	sub, err := nc.QueueSubscribe(event.RequestFilter, IntakeQueue, func(m *nats.Msg) {
@@ -63,7 +68,9 @@ func (g *Gateway) startIntake(ctx context.Context, nc *nats.Conn) (*nats.Subscri
 	}
 	// The server has the interest once it answered a flush: a request
 	// right after Start must find its responder.
-	if err := nc.FlushWithContext(ctx); err != nil {
+	fctx, cancel := context.WithTimeout(ctx, intakeFlushTimeout)
+	defer cancel()
+	if err := nc.FlushWithContext(fctx); err != nil {
 		_ = sub.Unsubscribe()
 		return nil, fmt.Errorf("subscribing to requests: %w", err)
 	}
