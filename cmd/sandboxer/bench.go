@@ -29,8 +29,6 @@ import (
 	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/memory"
 	"github.com/sand-boxer/sandboxer/pkg/api"
 	"github.com/sand-boxer/sandboxer/pkg/event"
-	"github.com/sand-boxer/sandboxer/pkg/extension"
-	"github.com/sand-boxer/sandboxer/pkg/extension/echo"
 	"github.com/sand-boxer/sandboxer/pkg/sandbox"
 	"github.com/sand-boxer/sandboxer/services/metering"
 )
@@ -80,13 +78,25 @@ type benchResult struct {
 	CPUusPerRawLoop       float64 `json:"cpu_us_per_raw_loop,omitempty"`
 	CPUusPerLifecycle     float64 `json:"cpu_us_per_lifecycle,omitempty"`
 	CPUusPerMeteringEvent float64 `json:"cpu_us_per_metering_event,omitempty"`
-	Mode                  string  `json:"mode"`
-	GoVersion             string  `json:"go_version"`
-	CPUs                  int     `json:"cpus"`
-	SequentialSamples     int     `json:"sequential_samples"`
-	InFlight              int     `json:"in_flight"`
-	ThroughputWindowSecs  float64 `json:"throughput_window_s"`
-	Priced                bool    `json:"priced"`
+	// The scaling run (--scaling): creates-to-ready per second of one
+	// burst on a pool of 1, 2 and 4 worker processes, and the ratios to
+	// one worker.
+	Scaling1WorkerPerS   float64 `json:"scaling_1_worker_per_s,omitempty"`
+	Scaling2WorkersPerS  float64 `json:"scaling_2_workers_per_s,omitempty"`
+	Scaling4WorkersPerS  float64 `json:"scaling_4_workers_per_s,omitempty"`
+	Scaling2x            float64 `json:"scaling_2x,omitempty"`
+	Scaling4x            float64 `json:"scaling_4x,omitempty"`
+	ScalingBurst         int     `json:"scaling_burst,omitempty"`
+	ScalingDelayMs       int     `json:"scaling_delay_ms,omitempty"`
+	ScalingMaxInFlight   int     `json:"scaling_max_in_flight,omitempty"`
+	ScalingConcurrency   int     `json:"scaling_worker_concurrency,omitempty"`
+	Mode                 string  `json:"mode"`
+	GoVersion            string  `json:"go_version"`
+	CPUs                 int     `json:"cpus"`
+	SequentialSamples    int     `json:"sequential_samples"`
+	InFlight             int     `json:"in_flight"`
+	ThroughputWindowSecs float64 `json:"throughput_window_s"`
+	Priced               bool    `json:"priced"`
 }
 
 func newBenchCmd(g *globals) *cobra.Command {
@@ -96,6 +106,7 @@ func newBenchCmd(g *globals) *cobra.Command {
 		cpuProfile    string
 		live          int
 		priced        bool
+		scaling       bool
 	)
 	cmd := &cobra.Command{
 		Use:   "bench [--quick] [--json]",
@@ -121,6 +132,12 @@ func newBenchCmd(g *globals) *cobra.Command {
 				}
 				defer pprof.StopCPUProfile()
 			}
+			if scaling && !slices.Contains(only, "scaling") {
+				if len(only) == 0 {
+					only = []string{"raw", "create", "lifecycle", "metering", "memory"}
+				}
+				only = append(only, "scaling")
+			}
 			res, err := runBench(cmd.Context(), cfg, only, cmd.ErrOrStderr())
 			if err != nil {
 				return err
@@ -136,13 +153,14 @@ func newBenchCmd(g *globals) *cobra.Command {
 			return nil
 		},
 	}
-	cmd.AddCommand(newBenchServeCmd())
+	cmd.AddCommand(newBenchServeCmd(), newBenchWorkerCmd())
 	cmd.Flags().BoolVar(&quick, "quick", false, "short run (under 90 seconds)")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the figures as one JSON object on the last line")
 	cmd.Flags().BoolVar(&priced, "priced", false, "give the benchmark's profile a price and its consumers credit (default: a free profile)")
 	cmd.Flags().IntVar(&live, "live", 0, "live sandboxes for the memory figure (default 10000; the figure is named for 10k)")
 	cmd.Flags().StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the whole run (server and client) to this file")
-	cmd.Flags().StringSliceVar(&only, "only", nil, "run only these phases: raw, create, lifecycle, metering, memory")
+	cmd.Flags().BoolVar(&scaling, "scaling", false, "also run the scaling figure: one burst on a pool of 1, 2 and 4 worker processes")
+	cmd.Flags().StringSliceVar(&only, "only", nil, "run only these phases: raw, create, lifecycle, metering, memory, scaling")
 	return cmd
 }
 
@@ -168,11 +186,21 @@ func printBench(w io.Writer, r *benchResult) {
 	row("cpu_us_per_raw_loop", r.CPUusPerRawLoop, "us", "(process CPU, 64 in flight)")
 	row("cpu_us_per_lifecycle", r.CPUusPerLifecycle, "us", "")
 	row("cpu_us_per_metering_event", r.CPUusPerMeteringEvent, "us", "")
+	if r.Scaling2x > 0 {
+		cond := fmt.Sprintf("(%d creates, %d ms each, capacity %d, %d per worker)", r.ScalingBurst, r.ScalingDelayMs, r.ScalingMaxInFlight, r.ScalingConcurrency)
+		row("scaling_1_worker_per_s", r.Scaling1WorkerPerS, "/s", cond)
+		row("scaling_2_workers_per_s", r.Scaling2WorkersPerS, "/s", "")
+		row("scaling_4_workers_per_s", r.Scaling4WorkersPerS, "/s", "")
+		fmt.Fprintf(tw, "%s\t%.2f x\t%s\n", "scaling_2x", r.Scaling2x, ">= 1.8")
+		fmt.Fprintf(tw, "%s\t%.2f x\t%s\n", "scaling_4x", r.Scaling4x, ">= 3.4")
+	}
 	_ = tw.Flush()
 }
 
 func runBench(ctx context.Context, cfg benchConfig, only []string, logw io.Writer) (*benchResult, error) {
-	want := func(phase string) bool { return len(only) == 0 || slices.Contains(only, phase) }
+	// Scaling runs only when asked for: it needs a NATS listener and
+	// worker processes.
+	want := func(phase string) bool { return (len(only) == 0 && phase != "scaling") || slices.Contains(only, phase) }
 	dir, err := os.MkdirTemp("", "sandboxer-bench-")
 	if err != nil {
 		return nil, err
@@ -181,7 +209,7 @@ func runBench(ctx context.Context, cfg benchConfig, only []string, logw io.Write
 	logf := func(format string, args ...any) { fmt.Fprintf(logw, "bench: "+format+"\n", args...) }
 	res := &benchResult{}
 
-	sys, err := startBenchSystem(ctx, dir, cfg.Priced)
+	sys, err := startBenchSystem(ctx, dir, cfg.Priced, want("scaling"))
 	if err != nil {
 		return nil, err
 	}
@@ -239,6 +267,12 @@ func runBench(ctx context.Context, cfg benchConfig, only []string, logw io.Write
 		logf("resident set of a separate process holding %d live sandboxes", cfg.Live)
 		if err := benchMemory(ctx, cfg, filepath.Join(dir, "memory"), res); err != nil {
 			return nil, fmt.Errorf("memory: %w", err)
+		}
+	}
+	if want("scaling") {
+		logf("scaling: %d creates on a pool of %v worker processes", scalingBurst, scalingWorkers)
+		if err := benchScaling(ctx, sys, cfg, filepath.Join(dir, "system"), res, logf); err != nil {
+			return nil, fmt.Errorf("scaling: %w", err)
 		}
 	}
 	return res, nil
@@ -385,7 +419,7 @@ func newBenchServeCmd() *cobra.Command {
 		Hidden: true,
 		Args:   cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			sys, err := startBenchSystem(cmd.Context(), dir, priced)
+			sys, err := startBenchSystem(cmd.Context(), dir, priced, false)
 			if err != nil {
 				return err
 			}
@@ -533,6 +567,8 @@ description: No-op backend for benchmarks.
 capabilities:
   isolation_levels: [process]
   pricing_model: self-hosted
+capacity:
+  max_in_flight: 128
 workers:
   concurrency: 128
 inputs: {}
@@ -557,17 +593,26 @@ var benchConsumers = []string{"dev", "bench"}
 
 // startBenchSystem runs the control plane with the echo backend on a file
 // store under dir; priced gives the profile a price and the consumers
-// credit.
-func startBenchSystem(ctx context.Context, dir string, priced bool) (*system, error) {
+// credit. scaling adds the scaling run's pool, which no worker of this
+// process serves, and a NATS listener on a random loopback port for its
+// worker processes.
+func startBenchSystem(ctx context.Context, dir string, priced, scaling bool) (*system, error) {
 	ext, prof := filepath.Join(dir, "extensions"), filepath.Join(dir, "profiles")
 	profile := benchProfile
 	if priced {
 		profile += benchPrice
 	}
-	for _, f := range []struct{ dir, name, body string }{
+	files := []struct{ dir, name, body string }{
 		{ext, "ext.echo.yaml", benchManifest},
 		{prof, "profile.echo.yaml", profile},
-	} {
+	}
+	listen := ""
+	if scaling {
+		files = append(files, struct{ dir, name, body string }{ext, "ext." + scalingPool + ".yaml", scalingManifest},
+			struct{ dir, name, body string }{prof, "profile." + scalingPool + ".yaml", scalingProfile})
+		listen = "127.0.0.1:-1"
+	}
+	for _, f := range files {
 		if err := os.MkdirAll(f.dir, 0o755); err != nil {
 			return nil, err
 		}
@@ -576,9 +621,9 @@ func startBenchSystem(ctx context.Context, dir string, priced bool) (*system, er
 		}
 	}
 	sys, err := startSystem(ctx, systemConfig{
-		DataDir: filepath.Join(dir, "system"), HTTPAddr: "127.0.0.1:0",
+		DataDir: filepath.Join(dir, "system"), HTTPAddr: "127.0.0.1:0", NATSListen: listen,
 		ExtensionsDir: ext, ProfilesDir: prof, Pools: []string{"echo"},
-		Extensions: extension.NewRegistry(append(builtinExtensions(), echo.Info)...),
+		Extensions: benchExtensions(),
 		Logger:     slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	})
 	if err != nil || !priced {

@@ -16,7 +16,7 @@ import (
 func newWorkersCmd(g *globals) *cobra.Command {
 	return readCmd(g, &cobra.Command{
 		Use:   "workers",
-		Short: "Show the worker pools: per backend its live workers, commands in flight and pending, capacity",
+		Short: "Show the worker pools: per backend its live workers, commands in flight and pending, capacities",
 		Args:  cobra.NoArgs,
 	},
 		func(ctx context.Context, c *api.Client, _ []string) (*api.WorkerList, error) { return c.Workers(ctx) },
@@ -26,7 +26,7 @@ func newWorkersCmd(g *globals) *cobra.Command {
 // printWorkers writes one table of pools and one of their live workers.
 func printWorkers(w io.Writer, l *api.WorkerList, now time.Time) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "EXTENSION\tWORKERS\tIN FLIGHT\tPENDING\tCAPACITY")
+	fmt.Fprintln(tw, "EXTENSION\tWORKERS\tIN FLIGHT\tMAX IN FLIGHT\tPENDING\tCAPACITY")
 	live := 0
 	for _, p := range l.Pools {
 		capacity := "unbounded"
@@ -37,7 +37,7 @@ func printWorkers(w io.Writer, l *api.WorkerList, now time.Time) error {
 		if p.QueueError != "" {
 			inFlight, pending = "?", "? ("+p.QueueError+")"
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\n", p.Extension, len(p.LiveWorkers), inFlight, pending, capacity)
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%s\t%s\n", p.Extension, len(p.LiveWorkers), inFlight, p.MaxInFlight, pending, capacity)
 		live += len(p.LiveWorkers)
 	}
 	if live > 0 {

@@ -13,8 +13,13 @@ type WorkerList struct {
 // commands, and how many wait.
 type WorkerPool struct {
 	Extension string `json:"extension"`
-	// Capacity is the manifest's capacity.max_sandboxes: 0 is unbounded.
+	// Capacity is the manifest's capacity.max_sandboxes, how many
+	// sandboxes the backend may have: 0 is unbounded.
 	Capacity int `json:"capacity"`
+	// MaxInFlight is the manifest's capacity.max_in_flight (its default
+	// when absent), how many commands the whole pool may run at once:
+	// its durable's MaxAckPending. Each worker runs its own Concurrency.
+	MaxInFlight int `json:"max_in_flight"`
 	// LiveWorkers are the workers whose heartbeat is in the workers
 	// bucket (seen within its TTL), by worker id.
 	LiveWorkers []Worker `json:"live_workers"`

@@ -226,7 +226,17 @@ func permissionRows(t *testing.T) []row {
 	// Provisioners: local's worker, and saas-stub's for what a worker may
 	// do for its own backend only.
 	localDurable, saasDurable := bus.DurableProvisioner("local"), bus.DurableProvisioner("saas-stub")
+	// orphanedEvent announces a leftover of extension's sandbox, its
+	// consumer unknown (the sandbox has no event).
+	orphanedEvent := func(extension string) *nats.Msg {
+		id := uid("sbx")
+		ref := event.Ref{SandboxID: id, Consumer: event.Unrouted, Profile: event.Unrouted, Extension: extension}
+		return encode(t, event.LifecycleSubject(event.Unrouted, extension, id, event.StateOrphaned), event.TypeOrphaned, id+".orphaned.0",
+			event.Orphaned{Ref: ref, Reason: event.ReasonNoEvents, Handle: event.Handle{SandboxID: id, Host: "localhost"}, Worker: "w1"})
+	}
 	rows = append(rows,
+		allow(local, "announces an orphan of its own backend", jsPublish(life, orphanedEvent("local"))),
+		refuse(local, "announces an orphan of saas-stub's", jsPublish(life, orphanedEvent("saas-stub"))),
 		refuse(local, "subscribes to saas-stub's commands", subscribe(event.CommandFilter("saas-stub"), destroyCommand(t, "saas-stub", "dev").Subject)),
 		refuse(local, "subscribes to its own commands, which come through its durable", subscribe(event.CommandFilter("local"), destroyCommand(t, "local", "dev").Subject)),
 		refuse(local, "pulls saas-stub's durable", pull(cmds, saasDurable)),

@@ -245,7 +245,9 @@ func (id Identity) Permissions() jwt.Permissions {
 	case RoleProvisioner:
 		ext := id.Extension
 		p.durable(cmds, bus.DurableProvisioner(ext))
-		for _, s := range []event.State{event.StateProvisioning, event.StateReady, event.StateFailed, event.StateDestroying, event.StateDestroyed} {
+		// Its backend's sandboxes' states, and orphaned for what the
+		// backend left that no live record owns.
+		for _, s := range []event.State{event.StateProvisioning, event.StateReady, event.StateFailed, event.StateDestroying, event.StateDestroyed, event.StateOrphaned} {
 			p.pub(event.LifecycleSubject("*", ext, "*", s))
 		}
 		p.pub("sandboxer.cmd." + ext + "." + event.VerbDestroy + ".*.*")

@@ -34,17 +34,51 @@ type Message struct {
 	// Timestamp is when the stream stored the message.
 	Timestamp time.Time
 
-	raw jetstream.Msg
+	raw       jetstream.Msg
+	exhausted ExhaustedFunc
 }
 
 // Raw returns the underlying JetStream message. Handlers must not ack it:
 // the router does.
 func (m *Message) Raw() jetstream.Msg { return m.raw }
 
+// ExhaustedFunc is a message's compensation: what to publish when its
+// last allowed delivery failed. err is an [*ExhaustedError].
+type ExhaustedFunc func(ctx context.Context, m *Message, err error) ([]Out, error)
+
+// OnExhausted registers fn as this delivery's compensation. When the
+// delivery fails (the handler's error, its panic, or publishing what it
+// returned) with an error that is not [Permanent], and it is the last one
+// the consumer allows, the router calls fn and publishes what it returns
+// before it writes the dead letter and terminates the message: the
+// handler says what giving up on its message means (a failed event, a
+// retry later), and the router still alone acks, naks and dead-letters.
+// The dead letter is written whatever fn does; fn's error (or panic) is
+// logged and added to the dead letter's reason. fn runs with its own
+// deadline after the handler returned, so it must not wait on the
+// handler's context. A handler registers it as soon as it knows what to
+// compensate; the last registration wins.
+func (m *Message) OnExhausted(fn ExhaustedFunc) { m.exhausted = fn }
+
+// ExhaustedError is the error an [ExhaustedFunc] is called with: the last
+// delivery's error, after Deliveries deliveries.
+type ExhaustedError struct {
+	Deliveries uint64
+	Err        error
+}
+
+func (e *ExhaustedError) Error() string {
+	return fmt.Sprintf("exhausted %d deliveries: %s", e.Deliveries, e.Err)
+}
+
+func (e *ExhaustedError) Unwrap() error { return e.Err }
+
 // Handler handles one message and returns the events it produced. The
 // router publishes them, then acks. A nil error with no events acks. An
 // error naks with back-off, or dead-letters when the error is [Permanent]
-// or the deliveries are exhausted. A panic is recovered and naks.
+// or the deliveries are exhausted (after publishing the compensation the
+// handler registered with [Message.OnExhausted], if any). A panic is
+// recovered and naks.
 //
 // Handlers must be idempotent: any message may be delivered more than once.
 type Handler func(ctx context.Context, m *Message) ([]Out, error)
@@ -105,6 +139,9 @@ type Route struct {
 // RouterStats counts what a router did.
 type RouterStats struct {
 	Handled, Failed, DeadLettered, Panics atomic.Int64
+	// Compensated counts the exhausted messages whose compensation
+	// ([Message.OnExhausted]) was published.
+	Compensated atomic.Int64
 }
 
 // Router is the one consume loop of every service: it decodes, runs the
@@ -246,7 +283,7 @@ func (r *Router) handle(ctx context.Context, rt Route, msg jetstream.Msg) {
 		))
 	defer span.End()
 	if derr != nil {
-		r.fail(hctx, rt, msg, meta, derr, span)
+		r.fail(hctx, rt, msg, meta, nil, derr, span)
 		return
 	}
 	span.SetAttributes(attribute.String("cloudevents.event_type", e.Type()), attribute.String("cloudevents.event_id", e.ID()),
@@ -262,7 +299,7 @@ func (r *Router) handle(ctx context.Context, rt Route, msg jetstream.Msg) {
 	rt.metrics.duration.Observe(time.Since(start).Seconds())
 	stopBeat()
 	if herr != nil {
-		r.fail(hctx, rt, msg, meta, herr, span)
+		r.fail(hctx, rt, msg, meta, m, herr, span)
 		return
 	}
 	if err := msg.Ack(); err != nil {
@@ -285,7 +322,10 @@ func (r *Router) call(ctx context.Context, rt Route, m *Message) (outs []Out, er
 	return rt.Handler(ctx, m)
 }
 
-func (r *Router) fail(ctx context.Context, rt Route, msg jetstream.Msg, meta *jetstream.MsgMetadata, err error, span trace.Span) {
+// fail naks msg with back-off, or dead-letters it: at once when err is
+// [Permanent], after its compensation (m's [Message.OnExhausted], m nil
+// when msg could not be decoded) when its deliveries are exhausted.
+func (r *Router) fail(ctx context.Context, rt Route, msg jetstream.Msg, meta *jetstream.MsgMetadata, m *Message, err error, span trace.Span) {
 	span.RecordError(err)
 	span.SetStatus(codes.Error, err.Error())
 	r.Stats.Failed.Add(1)
@@ -305,7 +345,14 @@ func (r *Router) fail(ctx context.Context, rt Route, msg jetstream.Msg, meta *je
 	}
 	reason := err.Error()
 	if last && !IsPermanent(err) {
-		reason = fmt.Sprintf("exhausted %d deliveries: %s", meta.NumDelivered, reason)
+		xerr := &ExhaustedError{Deliveries: meta.NumDelivered, Err: err}
+		reason = xerr.Error()
+		if m != nil && m.exhausted != nil {
+			if cerr := r.compensate(ctx, rt, m, xerr); cerr != nil {
+				r.log.ErrorContext(ctx, "compensating an exhausted message failed", "consumer", rt.Consumer, "subject", msg.Subject(), "err", cerr)
+				reason += "; compensation failed: " + cerr.Error()
+			}
+		}
 	}
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
@@ -319,6 +366,35 @@ func (r *Router) fail(ctx context.Context, rt Route, msg jetstream.Msg, meta *je
 	rt.metrics.deadLettered.Inc()
 	r.log.ErrorContext(ctx, "message dead-lettered", "consumer", rt.Consumer, "subject", msg.Subject(), "reason", reason)
 	_ = msg.TermWithReason(truncate(reason, 200))
+}
+
+// compensationTimeout bounds an exhausted message's compensation: building
+// it (which may read the bus) and publishing it.
+const compensationTimeout = 10 * time.Second
+
+// compensate runs m's compensation for xerr and publishes what it returns.
+// A panic in it is an error.
+func (r *Router) compensate(ctx context.Context, rt Route, m *Message, xerr *ExhaustedError) (err error) {
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), compensationTimeout)
+	defer cancel()
+	outs, err := func() (outs []Out, err error) {
+		defer func() {
+			if p := recover(); p != nil {
+				r.log.ErrorContext(ctx, "compensation panicked", "consumer", rt.Consumer, "subject", m.Subject, "panic", p, "stack", string(debug.Stack()))
+				outs, err = nil, fmt.Errorf("compensation panicked: %v", p)
+			}
+		}()
+		return m.exhausted(cctx, m, xerr)
+	}()
+	if err == nil {
+		err = r.pub.PublishAll(cctx, outs)
+	}
+	if err != nil {
+		return err
+	}
+	r.Stats.Compensated.Add(1)
+	r.log.WarnContext(ctx, "exhausted message compensated", "consumer", rt.Consumer, "subject", m.Subject, "outputs", len(outs), "reason", xerr.Error())
+	return nil
 }
 
 func (r *Router) deadLetter(ctx context.Context, rt Route, msg jetstream.Msg, meta *jetstream.MsgMetadata, reason string) error {

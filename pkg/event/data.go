@@ -3,6 +3,7 @@ package event
 import (
 	"encoding/json"
 	"fmt"
+	"strconv"
 	"time"
 )
 
@@ -64,6 +65,40 @@ type Destroy struct {
 	Reason      string    `json:"reason"`
 	RequestedBy string    `json:"requested_by,omitempty"`
 	RequestedAt time.Time `json:"requested_at"`
+	// Attempt numbers the destroy commands a sandbox got after a teardown
+	// failed on every delivery of a command: 0 (absent) for the first, n
+	// for the nth fresh one (a retry the registry scheduled, a re-drive,
+	// a destroy asked for again). Each has its own id ([DestroyID]).
+	Attempt int `json:"attempt,omitempty"`
+}
+
+// DestroyID is the event id of sandbox's destroy command of attempt n:
+// "<sandbox>.destroy", then "<sandbox>.destroy.<n>". One id per attempt, so
+// a fresh attempt is not dropped as a duplicate of the last one, and two
+// publishers of the same attempt (a retry timer and a re-drive) send it
+// once.
+func DestroyID(sandbox string, n int) string {
+	if n <= 0 {
+		return sandbox + ".destroy"
+	}
+	return sandbox + ".destroy." + strconv.Itoa(n)
+}
+
+// DestroyingID is the event id of the destroying event a worker announces
+// when it starts attempt n's teardown: "<sandbox>.destroying", then
+// "<sandbox>.destroying.<n>".
+func DestroyingID(sandbox string, n int) string {
+	if n <= 0 {
+		return sandbox + ".destroying"
+	}
+	return sandbox + ".destroying." + strconv.Itoa(n)
+}
+
+// TeardownFailedID is the event id of the destroying event that says
+// attempt n's teardown failed on every delivery of its command:
+// "<sandbox>.teardown_failed.<n>".
+func TeardownFailedID(sandbox string, n int) string {
+	return sandbox + ".teardown_failed." + strconv.Itoa(max(n, 0))
 }
 
 // Handle is what an extension returns from Provision and needs for
@@ -125,10 +160,20 @@ type Failed struct {
 	Handle *Handle `json:"handle,omitempty"`
 }
 
-// Destroying is the data of a [TypeDestroying] event.
+// Destroying is the data of a [TypeDestroying] event. A worker announces
+// one when it starts a teardown, and another with Error set when that
+// teardown failed on every delivery of the destroy command: the sandbox
+// stays destroying, and the registry schedules a retry ([TypeRetry]).
 type Destroying struct {
 	Ref
 	Reason string `json:"reason"`
+	// Attempt is the destroy command's [Destroy.Attempt].
+	Attempt int `json:"attempt,omitempty"`
+	// Error, when set, is why the teardown of this attempt failed on its
+	// last delivery.
+	Error string `json:"error,omitempty"`
+	// Deliveries is how many deliveries of the command failed, with Error.
+	Deliveries int `json:"deliveries,omitempty"`
 }
 
 // Destroyed is the data of a [TypeDestroyed] event.
@@ -165,6 +210,33 @@ type Rejected struct {
 	Reason string `json:"reason"`
 }
 
+// ReasonNoEvents is the reason of an [Orphaned] event when the sandbox
+// has no lifecycle event at all on its extension's subjects.
+const ReasonNoEvents = "no_events"
+
+// Orphaned is the data of a [TypeOrphaned] event: a provisioner found
+// something of the sandbox on its backend that no live record owns, and
+// claimed it to tear it down. The event is published before the
+// teardown, guarded on the sandbox's last event, so that one worker of
+// the pool claims each leftover. Its consumer and profile are those of
+// the sandbox's last event, or [Unrouted] when it has none.
+type Orphaned struct {
+	Ref
+	// Reason is why no live record owns it: the state of the sandbox's
+	// last event (destroyed, rejected, or orphaned when an earlier
+	// teardown of the leftover did not remove it), or [ReasonNoEvents].
+	Reason string `json:"reason"`
+	// Handle is what the teardown is given, as the backend listed it.
+	Handle Handle `json:"handle"`
+	// Held lists what the backend holds of the sandbox, as it named it.
+	Held []string `json:"held,omitempty"`
+	// HeldSince is when the backend made the oldest of it, by its own
+	// clock; absent when it does not know.
+	HeldSince time.Time `json:"held_since,omitzero"`
+	// Worker is the worker that claimed it and tears it down.
+	Worker string `json:"worker"`
+}
+
 // CreateRequest is the data of a [TypeRequestCreate] event: what a tenant
 // asks for, as the body of POST /v1/sandboxes.
 type CreateRequest struct {
@@ -197,4 +269,15 @@ type Expired struct {
 type Expiry struct {
 	Ref
 	ExpiresAt time.Time `json:"expires_at"`
+}
+
+// Retry is the data of a [TypeRetry] timer: when it fires, the destroy
+// command of Attempt goes out with Reason.
+type Retry struct {
+	Ref
+	// Reason is the destroy reason, as the failed attempt had it.
+	Reason string `json:"reason"`
+	// Attempt is the fresh destroy command's [Destroy.Attempt], from 1.
+	Attempt int       `json:"attempt"`
+	RetryAt time.Time `json:"retry_at"`
 }

@@ -32,7 +32,7 @@ func payloads() map[event.Type]any {
 			Labels: map[string]string{"team": "a", "example.com/owner": "ops-1"}, TTLSeconds: 3600,
 			RequestedAt: at, Hold: "hold-sbx-0123",
 		},
-		event.TypeDestroy:      event.Destroy{Ref: ref, Reason: event.ReasonCreditsExhausted, RequestedBy: "metering", RequestedAt: at},
+		event.TypeDestroy:      event.Destroy{Ref: ref, Reason: event.ReasonCreditsExhausted, RequestedBy: "metering", RequestedAt: at, Attempt: 2},
 		event.TypeProvisioning: event.Provisioning{Ref: ref, Worker: "provisioner-7f9c", Attempt: 2},
 		event.TypeReady: event.Ready{
 			Ref: ref, Handle: handle,
@@ -41,13 +41,16 @@ func payloads() map[event.Type]any {
 			TTLSeconds: 3600, ReadyAt: at, ExpiresAt: at.Add(time.Hour),
 		},
 		event.TypeFailed:     event.Failed{Ref: ref, Phase: "wait_ready", Reason: "ssh: connection refused", Handle: &handle},
-		event.TypeDestroying: event.Destroying{Ref: ref, Reason: event.ReasonExpired},
+		event.TypeDestroying: event.Destroying{Ref: ref, Reason: event.ReasonExpired, Attempt: 1, Error: "tearing down sbx-0123: ssh: connection refused", Deliveries: 5},
 		event.TypeDestroyed: event.Destroyed{Ref: ref, Reason: event.ReasonRequested,
 			Cleanup: event.CleanupReport{Removed: []string{"container sbx-0123-app-1", "dir /srv/sandboxes/sbx-0123"}, AlreadyGone: true},
 			Meter:   &event.MeterReading{Amount: 1250, Quantity: 125, Unit: "second", Breakdown: []string{"125 s at 10/s"}}},
 		event.TypeRejected: event.Rejected{Ref: ref, Code: "insufficient_credits", Reason: "balance 10 below quote 250"},
 		event.TypeExpired:  event.Expired{Ref: ref, Reason: event.ReasonExpired, ExpiredAt: at},
-		event.TypeExpiry:   event.Expiry{Ref: ref, ExpiresAt: at},
+		event.TypeOrphaned: event.Orphaned{Ref: ref, Reason: string(event.StateDestroyed), Handle: handle,
+			Held: []string{"dir:/srv/sandboxes/sbx-0123", "container:sbx-0123-app-1"}, HeldSince: at, Worker: "provisioner-7f9c"},
+		event.TypeExpiry: event.Expiry{Ref: ref, ExpiresAt: at},
+		event.TypeRetry:  event.Retry{Ref: ref, Reason: event.ReasonRequested, Attempt: 3, RetryAt: at},
 		event.TypeRequestCreate: event.CreateRequest{Profile: "compose-dev", Inputs: map[string]string{"repo": "https://example.com/r.git"},
 			Labels: map[string]string{"team": "a"}, TTL: "30m"},
 		event.TypeRequestDestroy: event.DestroyRequest{SandboxID: ref.SandboxID},
@@ -57,7 +60,7 @@ func payloads() map[event.Type]any {
 
 // allTypes is every event type the package declares.
 func allTypes() []event.Type {
-	out := []event.Type{event.TypeCreate, event.TypeDestroy, event.TypeExpiry, event.TypeRequestCreate, event.TypeRequestDestroy, event.TypeRequestGet}
+	out := []event.Type{event.TypeCreate, event.TypeDestroy, event.TypeExpiry, event.TypeRetry, event.TypeRequestCreate, event.TypeRequestDestroy, event.TypeRequestGet}
 	for _, s := range event.States {
 		if t := event.LifecycleType(s); t != "" {
 			out = append(out, t)

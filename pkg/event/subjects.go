@@ -73,6 +73,14 @@ func StateFilter(s State) string { return "sandboxer.evt.*.*.*." + string(s) }
 // consumer and extension: sandboxer.evt.*.*.<sandbox>.*.
 func SandboxFilter(sandbox string) string { return "sandboxer.evt.*.*." + sandbox + ".*" }
 
+// ExtensionSandboxFilter matches every lifecycle event of one sandbox of
+// one extension, whatever its consumer: sandboxer.evt.*.<extension>.<sandbox>.*.
+// A provisioner pool may read it, and reads it for a sandbox its backend
+// holds but whose consumer it does not know.
+func ExtensionSandboxFilter(extension, sandbox string) string {
+	return "sandboxer.evt.*." + extension + "." + sandbox + ".*"
+}
+
 // RefFilter matches every lifecycle event of the sandbox r names:
 // sandboxer.evt.<consumer>.<extension>.<sandbox>.*.
 func (r Ref) RefFilter() string {
@@ -168,6 +176,30 @@ func AccrualFireSubject(sandbox string) string { return "sandboxer.timer.accrual
 
 // AccrualFireFilter matches every fired accrual tick.
 const AccrualFireFilter = "sandboxer.timer.accrual.>"
+
+// RetryScheduleSubject holds the one pending destroy retry of a sandbox
+// whose teardown failed: sandboxer.timer.retry.<sandbox>. Publishing to it
+// again replaces the schedule.
+func RetryScheduleSubject(sandbox string) string { return "sandboxer.timer.retry." + sandbox }
+
+// RetryFireSubject is where a destroy retry delivers when it fires:
+// sandboxer.timer.redestroy.<sandbox>.
+func RetryFireSubject(sandbox string) string { return "sandboxer.timer.redestroy." + sandbox }
+
+// RetryFireFilter matches every fired destroy retry.
+const RetryFireFilter = "sandboxer.timer.redestroy.>"
+
+// HoldDeadlineScheduleSubject holds the deadline of an admitted credit
+// hold: sandboxer.timer.hold.<sandbox>. Metering sets it at admission and
+// purges it when the hold settles.
+func HoldDeadlineScheduleSubject(sandbox string) string { return "sandboxer.timer.hold." + sandbox }
+
+// HoldDeadlineFireSubject is where a hold's deadline delivers when it
+// fires: sandboxer.timer.hold-due.<sandbox>.
+func HoldDeadlineFireSubject(sandbox string) string { return "sandboxer.timer.hold-due." + sandbox }
+
+// HoldDeadlineFireFilter matches every fired hold deadline.
+const HoldDeadlineFireFilter = "sandboxer.timer.hold-due.>"
 
 // CommandRef is what a command subject names.
 type CommandRef struct {

@@ -144,6 +144,19 @@ func TestLifecycleSubjectRoundTrip(t *testing.T) {
 			if !subjectMatches(event.ExtensionLifecycleFilter("compose-ssh"), subj) || subjectMatches(event.ExtensionLifecycleFilter("local"), subj) {
 				t.Errorf("ExtensionLifecycleFilter does not select exactly compose-ssh's %q", subj)
 			}
+			if f := event.ExtensionSandboxFilter("compose-ssh", "sbx-01"); !subjectMatches(f, subj) {
+				t.Errorf("ExtensionSandboxFilter does not match %q", subj)
+			}
+			for _, other := range []string{
+				event.LifecycleSubject("team-a", "local", "sbx-01", s), event.LifecycleSubject("team-a", "compose-ssh", "sbx-010", s),
+			} {
+				if subjectMatches(event.ExtensionSandboxFilter("compose-ssh", "sbx-01"), other) {
+					t.Errorf("ExtensionSandboxFilter of compose-ssh's sbx-01 matches %q", other)
+				}
+			}
+			if !subjectMatches(event.ExtensionLifecycleFilter("compose-ssh"), event.ExtensionSandboxFilter("compose-ssh", "sbx-01")) {
+				t.Error("ExtensionSandboxFilter is not within what a pool may read")
+			}
 			if !subjectMatches(event.StateFilter(s), subj) {
 				t.Errorf("StateFilter(%s) does not match %q", s, subj)
 			}
@@ -224,6 +237,10 @@ func TestStreamsCaptureTheirSubjects(t *testing.T) {
 		{event.ExpiryFireSubject("sbx-1"), event.StreamTimers},
 		{event.AccrualScheduleSubject("sbx-1"), event.StreamTimers},
 		{event.AccrualFireSubject("sbx-1"), event.StreamTimers},
+		{event.RetryScheduleSubject("sbx-1"), event.StreamTimers},
+		{event.RetryFireSubject("sbx-1"), event.StreamTimers},
+		{event.HoldDeadlineScheduleSubject("sbx-1"), event.StreamTimers},
+		{event.HoldDeadlineFireSubject("sbx-1"), event.StreamTimers},
 		{event.SubjectCatalog, ""},
 		{event.SubjectWorkers, ""},
 		{event.SubjectMeteringHold, ""},
@@ -248,6 +265,44 @@ func TestStreamsCaptureTheirSubjects(t *testing.T) {
 	}
 	if subjectMatches(event.ExpiryFireFilter, event.AccrualFireSubject("sbx-1")) || subjectMatches(event.AccrualFireFilter, event.ExpiryFireSubject("sbx-1")) {
 		t.Error("expiry and accrual fire filters overlap")
+	}
+	// The timers stream is a work queue: its durables' filters must not
+	// overlap, and no filter may take a schedule before it fires.
+	fires := map[string]string{
+		event.ExpiryFireFilter: event.ExpiryFireSubject("sbx-1"), event.AccrualFireFilter: event.AccrualFireSubject("sbx-1"),
+		event.RetryFireFilter: event.RetryFireSubject("sbx-1"), event.HoldDeadlineFireFilter: event.HoldDeadlineFireSubject("sbx-1"),
+	}
+	schedules := []string{event.ExpiryScheduleSubject("sbx-1"), event.AccrualScheduleSubject("sbx-1"),
+		event.RetryScheduleSubject("sbx-1"), event.HoldDeadlineScheduleSubject("sbx-1")}
+	for filter := range fires {
+		for other, subj := range fires {
+			if got := subjectMatches(filter, subj); got != (filter == other) {
+				t.Errorf("fire filter %s matches %s: %v", filter, subj, got)
+			}
+		}
+		for _, subj := range schedules {
+			if subjectMatches(filter, subj) {
+				t.Errorf("fire filter %s matches the schedule %s", filter, subj)
+			}
+		}
+	}
+}
+
+// TestDestroyIDs: each attempt of a destroy has ids of its own, and the
+// first keeps the ids of before attempts existed.
+func TestDestroyIDs(t *testing.T) {
+	t.Parallel()
+	for _, c := range []struct{ got, want string }{
+		{event.DestroyID("sbx-1", 0), "sbx-1.destroy"},
+		{event.DestroyID("sbx-1", 3), "sbx-1.destroy.3"},
+		{event.DestroyingID("sbx-1", 0), "sbx-1.destroying"},
+		{event.DestroyingID("sbx-1", 2), "sbx-1.destroying.2"},
+		{event.TeardownFailedID("sbx-1", 0), "sbx-1.teardown_failed.0"},
+		{event.TeardownFailedID("sbx-1", 4), "sbx-1.teardown_failed.4"},
+	} {
+		if c.got != c.want {
+			t.Errorf("id %q, want %q", c.got, c.want)
+		}
 	}
 }
 
@@ -325,6 +380,25 @@ func TestStates(t *testing.T) {
 	}
 	if event.State("exploded").Valid() || event.State("exploded").Rank() != -1 {
 		t.Error("an unknown state is valid or ranked")
+	}
+}
+
+// TestOrphanedIsOutsideTheMachine: orphaned is a lifecycle state with its
+// own event, terminal, ranked above every other state (a projection never
+// moves back from it), and no transition enters it.
+func TestOrphanedIsOutsideTheMachine(t *testing.T) {
+	t.Parallel()
+	s := event.StateOrphaned
+	if !s.Valid() || !s.Terminal() || event.LifecycleType(s) != event.TypeOrphaned {
+		t.Fatalf("orphaned: valid %v, terminal %v, type %q", s.Valid(), s.Terminal(), event.LifecycleType(s))
+	}
+	for _, other := range event.States {
+		if other != s && other.Rank() >= s.Rank() {
+			t.Errorf("%s ranks %d, not below orphaned's %d", other, other.Rank(), s.Rank())
+		}
+		if event.CanTransition(other, s) || event.CanTransition(s, other) {
+			t.Errorf("a transition between %s and orphaned is allowed", other)
+		}
 	}
 }
 

@@ -41,12 +41,19 @@ const (
 	TypeDestroyed    Type = "dev.sandboxer.sandbox.destroyed.v1"
 	TypeRejected     Type = "dev.sandboxer.sandbox.rejected.v1"
 	TypeExpired      Type = "dev.sandboxer.sandbox.expired.v1"
+	TypeOrphaned     Type = "dev.sandboxer.sandbox.orphaned.v1"
 )
 
 // TypeExpiry is the internal timer message the registry schedules on the bus
 // when a sandbox with a TTL becomes ready. When it fires, the registry emits
 // [TypeExpired] and a destroy command.
 const TypeExpiry Type = "dev.sandboxer.timer.expiry.v1"
+
+// TypeRetry is the internal timer message the registry schedules on the bus
+// when a sandbox's teardown failed on every delivery of its destroy command
+// (a [Destroying] event with an Error says so). When it fires, the registry
+// sends a fresh destroy command, the retry's [Destroy.Attempt].
+const TypeRetry Type = "dev.sandboxer.timer.retry.v1"
 
 // State is a sandbox lifecycle state. The last token of every lifecycle
 // subject is a State.
@@ -58,6 +65,12 @@ type State string
 //	requested -> provisioning -> ready -> destroying -> destroyed
 //	                          \-> failed -> destroying -> destroyed
 //	ready -> expired -> destroying -> destroyed
+//
+// [StateOrphaned] is outside the machine: it follows the last event of a
+// sandbox (destroyed, rejected, orphaned, or none at all) when its
+// backend still holds something of it, and announces that a provisioner
+// claimed that leftover and tears it down. No transition enters or
+// leaves it.
 const (
 	StateRequested    State = "requested"
 	StateRejected     State = "rejected"
@@ -67,12 +80,14 @@ const (
 	StateExpired      State = "expired"
 	StateDestroying   State = "destroying"
 	StateDestroyed    State = "destroyed"
+	StateOrphaned     State = "orphaned"
 )
 
-// States lists every state in the order a sandbox normally passes them.
+// States lists every state in the order a sandbox normally passes them,
+// then [StateOrphaned].
 var States = []State{
 	StateRequested, StateProvisioning, StateReady, StateFailed, StateExpired,
-	StateDestroying, StateDestroyed, StateRejected,
+	StateDestroying, StateDestroyed, StateRejected, StateOrphaned,
 }
 
 // LifecycleType returns the event type announcing state s, or "" for
@@ -94,6 +109,8 @@ func LifecycleType(s State) Type {
 		return TypeRejected
 	case StateExpired:
 		return TypeExpired
+	case StateOrphaned:
+		return TypeOrphaned
 	}
 	return ""
 }
@@ -119,8 +136,12 @@ func (s State) Valid() bool {
 	return false
 }
 
-// Terminal reports whether no transition leaves s.
-func (s State) Terminal() bool { return s == StateDestroyed || s == StateRejected }
+// Terminal reports whether no transition leaves s: destroyed, rejected,
+// and orphaned, which only ever follows a sandbox that ended (or never
+// had a record).
+func (s State) Terminal() bool {
+	return s == StateDestroyed || s == StateRejected || s == StateOrphaned
+}
 
 // Rank orders states along the state machine. A projection applies an event
 // only when it moves a sandbox to a higher rank, which makes applying events
@@ -139,11 +160,15 @@ func (s State) Rank() int {
 		return 4
 	case StateDestroyed, StateRejected:
 		return 5
+	case StateOrphaned:
+		return 6
 	}
 	return -1
 }
 
 // CanTransition reports whether the state machine allows from -> to.
+// Nothing enters [StateOrphaned] by a transition: it is not a step of a
+// sandbox's life but a note on what its backend left.
 func CanTransition(from, to State) bool {
 	switch from {
 	case StateRequested:

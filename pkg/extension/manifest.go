@@ -50,17 +50,39 @@ type Capabilities struct {
 	PricingModel    PricingModel     `yaml:"pricing_model" json:"pricing_model"`
 }
 
-// Capacity bounds how many sandboxes a backend runs at once. Zero means
-// unbounded.
+// Capacity is what a backend can take: how many sandboxes it may have
+// (MaxSandboxes, PerHost; zero means unbounded), and how many it may be
+// building or tearing down at once (MaxInFlight).
 type Capacity struct {
 	MaxSandboxes int `yaml:"max_sandboxes,omitempty" json:"max_sandboxes,omitempty"`
 	PerHost      int `yaml:"per_host,omitempty" json:"per_host,omitempty"`
+	// MaxInFlight caps the commands (creates and destroys) the whole
+	// worker pool runs at once, whatever the number of workers: the
+	// MaxAckPending of the pool's durable consumer. Zero means
+	// [DefaultMaxInFlight]; see [Capacity.InFlight].
+	MaxInFlight int `yaml:"max_in_flight,omitempty" json:"max_in_flight,omitempty"`
+}
+
+// DefaultMaxInFlight is the pool-wide cap on commands in flight of a
+// manifest that gives no capacity.max_in_flight. It is finite, so that
+// adding workers to a backend that never said what it can take cannot
+// flood it, and high enough that it caps no pool before 32 workers of
+// the default concurrency (8) run it.
+const DefaultMaxInFlight = 256
+
+// InFlight returns MaxInFlight, or [DefaultMaxInFlight] when it is zero.
+func (c Capacity) InFlight() int {
+	if c.MaxInFlight <= 0 {
+		return DefaultMaxInFlight
+	}
+	return c.MaxInFlight
 }
 
 // WorkerPolicy is how the extension's worker pool consumes commands.
 type WorkerPolicy struct {
-	// Concurrency is the cap on commands in flight across the whole pool
-	// (the consumer's MaxAckPending) and the default per process. Default 8.
+	// Concurrency is how many commands one worker process runs at once
+	// (`serve provisioner --concurrency` overrides it per process); the
+	// pool as a whole runs at most capacity.max_in_flight. Default 8.
 	Concurrency int `yaml:"concurrency,omitempty" json:"concurrency,omitempty"`
 	// AckWait is how long a command may go without a heartbeat before
 	// another worker gets it. Default 30s.
@@ -382,8 +404,14 @@ func (m *Manifest) check(l locator) Problems {
 	if m.Capacity.MaxSandboxes < 0 || m.Capacity.PerHost < 0 {
 		ps = append(ps, l.at("capacity", "capacities must not be negative"))
 	}
+	if m.Capacity.MaxInFlight < 0 {
+		ps = append(ps, l.at("capacity.max_in_flight", "must not be negative (0 or absent: %d)", DefaultMaxInFlight))
+	}
 	if m.Workers.Concurrency < 0 {
 		ps = append(ps, l.at("workers.concurrency", "must not be negative"))
+	} else if c := m.Capacity.MaxInFlight; c > 0 && m.Workers.Concurrency > c {
+		ps = append(ps, l.at("workers.concurrency", "%d exceeds capacity.max_in_flight %d: no worker can run more than the whole pool may",
+			m.Workers.Concurrency, c))
 	}
 	if m.Workers.MaxDeliver < 0 {
 		ps = append(ps, l.at("workers.max_deliver", "must not be negative"))

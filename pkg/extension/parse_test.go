@@ -185,6 +185,15 @@ capacity:
 			{8, 16, "workers.max_deliver", "must not be negative"},
 			{10, 3, "capacity", "must not be negative"},
 		}},
+		{"negative in-flight capacity", "ext.local.yaml", validManifest + "capacity:\n  max_in_flight: -4\n", []want{
+			{7, 18, "capacity.max_in_flight", "must not be negative (0 or absent: 256)"},
+		}},
+		{"fractional in-flight capacity", "ext.local.yaml", validManifest + "capacity:\n  max_in_flight: 2.5\n", []want{
+			{7, 18, "capacity.max_in_flight", "want an integer, got 2.5"},
+		}},
+		{"a worker's concurrency above the pool's capacity", "ext.local.yaml", validManifest + "capacity:\n  max_in_flight: 4\nworkers:\n  concurrency: 16\n", []want{
+			{9, 16, "workers.concurrency", "16 exceeds capacity.max_in_flight 4"},
+		}},
 		{"repo policy problems", "ext.local.yaml", validManifest + `inputs:
   repo: {type: string, format: repo}
 repo:
@@ -249,6 +258,38 @@ repo:
 const validProfile = `slug: local
 extension: local
 `
+
+// TestCapacityInFlight: capacity.max_in_flight and workers.concurrency
+// are two settings, the pool's and one worker's; an absent capacity is
+// the finite default.
+func TestCapacityInFlight(t *testing.T) {
+	t.Parallel()
+	cases := []struct {
+		name              string
+		yaml              string
+		inFlight, workers int
+	}{
+		{"both absent", validManifest, extension.DefaultMaxInFlight, 8},
+		{"both given", validManifest + "capacity:\n  max_in_flight: 64\nworkers:\n  concurrency: 16\n", 64, 16},
+		{"a worker as large as the pool", validManifest + "capacity:\n  max_in_flight: 16\nworkers:\n  concurrency: 16\n", 16, 16},
+		{"zero is the default", validManifest + "capacity:\n  max_in_flight: 0\nworkers:\n  concurrency: 300\n", extension.DefaultMaxInFlight, 300},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			m, ps := extension.ParseManifest("ext.local.yaml", []byte(tc.yaml))
+			if len(ps) > 0 {
+				t.Fatal(ps)
+			}
+			if got := m.Capacity.InFlight(); got != tc.inFlight {
+				t.Errorf("Capacity.InFlight() = %d, want %d", got, tc.inFlight)
+			}
+			if got := m.Workers.WithDefaults().Concurrency; got != tc.workers {
+				t.Errorf("workers.concurrency = %d, want %d", got, tc.workers)
+			}
+		})
+	}
+}
 
 func TestParseProfileReportsEveryProblem(t *testing.T) {
 	t.Parallel()

@@ -140,6 +140,7 @@ func TestSchemasReject(t *testing.T) {
 		{"manifest unknown isolation", ms, strings.Replace(validManifest, "[process]", "[teleport]", 1)},
 		{"manifest unknown pricing", ms, strings.Replace(validManifest, "self-hosted", "free", 1)},
 		{"manifest bad duration", ms, validManifest + "workers:\n  ack_wait: soon\n"},
+		{"manifest negative in-flight capacity", ms, validManifest + "capacity:\n  max_in_flight: -1\n"},
 		{"manifest reserved input", ms, validManifest + "inputs:\n  sandbox_id:\n    type: string\n"},
 		{"manifest unknown input type", ms, validManifest + "inputs:\n  x:\n    type: float\n"},
 		{"manifest config not a mapping", ms, validManifest + "config: [a]\n"},

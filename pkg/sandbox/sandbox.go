@@ -119,11 +119,21 @@ func NewRequested(c event.Create) *Record {
 // Apply moves r to the state e announces, taking what e says about the
 // sandbox. It reports false, changing nothing, when e would not move r
 // forward (a redelivered or reordered event): applying an event twice is
-// the same as applying it once. e must be a lifecycle event about r.
+// the same as applying it once. An orphaned event never changes a record.
+// e must be a lifecycle event about r.
 func Apply(r *Record, e *event.Event) (bool, error) {
 	to, ok := event.StateOf(event.Type(e.Type()))
 	if !ok {
 		return false, fmt.Errorf("%w: %s is not a lifecycle event", event.ErrMalformed, e.Type())
+	}
+	if to == event.StateOrphaned {
+		// What a backend left of a sandbox that ended, or that never had
+		// a record: the record, if any, stays as its own events left it.
+		var d event.Orphaned
+		if err := event.DataAs(e, &d); err != nil {
+			return false, err
+		}
+		return false, nil
 	}
 	if r.State != "" && (r.State.Terminal() || to.Rank() <= r.State.Rank()) {
 		return false, nil

@@ -60,6 +60,8 @@ func payload(s event.State) any {
 		return event.Destroyed{Ref: r, Reason: event.ReasonRequested, Cleanup: event.CleanupReport{Removed: []string{"/w/sbx-1"}}}
 	case event.StateRejected:
 		return event.Rejected{Ref: ref, Code: "insufficient_credits", Reason: "balance 0"}
+	case event.StateOrphaned:
+		return event.Orphaned{Ref: r, Reason: string(event.StateDestroyed), Handle: handle, Held: []string{"dir:/w/sbx-1"}, Worker: "w2"}
 	}
 	panic("no event enters " + string(s))
 }
@@ -259,6 +261,51 @@ func TestApplyErrors(t *testing.T) {
 				t.Errorf("a refused event changed the record:\n%s\n%s", before, after)
 			}
 		})
+	}
+}
+
+// TestApplyIgnoresOrphaned: an orphaned event is about what a backend
+// left, not about a record: whatever the record's state, and with no
+// record at all, it changes nothing and is not an error (the registry
+// must not dead-letter it); only malformed data is refused.
+func TestApplyIgnoresOrphaned(t *testing.T) {
+	t.Parallel()
+	unrouted := payload(event.StateOrphaned).(event.Orphaned)
+	unrouted.Consumer, unrouted.Profile, unrouted.Reason = event.Unrouted, event.Unrouted, event.ReasonNoEvents
+	for _, tc := range []struct {
+		name string
+		path []event.State
+	}{
+		{"no record", nil},
+		{"requested", []event.State{}},
+		{"ready", []event.State{event.StateProvisioning, event.StateReady}},
+		{"destroyed", []event.State{event.StateProvisioning, event.StateReady, event.StateDestroying, event.StateDestroyed}},
+		{"rejected", []event.State{event.StateRejected}},
+	} {
+		for name, data := range map[string]event.Orphaned{"its consumer": payload(event.StateOrphaned).(event.Orphaned), "no consumer": unrouted} {
+			t.Run(tc.name+"/"+name, func(t *testing.T) {
+				t.Parallel()
+				r := &sandbox.Record{}
+				if tc.path != nil {
+					r = requested()
+				}
+				for _, s := range tc.path {
+					apply(t, r, s)
+				}
+				before := r.Marshal()
+				changed, err := sandbox.Apply(r, lifecycle(t, event.StateOrphaned, data))
+				if err != nil || changed {
+					t.Fatalf("Apply(orphaned) = %v, %v; want no change, no error", changed, err)
+				}
+				if after := r.Marshal(); !bytes.Equal(before, after) {
+					t.Errorf("an orphaned event changed the record:\n%s\n%s", before, after)
+				}
+			})
+		}
+	}
+	bad := lifecycle(t, event.StateOrphaned, map[string]any{"sandbox_id": id, "surprise": true})
+	if _, err := sandbox.Apply(requested(), bad); !errors.Is(err, event.ErrMalformed) {
+		t.Errorf("Apply(malformed orphaned) = %v, want ErrMalformed", err)
 	}
 }
 

@@ -17,7 +17,7 @@ import (
 const queueInfoTimeout = 5 * time.Second
 
 // workerPools handles GET /v1/workers: per extension of the catalog, its
-// capacity, its live workers (the Workers option's heartbeats) and the
+// capacities (sandboxes it may have, commands in flight), its live workers (the Workers option's heartbeats) and the
 // pending and in-flight commands of its pool's durable consumer. Any key
 // may read it: it tells nothing about any consumer. A durable that cannot
 // be read leaves that pool's counts at 0 with the reason in queue_error.
@@ -31,7 +31,7 @@ func (g *Gateway) workerPools(w http.ResponseWriter, r *http.Request, _ caller) 
 	exts := g.opts.Catalog.Current().ExtensionList()
 	out := api.WorkerList{Pools: make([]api.WorkerPool, 0, len(exts))}
 	for _, m := range exts {
-		p := api.WorkerPool{Extension: m.Name, Capacity: m.Capacity.MaxSandboxes, LiveWorkers: []api.Worker{}}
+		p := api.WorkerPool{Extension: m.Name, Capacity: m.Capacity.MaxSandboxes, MaxInFlight: m.Capacity.InFlight(), LiveWorkers: []api.Worker{}}
 		for _, h := range g.opts.Workers.List(m.Name) {
 			p.LiveWorkers = append(p.LiveWorkers, api.Worker{
 				Worker: h.Worker, Host: h.Host, PID: h.PID, Concurrency: h.Concurrency,

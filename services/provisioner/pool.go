@@ -75,12 +75,17 @@ func (pl *pool) handle(ctx context.Context, m *bus.Message) ([]bus.Out, error) {
 		if !ref.Matches(d.Ref) {
 			return nil, bus.Permanent(fmt.Errorf("destroy data names sandbox %q of consumer %q on %q, subject %s", d.SandboxID, d.Consumer, d.Extension, m.Subject))
 		}
-		return pl.destroy(ctx, d)
+		return pl.destroy(ctx, m, d)
 	}
 	return nil, bus.Permanent(fmt.Errorf("unknown command type %q", m.Event.Type()))
 }
 
 func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]bus.Out, error) {
+	// Should this be the last delivery and fail, the sandbox fails: its
+	// teardown and the release of its hold follow.
+	m.OnExhausted(func(ctx context.Context, m *bus.Message, err error) ([]bus.Out, error) {
+		return pl.createExhausted(ctx, c, err)
+	})
 	// What the command asks for is checked first, in memory: a create
 	// that cannot start is never announced.
 	prof, perr := pl.p.opts.Catalog.Current().Profile(c.Profile)
@@ -240,7 +245,12 @@ func (pl *pool) failed(ctx context.Context, c event.Create, phase string, h *ext
 	return []bus.Out{f, {Subject: c.Ref.CommandSubject(event.VerbDestroy), Event: d}}, nil
 }
 
-func (pl *pool) destroy(ctx context.Context, d event.Destroy) ([]bus.Out, error) {
+func (pl *pool) destroy(ctx context.Context, m *bus.Message, d event.Destroy) ([]bus.Out, error) {
+	// Should this be the last delivery and fail, the sandbox says so and
+	// the registry schedules a fresh attempt.
+	m.OnExhausted(func(ctx context.Context, m *bus.Message, err error) ([]bus.Out, error) {
+		return pl.destroyExhausted(ctx, m, d, err)
+	})
 	// The sandbox's own events say where it is: this pool reads its
 	// backend's lifecycle subjects and nothing else.
 	st, err := pl.latest(ctx, d.Ref)
@@ -277,7 +287,8 @@ func (pl *pool) destroy(ctx context.Context, d event.Destroy) ([]bus.Out, error)
 	if h.Host == "" {
 		h.Host = pl.manifest.HostList()[0]
 	}
-	if err := pl.emit(ctx, event.StateDestroying, ref, event.Destroying{Ref: ref, Reason: d.Reason}); err != nil {
+	if err := pl.emit(ctx, event.StateDestroying, ref, event.DestroyingID(ref.SandboxID, d.Attempt),
+		event.Destroying{Ref: ref, Reason: d.Reason, Attempt: d.Attempt}); err != nil {
 		return nil, err
 	}
 	deadline := extension.DefaultTeardownDeadline
@@ -292,8 +303,10 @@ func (pl *pool) destroy(ctx context.Context, d event.Destroy) ([]bus.Out, error)
 	endCall(span, err)
 	cancel()
 	if err != nil {
-		// Cleanup must happen: retry with back-off, then dead-letter for an
-		// operator, with the reason.
+		// Cleanup must happen: retry with back-off; after the last
+		// delivery the sandbox says why (destroyExhausted), the registry
+		// schedules a fresh attempt, and the dead letter is for an
+		// operator.
 		if ctx.Err() == nil {
 			pl.metrics.outcome(outcomeTeardownError)
 		}
@@ -436,7 +449,14 @@ func (pl *pool) awaitCreate(ctx context.Context, ref event.Ref) (outcome, error)
 // "<sandbox>.<state>" whoever emits it, so a second emission of the same
 // fact is dropped by the stream's de-duplication.
 func (pl *pool) lifecycle(s event.State, ref event.Ref, data any) (bus.Out, error) {
-	e, err := event.New(event.LifecycleType(s), pl.source, ref.SandboxID, ref.SandboxID+"."+string(s), data)
+	return pl.lifecycleWithID(s, ref, ref.SandboxID+"."+string(s), data)
+}
+
+// lifecycleWithID builds the lifecycle event announcing state s with event
+// id id: a fact of its own in state s (a retry's destroying, a teardown
+// that failed).
+func (pl *pool) lifecycleWithID(s event.State, ref event.Ref, id string, data any) (bus.Out, error) {
+	e, err := event.New(event.LifecycleType(s), pl.source, ref.SandboxID, id, data)
 	if err != nil {
 		return bus.Out{}, bus.Permanent(err)
 	}
@@ -499,9 +519,10 @@ func (pl *pool) emitAsync(ctx context.Context, s event.State, ref event.Ref, dat
 // already had events.
 var errNotFirst = errors.New("the sandbox already has events")
 
-// emit publishes a lifecycle event now, before the work it announces.
-func (pl *pool) emit(ctx context.Context, s event.State, ref event.Ref, data any) error {
-	out, err := pl.lifecycle(s, ref, data)
+// emit publishes a lifecycle event with event id id now, before the work
+// it announces.
+func (pl *pool) emit(ctx context.Context, s event.State, ref event.Ref, id string, data any) error {
+	out, err := pl.lifecycleWithID(s, ref, id, data)
 	if err != nil {
 		return err
 	}

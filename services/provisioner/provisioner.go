@@ -42,7 +42,10 @@ type Options struct {
 	// Pools names the extensions this process serves. Required.
 	Pools []string
 	// Concurrency is how many commands this process runs at once per
-	// extension. Default: the manifest's workers.concurrency.
+	// extension: one worker's share. The pool as a whole runs at most its
+	// manifest's capacity.max_in_flight, however many workers share it,
+	// so adding a worker adds throughput up to that cap. Default: the
+	// manifest's workers.concurrency.
 	Concurrency int
 	// DataDir is where backends keep local state, one subdirectory per
 	// extension. Default: a directory under os.TempDir.
@@ -62,6 +65,17 @@ type Options struct {
 	// (durations of Provision, WaitReady and Teardown, outcomes, the
 	// router's counts). Default nil: none are.
 	Metrics prometheus.Registerer
+	// OrphanInterval is how often each pool whose backend is an
+	// [extension.Lister] lists what the backend holds and tears down what
+	// no live record owns, announcing each with an orphaned event.
+	// Default [DefaultOrphanInterval]; negative: never.
+	OrphanInterval time.Duration
+	// OrphanGrace is how long something a backend holds may have no
+	// lifecycle event of its sandbox before it is an orphan (a create
+	// has none until its first event is stored), and how long a claimed
+	// orphan waits before it is claimed again. Longer than any profile's
+	// provision deadline. Default [DefaultOrphanGrace].
+	OrphanGrace time.Duration
 }
 
 // Provisioner is a running set of worker pools.
@@ -78,6 +92,9 @@ type Provisioner struct {
 	routes    *bus.Group         // the pools' routers, stopped together
 	stopBeats context.CancelFunc // stops the heartbeat loop
 	beats     sync.WaitGroup
+
+	stopOrphans context.CancelFunc // stops the orphan reconcilers
+	orphans     sync.WaitGroup
 }
 
 // New checks opts and returns a provisioner that has not started.
@@ -110,6 +127,12 @@ func New(opts Options) (*Provisioner, error) {
 	}
 	if opts.CatalogTimeout <= 0 {
 		opts.CatalogTimeout = 30 * time.Second
+	}
+	if opts.OrphanInterval == 0 {
+		opts.OrphanInterval = DefaultOrphanInterval
+	}
+	if opts.OrphanGrace <= 0 {
+		opts.OrphanGrace = DefaultOrphanGrace
 	}
 	p := &Provisioner{
 		opts:    opts,
@@ -153,6 +176,7 @@ func (p *Provisioner) Start(ctx context.Context) error {
 			"concurrency", pl.concurrency, "worker", p.opts.WorkerID)
 	}
 	p.routes = p.router.Start(routes...)
+	p.startOrphans(ctx)
 	beatCtx, stopBeats := context.WithCancel(context.WithoutCancel(ctx))
 	p.stopBeats = stopBeats
 	p.beats.Add(1)
@@ -203,7 +227,8 @@ func (p *Provisioner) openPool(ctx context.Context, name string) (*pool, error) 
 	spec := Consumer(m)
 	policy := spec.Policy
 	consumer := spec.Name
-	if _, err := p.opts.JS.Consumer(ctx, event.StreamCommands, consumer); err != nil {
+	cons, err := p.opts.JS.Consumer(ctx, event.StreamCommands, consumer)
+	if err != nil {
 		_ = extension.Close(ext)
 		return nil, fmt.Errorf("starting pool %s: its consumer %s (created by `sandboxer setup`): %w", name, consumer, err)
 	}
@@ -211,6 +236,15 @@ func (p *Provisioner) openPool(ctx context.Context, name string) (*pool, error) 
 	conc := p.opts.Concurrency
 	if conc <= 0 {
 		conc = w.Concurrency
+	}
+	// The durable's cap is what the server enforces; say when it is not
+	// the manifest's, or when this worker alone could use all of it.
+	if have := cons.CachedInfo().Config.MaxAckPending; have != policy.MaxAckPending {
+		p.opts.Logger.Warn("pool capacity differs from the manifest's: run sandboxer setup", "extension", name, "consumer", consumer,
+			"max_ack_pending", have, "capacity.max_in_flight", policy.MaxAckPending)
+	} else if conc > have {
+		p.opts.Logger.Warn("worker concurrency exceeds the pool's capacity: it never runs more than capacity.max_in_flight",
+			"extension", name, "concurrency", conc, "capacity.max_in_flight", have)
 	}
 	pl := &pool{
 		p: p, name: name, ext: ext, manifest: m, policy: policy.WithDefaults(),
@@ -229,7 +263,9 @@ func (p *Provisioner) openPool(ctx context.Context, name string) (*pool, error) 
 
 // Consumer is the durable consumer of extension m's pool, for setup to
 // create: every worker of the pool shares it, with the delivery policy of
-// the manifest's workers section.
+// the manifest's workers section. Its MaxAckPending is the backend's
+// capacity.max_in_flight, the cap on commands in flight across every
+// worker; a worker's own concurrency is [Options.Concurrency].
 func Consumer(m *extension.Manifest) bus.ConsumerSpec {
 	w := m.Workers.WithDefaults()
 	backoff := make([]time.Duration, len(w.Backoff))
@@ -238,7 +274,7 @@ func Consumer(m *extension.Manifest) bus.ConsumerSpec {
 	}
 	return bus.ConsumerSpec{
 		Stream: event.StreamCommands, Name: bus.DurableProvisioner(m.Name), Filters: []string{event.CommandFilter(m.Name)},
-		Policy:      bus.ConsumerPolicy{AckWait: w.AckWait.D(), MaxDeliver: w.MaxDeliver, Backoff: backoff, MaxAckPending: w.Concurrency},
+		Policy:      bus.ConsumerPolicy{AckWait: w.AckWait.D(), MaxDeliver: w.MaxDeliver, Backoff: backoff, MaxAckPending: m.Capacity.InFlight()},
 		Description: "provisioner pool of " + m.Name + ": every worker shares it",
 	}
 }
@@ -266,6 +302,8 @@ func (p *Provisioner) Shutdown(ctx context.Context) error {
 	}
 	p.stopBeats()
 	p.beats.Wait()
+	p.stopOrphans()
+	p.orphans.Wait()
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
 	defer cancel()
 	for _, pl := range p.pools {

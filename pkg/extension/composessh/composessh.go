@@ -631,6 +631,146 @@ func (c *ComposeSSH) sweep(ctx context.Context, h host, project string) ([]strin
 	return lines(out), nil
 }
 
+// heldScript prints, one a line and fields separated by '|', every
+// container and network ("kind|project|name|created") and volume
+// ("volume|project|name") carrying the compose project label, using
+// docker CLI $1, then every finished workspace and partial attempt under
+// base directory $2 ("dir|mtime in epoch seconds|name").
+const heldScript = `set -u
+"$1" ps -a --filter "label=` + labelProject + `" --format 'container|{{.Label "` + labelProject + `"}}|{{.Names}}|{{.CreatedAt}}' || exit 1
+"$1" network ls --filter "label=` + labelProject + `" --format 'network|{{.Label "` + labelProject + `"}}|{{.Name}}|{{.CreatedAt}}' || exit 1
+"$1" volume ls --filter "label=` + labelProject + `" --format 'volume|{{.Label "` + labelProject + `"}}|{{.Name}}' || exit 1
+[ -d "$2" ] || exit 0
+cd -- "$2" || exit 1
+for p in * .tmp-*; do
+	[ -e "$p" ] || [ -L "$p" ] || continue
+	case $p in
+	.tmp-*) ;;
+	*) [ -f "$p/` + workspace.Marker + `" ] || continue;;
+	esac
+	t=$(stat -c %Y -- "$p") || continue
+	printf 'dir|%s|%s\n' "$t" "$p"
+done`
+
+// dockerTime is how docker ps and docker network ls print CreatedAt.
+const dockerTime = "2006-01-02 15:04:05.999999999 -0700 MST"
+
+// List returns, host by host, every sandbox of which a compose project
+// named with the project prefix, or a workspace directory, exists: its
+// containers, networks and volumes (by the compose project label) and its
+// directories, with a partial handle Teardown accepts and the creation
+// time of the oldest of them. A project is the sandbox's whose workspace
+// it is; without a workspace, the sandbox whose id is the project name
+// (sand-boxer's ids carry the default prefix, "sbx-"). A host that cannot
+// be listed is named in the error, the others' sandboxes returned.
+func (c *ComposeSSH) List(ctx context.Context) ([]extension.Held, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	var (
+		out  []extension.Held
+		errs []error
+	)
+	for _, name := range slices.Sorted(maps.Keys(c.s.hosts)) {
+		h := c.s.hosts[name]
+		held, err := c.listHost(ctx, h)
+		if err != nil {
+			if ctx.Err() != nil {
+				return out, ctx.Err()
+			}
+			errs = append(errs, fmt.Errorf("compose-ssh: listing what %s holds: %w", name, err))
+			continue
+		}
+		out = append(out, held...)
+	}
+	return out, errors.Join(errs...)
+}
+
+// heldItem is one thing List found: its resource name and when it was
+// made (zero: unknown).
+type heldItem struct {
+	resource string
+	at       time.Time
+}
+
+func (c *ComposeSSH) listHost(ctx context.Context, h host) ([]extension.Held, error) {
+	out, err := c.pool.Run(ctx, h.ssh, "sh", "-c", heldScript, "sandboxer-held", c.s.docker, h.base)
+	if err != nil {
+		return nil, err
+	}
+	dirs := map[string][]heldItem{}     // sandbox id -> its directories
+	projects := map[string][]heldItem{} // project -> its containers, networks, volumes
+	for _, l := range lines(out) {
+		f := strings.Split(l, "|")
+		switch {
+		case f[0] == "dir" && len(f) == 3:
+			id, _, _ := strings.Cut(strings.TrimPrefix(f[2], ".tmp-"), ".")
+			if workspace.CheckID(id) != nil {
+				continue
+			}
+			var at time.Time
+			if sec, err := strconv.ParseInt(f[1], 10, 64); err == nil {
+				at = time.Unix(sec, 0)
+			}
+			dirs[id] = append(dirs[id], heldItem{"dir:" + path.Join(h.base, f[2]), at})
+		case (f[0] == "container" || f[0] == "network") && len(f) == 4, f[0] == "volume" && len(f) == 3:
+			if !strings.HasPrefix(f[1], c.s.prefix) {
+				continue // not one of ours
+			}
+			var at time.Time
+			if len(f) == 4 {
+				at, _ = time.Parse(dockerTime, f[3])
+			}
+			projects[f[1]] = append(projects[f[1]], heldItem{f[0] + ":" + f[2], at})
+		}
+	}
+	byID := map[string][]heldItem{}
+	for id, its := range dirs {
+		byID[id] = its
+	}
+	for p, its := range projects {
+		id, ok := c.sandboxOf(p, dirs)
+		if !ok {
+			continue
+		}
+		byID[id] = append(its, byID[id]...)
+	}
+	held := make([]extension.Held, 0, len(byID))
+	for _, id := range slices.Sorted(maps.Keys(byID)) {
+		hd := extension.Held{Handle: c.handle(sandbox{id: id, host: h})}
+		for _, it := range byID[id] {
+			hd.Resources = append(hd.Resources, it.resource)
+			if !it.at.IsZero() && (hd.Since.IsZero() || it.at.Before(hd.Since)) {
+				hd.Since = it.at
+			}
+		}
+		held = append(held, hd)
+	}
+	return held, nil
+}
+
+// sandboxOf returns the sandbox whose compose project is project: the
+// one of the ids Project maps to it that has a workspace, else the
+// project name itself.
+func (c *ComposeSSH) sandboxOf(project string, workspaces map[string][]heldItem) (string, bool) {
+	var cands []string
+	if workspace.CheckID(project) == nil {
+		cands = append(cands, project) // Project(project) == project: it has the prefix
+	}
+	if rest := strings.TrimPrefix(project, c.s.prefix); !strings.HasPrefix(rest, c.s.prefix) && workspace.CheckID(rest) == nil {
+		cands = append(cands, rest)
+	}
+	for _, id := range cands {
+		if _, ok := workspaces[id]; ok {
+			return id, true
+		}
+	}
+	if len(cands) == 0 {
+		return "", false
+	}
+	return cands[0], true
+}
+
 // Close closes the backend's SSH connections.
 func (c *ComposeSSH) Close() error { return c.pool.Close() }
 
@@ -649,4 +789,5 @@ var (
 	_ extension.Configurer      = (*ComposeSSH)(nil)
 	_ extension.ManifestChecker = (*ComposeSSH)(nil)
 	_ extension.Closer          = (*ComposeSSH)(nil)
+	_ extension.Lister          = (*ComposeSSH)(nil)
 )

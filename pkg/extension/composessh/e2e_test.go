@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -76,6 +77,81 @@ func TestE2E(t *testing.T) {
 	t.Run("ChangedHostKeyFailsAndLeavesNothing", func(t *testing.T) { t.Parallel(); changedHostKey(t, e) })
 	t.Run("UnhealthyStackIsNotReady", func(t *testing.T) { t.Parallel(); unhealthy(t, e) })
 	t.Run("MissingComposeIsNamed", func(t *testing.T) { t.Parallel(); missingCompose(t, e) })
+	t.Run("OrphanProjectListedAndRemoved", func(t *testing.T) { t.Parallel(); orphanProject(t, e) })
+}
+
+// composeUp starts the stack in dir as project, with the host's compose
+// command, outside the backend.
+func composeUp(t *testing.T, dir, project string) {
+	t.Helper()
+	argv := []string{"docker", "compose"}
+	if exec.Command("docker", "compose", "version").Run() != nil {
+		argv = []string{"docker-compose"}
+	}
+	cmd := exec.Command(argv[0], append(argv[1:], "--project-name", project, "up", "--detach")...)
+	cmd.Dir = dir
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%v up: %v: %s", argv, err, out)
+	}
+	t.Cleanup(func() {
+		cmd := exec.Command(argv[0], append(argv[1:], "--project-name", project, "down", "--volumes", "--timeout", "1")...)
+		cmd.Dir = dir
+		_ = cmd.Run()
+	})
+}
+
+// orphanProject: a compose project carrying a sandbox's name, started
+// outside sand-boxer (no workspace, no event), is what the backend holds
+// of that sandbox; the listed handle tears it down completely.
+func orphanProject(t *testing.T, e env) {
+	base := t.TempDir()
+	c := composetest.Open(t, composetest.Manifest(t, e.srv, base, composetest.ManifestOptions{}))
+	id := "sbx-" + strings.TrimPrefix(conformance.NewSandboxID(), "conf-")
+	composeUp(t, e.repo, id)
+	ctx := ctxFor(t, 2*time.Minute)
+	held, err := c.List(ctx)
+	if err != nil {
+		t.Fatalf("List: %v", err)
+	}
+	var got *extension.Held
+	for i := range held {
+		if held[i].Handle.SandboxID == id {
+			got = &held[i]
+		}
+	}
+	res := composetest.ProjectResources(t, id)
+	if got == nil {
+		t.Fatalf("List %+v does not hold the project %s (Docker holds %s)", held, id, res)
+	}
+	if got.Handle.Host != composetest.Host || got.Since.IsZero() || time.Since(got.Since) > time.Hour {
+		t.Errorf("listed as %+v", got)
+	}
+	for _, name := range res.Containers {
+		if !slices.Contains(got.Resources, "container:"+name) {
+			t.Errorf("listed resources %v lack container %s", got.Resources, name)
+		}
+	}
+	for _, name := range res.Volumes {
+		if !slices.Contains(got.Resources, "volume:"+name) {
+			t.Errorf("listed resources %v lack volume %s", got.Resources, name)
+		}
+	}
+	rep, err := c.Teardown(ctx, got.Handle)
+	if err != nil {
+		t.Fatalf("Teardown of the listed handle: %v", err)
+	}
+	if left := composetest.ProjectResources(t, id); !left.Empty() {
+		t.Fatalf("after teardown Docker still holds %s (report %v)", left, rep.Removed)
+	}
+	held, err = c.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range held {
+		if h.Handle.SandboxID == id {
+			t.Fatalf("after teardown List still holds %+v", h)
+		}
+	}
 }
 
 func stackUpExecTeardown(t *testing.T, e env) {

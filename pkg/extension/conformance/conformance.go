@@ -2,6 +2,8 @@
 // extension's tests call [Run] with a way to make a configured backend and
 // a way to see what exists of a sandbox on the backend, so every assertion
 // is about the real backend, not about what the code under test says.
+// Cases for an optional interface ([extension.Lister]) skip a backend
+// that does not implement it.
 package conformance
 
 import (
@@ -86,6 +88,7 @@ func Run(t *testing.T, h Harness) {
 	t.Run("TeardownOfPartialHandle", func(t *testing.T) { teardownPartial(t, h) })
 	t.Run("TeardownTwice", func(t *testing.T) { teardownTwice(t, h) })
 	t.Run("CancelledProvision", func(t *testing.T) { cancelled(t, h) })
+	t.Run("ListHoldsWhatItMade", func(t *testing.T) { list(t, h) })
 }
 
 func provisionReadyTeardown(t *testing.T, h Harness) {
@@ -279,4 +282,80 @@ func cancelled(t *testing.T, h Harness) {
 	if n := h.Instances(t, ext, id); n != 0 {
 		t.Fatalf("after a cancelled Provision and teardown, backend holds %d instances, want 0", n)
 	}
+}
+
+// list: a Lister lists a sandbox it made, once, on the host it was placed
+// on, with a handle Teardown accepts; once torn down through that handle,
+// the sandbox is gone from the backend and from the list.
+func list(t *testing.T, h Harness) {
+	ext := h.New(t)
+	l, ok := ext.(extension.Lister)
+	if !ok {
+		t.Skipf("%T is not an extension.Lister", ext)
+	}
+	ctx := h.ctx(t)
+	id := NewSandboxID()
+	start := time.Now()
+	hd, err := ext.Provision(ctx, h.Profile, h.inputs(id), h.Host)
+	if err != nil {
+		t.Fatalf("Provision: %v", err)
+	}
+	t.Cleanup(func() { _, _ = ext.Teardown(context.Background(), hd) })
+	if _, err := ext.WaitReady(ctx, hd); err != nil {
+		t.Fatalf("WaitReady: %v", err)
+	}
+	held := listed(ctx, t, l, id)
+	if len(held) != 1 {
+		t.Fatalf("List holds %d entries for the sandbox, want 1: %+v", len(held), held)
+	}
+	got := held[0]
+	if got.Handle.Host != hd.Host {
+		t.Errorf("List places the sandbox on %q, Provision on %q", got.Handle.Host, hd.Host)
+	}
+	if len(got.Resources) == 0 {
+		t.Error("List names nothing the backend holds of the sandbox")
+	}
+	// Since is by the holding machine's clock (whole seconds, perhaps):
+	// within a minute of this test's.
+	if !got.Since.IsZero() && (got.Since.Before(start.Add(-time.Minute)) || got.Since.After(time.Now().Add(time.Minute))) {
+		t.Errorf("List says the sandbox was made at %s; it was made after %s", got.Since, start)
+	}
+	rep, err := ext.Teardown(ctx, got.Handle)
+	if err != nil {
+		t.Fatalf("Teardown of the listed handle: %v", err)
+	}
+	if len(rep.Removed) == 0 {
+		t.Errorf("teardown of the listed handle reports nothing removed: %+v", rep)
+	}
+	if n := h.Instances(t, ext, id); n != 0 {
+		t.Fatalf("after teardown of the listed handle, backend holds %d instances, want 0", n)
+	}
+	if held := listed(ctx, t, l, id); len(held) != 0 {
+		t.Fatalf("after teardown, List still holds %+v", held)
+	}
+	cctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := l.List(cctx); !errors.Is(err, context.Canceled) {
+		t.Errorf("List with a cancelled context returned %v, want context.Canceled", err)
+	}
+}
+
+// listed is what l lists of sandbox id; every entry must have a handle
+// keyed by its sandbox and placed on a host.
+func listed(ctx context.Context, t *testing.T, l extension.Lister, id string) []extension.Held {
+	t.Helper()
+	all, err := l.List(ctx)
+	if err != nil {
+		t.Fatalf("List: %v", err)
+	}
+	var out []extension.Held
+	for _, hd := range all {
+		if hd.Handle.SandboxID == "" || hd.Handle.Host == "" {
+			t.Errorf("List returned a handle without sandbox id or host: %+v", hd)
+		}
+		if hd.Handle.SandboxID == id {
+			out = append(out, hd)
+		}
+	}
+	return out
 }

@@ -1,4 +1,5 @@
-// Package echo is ext.echo, a no-op backend that is ready at once. It
+// Package echo is ext.echo, a no-op backend that is ready at once, or
+// after a fixed delay (config.delay, or a request's delay input). It
 // exists to isolate the control plane from backend time in tests and
 // benchmarks, and is linked only into those: no shipped manifest uses it.
 package echo
@@ -18,10 +19,19 @@ const Handler = "echo"
 // Info registers the backend.
 var Info = extension.Info{Handler: Handler, New: func() extension.Extension { return New() }}
 
+// Config is the config block of an echo manifest.
+type Config struct {
+	// Delay is how long every Provision takes, as a backend that builds
+	// something does: what the benchmark's scaling figure needs. A
+	// request's delay input wins. Default 0: ready at once.
+	Delay extension.Duration `yaml:"delay,omitempty" json:"delay,omitempty"`
+}
+
 // Echo keeps its sandboxes in memory.
 type Echo struct {
 	mu        sync.Mutex
 	sandboxes map[string]extension.Handle
+	delay     time.Duration // config.delay
 }
 
 // New returns an empty backend.
@@ -44,7 +54,33 @@ func Manifest(name string) *extension.Manifest {
 	}
 }
 
-// Provision records the sandbox, after the delay input if any.
+// Configure reads the manifest's config block, strictly.
+func (e *Echo) Configure(_ context.Context, env extension.Env) error {
+	var cfg Config
+	if err := env.Manifest.Config.Decode(&cfg); err != nil {
+		return err
+	}
+	if cfg.Delay < 0 {
+		return fmt.Errorf("echo: config.delay %s must not be negative", cfg.Delay)
+	}
+	e.delay = cfg.Delay.D()
+	return nil
+}
+
+// CheckManifest checks the config block.
+func (e *Echo) CheckManifest(m *extension.Manifest) []extension.Problem {
+	var cfg Config
+	if ps := m.Config.CheckDecode(&cfg, m.File); ps != nil {
+		return ps
+	}
+	if cfg.Delay < 0 {
+		return []extension.Problem{{File: m.File, Path: "config.delay", Message: "must not be negative"}}
+	}
+	return nil
+}
+
+// Provision records the sandbox, after the delay input, else the
+// configured delay, if any.
 func (e *Echo) Provision(ctx context.Context, _ extension.Profile, in extension.Inputs, host string) (extension.Handle, error) {
 	if host == "" {
 		host = "localhost"
@@ -53,11 +89,14 @@ func (e *Echo) Provision(ctx context.Context, _ extension.Profile, in extension.
 	if h.SandboxID == "" {
 		return h, fmt.Errorf("echo: missing sandbox id")
 	}
+	dur := e.delay
 	if d := in["delay"]; d != "" {
-		dur, err := time.ParseDuration(d)
-		if err != nil {
+		var err error
+		if dur, err = time.ParseDuration(d); err != nil {
 			return h, fmt.Errorf("echo: delay: %w", err)
 		}
+	}
+	if dur > 0 {
 		t := time.NewTimer(dur)
 		defer t.Stop()
 		select {
@@ -132,4 +171,8 @@ func (e *Echo) Len() int {
 	return len(e.sandboxes)
 }
 
-var _ extension.Extension = (*Echo)(nil)
+var (
+	_ extension.Extension       = (*Echo)(nil)
+	_ extension.Configurer      = (*Echo)(nil)
+	_ extension.ManifestChecker = (*Echo)(nil)
+)

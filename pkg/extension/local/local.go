@@ -20,6 +20,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -311,8 +312,62 @@ func (l *Local) Instances(sandboxID string) int {
 	return n + len(tmps)
 }
 
+// List returns every sandbox with a finished workspace or a partial
+// attempt at one under the base directory, each with a partial handle
+// Teardown accepts. Since is the modification time of the oldest
+// directory. Entries that are not a sandbox's (another name, a file) are
+// left out.
+func (l *Local) List(ctx context.Context) ([]extension.Held, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	entries, err := os.ReadDir(l.base)
+	if err != nil {
+		return nil, fmt.Errorf("local: listing workspaces: %w", err)
+	}
+	byID := map[string]*extension.Held{}
+	var ids []string
+	for _, e := range entries {
+		name := e.Name()
+		id, partial := name, false
+		if rest, ok := strings.CutPrefix(name, ".tmp-"); ok {
+			id, _, partial = strings.Cut(rest, ".")
+		}
+		if !event.ValidName(id) {
+			continue
+		}
+		p := filepath.Join(l.base, name)
+		if !partial {
+			if _, err := os.Stat(filepath.Join(p, markerFile)); err != nil {
+				continue // not a workspace: Provision remakes it, Teardown removes it
+			}
+		}
+		info, err := os.Lstat(p)
+		if err != nil {
+			continue // removed meanwhile
+		}
+		h := byID[id]
+		if h == nil {
+			h = &extension.Held{Handle: extension.Handle{SandboxID: id, Host: "localhost", Data: map[string]string{"dir": l.Dir(id)}}}
+			byID[id] = h
+			ids = append(ids, id)
+		}
+		h.Resources = append(h.Resources, "dir:"+p)
+		if h.Since.IsZero() || info.ModTime().Before(h.Since) {
+			h.Since = info.ModTime()
+		}
+	}
+	slices.Sort(ids)
+	out := make([]extension.Held, 0, len(ids))
+	for _, id := range ids {
+		out = append(out, *byID[id])
+	}
+	return out, nil
+}
+
 var (
 	_ extension.Extension       = (*Local)(nil)
 	_ extension.Configurer      = (*Local)(nil)
 	_ extension.ManifestChecker = (*Local)(nil)
+	_ extension.Lister          = (*Local)(nil)
 )

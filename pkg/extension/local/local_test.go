@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -388,5 +389,58 @@ func TestGitPinsHTTP(t *testing.T) {
 		if got := local.GitPinsHTTP(tc.version); got != tc.pins {
 			t.Errorf("GitPinsHTTP(%q) = %v, want %v", tc.version, got, tc.pins)
 		}
+	}
+}
+
+// TestListPartialAndForeign: List holds finished workspaces and partial
+// attempts (a .tmp- directory a crashed Provision left), keyed by their
+// sandbox, and nothing else under the base directory; the handle it
+// gives tears a partial attempt down.
+func TestListPartialAndForeign(t *testing.T) {
+	t.Parallel()
+	l, _ := newLocal(t)
+	ctx := context.Background()
+	done, partial := conformance.NewSandboxID(), conformance.NewSandboxID()
+	if _, err := l.Provision(ctx, extension.Profile{}, extension.Inputs{"sandbox_id": done}, "localhost"); err != nil {
+		t.Fatal(err)
+	}
+	base := filepath.Dir(l.Dir(done))
+	tmp := filepath.Join(base, ".tmp-"+partial+".123456")
+	for _, d := range []string{filepath.Join(tmp, "ws"), filepath.Join(base, "unmarked"), filepath.Join(base, "Not-A-Name")} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(base, "notes.txt"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	held, err := l.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for _, h := range held {
+		ids = append(ids, h.Handle.SandboxID)
+	}
+	want := []string{done, partial}
+	slices.Sort(want)
+	if !slices.Equal(ids, want) {
+		t.Fatalf("List holds %v, want %v", ids, want)
+	}
+	for _, h := range held {
+		if h.Handle.SandboxID == partial {
+			if !slices.Equal(h.Resources, []string{"dir:" + tmp}) || h.Since.IsZero() {
+				t.Errorf("the partial attempt is listed as %+v", h)
+			}
+			if _, err := l.Teardown(ctx, h.Handle); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if n := l.Instances(partial); n != 0 {
+		t.Fatalf("teardown of the listed partial attempt left %d instances", n)
+	}
+	if _, err := os.Stat(filepath.Join(base, "unmarked")); err != nil {
+		t.Errorf("a directory that is not a workspace was touched: %v", err)
 	}
 }

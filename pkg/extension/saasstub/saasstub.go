@@ -23,6 +23,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/sand-boxer/sandboxer/pkg/event"
@@ -428,8 +429,41 @@ func (s *SaaSStub) Instances(sandboxID string) int {
 	return 0
 }
 
+// List returns every running session, with the host it runs on and when
+// it started by the provider's clock.
+func (s *SaaSStub) List(ctx context.Context) ([]extension.Held, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	entries, err := os.ReadDir(s.liveDir())
+	if err != nil {
+		return nil, fmt.Errorf("saas-stub: listing sessions: %w", err)
+	}
+	var out []extension.Held
+	for _, e := range entries {
+		id, ok := strings.CutSuffix(e.Name(), ".json")
+		if !ok || !event.ValidName(id) {
+			continue // a marker being written (.tmp-*), or not one
+		}
+		l, err := s.readLive(id)
+		if err != nil {
+			return out, err
+		}
+		if l == nil {
+			continue // ended meanwhile
+		}
+		out = append(out, extension.Held{
+			Handle:    s.handle(id, l.Host),
+			Resources: []string{"saas-stub:session:" + id},
+			Since:     l.StartedAt,
+		})
+	}
+	return out, nil
+}
+
 var (
 	_ extension.Extension       = (*SaaSStub)(nil)
+	_ extension.Lister          = (*SaaSStub)(nil)
 	_ extension.Metered         = (*SaaSStub)(nil)
 	_ extension.Configurer      = (*SaaSStub)(nil)
 	_ extension.ManifestChecker = (*SaaSStub)(nil)

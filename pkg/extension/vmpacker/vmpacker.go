@@ -468,6 +468,74 @@ func (v *VMPacker) Teardown(ctx context.Context, h extension.Handle) (extension.
 	return rep, nil
 }
 
+// workspacesScript prints every finished workspace and partial attempt
+// under base directory $1, "mtime in epoch seconds|name" a line.
+const workspacesScript = `set -u
+[ -d "$1" ] || exit 0
+cd -- "$1" || exit 1
+for p in * .tmp-*; do
+	[ -e "$p" ] || [ -L "$p" ] || continue
+	case $p in
+	.tmp-*) ;;
+	*) [ -f "$p/` + workspace.Marker + `" ] || continue;;
+	esac
+	t=$(stat -c %Y -- "$p") || continue
+	printf '%s|%s\n' "$t" "$p"
+done`
+
+// List returns, VM by VM of the config's vms, every sandbox with a
+// workspace or a partial attempt at one, with a partial handle Teardown
+// accepts and the modification time of its oldest directory. Sandboxes
+// on VMs named by the ssh_target input are not listed: the backend cannot
+// enumerate those VMs. A VM that cannot be listed is named in the error,
+// the others' sandboxes returned.
+func (v *VMPacker) List(ctx context.Context) ([]extension.Held, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	var (
+		out  []extension.Held
+		errs []error
+	)
+	for _, name := range slices.Sorted(maps.Keys(v.s.vms)) {
+		m := v.s.vms[name]
+		b, err := v.runner(m)(ctx, "sh", "-c", workspacesScript, "sandboxer-held", m.base)
+		if err != nil {
+			if ctx.Err() != nil {
+				return out, ctx.Err()
+			}
+			errs = append(errs, fmt.Errorf("vm-packer: listing the workspaces of %s: %w", name, err))
+			continue
+		}
+		byID := map[string]*extension.Held{}
+		for _, l := range strings.Split(string(b), "\n") {
+			mtime, entry, ok := strings.Cut(strings.TrimSpace(l), "|")
+			if !ok {
+				continue
+			}
+			id, _, _ := strings.Cut(strings.TrimPrefix(entry, ".tmp-"), ".")
+			if workspace.CheckID(id) != nil {
+				continue
+			}
+			h := byID[id]
+			if h == nil {
+				h = &extension.Held{Handle: extension.Handle{SandboxID: id, Host: name, Data: map[string]string{"dir": workspace.Dir(m.base, id)}}}
+				byID[id] = h
+			}
+			h.Resources = append(h.Resources, "dir:"+path.Join(m.base, entry))
+			if sec, err := strconv.ParseInt(mtime, 10, 64); err == nil {
+				if at := time.Unix(sec, 0); h.Since.IsZero() || at.Before(h.Since) {
+					h.Since = at
+				}
+			}
+		}
+		for _, id := range slices.Sorted(maps.Keys(byID)) {
+			out = append(out, *byID[id])
+		}
+	}
+	return out, errors.Join(errs...)
+}
+
 // Tunnel returns the local address of a sandbox's tunnel, if this
 // instance holds one.
 func (v *VMPacker) Tunnel(sandboxID string) (string, bool) {
@@ -498,4 +566,5 @@ var (
 	_ extension.Configurer      = (*VMPacker)(nil)
 	_ extension.ManifestChecker = (*VMPacker)(nil)
 	_ extension.Closer          = (*VMPacker)(nil)
+	_ extension.Lister          = (*VMPacker)(nil)
 )
