@@ -340,6 +340,10 @@ func permissionRows(t *testing.T) []row {
 		refuse(registry, "purges the lifecycle stream", jsAPI("$JS.API.STREAM.PURGE."+life, nil, streamMsgGone(life, func(p *probe) uint64 { return p.lifeSeq }))),
 		refuse(registry, "publishes a credits key", kvPublish(bus.BucketCredits, uid("key"))),
 		refuse(registry, "publishes a metering event", jsPublish(meter, meterEvent("dev", "debit"))),
+		allow(registry, "schedules a destroy retry", jsPublish(tmrs, &nats.Msg{Subject: event.RetryScheduleSubject(uid("sbx")), Data: []byte("{}")})),
+		refuse(registry, "schedules a hold deadline", jsPublish(tmrs, &nats.Msg{Subject: event.HoldDeadlineScheduleSubject(uid("sbx")), Data: []byte("{}")})),
+		allow(registry, "fails a sandbox past its deadline", jsPublish(life, failedEvent(t, "dev", "local"))),
+		refuse(registry, "announces a ready sandbox", jsPublish(life, readyEvent(t, "dev", "local"))),
 
 		allow(metering, "puts a credits key with KeyValue", kvPut(bus.BucketCredits, uid("key"))),
 		allow(metering, "publishes a metering event", jsPublish(meter, meterEvent("dev", "debit"))),
@@ -348,6 +352,9 @@ func permissionRows(t *testing.T) []row {
 		refuse(metering, "creates a stream", createStream()),
 		refuse(metering, "deletes the ledger bucket", deleteStream(bus.KVStream(bus.BucketLedger))),
 		refuse(metering, "puts a catalog key with KeyValue", kvPut(bus.BucketCatalog, uid("key"))),
+		allow(metering, "schedules a hold deadline", jsPublish(tmrs, &nats.Msg{Subject: event.HoldDeadlineScheduleSubject(uid("sbx")), Data: []byte("{}")})),
+		refuse(metering, "schedules a destroy retry", jsPublish(tmrs, &nats.Msg{Subject: event.RetryScheduleSubject(uid("sbx")), Data: []byte("{}")})),
+		refuse(metering, "fails a sandbox", jsPublish(life, failedEvent(t, "dev", "local"))),
 
 		refuse(local, "makes the lifecycle stream keep less", updateStream(life, keepLess)),
 	)
@@ -938,4 +945,14 @@ func TestReplies(t *testing.T) {
 			}
 		}
 	})
+}
+
+// failedEvent is a failed event of consumer's sandbox on extension, as
+// the registry's reconciler announces one past its deadline.
+func failedEvent(t testing.TB, consumer, extension string) *nats.Msg {
+	t.Helper()
+	id := uid("sbx")
+	ref := event.Ref{SandboxID: id, Consumer: consumer, Profile: extension, Extension: extension}
+	return encode(t, event.LifecycleSubject(consumer, extension, id, event.StateFailed), event.TypeFailed, id+".failed",
+		event.Failed{Ref: ref, Phase: "provision", Reason: "past its deadline"})
 }

@@ -222,9 +222,14 @@ func (id Identity) Permissions() jwt.Permissions {
 		p.streamInfo(life, tmrs)
 		p.durable(life, bus.DurableRegistry)
 		p.durable(tmrs, bus.DurableRegistryTimers)
-		p.pub("sandboxer.timer.schedule.*")
+		// Expiry schedules and destroy retries.
+		p.pub("sandboxer.timer.schedule.*", "sandboxer.timer.retry.*")
 		p.purge(tmrs)
 		p.pub(event.StateFilter(event.StateExpired), "sandboxer.cmd.*."+event.VerbDestroy+".*.*")
+		// The reconciler fails a create past its deadline, guarded on the
+		// sandbox's last event, which it reads.
+		p.pub(event.StateFilter(event.StateFailed))
+		p.directGet(life, event.SubjectLifecycle)
 		p.pub(event.DLQSubject(life, bus.DurableRegistry), event.DLQSubject(tmrs, bus.DurableRegistryTimers))
 		p.serve("sandboxer.rpc.registry.>")
 	case RoleMetering:
@@ -237,7 +242,7 @@ func (id Identity) Permissions() jwt.Permissions {
 		p.durable(life, bus.DurableMetering)
 		p.durable(tmrs, bus.DurableMeteringAccrual)
 		p.directGet(life, event.SubjectLifecycle)
-		p.pub(event.SubjectMetering, "sandboxer.timer.accrue.*", "sandboxer.cmd.*."+event.VerbDestroy+".*.*")
+		p.pub(event.SubjectMetering, "sandboxer.timer.accrue.*", "sandboxer.timer.hold.*", "sandboxer.cmd.*."+event.VerbDestroy+".*.*")
 		p.purge(tmrs)
 		p.pub("sandboxer.rpc.quote.*")
 		p.pub(event.DLQSubject(life, bus.DurableMetering), event.DLQSubject(tmrs, bus.DurableMeteringAccrual))
