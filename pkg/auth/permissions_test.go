@@ -355,6 +355,8 @@ func permissionRows(t *testing.T) []row {
 		allow(metering, "schedules a hold deadline", jsPublish(tmrs, &nats.Msg{Subject: event.HoldDeadlineScheduleSubject(uid("sbx")), Data: []byte("{}")})),
 		refuse(metering, "schedules a destroy retry", jsPublish(tmrs, &nats.Msg{Subject: event.RetryScheduleSubject(uid("sbx")), Data: []byte("{}")})),
 		refuse(metering, "fails a sandbox", jsPublish(life, failedEvent(t, "dev", "local"))),
+		allow(metering, "rejects a sandbox whose hold's deadline passed", jsPublish(life, rejectedEvent(t, "dev", "local"))),
+		refuse(registry, "rejects a sandbox", jsPublish(life, rejectedEvent(t, "dev", "local"))),
 
 		refuse(local, "makes the lifecycle stream keep less", updateStream(life, keepLess)),
 	)
@@ -955,4 +957,14 @@ func failedEvent(t testing.TB, consumer, extension string) *nats.Msg {
 	ref := event.Ref{SandboxID: id, Consumer: consumer, Profile: extension, Extension: extension}
 	return encode(t, event.LifecycleSubject(consumer, extension, id, event.StateFailed), event.TypeFailed, id+".failed",
 		event.Failed{Ref: ref, Phase: "provision", Reason: "past its deadline"})
+}
+
+// rejectedEvent is a rejected event of consumer's sandbox on extension,
+// as metering announces one when a hold's deadline passed.
+func rejectedEvent(t testing.TB, consumer, extension string) *nats.Msg {
+	t.Helper()
+	id := uid("sbx")
+	ref := event.Ref{SandboxID: id, Consumer: consumer, Profile: extension, Extension: extension}
+	return encode(t, event.LifecycleSubject(consumer, extension, id, event.StateRejected), event.TypeRejected, id+".rejected",
+		event.Rejected{Ref: ref, Code: "hold_expired", Reason: "no create command within the hold's deadline"})
 }

@@ -243,6 +243,9 @@ func (id Identity) Permissions() jwt.Permissions {
 		p.durable(tmrs, bus.DurableMeteringAccrual)
 		p.directGet(life, event.SubjectLifecycle)
 		p.pub(event.SubjectMetering, "sandboxer.timer.accrue.*", "sandboxer.timer.hold.*", "sandboxer.cmd.*."+event.VerbDestroy+".*.*")
+		// A hold whose create never came is rejected, guarded on the
+		// sandbox having no event at all.
+		p.pub(event.StateFilter(event.StateRejected))
 		p.purge(tmrs)
 		p.pub("sandboxer.rpc.quote.*")
 		p.pub(event.DLQSubject(life, bus.DurableMetering), event.DLQSubject(tmrs, bus.DurableMeteringAccrual))
