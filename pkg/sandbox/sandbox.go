@@ -69,6 +69,17 @@ type Record struct {
 	ExpiresAt   time.Time `json:"expires_at,omitzero"`
 	DestroyedAt time.Time `json:"destroyed_at,omitzero"`
 
+	// DestroyAttempt is the latest destroy attempt the sandbox's events
+	// told of ([event.Destroy.Attempt]): 0 for the first, n for the nth
+	// fresh one after a teardown failed.
+	DestroyAttempt int `json:"destroy_attempt,omitempty"`
+	// TeardownError is why the teardown of attempt TeardownFailedAttempt
+	// failed on every delivery of its command, at TeardownFailedAt: the
+	// last teardown failure, kept until the sandbox is destroyed.
+	TeardownError         string    `json:"teardown_error,omitempty"`
+	TeardownFailedAttempt int       `json:"teardown_failed_attempt,omitempty"`
+	TeardownFailedAt      time.Time `json:"teardown_failed_at,omitzero"`
+
 	// History is every state the sandbox entered, in order.
 	History []Transition `json:"history,omitempty"`
 }
@@ -77,6 +88,13 @@ type Record struct {
 type Transition struct {
 	State event.State `json:"state"`
 	At    time.Time   `json:"at"`
+}
+
+// TeardownStuck reports whether r is destroying and the latest attempt
+// it heard of failed: nothing tears it down until a fresh attempt goes
+// out (the registry's retry, a re-drive).
+func (r *Record) TeardownStuck() bool {
+	return r.State == event.StateDestroying && r.TeardownError != "" && r.TeardownFailedAttempt >= r.DestroyAttempt
 }
 
 // Ref returns the event reference of r.
@@ -134,6 +152,24 @@ func Apply(r *Record, e *event.Event) (bool, error) {
 			return false, err
 		}
 		return false, nil
+	}
+	if to == event.StateDestroying && r.State == event.StateDestroying {
+		// Another attempt of the teardown, or the failure of one: the
+		// state stays, the record says how teardown goes.
+		var d event.Destroying
+		if err := event.DataAs(e, &d); err != nil {
+			return false, err
+		}
+		if d.SandboxID != r.ID || d.Consumer != r.Consumer || d.Extension != r.Extension {
+			return false, fmt.Errorf("%w: event for sandbox %q of %q on %q applied to %q", event.ErrMalformed, d.SandboxID, d.Consumer, d.Extension, r.ID)
+		}
+		if !r.teardownProgress(d, e.Time().UTC()) {
+			return false, nil
+		}
+		if at := e.Time().UTC(); at.After(r.UpdatedAt) {
+			r.UpdatedAt = at
+		}
+		return true, nil
 	}
 	if r.State != "" && (r.State.Terminal() || to.Rank() <= r.State.Rank()) {
 		return false, nil
@@ -198,6 +234,7 @@ func Apply(r *Record, e *event.Event) (bool, error) {
 			if r.Reason == "" || !failed {
 				r.Reason = d.Reason
 			}
+			r.teardownProgress(d, at)
 		}
 	case event.StateDestroyed:
 		var d event.Destroyed
@@ -242,6 +279,20 @@ func Apply(r *Record, e *event.Event) (bool, error) {
 	r.UpdatedAt = at
 	r.History = append(r.History, Transition{State: to, At: at})
 	return true, nil
+}
+
+// teardownProgress takes what destroying event d, of time at, says of
+// the teardown: a later attempt, or the failure of the latest one. It
+// reports whether r changed; an older attempt's news changes nothing.
+func (r *Record) teardownProgress(d event.Destroying, at time.Time) bool {
+	changed := false
+	if d.Attempt > r.DestroyAttempt {
+		r.DestroyAttempt, changed = d.Attempt, true
+	}
+	if d.Error != "" && d.Attempt >= r.DestroyAttempt && (r.TeardownError == "" || d.Attempt > r.TeardownFailedAttempt) {
+		r.TeardownError, r.TeardownFailedAttempt, r.TeardownFailedAt, changed = d.Error, d.Attempt, at, true
+	}
+	return changed
 }
 
 var idEncoding = base32.NewEncoding("0123456789abcdefghijklmnopqrstuv").WithPadding(base32.NoPadding)

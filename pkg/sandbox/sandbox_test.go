@@ -485,3 +485,68 @@ func TestRecordTTL(t *testing.T) {
 		}
 	}
 }
+
+// TestApplyTeardownProgress: destroying events of later attempts and of
+// failed teardowns keep the state and say how teardown goes; older news
+// changes nothing, in any order.
+func TestApplyTeardownProgress(t *testing.T) {
+	t.Parallel()
+	r := ref
+	r.Host = "h1"
+	step := func(attempt int, err string, min int) *event.Event {
+		e := lifecycle(t, event.StateDestroying, event.Destroying{Ref: r, Reason: event.ReasonRequested, Attempt: attempt, Error: err})
+		e.SetTime(t0.Add(time.Duration(min) * time.Minute))
+		return e
+	}
+	cases := []struct {
+		name        string
+		events      []*event.Event
+		attempt     int
+		err         string
+		failedAt    int // minutes after t0; 0: never failed
+		stuck       bool
+		wantChanges []bool
+	}{
+		{"first attempt failed", []*event.Event{step(0, "", 10), step(0, "boom 0", 11)}, 0, "boom 0", 11, true, []bool{true, true}},
+		{"failure redelivered", []*event.Event{step(0, "", 10), step(0, "boom 0", 11), step(0, "boom 0", 11)}, 0, "boom 0", 11, true, []bool{true, true, false}},
+		{"retry started", []*event.Event{step(0, "", 10), step(0, "boom 0", 11), step(1, "", 12)}, 1, "boom 0", 11, false, []bool{true, true, true}},
+		{"retry failed", []*event.Event{step(0, "", 10), step(0, "boom 0", 11), step(1, "", 12), step(1, "boom 1", 13)}, 1, "boom 1", 13, true, []bool{true, true, true, true}},
+		{"old failure after a newer attempt", []*event.Event{step(0, "", 10), step(1, "", 12), step(0, "boom 0", 11)}, 1, "", 0, false, []bool{true, true, false}},
+		{"failure before its start", []*event.Event{step(0, "boom 0", 11), step(0, "", 10)}, 0, "boom 0", 11, true, []bool{true, false}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			rec := requested()
+			apply(t, rec, event.StateProvisioning)
+			apply(t, rec, event.StateReady)
+			for i, e := range tc.events {
+				changed, err := sandbox.Apply(rec, e)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if changed != tc.wantChanges[i] {
+					t.Errorf("event %d: changed = %v, want %v", i, changed, tc.wantChanges[i])
+				}
+			}
+			if rec.State != event.StateDestroying {
+				t.Fatalf("state = %s, want destroying", rec.State)
+			}
+			if got := states(rec); len(got) != 4 {
+				t.Errorf("history = %v, want destroying entered once", got)
+			}
+			var failedAt time.Time
+			if tc.failedAt > 0 {
+				failedAt = t0.Add(time.Duration(tc.failedAt) * time.Minute)
+			}
+			if rec.DestroyAttempt != tc.attempt || rec.TeardownError != tc.err || !rec.TeardownFailedAt.Equal(failedAt) || rec.TeardownStuck() != tc.stuck {
+				t.Errorf("attempt %d, error %q at %v, stuck %v; want %d, %q at %v, %v",
+					rec.DestroyAttempt, rec.TeardownError, rec.TeardownFailedAt, rec.TeardownStuck(), tc.attempt, tc.err, failedAt, tc.stuck)
+			}
+			apply(t, rec, event.StateDestroyed)
+			if rec.State != event.StateDestroyed || rec.TeardownStuck() {
+				t.Errorf("after destroyed: state %s, stuck %v", rec.State, rec.TeardownStuck())
+			}
+		})
+	}
+}
