@@ -340,6 +340,7 @@ func permissionRows(t *testing.T) []row {
 		refuse(registry, "purges the lifecycle stream", jsAPI("$JS.API.STREAM.PURGE."+life, nil, streamMsgGone(life, func(p *probe) uint64 { return p.lifeSeq }))),
 		refuse(registry, "publishes a credits key", kvPublish(bus.BucketCredits, uid("key"))),
 		refuse(registry, "publishes a metering event", jsPublish(meter, meterEvent("dev", "debit"))),
+		allow(registry, "watches the sandboxes bucket with a consumer", namedEphemeral(bus.KVStream(bus.BucketSandboxes), "$KV."+bus.BucketSandboxes+".>")),
 		allow(registry, "schedules a destroy retry", jsPublish(tmrs, &nats.Msg{Subject: event.RetryScheduleSubject(uid("sbx")), Data: []byte("{}")})),
 		refuse(registry, "schedules a hold deadline", jsPublish(tmrs, &nats.Msg{Subject: event.HoldDeadlineScheduleSubject(uid("sbx")), Data: []byte("{}")})),
 		allow(registry, "fails a sandbox past its deadline", jsPublish(life, failedEvent(t, "dev", "local"))),

@@ -216,7 +216,8 @@ func (id Identity) Permissions() jwt.Permissions {
 	case RoleRegistry:
 		p.jsInfo()
 		p.kvRead(bus.BucketCatalog, bus.BucketSandboxes, bus.BucketWorkers)
-		p.kvWatch(bus.BucketCatalog, bus.BucketWorkers)
+		// The reconciler reads every record once a round.
+		p.kvWatch(bus.BucketCatalog, bus.BucketWorkers, bus.BucketSandboxes)
 		p.kvWrite(bus.BucketCatalog, ">")
 		p.kvWrite(bus.BucketSandboxes, ">")
 		p.streamInfo(life, tmrs)
