@@ -167,7 +167,11 @@ func newBenchCmd(g *globals) *cobra.Command {
 func printBench(w io.Writer, r *benchResult) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "FIGURE\tVALUE\tTARGET")
+	// A figure of a phase that did not run (--only) is 0: left out.
 	row := func(name string, v float64, unit, target string) {
+		if v == 0 {
+			return
+		}
 		fmt.Fprintf(tw, "%s\t%.1f %s\t%s\n", name, v, unit, target)
 	}
 	row("raw_loop_p50_us", r.RawLoopP50us, "us", "")
