@@ -525,6 +525,9 @@ func TestNATSValues(t *testing.T) {
 	if !js.Enabled || !js.FileStore.Enabled || !js.FileStore.PVC.Enabled || js.FileStore.PVC.Size.IsZero() {
 		t.Errorf("jetstream %+v: want file storage on a volume", js)
 	}
+	if js.Merge.SyncInterval != "always" {
+		t.Errorf("jetstream sync_interval %q: want always, every write on disk before it is acknowledged (docs/operations.md)", js.Merge.SyncInterval)
+	}
 	if !strings.HasPrefix(resolverDir, strings.TrimSuffix(js.FileStore.Dir, "/")+"/") {
 		t.Errorf("the resolver directory %s is not on the JetStream volume %s", resolverDir, js.FileStore.Dir)
 	}

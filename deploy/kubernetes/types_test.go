@@ -98,6 +98,14 @@ type natsCluster struct {
 type natsJetStream struct {
 	Enabled   bool          `json:"enabled"`
 	FileStore natsFileStore `json:"fileStore"`
+	// Merge is merged into the server's jetstream block.
+	Merge natsJetStreamMerge `json:"merge"`
+}
+
+// natsJetStreamMerge is what nats-values.yaml merges into the jetstream
+// block, spelt as the server's configuration spells it.
+type natsJetStreamMerge struct {
+	SyncInterval string `json:"sync_interval"`
 }
 
 type natsFileStore struct {
