@@ -227,8 +227,7 @@ func (r *reconciler) consider(ctx context.Context, h extension.Held, since time.
 		return
 	}
 	if !claimed {
-		println("LOST", pl.p.opts.WorkerID, id, reason)
-		return
+		return // the sandbox moved on, or another worker holds the claim
 	}
 	deadline := extension.DefaultTeardownDeadline
 	if prof, err := pl.p.opts.Catalog.Current().Profile(ref.Profile); err == nil {
