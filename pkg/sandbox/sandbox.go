@@ -97,6 +97,19 @@ func (r *Record) TeardownStuck() bool {
 	return r.State == event.StateDestroying && r.TeardownError != "" && r.TeardownFailedAttempt >= r.DestroyAttempt
 }
 
+// Redrive claims the next destroy attempt of r at now: it numbers it
+// (DestroyAttempt) and returns it. Written back with compare-and-swap at
+// the revision r was read at, it is the claim of whoever sends that
+// attempt's destroy command: of two re-drives decided on the same record,
+// one writes and the other finds the attempt taken.
+func (r *Record) Redrive(now time.Time) int {
+	r.DestroyAttempt++
+	if now.After(r.UpdatedAt) {
+		r.UpdatedAt = now
+	}
+	return r.DestroyAttempt
+}
+
 // Ref returns the event reference of r.
 func (r *Record) Ref() event.Ref {
 	return event.Ref{SandboxID: r.ID, Consumer: r.Consumer, Profile: r.Profile, Extension: r.Extension, Host: r.Host, Request: r.Request}

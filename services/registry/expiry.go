@@ -151,15 +151,10 @@ func expiredAt(rec *sandbox.Record) time.Time {
 
 // expiryOuts are the expired event and the destroy command of rec.
 func (r *Registry) expiryOuts(rec *sandbox.Record, expired *event.Event) ([]bus.Out, error) {
-	destroy, err := event.New(event.TypeDestroy, Source, rec.ID, rec.ID+".destroy", event.Destroy{
-		Ref: rec.Ref(), Reason: event.ReasonExpired, RequestedBy: "registry", RequestedAt: expired.Time().UTC(),
-	})
+	destroy, err := destroyCommand(rec, event.ReasonExpired, 0, "registry", expired.Time().UTC())
 	if err != nil {
 		return nil, err
 	}
 	r.log.Info("sandbox expired", "sandbox", rec.ID, "expires_at", rec.ExpiresAt)
-	return []bus.Out{
-		{Subject: rec.Ref().LifecycleSubject(event.StateExpired), Event: expired},
-		{Subject: rec.Ref().CommandSubject(event.VerbDestroy), Event: destroy},
-	}, nil
+	return []bus.Out{{Subject: rec.Ref().LifecycleSubject(event.StateExpired), Event: expired}, destroy}, nil
 }

@@ -23,7 +23,8 @@ var errConflict = errors.New("sandbox record kept changing")
 
 // project is the handler of the inventory consumer: it applies one
 // lifecycle event to the sandbox's record with compare-and-swap, then
-// keeps the sandbox's expiry schedule in step with its state. Applying an
+// keeps the sandbox's expiry and destroy retry schedules in step with its
+// state. Applying an
 // event that does not move the record forward changes nothing, so
 // redelivered and reordered events are harmless.
 func (r *Registry) project(ctx context.Context, m *bus.Message) ([]bus.Out, error) {
@@ -82,6 +83,29 @@ func (r *Registry) project(ctx context.Context, m *bus.Message) ([]bus.Out, erro
 		// sandbox no longer ready and does nothing.
 		if err := r.cancelExpiry(ctx, rec.ID); err != nil {
 			return nil, err
+		}
+	}
+	switch {
+	case ref.State == event.StateDestroying && rec.State == event.StateDestroying:
+		// A teardown that failed on every delivery of its command: the
+		// next attempt is scheduled, unless a later one went out (a
+		// re-drive) or this is news of an older one. Also on a
+		// redelivery that changed nothing: its id makes it idempotent.
+		var d event.Destroying
+		if err := event.DataAs(m.Event, &d); err != nil {
+			return nil, bus.Permanent(fmt.Errorf("projecting %s: %w", m.Subject, err))
+		}
+		if d.Error != "" && d.Attempt >= rec.DestroyAttempt {
+			if err := r.scheduleRetry(ctx, rec, d); err != nil {
+				return nil, err
+			}
+		}
+	case rec.State == event.StateDestroyed && prev != event.StateDestroyed && rec.TeardownError != "":
+		// Destroyed after a failed attempt: no retry may fire. Best
+		// effort, like an expiry's: a retry that fires finds the
+		// sandbox ended and does nothing.
+		if err := r.cancelRetry(ctx, rec.ID); err != nil {
+			r.log.Warn("cancelling a destroy retry", "sandbox", rec.ID, "err", err)
 		}
 	}
 	return nil, nil

@@ -4,9 +4,11 @@
 // the lifecycle stream), of sandbox TTLs (expiry schedules on the timers
 // stream) and of the view of live workers.
 //
-// The registry consumes lifecycle events and fired expiry timers, and
-// produces the catalog and sandboxes projections, expired events and
-// destroy commands. It answers catalog and worker requests over NATS
+// The registry consumes lifecycle events and fired expiry and destroy
+// retry timers, and produces the catalog and sandboxes projections,
+// expired events, destroy commands (on expiry, on a retry after a failed
+// teardown, on a re-drive) and, from its reconciler, failed events for
+// creates past their deadline. It answers catalog and worker requests over NATS
 // request-reply as the micro service "sandboxer-registry".
 //
 // It must never import another service or an extension's backend code:
@@ -44,7 +46,8 @@ const (
 	// ConsumerInventory is the durable consumer projecting the lifecycle
 	// stream into the sandboxes bucket.
 	ConsumerInventory = bus.DurableRegistry
-	// ConsumerTimers is the durable consumer of fired expiry timers.
+	// ConsumerTimers is the durable consumer of fired expiry and destroy
+	// retry timers.
 	ConsumerTimers = bus.DurableRegistryTimers
 	// ServiceName is the micro service name answering catalog and worker
 	// requests.
@@ -89,8 +92,24 @@ type Options struct {
 	// Default [sandbox.DefaultRetention]; negative keeps records forever.
 	Retention time.Duration
 	// Metrics is where the registry's Prometheus families are registered
-	// (expiries fired, the router's counts). Default nil: none are.
+	// (expiries fired, destroy retries and re-drives, the router's
+	// counts). Default nil: none are.
 	Metrics prometheus.Registerer
+	// RetryBase is how long after a teardown failed on every delivery of
+	// its destroy command the next attempt goes; it doubles with each
+	// failed attempt, up to RetryMax. At least 1s (the schedule's
+	// precision). Default 30s.
+	RetryBase time.Duration
+	// RetryMax caps the back-off between destroy attempts. Default 10m.
+	RetryMax time.Duration
+	// ReconcileInterval is how often the reconciler reads every record
+	// for sandboxes past their state's deadline. Default 30s; negative
+	// turns it off ([Registry.Reconcile] still runs one round).
+	ReconcileInterval time.Duration
+	// DeadlineGrace is how long past its state's deadline a sandbox is
+	// left to its own path (a worker's failed event, a retry) before the
+	// reconciler steps in. Default 1m; negative is none.
+	DeadlineGrace time.Duration
 }
 
 func (o Options) withDefaults() Options {
@@ -111,6 +130,23 @@ func (o Options) withDefaults() Options {
 	}
 	if o.Retention == 0 {
 		o.Retention = sandbox.DefaultRetention
+	}
+	if o.RetryBase <= 0 {
+		o.RetryBase = 30 * time.Second
+	}
+	o.RetryBase = max(o.RetryBase, time.Second)
+	if o.RetryMax <= 0 {
+		o.RetryMax = 10 * time.Minute
+	}
+	o.RetryMax = max(o.RetryMax, o.RetryBase)
+	if o.ReconcileInterval == 0 {
+		o.ReconcileInterval = 30 * time.Second
+	}
+	switch {
+	case o.DeadlineGrace == 0:
+		o.DeadlineGrace = time.Minute
+	case o.DeadlineGrace < 0:
+		o.DeadlineGrace = 0
 	}
 	o.Policy = o.Policy.WithDefaults()
 	return o
@@ -136,13 +172,13 @@ func Load(opts Options) (*extension.Catalog, error) {
 
 // Consumers are the registry's durable consumers, with delivery policy p,
 // for setup to create: the inventory's on the lifecycle stream and the
-// one of fired expiries.
+// one of fired expiries and destroy retries.
 func Consumers(p bus.ConsumerPolicy) []bus.ConsumerSpec {
 	return []bus.ConsumerSpec{
 		{Stream: event.StreamLifecycle, Name: ConsumerInventory, Filters: []string{event.SubjectLifecycle}, Policy: p,
 			Description: "registry: projects lifecycle events into the sandboxes bucket"},
-		{Stream: event.StreamTimers, Name: ConsumerTimers, Filters: []string{event.ExpiryFireFilter}, Policy: p,
-			Description: "registry: fired expiry timers"},
+		{Stream: event.StreamTimers, Name: ConsumerTimers, Filters: []string{event.ExpiryFireFilter, event.RetryFireFilter}, Policy: p,
+			Description: "registry: fired expiry and destroy retry timers"},
 	}
 }
 
@@ -167,9 +203,12 @@ type Registry struct {
 	svc          micro.Service
 	router       *bus.Router
 	expiries     prometheus.Counter
+	retries      prometheus.Counter
+	redrives     *prometheus.CounterVec
 
-	stopWatch context.CancelFunc // stops the workers cache
-	routes    *bus.Group         // the routers, stopped together
+	stopWatch  context.CancelFunc // stops the workers cache
+	routes     *bus.Group         // the routers, stopped together
+	reconciler sync.WaitGroup     // the reconciler, stopped by stopWatch
 }
 
 // New checks opts and returns a registry that has not started: it does no
@@ -186,7 +225,15 @@ func New(opts Options) (*Registry, error) {
 		Namespace: metrics.Namespace, Subsystem: "registry", Name: "expiries_fired_total",
 		Help: "Ready sandboxes the registry expired when their TTL's timer fired (each then gets an expired event and a destroy command).",
 	}))
-	return &Registry{opts: opts, log: opts.Logger, pub: bus.NewPublisher(opts.JS), expiries: expiries}, nil
+	retries := metrics.Register(opts.Metrics, prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: metrics.Namespace, Subsystem: "registry", Name: "destroy_retries_total",
+		Help: "Destroy commands the registry sent again when a retry scheduled after a failed teardown fired.",
+	}))
+	redrives := metrics.Register(opts.Metrics, prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: metrics.Namespace, Subsystem: "registry", Name: "reconciled_total",
+		Help: "Sandboxes the registry's reconciler stepped in for, past their state's deadline, by that state: requested and provisioning are failed, failed, expired and destroying get a fresh destroy attempt, ready is expired.",
+	}, []string{"state"}))
+	return &Registry{opts: opts, log: opts.Logger, pub: bus.NewPublisher(opts.JS), expiries: expiries, retries: retries, redrives: redrives}, nil
 }
 
 // Start loads and checks the catalog, refusing to start on any problem
@@ -261,10 +308,17 @@ func (r *Registry) Start(ctx context.Context) (err error) {
 		},
 		{
 			Stream: event.StreamTimers, Consumer: ConsumerTimers, Policy: r.opts.Policy,
-			Concurrency: 4, Handler: r.fire,
+			Concurrency: 4, Handler: r.onTimer,
 		},
 	}
 	r.routes = r.router.Start(routes...)
+	if r.opts.ReconcileInterval > 0 {
+		r.reconciler.Add(1)
+		go func() {
+			defer r.reconciler.Done()
+			r.runReconciler(watchCtx)
+		}()
+	}
 	r.log.Info("registry started", "extensions", len(cat.Extensions), "profiles", len(cat.Profiles))
 	return nil
 }
@@ -310,5 +364,6 @@ func (r *Registry) Shutdown(ctx context.Context) error {
 	}
 	r.stopWatch()
 	<-r.workers.Done()
+	r.reconciler.Wait()
 	return errors.Join(errs...)
 }
