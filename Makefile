@@ -2,7 +2,7 @@
 # tests every module. go.work ties the modules, and `go test ./...` does not
 # cross module boundaries, so targets enumerate them.
 
-MODULES := pkg services/gateway services/provisioner services/metering services/registry cmd/sandboxer examples/bus-request examples/billing-consumer deploy/kubernetes
+MODULES := pkg services/gateway services/provisioner services/metering services/registry cmd/sandboxer examples/bus-request examples/billing-consumer deploy/chaos deploy/kubernetes
 BIN     := bin/sandboxer
 GO      ?= go
 TESTFLAGS ?= -count=1 -timeout 10m
