@@ -247,6 +247,9 @@ func permissionRows(t *testing.T) []row {
 		allow(local, "publishes its own backend's destroyed event with a meter", jsPublish(life, destroyedEvent(t, "dev", "local", 0))),
 		refuse(local, "publishes saas-stub's destroy command", jsPublish(cmds, destroyCommand(t, "saas-stub", "dev"))),
 		allow(local, "publishes its own destroy command", jsPublish(cmds, destroyCommand(t, "local", "dev"))),
+		allow(local, "forwards its own destroy command to a host", jsPublish(cmds, onHost(destroyCommand(t, "local", "dev"), "host-a"))),
+		refuse(local, "forwards saas-stub's destroy command to a host", jsPublish(cmds, onHost(destroyCommand(t, "saas-stub", "dev"), "host-a"))),
+		refuse(local, "publishes its own create command bound to a host", jsPublish(cmds, onHost(createCommand(t, "local", "dev"), "host-a"))),
 		refuse(local, "publishes its own create command", jsPublish(cmds, createCommand(t, "local", "dev"))),
 		allow(local, "writes its heartbeat", kvPublish(bus.BucketWorkers, "local."+uid("w"))),
 		refuse(local, "writes saas-stub's heartbeat", kvPublish(bus.BucketWorkers, "saas-stub."+uid("w"))),
@@ -968,4 +971,10 @@ func rejectedEvent(t testing.TB, consumer, extension string) *nats.Msg {
 	ref := event.Ref{SandboxID: id, Consumer: consumer, Profile: extension, Extension: extension}
 	return encode(t, event.LifecycleSubject(consumer, extension, id, event.StateRejected), event.TypeRejected, id+".rejected",
 		event.Rejected{Ref: ref, Code: "hold_expired", Reason: "no create command within the hold's deadline"})
+}
+
+// onHost moves command m to its host-bound subject, bound to host.
+func onHost(m *nats.Msg, host string) *nats.Msg {
+	m.Subject += "." + host
+	return m
 }

@@ -60,6 +60,11 @@ type Identity struct {
 	Role Role `json:"role"`
 	// Extension is a provisioner's extension.
 	Extension string `json:"extension,omitempty"`
+	// Host is a provisioner's placement host, for a pool whose sandboxes
+	// live on their worker's machine (capabilities.locality: host): it
+	// may take the commands bound to that host and no other's. Empty is
+	// [DefaultHost].
+	Host string `json:"host,omitempty"`
 	// Consumer is a tenant's consumer name.
 	Consumer string `json:"consumer,omitempty"`
 	// Billing names a billing reader, and its durable; empty is
@@ -87,6 +92,9 @@ func (id Identity) Validate() error {
 		}
 	}
 	need("extension", id.Extension, id.Role == RoleProvisioner)
+	if id.Host != "" {
+		need("host", id.Host, id.Role == RoleProvisioner)
+	}
 	need("consumer", id.Consumer, id.Role == RoleTenant)
 	if id.Role == RoleBilling {
 		if id.Billing != "" {
@@ -108,13 +116,30 @@ func joinRoles() string {
 	return strings.Join(s, ", ")
 }
 
+// DefaultHost is the placement host of a provisioner identity that names
+// none, and of a worker started without --host: the default manifest's
+// one host.
+const DefaultHost = "localhost"
+
+// PlacementHost is a provisioner's placement host: Host, or [DefaultHost].
+func (id Identity) PlacementHost() string {
+	if id.Host == "" {
+		return DefaultHost
+	}
+	return id.Host
+}
+
 // UserName is the name of id's user, unique per identity and safe as a
 // subject token: admin, gateway, registry, metering,
-// provisioner-<extension>, tenant-<consumer>, billing or billing-<name>.
+// provisioner-<extension> (provisioner-<extension>@<host> for a host
+// other than the default), tenant-<consumer>, billing or billing-<name>.
 // It is the user JWT's name.
 func (id Identity) UserName() string {
 	switch id.Role {
 	case RoleProvisioner:
+		if id.Host != "" && id.Host != DefaultHost {
+			return "provisioner-" + id.Extension + "@" + id.Host
+		}
 		return "provisioner-" + id.Extension
 	case RoleTenant:
 		return "tenant-" + id.Consumer
@@ -147,6 +172,9 @@ func (id Identity) Tags() []string {
 	switch id.Role {
 	case RoleProvisioner:
 		t = append(t, "extension:"+id.Extension)
+		if id.Host != "" {
+			t = append(t, "host:"+id.Host)
+		}
 	case RoleTenant:
 		t = append(t, "consumer:"+id.Consumer)
 	case RoleBilling:
@@ -165,6 +193,8 @@ func IdentityFromTags(tags []string) (Identity, error) {
 			id.Role = Role(v)
 		case "extension":
 			id.Extension = v
+		case "host":
+			id.Host = v
 		case "consumer":
 			id.Consumer = v
 		case "durable":
@@ -253,13 +283,20 @@ func (id Identity) Permissions() jwt.Permissions {
 		p.serve("sandboxer.rpc.metering.>")
 	case RoleProvisioner:
 		ext := id.Extension
+		// The pool's unplaced commands, and those bound to its own host
+		// (a pool of locality: host; the durable exists only for such a
+		// pool's hosts).
 		p.durable(cmds, bus.DurableProvisioner(ext))
+		p.durable(cmds, bus.DurableProvisionerHost(ext, id.PlacementHost()))
 		// Its backend's sandboxes' states, and orphaned for what the
 		// backend left that no live record owns.
 		for _, s := range []event.State{event.StateProvisioning, event.StateReady, event.StateFailed, event.StateDestroying, event.StateDestroyed, event.StateOrphaned} {
 			p.pub(event.LifecycleSubject("*", ext, "*", s))
 		}
-		p.pub("sandboxer.cmd." + ext + "." + event.VerbDestroy + ".*.*")
+		// Destroys, unplaced (a create that failed before it was placed)
+		// and bound to a host (its own failed creates, and an unplaced
+		// destroy forwarded to the host its sandbox lives on).
+		p.pub("sandboxer.cmd."+ext+"."+event.VerbDestroy+".*.*", "sandboxer.cmd."+ext+"."+event.VerbDestroy+".*.*.*")
 		p.directGet(life, event.ExtensionLifecycleFilter(ext))
 		p.sub(event.ExtensionLifecycleFilter(ext))
 		p.streamInfo(bus.KVStream(bus.BucketWorkers))
@@ -268,7 +305,10 @@ func (id Identity) Permissions() jwt.Permissions {
 		// own subjects for changes.
 		p.directGet(bus.KVStream(bus.BucketCatalog), "")
 		p.sub("$KV." + bus.BucketCatalog + ".>")
-		p.pub(event.DLQSubject(cmds, bus.DurableProvisioner(ext)))
+		p.pub(event.DLQSubject(cmds, bus.DurableProvisioner(ext)), event.DLQSubject(cmds, bus.DurableProvisionerHost(ext, id.PlacementHost())))
+		// Whether a host has a live worker, when a destroy is forwarded
+		// there: the heartbeats (what GET /v1/workers shows any key).
+		p.directGet(bus.KVStream(bus.BucketWorkers), "")
 		p.serve(event.QuoteSubject(ext))
 	case RoleTenant:
 		// A tenant sends requests (the gateway reads a sandbox for it:

@@ -41,6 +41,15 @@ const (
 // pool shares on the commands stream: provisioner-<extension>.
 func DurableProvisioner(extension string) string { return "provisioner-" + extension }
 
+// DurableProvisionerHost is the durable consumer of the commands bound to
+// one placement host of a placement: host pool, shared by the workers on
+// that host: provisioner-<extension>@<host>. Setup creates one for each
+// host of the manifest; a command bound to a host waits in it, durably,
+// until a worker of that host takes it.
+func DurableProvisionerHost(extension, host string) string {
+	return "provisioner-" + extension + "@" + host
+}
+
 // Topology sizes the streams and buckets of the design. The zero value is
 // the single-machine default; a three-node cluster sets Replicas to 3.
 type Topology struct {

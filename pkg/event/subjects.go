@@ -47,9 +47,48 @@ func (r Ref) CommandSubject(verb string) string {
 	return CommandSubject(r.Extension, verb, r.Consumer, r.SandboxID)
 }
 
-// CommandFilter is the filter of the durable consumer shared by every worker
-// of one extension: sandboxer.cmd.<extension>.>.
+// HostCommandSubject is
+// sandboxer.cmd.<extension>.<verb>.<consumer>.<sandbox>.<host>: a command
+// bound to the workers of one placement host, for a backend whose
+// sandboxes live on the machine of the worker that made them
+// (placement: host). It has one token more than [CommandSubject]'s
+// unplaced form, so the two forms never match the same filter of five
+// tokens after the root: a pool's unplaced durable and each host's
+// durable share the work-queue stream without overlapping. An empty host
+// is the unplaced form.
+func HostCommandSubject(extension, verb, consumer, sandbox, host string) string {
+	if host == "" {
+		return CommandSubject(extension, verb, consumer, sandbox)
+	}
+	return CommandSubject(extension, verb, consumer, sandbox) + "." + host
+}
+
+// HostCommandSubject is the subject of the verb command for the sandbox r
+// names bound to host ("": unplaced, any worker of the pool). Every
+// publisher that knows where a sandbox was placed builds its destroy
+// with it; one that does not publishes unplaced, and the worker that
+// takes it forwards it to the sandbox's host.
+func (r Ref) HostCommandSubject(verb, host string) string {
+	return HostCommandSubject(r.Extension, verb, r.Consumer, r.SandboxID, host)
+}
+
+// CommandFilter matches every command of one extension, unplaced or bound
+// to any host: sandboxer.cmd.<extension>.>. It is the filter of the one
+// durable of a pool whose workers all reach every sandbox
+// (placement: shared).
 func CommandFilter(extension string) string { return "sandboxer.cmd." + extension + ".>" }
+
+// UnplacedCommandFilter matches the unplaced commands of one extension
+// only: sandboxer.cmd.<extension>.*.*.*. It is the filter of the durable
+// every worker of a placement: host pool shares.
+func UnplacedCommandFilter(extension string) string { return "sandboxer.cmd." + extension + ".*.*.*" }
+
+// HostCommandFilter matches the commands of one extension bound to host:
+// sandboxer.cmd.<extension>.*.*.*.<host>, the filter of that host's
+// durable.
+func HostCommandFilter(extension, host string) string {
+	return "sandboxer.cmd." + extension + ".*.*.*." + host
+}
 
 // LifecycleSubject is sandboxer.evt.<consumer>.<extension>.<sandbox>.<state>.
 // The consumer comes first, so a tenant's permissions can be one subject
@@ -201,22 +240,31 @@ func HoldDeadlineFireSubject(sandbox string) string { return "sandboxer.timer.ho
 // HoldDeadlineFireFilter matches every fired hold deadline.
 const HoldDeadlineFireFilter = "sandboxer.timer.hold-due.>"
 
-// CommandRef is what a command subject names.
+// CommandRef is what a command subject names. Host is the placement
+// host of a host-bound command, "" for an unplaced one.
 type CommandRef struct {
-	Extension, Verb, Consumer, Sandbox string
+	Extension, Verb, Consumer, Sandbox, Host string
 }
 
 // ParseCommandSubject splits
-// sandboxer.cmd.<extension>.<verb>.<consumer>.<sandbox>.
+// sandboxer.cmd.<extension>.<verb>.<consumer>.<sandbox> and its
+// host-bound form, with .<host> after the sandbox.
 func ParseCommandSubject(subject string) (CommandRef, error) {
 	t := strings.Split(subject, ".")
-	if len(t) != 6 || t[0] != "sandboxer" || t[1] != "cmd" {
+	if (len(t) != 6 && len(t) != 7) || t[0] != "sandboxer" || t[1] != "cmd" {
 		return CommandRef{}, fmt.Errorf("not a command subject: %q", subject)
 	}
 	if t[3] != VerbCreate && t[3] != VerbDestroy {
 		return CommandRef{}, fmt.Errorf("unknown command verb %q in %q", t[3], subject)
 	}
-	return CommandRef{Extension: t[2], Verb: t[3], Consumer: t[4], Sandbox: t[5]}, nil
+	c := CommandRef{Extension: t[2], Verb: t[3], Consumer: t[4], Sandbox: t[5]}
+	if len(t) == 7 {
+		if err := CheckName("host", t[6]); err != nil {
+			return CommandRef{}, fmt.Errorf("command subject %q: %w", subject, err)
+		}
+		c.Host = t[6]
+	}
+	return c, nil
 }
 
 // Matches reports whether r names the sandbox of ref: the payload of a

@@ -89,13 +89,62 @@ func TestCommandSubjectRoundTrip(t *testing.T) {
 	}
 }
 
+func TestHostCommandSubject(t *testing.T) {
+	t.Parallel()
+	ref := event.Ref{SandboxID: "sbx-01", Consumer: "dev", Extension: "local", Host: "ignored"}
+	cases := []struct {
+		name, host, want string
+		matches, misses  []string // filters the subject matches, and must not
+	}{
+		{"bound to a host", "host-a", "sandboxer.cmd.local.destroy.dev.sbx-01.host-a",
+			[]string{event.HostCommandFilter("local", "host-a"), event.CommandFilter("local"), event.SubjectCommands},
+			[]string{event.UnplacedCommandFilter("local"), event.HostCommandFilter("local", "host-b"), event.HostCommandFilter("other", "host-a")}},
+		{"unplaced", "", "sandboxer.cmd.local.destroy.dev.sbx-01",
+			[]string{event.UnplacedCommandFilter("local"), event.CommandFilter("local"), event.SubjectCommands},
+			[]string{event.HostCommandFilter("local", "host-a"), event.UnplacedCommandFilter("other")}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			s := ref.HostCommandSubject(event.VerbDestroy, c.host)
+			if s != c.want {
+				t.Fatalf("HostCommandSubject = %q, want %q", s, c.want)
+			}
+			if s != event.HostCommandSubject("local", event.VerbDestroy, "dev", "sbx-01", c.host) {
+				t.Errorf("Ref.HostCommandSubject and HostCommandSubject disagree")
+			}
+			cr, err := event.ParseCommandSubject(s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if want := (event.CommandRef{Extension: "local", Verb: event.VerbDestroy, Consumer: "dev", Sandbox: "sbx-01", Host: c.host}); cr != want {
+				t.Errorf("ParseCommandSubject = %+v, want %+v", cr, want)
+			}
+			if !cr.Matches(ref) {
+				t.Errorf("%+v does not match its own ref", cr)
+			}
+			for _, f := range c.matches {
+				if !subjectMatches(f, s) {
+					t.Errorf("%q does not match %q", f, s)
+				}
+			}
+			for _, f := range c.misses {
+				if subjectMatches(f, s) {
+					t.Errorf("%q matches %q", f, s)
+				}
+			}
+		})
+	}
+}
+
 func TestParseCommandSubjectErrors(t *testing.T) {
 	t.Parallel()
 	cases := []struct{ name, subject string }{
 		{"empty", ""},
 		{"lifecycle subject", "sandboxer.evt.dev.local.sbx-01.ready"},
 		{"too few tokens", "sandboxer.cmd.local.create.sbx-01"},
-		{"too many tokens", "sandboxer.cmd.local.create.dev.sbx-01.x"},
+		{"too many tokens", "sandboxer.cmd.local.create.dev.sbx-01.host-a.x"},
+		{"invalid host", "sandboxer.cmd.local.destroy.dev.sbx-01.-a"},
 		{"unknown verb", "sandboxer.cmd.local.restart.dev.sbx-01"},
 		{"wrong root", "other.cmd.local.create.dev.sbx-01"},
 	}

@@ -89,6 +89,10 @@ type Env struct {
 	DataDir string
 	// Logger logs on behalf of the backend.
 	Logger *slog.Logger
+	// Host is the placement host of the worker running the backend: for
+	// a placement: host backend, the host of every sandbox it holds (the
+	// handles its Lister returns). Empty: "localhost".
+	Host string
 }
 
 // Configurer is implemented by backends that need their manifest's config

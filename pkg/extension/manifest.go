@@ -44,11 +44,38 @@ const (
 // PricingModels lists the known pricing models.
 var PricingModels = []PricingModel{PricingSelfHosted, PricingMetered}
 
+// Locality says which workers of a pool can reach a sandbox.
+type Locality string
+
+// Known localities.
+const (
+	// LocalityShared backends are reached alike from every worker of the
+	// pool (a remote host over SSH, a third party's API): any worker
+	// tears down any sandbox. The default.
+	LocalityShared Locality = "shared"
+	// LocalityHost backends keep each sandbox on the machine of the
+	// worker that made it (a directory, a local VM): the sandbox is
+	// placed on that worker's host, and only a worker on that host tears
+	// it down. The manifest's hosts are then the pool's placement hosts:
+	// the names its workers serve (`serve provisioner --host`), one
+	// durable consumer each.
+	LocalityHost Locality = "host"
+)
+
+// Localities lists the known localities.
+var Localities = []Locality{LocalityShared, LocalityHost}
+
 // Capabilities are what a backend can do, as plain data checked at start-up.
 type Capabilities struct {
 	IsolationLevels []IsolationLevel `yaml:"isolation_levels" json:"isolation_levels"`
 	PricingModel    PricingModel     `yaml:"pricing_model" json:"pricing_model"`
+	// Locality says which workers reach a sandbox. Default shared.
+	Locality Locality `yaml:"locality,omitempty" json:"locality,omitempty"`
 }
+
+// HostBound reports whether m's sandboxes live on the host of the worker
+// that made them (capabilities.locality: host).
+func (m *Manifest) HostBound() bool { return m != nil && m.Capabilities.Locality == LocalityHost }
 
 // Capacity is what a backend can take: how many sandboxes it may have
 // (MaxSandboxes, PerHost; zero means unbounded), and how many it may be
@@ -396,9 +423,18 @@ func (m *Manifest) check(l locator) Problems {
 	} else if !slices.Contains(PricingModels, m.Capabilities.PricingModel) {
 		ps = append(ps, l.at("capabilities.pricing_model", "unknown pricing model %q (known: %v)", m.Capabilities.PricingModel, PricingModels))
 	}
+	if lc := m.Capabilities.Locality; lc != "" && !slices.Contains(Localities, lc) {
+		ps = append(ps, l.at("capabilities.locality", "unknown locality %q (known: %v)", lc, Localities))
+	}
 	for i, h := range m.Hosts {
-		if !hostRE.MatchString(h) {
+		switch {
+		case !hostRE.MatchString(h):
 			ps = append(ps, l.at(fmt.Sprintf("hosts[%d]", i), "invalid host %q", h))
+		case m.HostBound() && !event.ValidName(h):
+			// A placement host is a subject token and a durable's name.
+			ps = append(ps, l.at(fmt.Sprintf("hosts[%d]", i), "placement host %q must be 1-63 of [a-z0-9_-], starting with a letter or digit", h))
+		case slices.Contains(m.Hosts[:i], h):
+			ps = append(ps, l.at(fmt.Sprintf("hosts[%d]", i), "host %q is listed twice", h))
 		}
 	}
 	if m.Capacity.MaxSandboxes < 0 || m.Capacity.PerHost < 0 {

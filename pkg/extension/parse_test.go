@@ -100,6 +100,26 @@ capacity:
 			{21, 5, "inputs.Bad", `type "float"`},
 			{23, 3, "capacity", "must not be negative"},
 		}},
+		{"host locality", "ext.local.yaml", `name: local
+handler: local
+capabilities:
+  isolation_levels: [process]
+  pricing_model: self-hosted
+  locality: host
+hosts: [host-a, box.example.com, host-a]
+`, []want{
+			{7, 17, "hosts[1]", `placement host "box.example.com" must be 1-63 of [a-z0-9_-]`},
+			{7, 34, "hosts[2]", `host "host-a" is listed twice`},
+		}},
+		{"unknown locality", "ext.local.yaml", `name: local
+handler: local
+capabilities:
+  isolation_levels: [process]
+  pricing_model: self-hosted
+  locality: everywhere
+`, []want{
+			{6, 13, "capabilities.locality", `unknown locality "everywhere"`},
+		}},
 		{"unknown keys at every depth", "ext.local.yaml", `name: local
 handler: local
 capabilities:
@@ -116,7 +136,7 @@ capacity:
   per_rack: 2
 extra: {a: 1}
 `, []want{
-			{6, 3, "capabilities.gpu", `unknown field "gpu" (known: isolation_levels, pricing_model)`},
+			{6, 3, "capabilities.gpu", `unknown field "gpu" (known: isolation_levels, locality, pricing_model)`},
 			{8, 3, "workers.retries", `unknown field "retries"`},
 			{12, 5, "inputs.repo.validate", `unknown field "validate"`},
 			{14, 3, "capacity.per_rack", `unknown field "per_rack"`},

@@ -46,6 +46,7 @@ type Config struct {
 // Local is the backend. Configure it before use.
 type Local struct {
 	base string
+	host string // the worker's placement host: every workspace's
 	git  string
 	log  *slog.Logger
 	repo extension.RepoChecker
@@ -75,6 +76,10 @@ func (l *Local) Configure(_ context.Context, env extension.Env) error {
 		return fmt.Errorf("local: creating base dir: %w", err)
 	}
 	l.base = base
+	l.host = env.Host
+	if l.host == "" {
+		l.host = "localhost"
+	}
 	l.git = cfg.Git
 	if l.git == "" {
 		l.git = "git"
@@ -114,7 +119,7 @@ func (l *Local) Provision(ctx context.Context, _ extension.Profile, in extension
 		return extension.Handle{}, fmt.Errorf("local: %w", err)
 	}
 	if host == "" {
-		host = "localhost"
+		host = l.host
 	}
 	h := extension.Handle{SandboxID: id, Host: host, Data: map[string]string{"dir": l.Dir(id)}}
 	if err := ctx.Err(); err != nil {
@@ -348,7 +353,7 @@ func (l *Local) List(ctx context.Context) ([]extension.Held, error) {
 		}
 		h := byID[id]
 		if h == nil {
-			h = &extension.Held{Handle: extension.Handle{SandboxID: id, Host: "localhost", Data: map[string]string{"dir": l.Dir(id)}}}
+			h = &extension.Held{Handle: extension.Handle{SandboxID: id, Host: l.host, Data: map[string]string{"dir": l.Dir(id)}}}
 			byID[id] = h
 			ids = append(ids, id)
 		}
