@@ -22,24 +22,31 @@ type CreateRequest struct {
 
 // Sandbox is a sandbox as the API shows it.
 type Sandbox struct {
-	ID           string               `json:"id"`
-	State        event.State          `json:"state"`
-	Consumer     string               `json:"consumer"`
-	Profile      string               `json:"profile"`
-	Extension    string               `json:"extension"`
-	Host         string               `json:"host,omitempty"`
-	Labels       map[string]string    `json:"labels,omitempty"`
-	Inputs       map[string]string    `json:"inputs,omitempty"`
-	TTLSeconds   int64                `json:"ttl_seconds,omitempty"`
-	Reachability *event.Reachability  `json:"reachability,omitempty"`
-	Reason       string               `json:"reason,omitempty"`
-	Code         string               `json:"code,omitempty"`
-	CreatedAt    time.Time            `json:"created_at"`
-	UpdatedAt    time.Time            `json:"updated_at"`
-	ReadyAt      time.Time            `json:"ready_at,omitzero"`
-	ExpiresAt    time.Time            `json:"expires_at,omitzero"`
-	DestroyedAt  time.Time            `json:"destroyed_at,omitzero"`
-	History      []sandbox.Transition `json:"history,omitempty"`
+	ID           string              `json:"id"`
+	State        event.State         `json:"state"`
+	Consumer     string              `json:"consumer"`
+	Profile      string              `json:"profile"`
+	Extension    string              `json:"extension"`
+	Host         string              `json:"host,omitempty"`
+	Labels       map[string]string   `json:"labels,omitempty"`
+	Inputs       map[string]string   `json:"inputs,omitempty"`
+	TTLSeconds   int64               `json:"ttl_seconds,omitempty"`
+	Reachability *event.Reachability `json:"reachability,omitempty"`
+	Reason       string              `json:"reason,omitempty"`
+	Code         string              `json:"code,omitempty"`
+	CreatedAt    time.Time           `json:"created_at"`
+	UpdatedAt    time.Time           `json:"updated_at"`
+	ReadyAt      time.Time           `json:"ready_at,omitzero"`
+	ExpiresAt    time.Time           `json:"expires_at,omitzero"`
+	DestroyedAt  time.Time           `json:"destroyed_at,omitzero"`
+	// DestroyAttempt is the latest destroy attempt under way: 0 for the
+	// first, n for the nth fresh one after a teardown failed.
+	DestroyAttempt int `json:"destroy_attempt,omitempty"`
+	// TeardownError is why the last failed teardown failed on every
+	// delivery of its destroy command, at TeardownFailedAt.
+	TeardownError    string               `json:"teardown_error,omitempty"`
+	TeardownFailedAt time.Time            `json:"teardown_failed_at,omitzero"`
+	History          []sandbox.Transition `json:"history,omitempty"`
 }
 
 // FromRecord returns the API view of an inventory record. The backend
@@ -56,6 +63,7 @@ func FromRecord(r *sandbox.Record) Sandbox {
 		Reachability: r.Reachability, Reason: r.Reason, Code: r.Code,
 		CreatedAt: r.CreatedAt, UpdatedAt: r.UpdatedAt, ReadyAt: r.ReadyAt, ExpiresAt: expires,
 		DestroyedAt: r.DestroyedAt, History: r.History,
+		DestroyAttempt: r.DestroyAttempt, TeardownError: r.TeardownError, TeardownFailedAt: r.TeardownFailedAt,
 	}
 }
 

@@ -128,9 +128,12 @@ func (g *Gateway) list(w http.ResponseWriter, r *http.Request, c caller) {
 
 // destroy handles DELETE /v1/sandboxes/{id}: it publishes a destroy
 // command and answers 202 with the sandbox as it is. A sandbox already on
-// its way out (expired, destroying) or gone (destroyed, rejected) gets no
-// new command. A repeated destroy publishes the same command, which the
-// commands stream keeps once within its duplicate window.
+// its way out (expired, destroying) gets no new command unless its
+// teardown is stuck (its latest attempt failed, or nothing was heard of
+// it for longer than the profile's teardown deadline): then it gets a
+// fresh destroy attempt ([Gateway.redrive]). One gone (destroyed,
+// rejected) gets none. A repeated destroy publishes the same command,
+// which the commands stream keeps once within its duplicate window.
 func (g *Gateway) destroy(w http.ResponseWriter, r *http.Request, c caller) {
 	st := g.current()
 	if st == nil {
@@ -150,7 +153,8 @@ func (g *Gateway) destroy(w http.ResponseWriter, r *http.Request, c caller) {
 // destroySandbox publishes the destroy command of c's sandbox id and
 // returns the sandbox as it is: the one path of a destroy, over HTTP or as
 // a request event. A sandbox already on its way out (expired, destroying)
-// or gone (destroyed, rejected) gets no new command.
+// gets no new command unless its teardown is stuck, and then a fresh
+// attempt; one gone (destroyed, rejected) gets none.
 func (g *Gateway) destroySandbox(ctx context.Context, st *state, c caller, id string) (*sandbox.Record, *api.Problem) {
 	rec, p := g.visibleRecord(ctx, st, c, id)
 	if p != nil {
@@ -158,8 +162,13 @@ func (g *Gateway) destroySandbox(ctx context.Context, st *state, c caller, id st
 	}
 	trace.SpanFromContext(ctx).SetAttributes(attribute.String(attrSandbox, rec.ID))
 	switch rec.State {
-	case event.StateExpired, event.StateDestroying, event.StateDestroyed, event.StateRejected:
+	case event.StateDestroyed, event.StateRejected:
 		return rec, nil
+	case event.StateExpired, event.StateDestroying:
+		if !g.teardownStuck(rec) {
+			return rec, nil
+		}
+		return g.redrive(ctx, st, c, rec)
 	}
 	ctx, span := g.startDestroy(ctx, rec)
 	defer span.End()
