@@ -103,14 +103,15 @@ func (m *Metering) onReady(ctx context.Context, e *event.Event, d event.Ready) (
 	if readyAt.IsZero() {
 		readyAt = e.Time()
 	}
-	running := false
+	running, admitted := false, false
 	pre := prefetch{holds: []string{sb}, ledger: []string{releaseKey(c, sb)}, usage: []string{sb}}
 	_, err := m.store.update(ctx, c, pre, func(t *tx) error {
-		running = false
+		running, admitted = false, false
 		h, err := t.hold(sb)
 		if err != nil {
 			return err
 		}
+		admitted = h != nil && !h.Implicit
 		if h == nil {
 			// Never admitted, or already settled.
 			closed, err := t.closed(sb)
@@ -144,6 +145,10 @@ func (m *Metering) onReady(ctx context.Context, e *event.Event, d event.Ready) (
 		h.Host = d.Host
 		return nil
 	})
+	if err == nil && admitted {
+		// Its lifecycle started: the hold's deadline has no more say.
+		m.stopHoldDeadline(ctx, sb)
+	}
 	if err != nil || !running {
 		return nil, err
 	}
@@ -176,13 +181,15 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 		endAt    = e.Time().UTC()
 		priced   bool // actual and readyAt are known before the change
 		schedule bool // the settled hold had an accrual schedule
+		deadline bool // the settled hold was admitted, with a deadline
 	)
 	apply := func(t *tx) error {
-		schedule = false
+		schedule, deadline = false, false
 		h, err := t.hold(sb)
 		if err != nil {
 			return err
 		}
+		deadline = h != nil && !h.Implicit
 		if h == nil {
 			if state != event.StateDestroyed {
 				return errNoChange
@@ -284,6 +291,9 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 	}
 	if schedule {
 		m.stopAccrual(ctx, sb)
+	}
+	if deadline {
+		m.stopHoldDeadline(ctx, sb)
 	}
 	return nil
 }

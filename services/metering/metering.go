@@ -4,9 +4,10 @@
 // run, settles it when they end, and publishes the metering stream billing
 // systems subscribe to.
 //
-// It consumes lifecycle events and its own accrual timers, and produces
-// metering events and, when a consumer's credit runs out, destroy
-// commands. It answers admission and the credits API over NATS
+// It consumes lifecycle events and its own accrual and hold deadline
+// timers, and produces metering events, destroy commands when a
+// consumer's credit runs out, and rejected events for holds whose create
+// never came. It answers admission and the credits API over NATS
 // request-reply as the micro service "sandboxer-metering" ([Client]).
 //
 // Every piece of state is in the credits and ledger buckets, changed by
@@ -42,7 +43,8 @@ const (
 	Source = "/sandboxer/metering"
 	// ConsumerLifecycle is the durable consumer of lifecycle events.
 	ConsumerLifecycle = bus.DurableMetering
-	// ConsumerAccrual is the durable consumer of fired accrual timers.
+	// ConsumerAccrual is the durable consumer of fired accrual timers and
+	// hold deadlines.
 	ConsumerAccrual = bus.DurableMeteringAccrual
 	// ServiceName is the micro service answering admission and the
 	// credits API.
@@ -54,7 +56,7 @@ const (
 // Consumers are metering's durable consumers, with delivery policy p, for
 // setup to create: the lifecycle events that move money (provisioning,
 // destroying and expired are never delivered to metering) and the fired
-// accrual ticks.
+// accrual ticks and hold deadlines.
 func Consumers(p bus.ConsumerPolicy) []bus.ConsumerSpec {
 	return []bus.ConsumerSpec{
 		{Stream: event.StreamLifecycle, Name: ConsumerLifecycle, Policy: p, Description: "metering: lifecycle events that move money",
@@ -62,8 +64,8 @@ func Consumers(p bus.ConsumerPolicy) []bus.ConsumerSpec {
 				event.StateFilter(event.StateReady), event.StateFilter(event.StateFailed),
 				event.StateFilter(event.StateRejected), event.StateFilter(event.StateDestroyed),
 			}},
-		{Stream: event.StreamTimers, Name: ConsumerAccrual, Filters: []string{event.AccrualFireFilter}, Policy: p,
-			Description: "metering: accrual ticks of running sandboxes"},
+		{Stream: event.StreamTimers, Name: ConsumerAccrual, Filters: []string{event.AccrualFireFilter, event.HoldDeadlineFireFilter}, Policy: p,
+			Description: "metering: accrual ticks of running sandboxes and hold deadlines"},
 	}
 }
 
@@ -87,6 +89,13 @@ type Options struct {
 	// DefaultHoldDuration is the duration admission holds credit for when
 	// a sandbox has no TTL. Default 1h.
 	DefaultHoldDuration time.Duration
+	// HoldDeadline is how long an admitted hold may wait for its
+	// sandbox's lifecycle to start (the create command published and
+	// taken by a worker) before the sandbox is rejected and the hold
+	// released. At least 1s (the schedule's precision). Default: the
+	// profile's provision and ready deadlines plus 5m; negative: no
+	// deadline.
+	HoldDeadline time.Duration
 	// QuoteTimeout bounds a quote request to a metered extension's
 	// workers. Default 5s.
 	QuoteTimeout time.Duration
@@ -133,6 +142,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.DefaultHoldDuration <= 0 {
 		o.DefaultHoldDuration = time.Hour
+	}
+	if o.HoldDeadline > 0 {
+		o.HoldDeadline = max(o.HoldDeadline, time.Second)
 	}
 	if o.QuoteTimeout <= 0 {
 		o.QuoteTimeout = 5 * time.Second
@@ -267,7 +279,7 @@ func (m *Metering) Start(ctx context.Context) (err error) {
 		},
 		{
 			Stream: event.StreamTimers, Consumer: ConsumerAccrual, Policy: m.opts.Policy,
-			Concurrency: m.opts.Concurrency, Handler: m.countAccrual,
+			Concurrency: m.opts.Concurrency, Handler: m.onTimer,
 		},
 	}
 	m.routes = m.router.Start(routes...)

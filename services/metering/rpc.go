@@ -337,6 +337,11 @@ func (m *Metering) Hold(ctx context.Context, r HoldRequest) (HoldReply, error) {
 	if err != nil {
 		return HoldReply{}, err
 	}
+	// The deadline first: a hold is never open without one, whatever
+	// happens to this instance or the gateway after the change.
+	if err := m.scheduleHoldDeadline(ctx, r); err != nil {
+		return HoldReply{}, err
+	}
 	var reply HoldReply
 	pre := prefetch{holds: []string{sb}, ledger: []string{releaseKey(c, sb)}, usage: []string{sb}}
 	_, err = m.store.update(ctx, c, pre, func(t *tx) error {
@@ -370,6 +375,12 @@ func (m *Metering) Hold(ctx context.Context, r HoldRequest) (HoldReply, error) {
 		return nil
 	})
 	if err != nil {
+		if errors.Is(err, ErrInsufficientCredits) || errors.Is(err, ErrHoldClosed) {
+			// Refused: no deadline to keep. Best effort: one that
+			// fires finds no open hold. After any other error the hold
+			// may be open, and keeps its deadline.
+			m.stopHoldDeadline(context.WithoutCancel(ctx), sb)
+		}
 		return HoldReply{}, err
 	}
 	return reply, nil

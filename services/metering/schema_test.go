@@ -20,7 +20,7 @@ const schemaDir = "../../schemas"
 var schemas = sync.OnceValues(func() (map[string]*jsonschema.Schema, error) {
 	c := jsonschema.NewCompiler()
 	out := map[string]*jsonschema.Schema{}
-	types := []event.Type{metering.TypeAccrual}
+	types := []event.Type{metering.TypeAccrual, metering.TypeHoldDeadline}
 	for _, k := range metering.Kinds {
 		types = append(types, k.Type())
 	}
@@ -72,7 +72,7 @@ func TestSchemaFilesMatchKinds(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	known := map[string]bool{string(metering.TypeAccrual): true}
+	known := map[string]bool{string(metering.TypeAccrual): true, string(metering.TypeHoldDeadline): true}
 	for _, k := range metering.Kinds {
 		known[string(k.Type())] = true
 	}
