@@ -7,6 +7,7 @@ package echo
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"sync"
 	"time"
 
@@ -31,14 +32,24 @@ type Config struct {
 type Echo struct {
 	mu        sync.Mutex
 	sandboxes map[string]extension.Handle
+	// teardowns counts the failed teardowns of each sandbox asked to
+	// fail some (the fail_teardown input).
+	teardowns map[string]int
 	delay     time.Duration // config.delay
 }
 
 // New returns an empty backend.
-func New() *Echo { return &Echo{sandboxes: make(map[string]extension.Handle)} }
+func New() *Echo {
+	return &Echo{sandboxes: make(map[string]extension.Handle), teardowns: make(map[string]int)}
+}
+
+// MaxFailTeardown bounds the fail_teardown input.
+const MaxFailTeardown = 100
 
 // Manifest returns a manifest for the backend, with inputs delay (how long
-// Provision takes) and fail (provision or ready, to make that phase fail).
+// Provision takes), fail (provision or ready, to make that phase fail) and
+// fail_teardown (how many teardowns of the sandbox fail before one
+// succeeds, in this backend's memory).
 func Manifest(name string) *extension.Manifest {
 	return &extension.Manifest{
 		Name:    name,
@@ -50,6 +61,8 @@ func Manifest(name string) *extension.Manifest {
 		Inputs: map[string]extension.InputSpec{
 			"delay": {Type: extension.TypeDuration, Description: "how long Provision takes"},
 			"fail":  {Type: extension.TypeString, Enum: []string{"provision", "ready"}, Description: "phase to fail"},
+			"fail_teardown": {Type: extension.TypeInt, Min: ptr(int64(0)), Max: ptr(int64(MaxFailTeardown)),
+				Description: "how many teardowns fail before one succeeds"},
 		},
 	}
 }
@@ -114,6 +127,16 @@ func (e *Echo) Provision(ctx context.Context, _ extension.Profile, in extension.
 	if in["fail"] == "ready" {
 		h.Data = map[string]string{"fail": "ready"}
 	}
+	if v := in["fail_teardown"]; v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 || n > MaxFailTeardown {
+			return h, fmt.Errorf("echo: fail_teardown %q: want 0 to %d", v, MaxFailTeardown)
+		}
+		if h.Data == nil {
+			h.Data = map[string]string{}
+		}
+		h.Data["fail_teardown"] = strconv.Itoa(n)
+	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if prev, ok := e.sandboxes[h.SandboxID]; ok {
@@ -140,13 +163,19 @@ func (e *Echo) WaitReady(ctx context.Context, h extension.Handle) (extension.Rea
 	return extension.Reachability{Host: h.Host, RemoteDir: "/echo/" + h.SandboxID}, nil
 }
 
-// Teardown forgets the sandbox.
+// Teardown forgets the sandbox. A sandbox provisioned with fail_teardown
+// n fails its first n teardowns (counted by this backend), then succeeds.
 func (e *Echo) Teardown(ctx context.Context, h extension.Handle) (extension.CleanupReport, error) {
 	if err := ctx.Err(); err != nil {
 		return extension.CleanupReport{}, err
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if n, _ := strconv.Atoi(h.Data["fail_teardown"]); e.teardowns[h.SandboxID] < n {
+		e.teardowns[h.SandboxID]++
+		return extension.CleanupReport{}, fmt.Errorf("echo: failing teardown %d of %d as asked", e.teardowns[h.SandboxID], n)
+	}
+	delete(e.teardowns, h.SandboxID)
 	if _, ok := e.sandboxes[h.SandboxID]; !ok {
 		return extension.CleanupReport{AlreadyGone: true}, nil
 	}
@@ -163,6 +192,16 @@ func (e *Echo) Instances(sandboxID string) int {
 	}
 	return 0
 }
+
+// FailedTeardowns reports how many teardowns of the sandbox failed as
+// asked (fail_teardown) and have not been followed by a success yet.
+func (e *Echo) FailedTeardowns(sandboxID string) int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.teardowns[sandboxID]
+}
+
+func ptr[T any](v T) *T { return &v }
 
 // Len reports how many sandboxes exist.
 func (e *Echo) Len() int {

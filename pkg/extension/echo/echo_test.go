@@ -91,3 +91,43 @@ func TestConfigDecodedStrictly(t *testing.T) {
 		})
 	}
 }
+
+// TestFailTeardown: a sandbox provisioned with fail_teardown n fails its
+// first n teardowns, then is torn down; one without it at once.
+func TestFailTeardown(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	e := echo.New()
+	if ferrs := func() extension.FieldErrors {
+		_, fe := echo.Manifest("echo").ValidateInputs(nil, map[string]string{"fail_teardown": "101"})
+		return fe
+	}(); ferrs == nil {
+		t.Error("fail_teardown 101 validated, want at most 100")
+	}
+	h, err := e.Provision(ctx, extension.Profile{}, extension.Inputs{extension.InputSandboxID: "sbx-stubborn", "fail_teardown": "2"}, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i <= 2; i++ {
+		if _, err := e.Teardown(ctx, h); err == nil {
+			t.Fatalf("teardown %d succeeded, want it to fail", i)
+		}
+		if got := e.FailedTeardowns("sbx-stubborn"); got != i {
+			t.Errorf("after teardown %d: %d failed", i, got)
+		}
+		if e.Instances("sbx-stubborn") != 1 {
+			t.Fatalf("a failed teardown removed the sandbox")
+		}
+	}
+	rep, err := e.Teardown(ctx, h)
+	if err != nil || len(rep.Removed) != 1 || e.Instances("sbx-stubborn") != 0 || e.FailedTeardowns("sbx-stubborn") != 0 {
+		t.Fatalf("third teardown: %+v, %v; instances %d", rep, err, e.Instances("sbx-stubborn"))
+	}
+	plain, err := e.Provision(ctx, extension.Profile{}, extension.Inputs{extension.InputSandboxID: "sbx-plain"}, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Teardown(ctx, plain); err != nil {
+		t.Fatalf("teardown without fail_teardown: %v", err)
+	}
+}
