@@ -111,6 +111,7 @@ named after it: billing, or billing-<name> with --billing).`,
 	f := cmd.Flags()
 	f.StringVar(&role, "role", "", "gateway, registry, metering, provisioner, tenant, billing or admin")
 	f.StringVar(&id.Extension, "extension", "", "a provisioner's extension (local or ext.local)")
+	f.StringVar(&id.Host, "host", "", "a provisioner's placement host, as its serve provisioner --host (default localhost)")
 	f.StringVar(&id.Consumer, "consumer", "", "a tenant's consumer name")
 	f.StringVar(&id.Billing, "billing", "", "a billing reader's name (default billing)")
 	f.DurationVar(&expires, "expires", 0, "valid for this long from now (default: until revoked)")

@@ -98,7 +98,7 @@ var allowedFlags = map[string][]string{
 	"sandboxer keys bootstrap":      append([]string{"consumer", "out"}, connect...),
 	"sandboxer creds":               {"auth-dir", "data-dir"},
 	"sandboxer creds init":          {"auth-dir", "data-dir"},
-	"sandboxer creds issue":         {"auth-dir", "data-dir", "role", "extension", "consumer", "billing", "expires", "note", "out"},
+	"sandboxer creds issue":         {"auth-dir", "data-dir", "role", "extension", "host", "consumer", "billing", "expires", "note", "out"},
 	"sandboxer creds revoke":        {"auth-dir", "data-dir", "nats", "offline"},
 	"sandboxer creds ls":            {"auth-dir", "data-dir", "output"},
 	"sandboxer creds server-config": {"auth-dir", "data-dir", "resolver-dir"},
@@ -107,7 +107,7 @@ var allowedFlags = map[string][]string{
 	"sandboxer serve gateway":       append([]string{"http", "metrics", "retention", "idle-release", "log-level", "log-format"}, connect...),
 	"sandboxer serve metering":      append([]string{"metrics", "idle-release", "log-level", "log-format"}, connect...),
 	"sandboxer serve registry":      append([]string{"extensions", "profiles", "metrics", "retention", "idle-release", "log-level", "log-format"}, connect...),
-	"sandboxer serve provisioner":   append([]string{"extension", "concurrency", "worker-id", "data-dir", "metrics", "idle-release", "log-level", "log-format"}, connect...),
+	"sandboxer serve provisioner":   append([]string{"extension", "concurrency", "worker-id", "host", "data-dir", "metrics", "idle-release", "log-level", "log-format"}, connect...),
 	"sandboxer up": {"data-dir", "http", "nats-listen", "nats-tls-cert", "nats-tls-key", "insecure-nats", "extensions", "profiles",
 		"extension", "log-level", "log-format", "nats-logs", "idle-release", "retention"},
 }

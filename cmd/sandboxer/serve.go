@@ -121,6 +121,7 @@ func serveProvisioner() *cobra.Command {
 		concurrency int
 		logs        logFlags
 		worker      string
+		host        string
 		idleRelease time.Duration
 	)
 	cmd := &cobra.Command{
@@ -143,7 +144,7 @@ func serveProvisioner() *cobra.Command {
 				st.add(stopCat)
 				p, err := provisioner.New(provisioner.Options{
 					JS: d.js, Catalog: cat, Extensions: linkedExtensions(), Pools: pools,
-					Concurrency: concurrency, DataDir: filepath.Join(dataDir, "extensions"), WorkerID: worker, Logger: d.log,
+					Concurrency: concurrency, DataDir: filepath.Join(dataDir, "extensions"), WorkerID: worker, Host: host, Logger: d.log,
 					Metrics: mreg,
 				})
 				if err != nil {
@@ -164,6 +165,8 @@ func serveProvisioner() *cobra.Command {
 	dataDirFlag(cmd.Flags(), &dataDir, "data directory: the backends' working data, under extensions/")
 	cmd.Flags().IntVar(&concurrency, "concurrency", 0, "commands run at once per extension in this process (default: the manifest's workers.concurrency)")
 	cmd.Flags().StringVar(&worker, "worker-id", "", "worker id in events and heartbeats (default host-pid)")
+	cmd.Flags().StringVar(&host, "host", provisioner.DefaultHost,
+		"this worker's placement host: a locality: host backend (ext.local) places its sandboxes here and tears down only what it placed here; one of the manifest's hosts")
 	idleReleaseFlag(cmd.Flags(), &idleRelease)
 	logs.add(cmd.Flags())
 	return cmd

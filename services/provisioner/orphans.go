@@ -196,6 +196,9 @@ func (r *reconciler) consider(ctx context.Context, h extension.Held, since time.
 			return
 		}
 		switch {
+		case !lr.State.Terminal() && pl.bound && now.Sub(since) >= grace:
+			r.placedElsewhere(ctx, h, lr)
+			return // a live record owns it, perhaps on another host
 		case !lr.State.Terminal():
 			return // a live record owns it
 		case lr.State == event.StateOrphaned && now.Sub(last.Time) < grace:
@@ -283,4 +286,45 @@ func (r *reconciler) claim(ctx context.Context, ref event.Ref, reason string, h 
 		return false, nil // another worker's claim on the same last event
 	}
 	return true, nil
+}
+
+// placedElsewhere tears down what this host holds of a live sandbox that
+// was placed on another host: a create that ran here until its worker
+// died, then ran again, to the end, on a worker of another host. The
+// sandbox's own events stay as they are; the sandbox lives on there.
+// What is held here is older than the grace period, so no create of it
+// can still be running on this host.
+func (r *reconciler) placedElsewhere(ctx context.Context, h extension.Held, lr event.LifecycleRef) {
+	pl := r.pl
+	ref := event.Ref{SandboxID: lr.Sandbox, Consumer: lr.Consumer, Extension: lr.Extension, Profile: event.Unrouted}
+	out, err := pl.createOutcome(ctx, ref)
+	if err != nil {
+		if ctx.Err() == nil {
+			pl.log.WarnContext(ctx, "orphans: reading where a held sandbox was placed", "sandbox", ref.SandboxID, "err", err)
+		}
+		return
+	}
+	if out.handle == nil || out.handle.Host == pl.host {
+		return
+	}
+	if out.ref != nil {
+		ref.Profile = out.ref.Profile
+	}
+	deadline := extension.DefaultTeardownDeadline
+	if prof, err := pl.p.opts.Catalog.Current().Profile(ref.Profile); err == nil {
+		deadline = prof.Deadlines.TeardownDeadline()
+	}
+	tctx, cancel := context.WithTimeout(ctx, deadline)
+	tctx, span := pl.startCall(tctx, "Teardown", ref, attribute.String("sandboxer.host", pl.host), attribute.String("sandboxer.reason", "placed_elsewhere"))
+	rep, err := pl.ext.Teardown(tctx, h.Handle)
+	endCall(span, err)
+	cancel()
+	if err != nil {
+		if ctx.Err() == nil {
+			pl.log.WarnContext(ctx, "orphans: tearing down the leftover of a sandbox placed on another host failed; tried again next round",
+				"sandbox", ref.SandboxID, "placed_on", out.handle.Host, "err", err)
+		}
+		return
+	}
+	pl.log.InfoContext(ctx, "leftover of a sandbox placed on another host torn down", "sandbox", ref.SandboxID, "placed_on", out.handle.Host, "removed", rep.Removed)
 }

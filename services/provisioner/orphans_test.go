@@ -38,7 +38,7 @@ func (e *env) reconciling(t *testing.T, reg *extension.Registry, pool, worker st
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.srv.Setup(t, provisioner.Consumer(m))
+	e.srv.Setup(t, provisioner.PoolConsumers(m)...)
 	cctx, stopCat := context.WithCancel(context.Background())
 	t.Cleanup(stopCat)
 	cat, err := catalog.Follow(cctx, nc)

@@ -24,18 +24,34 @@ import (
 
 // pool is the worker pool of one extension in this process.
 type pool struct {
-	p           *Provisioner
-	name        string
-	ext         extension.Extension
-	manifest    *extension.Manifest
-	policy      bus.ConsumerPolicy
-	consumer    string
+	p        *Provisioner
+	name     string
+	ext      extension.Extension
+	manifest *extension.Manifest
+	policy   bus.ConsumerPolicy
+	consumer string
+	// hostConsumer is the durable of the commands bound to host; "" when
+	// the backend is not locality: host.
+	hostConsumer string
+	// host is this worker's placement host ([Options.Host]).
+	host string
+	// bound is true when the backend keeps each sandbox on its worker's
+	// host (capabilities.locality: host).
+	bound       bool
 	concurrency int
 	source      string
 	log         *slog.Logger
 	inFlight    atomic.Int64
 	quotes      micro.Service // nil unless the backend is metered
 	metrics     *poolMetrics
+}
+
+// consumers are the durables this worker takes the pool's commands from.
+func (pl *pool) consumers() []string {
+	if pl.hostConsumer == "" {
+		return []string{pl.consumer}
+	}
+	return []string{pl.consumer, pl.hostConsumer}
 }
 
 // handle routes one command. Commands are idempotent: a redelivered create
@@ -51,6 +67,9 @@ func (pl *pool) handle(ctx context.Context, m *bus.Message) ([]bus.Out, error) {
 	if ref.Extension != pl.name {
 		return nil, bus.Permanent(fmt.Errorf("command for extension %q reached pool %q", ref.Extension, pl.name))
 	}
+	if pl.bound && ref.Host != "" && ref.Host != pl.host {
+		return nil, bus.Permanent(fmt.Errorf("command for host %q reached a worker of host %q", ref.Host, pl.host))
+	}
 	switch event.Type(m.Event.Type()) {
 	case event.TypeCreate:
 		if ref.Verb != event.VerbCreate {
@@ -62,6 +81,11 @@ func (pl *pool) handle(ctx context.Context, m *bus.Message) ([]bus.Out, error) {
 		}
 		if !ref.Matches(c.Ref) {
 			return nil, bus.Permanent(fmt.Errorf("create data names sandbox %q of consumer %q on %q, subject %s", c.SandboxID, c.Consumer, c.Extension, m.Subject))
+		}
+		if pl.bound {
+			// Placed here: its events, its handle and its destroys name
+			// this worker's host, whatever host the gateway picked.
+			c.Host = pl.host
 		}
 		return pl.create(ctx, m, c)
 	case event.TypeDestroy:
@@ -165,7 +189,7 @@ func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]b
 	if h.SandboxID == "" {
 		h.SandboxID = c.SandboxID
 	}
-	if h.Host == "" {
+	if h.Host == "" || pl.bound {
 		h.Host = c.Host
 	}
 	rctx, cancel := context.WithTimeout(ctx, prof.Deadlines.ReadyDeadline())
@@ -241,8 +265,14 @@ func (pl *pool) failed(ctx context.Context, c event.Create, phase string, h *ext
 	if err != nil {
 		return nil, bus.Permanent(err)
 	}
+	// What was made is on this host: its teardown is too. Nothing made
+	// (the command was refused before Provision): any worker.
+	var host string
+	if pl.bound && h != nil {
+		host = pl.host
+	}
 	pl.metrics.outcome(outcomeFailed + phase)
-	return []bus.Out{f, {Subject: c.Ref.CommandSubject(event.VerbDestroy), Event: d}}, nil
+	return []bus.Out{f, {Subject: c.Ref.HostCommandSubject(event.VerbDestroy, host), Event: d}}, nil
 }
 
 func (pl *pool) destroy(ctx context.Context, m *bus.Message, d event.Destroy) ([]bus.Out, error) {
@@ -286,6 +316,13 @@ func (pl *pool) destroy(ctx context.Context, m *bus.Message, d event.Destroy) ([
 	}
 	if h.Host == "" {
 		h.Host = pl.manifest.HostList()[0]
+	}
+	if pl.bound && out.handle != nil && h.Host != pl.host {
+		// Made on another host: only a worker there can tear it down.
+		return pl.forward(ctx, m, d, h.Host)
+	}
+	if pl.bound {
+		h.Host = pl.host // nothing was placed: tear down what this host may hold
 	}
 	if err := pl.emit(ctx, event.StateDestroying, ref, event.DestroyingID(ref.SandboxID, d.Attempt),
 		event.Destroying{Ref: ref, Reason: d.Reason, Attempt: d.Attempt}); err != nil {

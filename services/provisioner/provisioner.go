@@ -4,6 +4,15 @@
 // Provision and WaitReady under the profile's deadlines and a ready or
 // failed event, and a destroy command into Teardown and a destroyed event.
 //
+// A backend whose sandboxes live on their worker's machine
+// (capabilities.locality: host, ext.local) places each sandbox on the
+// host of the worker that made it ([Options.Host]). Its workers share the
+// pool's durable for unplaced commands (every create, and a destroy whose
+// publisher does not know the host), and each host's workers share that
+// host's durable for the commands bound to it: a destroy taken by a
+// worker of another host is forwarded there, and waits in the host's
+// durable until a worker of that host takes it.
+//
 // The package links extension code through an [extension.Registry] and
 // talks to the rest of the system only through the bus. It must never
 // import another service.
@@ -16,6 +25,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -53,6 +63,15 @@ type Options struct {
 	// WorkerID names this process in events and heartbeats. Default
 	// hostname-pid-random.
 	WorkerID string
+	// Host is this worker's placement host: for a pool whose backend
+	// keeps sandboxes on the worker's machine (capabilities.locality:
+	// host), the host its sandboxes are placed on and the one whose
+	// bound commands it takes; it must be one of the manifest's hosts,
+	// which setup made a durable for. Two workers on one machine with
+	// different data directories are two hosts; two workers sharing a
+	// data directory are one. It is the heartbeat's host of every pool.
+	// A subject token ([event.ValidName]). Default [DefaultHost].
+	Host string
 	// Logger logs. Default: discard.
 	Logger *slog.Logger
 	// HeartbeatEvery is how often each pool records its liveness in the
@@ -77,6 +96,10 @@ type Options struct {
 	// provision deadline. Default [DefaultOrphanGrace].
 	OrphanGrace time.Duration
 }
+
+// DefaultHost is the placement host of a worker that names none: the one
+// host of a manifest that lists none ([extension.Manifest.HostList]).
+const DefaultHost = "localhost"
 
 // Provisioner is a running set of worker pools.
 type Provisioner struct {
@@ -117,6 +140,12 @@ func New(opts Options) (*Provisioner, error) {
 		opts.WorkerID = defaultWorkerID()
 	}
 	if err := event.CheckName("worker id", opts.WorkerID); err != nil {
+		return nil, fmt.Errorf("provisioner: %w", err)
+	}
+	if opts.Host == "" {
+		opts.Host = DefaultHost
+	}
+	if err := event.CheckName("host", opts.Host); err != nil {
 		return nil, fmt.Errorf("provisioner: %w", err)
 	}
 	if opts.DataDir == "" {
@@ -165,15 +194,17 @@ func (p *Provisioner) Start(ctx context.Context) error {
 		}
 		p.pools = append(p.pools, pl)
 	}
-	routes := make([]bus.Route, 0, len(p.pools))
+	routes := make([]bus.Route, 0, 2*len(p.pools))
 	for _, pl := range p.pools {
-		routes = append(routes, bus.Route{
-			Stream: event.StreamCommands, Consumer: pl.consumer, Policy: pl.policy,
-			Concurrency: pl.concurrency, Handler: pl.handle,
-		})
+		for _, consumer := range pl.consumers() {
+			routes = append(routes, bus.Route{
+				Stream: event.StreamCommands, Consumer: consumer, Policy: pl.policy,
+				Concurrency: pl.concurrency, Handler: pl.handle,
+			})
+		}
 		p.beat(ctx, pl)
-		p.opts.Logger.Info("worker pool consuming", "extension", pl.name, "consumer", pl.consumer,
-			"concurrency", pl.concurrency, "worker", p.opts.WorkerID)
+		p.opts.Logger.Info("worker pool consuming", "extension", pl.name, "consumer", pl.consumer, "host_consumer", pl.hostConsumer,
+			"host", pl.host, "concurrency", pl.concurrency, "worker", p.opts.WorkerID)
 	}
 	p.routes = p.router.Start(routes...)
 	p.startOrphans(ctx)
@@ -198,11 +229,12 @@ func (p *Provisioner) Start(ctx context.Context) error {
 	return nil
 }
 
-// beat records a pool's liveness in the workers bucket.
+// beat records a pool's liveness in the workers bucket, with the host it
+// serves: a forwarded destroy finds by it whether its host has a live
+// worker.
 func (p *Provisioner) beat(ctx context.Context, pl *pool) {
-	host, _ := os.Hostname()
 	err := workers.Put(ctx, p.workers, workers.Heartbeat{
-		Extension: pl.name, Worker: p.opts.WorkerID, Host: host, PID: os.Getpid(),
+		Extension: pl.name, Worker: p.opts.WorkerID, Host: pl.host, PID: os.Getpid(),
 		StartedAt: p.started, Concurrency: pl.concurrency, InFlight: int(pl.inFlight.Load()),
 	})
 	if err != nil && ctx.Err() == nil {
@@ -217,20 +249,32 @@ func (p *Provisioner) openPool(ctx context.Context, name string) (*pool, error) 
 	if err != nil {
 		return nil, fmt.Errorf("starting pool %s: %w", name, err)
 	}
-	ext, err := p.opts.Extensions.Open(ctx, m, extension.Env{
-		DataDir: filepath.Join(p.opts.DataDir, name),
-		Logger:  p.opts.Logger.With("extension", name),
-	})
-	if err != nil {
-		return nil, fmt.Errorf("starting pool %s: %w", name, err)
+	host := p.opts.Host
+	if m.HostBound() && !slices.Contains(m.HostList(), host) {
+		return nil, fmt.Errorf("starting pool %s: this worker's host %q is not one of the extension's placement hosts %v: start it with --host one of them, or add it to the manifest's hosts and run sandboxer setup",
+			name, host, m.HostList())
 	}
 	spec := Consumer(m)
 	policy := spec.Policy
 	consumer := spec.Name
 	cons, err := p.opts.JS.Consumer(ctx, event.StreamCommands, consumer)
 	if err != nil {
-		_ = extension.Close(ext)
 		return nil, fmt.Errorf("starting pool %s: its consumer %s (created by `sandboxer setup`): %w", name, consumer, err)
+	}
+	var hostConsumer string
+	if m.HostBound() {
+		hostConsumer = HostConsumer(m, host).Name
+		if _, err := p.opts.JS.Consumer(ctx, event.StreamCommands, hostConsumer); err != nil {
+			return nil, fmt.Errorf("starting pool %s: the consumer %s of host %s (created by `sandboxer setup` for each of the manifest's hosts): %w", name, hostConsumer, host, err)
+		}
+	}
+	ext, err := p.opts.Extensions.Open(ctx, m, extension.Env{
+		DataDir: filepath.Join(p.opts.DataDir, name),
+		Logger:  p.opts.Logger.With("extension", name),
+		Host:    host,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("starting pool %s: %w", name, err)
 	}
 	w := m.Workers.WithDefaults()
 	conc := p.opts.Concurrency
@@ -248,7 +292,8 @@ func (p *Provisioner) openPool(ctx context.Context, name string) (*pool, error) 
 	}
 	pl := &pool{
 		p: p, name: name, ext: ext, manifest: m, policy: policy.WithDefaults(),
-		consumer: consumer, concurrency: conc, metrics: p.metrics.pool(name),
+		consumer: consumer, hostConsumer: hostConsumer, host: host, bound: m.HostBound(),
+		concurrency: conc, metrics: p.metrics.pool(name),
 		source: "/sandboxer/provisioner/" + name,
 		log:    p.opts.Logger.With("extension", name, "worker", p.opts.WorkerID),
 	}
@@ -265,25 +310,62 @@ func (p *Provisioner) openPool(ctx context.Context, name string) (*pool, error) 
 // create: every worker of the pool shares it, with the delivery policy of
 // the manifest's workers section. Its MaxAckPending is the backend's
 // capacity.max_in_flight, the cap on commands in flight across every
-// worker; a worker's own concurrency is [Options.Concurrency].
+// worker; a worker's own concurrency is [Options.Concurrency]. It takes
+// every command of the extension, or, when the backend is locality:
+// host, the unplaced ones only ([event.UnplacedCommandFilter]): those
+// bound to a host go to that host's consumer ([HostConsumer]).
 func Consumer(m *extension.Manifest) bus.ConsumerSpec {
+	if m.HostBound() {
+		return consumerSpec(m, bus.DurableProvisioner(m.Name), event.UnplacedCommandFilter(m.Name),
+			"provisioner pool of "+m.Name+": its unplaced commands, every worker shares it")
+	}
+	return consumerSpec(m, bus.DurableProvisioner(m.Name), event.CommandFilter(m.Name),
+		"provisioner pool of "+m.Name+": every worker shares it")
+}
+
+// HostConsumer is the durable consumer of the commands bound to host in
+// a locality: host pool, shared by that host's workers, with the pool's
+// delivery policy and capacity (each host's durable holds up to
+// capacity.max_in_flight in flight).
+func HostConsumer(m *extension.Manifest, host string) bus.ConsumerSpec {
+	return consumerSpec(m, bus.DurableProvisionerHost(m.Name, host), event.HostCommandFilter(m.Name, host),
+		"provisioner pool of "+m.Name+": the commands bound to host "+host+", its workers share it")
+}
+
+func consumerSpec(m *extension.Manifest, name, filter, desc string) bus.ConsumerSpec {
 	w := m.Workers.WithDefaults()
 	backoff := make([]time.Duration, len(w.Backoff))
 	for i, d := range w.Backoff {
 		backoff[i] = d.D()
 	}
 	return bus.ConsumerSpec{
-		Stream: event.StreamCommands, Name: bus.DurableProvisioner(m.Name), Filters: []string{event.CommandFilter(m.Name)},
+		Stream: event.StreamCommands, Name: name, Filters: []string{filter},
 		Policy:      bus.ConsumerPolicy{AckWait: w.AckWait.D(), MaxDeliver: w.MaxDeliver, Backoff: backoff, MaxAckPending: m.Capacity.InFlight()},
-		Description: "provisioner pool of " + m.Name + ": every worker shares it",
+		Description: desc,
 	}
+}
+
+// PoolConsumers are the durable consumers of extension m's pool:
+// [Consumer], then for a locality: host backend a [HostConsumer] for each
+// of the manifest's hosts. The order matters on a work-queue stream,
+// whose consumers may not overlap: setup narrows the pool's durable of an
+// earlier version (every command) to the unplaced ones before it creates
+// the hosts'.
+func PoolConsumers(m *extension.Manifest) []bus.ConsumerSpec {
+	out := []bus.ConsumerSpec{Consumer(m)}
+	if m.HostBound() {
+		for _, h := range m.HostList() {
+			out = append(out, HostConsumer(m, h))
+		}
+	}
+	return out
 }
 
 // Consumers are the durable consumers of every extension in c.
 func Consumers(c *extension.Catalog) []bus.ConsumerSpec {
 	var out []bus.ConsumerSpec
 	for _, m := range c.ExtensionList() {
-		out = append(out, Consumer(m))
+		out = append(out, PoolConsumers(m)...)
 	}
 	return out
 }

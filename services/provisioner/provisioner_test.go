@@ -79,7 +79,14 @@ func newEnv(t *testing.T, manifests ...*extension.Manifest) *env {
 // would, and returns it with that connection.
 func (e *env) start(t *testing.T, reg *extension.Registry, pool string, worker string) (*provisioner.Provisioner, *nats.Conn) {
 	t.Helper()
-	nc := e.srv.ConnAs(t, auth.Identity{Role: auth.RoleProvisioner, Extension: pool})
+	return e.startOn(t, reg, pool, worker, "", e.dataDir)
+}
+
+// startOn is start for a worker of placement host host ("": the default)
+// keeping its backends' data in dataDir, with the host's own identity.
+func (e *env) startOn(t *testing.T, reg *extension.Registry, pool, worker, host, dataDir string) (*provisioner.Provisioner, *nats.Conn) {
+	t.Helper()
+	nc := e.srv.ConnAs(t, auth.Identity{Role: auth.RoleProvisioner, Extension: pool, Host: host})
 	js, err := jetstream.New(nc)
 	if err != nil {
 		t.Fatal(err)
@@ -88,7 +95,7 @@ func (e *env) start(t *testing.T, reg *extension.Registry, pool string, worker s
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.srv.Setup(t, provisioner.Consumer(m))
+	e.srv.Setup(t, provisioner.PoolConsumers(m)...)
 	// The worker's own view of the catalog, as a worker process has it.
 	cctx, stopCat := context.WithCancel(context.Background())
 	t.Cleanup(stopCat)
@@ -103,7 +110,7 @@ func (e *env) start(t *testing.T, reg *extension.Registry, pool string, worker s
 	}
 	p, err := provisioner.New(provisioner.Options{
 		JS: js, Catalog: cat, Extensions: reg, Pools: []string{pool},
-		DataDir: e.dataDir, WorkerID: worker,
+		DataDir: dataDir, WorkerID: worker, Host: host,
 	})
 	if err != nil {
 		t.Fatal(err)
