@@ -286,6 +286,8 @@ func TestValidate(t *testing.T) {
 		{"admin with an extension", auth.Identity{Role: auth.RoleAdmin, Extension: "local"}, "role admin takes no --extension"},
 		{"gateway with a consumer", auth.Identity{Role: auth.RoleGateway, Consumer: "dev"}, "role gateway takes no --consumer"},
 		{"provisioner with a consumer", auth.Identity{Role: auth.RoleProvisioner, Extension: "local", Consumer: "dev"}, "role provisioner takes no --consumer"},
+		{"provisioner with an invalid host", auth.Identity{Role: auth.RoleProvisioner, Extension: "local", Host: "box.example.com"}, `invalid host "box.example.com"`},
+		{"gateway with a host", auth.Identity{Role: auth.RoleGateway, Host: "box-2"}, "role gateway takes no --host"},
 		{"tenant with a billing name", auth.Identity{Role: auth.RoleTenant, Consumer: "dev", Billing: "audit"}, "role tenant takes no billing name"},
 		{"billing with an invalid name", auth.Identity{Role: auth.RoleBilling, Billing: "a>"}, `invalid billing name "a>"`},
 		{"billing with an extension", auth.Identity{Role: auth.RoleBilling, Extension: "local"}, "role billing takes no --extension"},
@@ -319,6 +321,9 @@ func TestNames(t *testing.T) {
 		{registry, "registry", []string{"role:registry"}, nil},
 		{metering, "metering", []string{"role:metering"}, nil},
 		{local, "provisioner-local", []string{"role:provisioner", "extension:local"}, nil},
+		{auth.Identity{Role: auth.RoleProvisioner, Extension: "local", Host: "box-2"}, "provisioner-local@box-2", []string{"role:provisioner", "extension:local", "host:box-2"}, nil},
+		// Naming the default host is not naming one: same user.
+		{auth.Identity{Role: auth.RoleProvisioner, Extension: "local", Host: auth.DefaultHost}, "provisioner-local", []string{"role:provisioner", "extension:local"}, &local},
 		{dev, "tenant-dev", []string{"role:tenant", "consumer:dev"}, nil},
 		{billing, "billing", []string{"role:billing", "durable:billing"}, nil},
 		{auth.Identity{Role: auth.RoleBilling, Billing: "audit"}, "billing-audit", []string{"role:billing", "durable:billing-audit"}, nil},

@@ -172,7 +172,7 @@ func (id Identity) Tags() []string {
 	switch id.Role {
 	case RoleProvisioner:
 		t = append(t, "extension:"+id.Extension)
-		if id.Host != "" {
+		if id.Host != "" && id.Host != DefaultHost {
 			t = append(t, "host:"+id.Host)
 		}
 	case RoleTenant:

@@ -9,6 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sand-boxer/sandboxer/pkg/auth"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
@@ -217,5 +220,43 @@ func TestWorkerHostMustBeAPlacementHost(t *testing.T) {
 	}
 	if !strings.Contains(err.Error(), `"host-c" is not one of the extension's placement hosts [host-a host-b]`) {
 		t.Fatalf("error %q does not say which hosts there are", err)
+	}
+}
+
+// TestHostIdentityReadsOnlyItsHost: a worker's identity names its host,
+// and takes that host's commands, never another host's.
+func TestHostIdentityReadsOnlyItsHost(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, hostsManifest())
+	m, err := e.cat.Current().Extension("local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.srv.Setup(t, provisioner.PoolConsumers(m)...)
+	nc, violations := e.srv.ConnRefusable(t, auth.Identity{Role: auth.RoleProvisioner, Extension: "local", Host: "host-b"})
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		durable string
+		allowed bool
+	}{
+		{bus.DurableProvisioner("local"), true},
+		{bus.DurableProvisionerHost("local", "host-b"), true},
+		{bus.DurableProvisionerHost("local", "host-a"), false},
+	} {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		cons, err := js.Consumer(ctx, event.StreamCommands, c.durable)
+		if err == nil {
+			_, err = cons.Fetch(1, jetstream.FetchMaxWait(100*time.Millisecond))
+		}
+		cancel()
+		if (err == nil) != c.allowed {
+			t.Errorf("host-b's worker on %s: err %v, allowed %v", c.durable, err, c.allowed)
+		}
+	}
+	if !violations.Await("$JS.API.CONSUMER.INFO."+event.StreamCommands+"."+bus.DurableProvisionerHost("local", "host-a"), 5*time.Second) {
+		t.Errorf("no permissions violation on host-a's durable: %v", violations.Errors())
 	}
 }
