@@ -151,7 +151,11 @@ func newDLQCmd(g *globals) *cobra.Command {
 original subject (with a new Nats-Msg-Id, so the stream's de-duplication does
 not drop it), and removes the dead letter once the stream acknowledged the copy.
 Every handler is idempotent: a replayed create of a sandbox that moved on, or a
-replayed event already applied, changes nothing.`,
+replayed event already applied, changes nothing. A command whose deliveries ran
+out was compensated before it was dead-lettered: a create's sandbox was failed
+(and torn down, its hold released), a destroy's next attempt was scheduled by
+the registry. Replaying either changes nothing more; a stuck teardown is
+re-driven at once with sandboxer destroy (DELETE) instead.`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			seqs, err := seqArg(args)
