@@ -38,8 +38,9 @@ import (
 // first tears the sandbox down, the rest find it destroyed.
 
 // forward sends destroy d of a sandbox placed on host to that host's
-// workers, and says so on the sandbox when no worker of the host is live.
-func (pl *pool) forward(ctx context.Context, m *bus.Message, d event.Destroy, host string) ([]bus.Out, error) {
+// workers, and says so on the sandbox (ref, as its create announced it)
+// when no worker of the host is live.
+func (pl *pool) forward(ctx context.Context, m *bus.Message, d event.Destroy, ref event.Ref, host string) ([]bus.Out, error) {
 	if !slices.Contains(pl.manifest.HostList(), host) {
 		// No durable takes what is bound to it: nothing is forwarded,
 		// and the failure of this command's last delivery says why.
@@ -57,8 +58,9 @@ func (pl *pool) forward(ctx context.Context, m *bus.Message, d event.Destroy, ho
 		return nil, err
 	}
 	if !live {
-		waiting, err := pl.lifecycleWithID(event.StateDestroying, d.Ref, event.TeardownFailedID(d.SandboxID, d.Attempt), event.Destroying{
-			Ref: d.Ref, Reason: d.Reason, Attempt: d.Attempt,
+		ref.Host = host
+		waiting, err := pl.lifecycleWithID(event.StateDestroying, ref, event.TeardownFailedID(d.SandboxID, d.Attempt), event.Destroying{
+			Ref: ref, Reason: d.Reason, Attempt: d.Attempt,
 			Error: WaitingForHost(host) + ": no live worker of " + pl.name + " serves it; the destroy waits in " + HostConsumer(pl.manifest, host).Name,
 		})
 		if err != nil {

@@ -319,10 +319,12 @@ func (pl *pool) destroy(ctx context.Context, m *bus.Message, d event.Destroy) ([
 	}
 	if pl.bound && out.handle != nil && h.Host != pl.host {
 		// Made on another host: only a worker there can tear it down.
-		return pl.forward(ctx, m, d, h.Host)
+		return pl.forward(ctx, m, d, ref, h.Host)
 	}
 	if pl.bound {
-		h.Host = pl.host // nothing was placed: tear down what this host may hold
+		// Placed here, or nowhere (a create refused before Provision, or
+		// one that did not finish): what this host may hold.
+		h.Host = pl.host
 	}
 	if err := pl.emit(ctx, event.StateDestroying, ref, event.DestroyingID(ref.SandboxID, d.Attempt),
 		event.Destroying{Ref: ref, Reason: d.Reason, Attempt: d.Attempt}); err != nil {
