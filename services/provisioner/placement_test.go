@@ -260,3 +260,41 @@ func TestHostIdentityReadsOnlyItsHost(t *testing.T) {
 		t.Errorf("no permissions violation on host-a's durable: %v", violations.Errors())
 	}
 }
+
+// TestDestroyOutlivesAKilledHost kills host-a's worker (its connection
+// dropped: no shutdown, its heartbeat left to expire) after it made a
+// sandbox. A destroy taken on host-b is forwarded and waits in host-a's
+// durable; the worker that replaces the killed one on host-a, with the
+// same data directory, tears the sandbox down.
+func TestDestroyOutlivesAKilledHost(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, hostsManifest())
+	reg := extension.NewRegistry(local.Info)
+	dirA := t.TempDir()
+	_, ncA := e.startOn(t, reg, "local", "wa1", "host-a", dirA)
+	id := sandbox.NewID()
+	e.publishCreate(t, "local", id, nil)
+	e.awaitEvent(t, id, event.StateReady)
+	ncA.Close() // kill -9
+
+	e.startOn(t, reg, "local", "wb1", "host-b", t.TempDir())
+	e.publishDestroy(t, "local", id)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	eventually(t, 10*time.Second, func() bool {
+		cons, err := e.js.Consumer(ctx, event.StreamCommands, bus.DurableProvisionerHost("local", "host-a"))
+		return err == nil && cons.CachedInfo().NumPending == 1
+	}, "the destroy forwarded to host-a's durable")
+	if n := e.lifecycleCount(t, "local", id, event.StateDestroyed); n != 0 {
+		t.Fatal("destroyed with its host's worker dead")
+	}
+
+	e.startOn(t, reg, "local", "wa2", "host-a", dirA)
+	d := last[event.Destroyed](t, e.awaitEvent(t, id, event.StateDestroyed), event.TypeDestroyed)
+	if d.Cleanup.AlreadyGone {
+		t.Fatalf("destroyed = %+v, want the workspace removed", d)
+	}
+	if left := workspacesOf(t, dirA); len(left) > 0 {
+		t.Fatalf("host-a still holds %v", left)
+	}
+}
