@@ -83,13 +83,13 @@ func (r *Registry) onTimer(ctx context.Context, m *bus.Message) ([]bus.Out, erro
 }
 
 // retry is the handler of fired destroy retries. It sends the destroy
-// command of the retry's attempt when the sandbox has not ended and that
-// attempt is still the one to send: no later attempt went out, and this
-// one is not known to have failed already (a redelivery after its
-// teardown failed). The record is moved to the attempt first, with
-// compare-and-swap, so that the reconciler and a DELETE see it under way;
-// a redelivery after that sends the same command again, which the
-// commands stream de-duplicates.
+// command of the retry's attempt when the sandbox has not ended and no
+// one sent that attempt or a later one yet (a DELETE's or the
+// reconciler's re-drive). It claims the attempt on the record first, with
+// compare-and-swap, as every re-drive does, so each attempt goes out
+// once: a redelivered or replayed retry finds it claimed. Should the
+// publish fail after the claim, the attempt shows under way and the
+// reconciler sends another after the teardown deadline.
 func (r *Registry) retry(ctx context.Context, m *bus.Message) ([]bus.Out, error) {
 	id, ok := strings.CutPrefix(m.Subject, strings.TrimSuffix(event.RetryFireFilter, ">"))
 	if !ok || !event.ValidName(id) {
@@ -117,24 +117,22 @@ func (r *Registry) retry(ctx context.Context, m *bus.Message) ([]bus.Out, error)
 			return nil, nil
 		case rec.State.Terminal():
 			return nil, nil
-		case rec.DestroyAttempt > d.Attempt || (rec.TeardownError != "" && rec.TeardownFailedAttempt >= d.Attempt):
-			r.log.Debug("destroy retry fired after a later attempt", "sandbox", id, "attempt", d.Attempt, "latest", rec.DestroyAttempt)
+		case rec.DestroyAttempt >= d.Attempt:
+			r.log.Debug("destroy retry fired after its attempt went out", "sandbox", id, "attempt", d.Attempt, "latest", rec.DestroyAttempt)
 			return nil, nil
 		}
 		if err := event.CheckName("extension name", rec.Extension); err != nil {
 			return nil, bus.Permanent(fmt.Errorf("retrying destroy of %s: %w", id, err))
 		}
-		if rec.DestroyAttempt < d.Attempt {
-			rec.DestroyAttempt = d.Attempt
-			rec.UpdatedAt = later(rec.UpdatedAt, time.Now().UTC())
-			_, err := bus.KVWrite(ctx, r.opts.JS, bus.BucketSandboxes, id, rec.Marshal(), rev, rec.TTL(r.opts.Retention))
-			r.records.drop(id)
-			if errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
-				continue
-			}
-			if err != nil {
-				return nil, fmt.Errorf("writing sandbox %s: %w", id, err)
-			}
+		rec.DestroyAttempt = d.Attempt
+		rec.UpdatedAt = later(rec.UpdatedAt, time.Now().UTC())
+		_, err = bus.KVWrite(ctx, r.opts.JS, bus.BucketSandboxes, id, rec.Marshal(), rev, rec.TTL(r.opts.Retention))
+		r.records.drop(id)
+		if errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("claiming destroy attempt %d of %s: %w", d.Attempt, id, err)
 		}
 		out, err := destroyCommand(rec, d.Reason, d.Attempt, "registry", time.Now().UTC())
 		if err != nil {
