@@ -93,6 +93,14 @@ func printSandboxState(w io.Writer, s *api.Sandbox, state string) {
 	if s.Reason != "" {
 		fmt.Fprintf(tw, "reason\t%s\n", s.Reason)
 	}
+	if s.DestroyAttempt > 0 {
+		fmt.Fprintf(tw, "destroy_attempt\t%d\n", s.DestroyAttempt)
+	}
+	if s.TeardownError != "" {
+		// The last failed teardown: retried with back-off; destroy again
+		// to re-drive it at once.
+		fmt.Fprintf(tw, "teardown_error\t%s (%s)\n", s.TeardownError, s.TeardownFailedAt.Format(time.RFC3339))
+	}
 	for _, k := range slices.Sorted(maps.Keys(s.Labels)) {
 		fmt.Fprintf(tw, "label\t%s=%s\n", k, s.Labels[k])
 	}
