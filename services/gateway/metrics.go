@@ -213,7 +213,7 @@ func (c *inventoryCollector) Collect(ch chan<- prometheus.Metric) {
 		if p, err := cat.Profile(r.Profile); err == nil {
 			d = p.Deadlines
 		}
-		return stateDeadline(r.State, d)
+		return sandbox.StateDeadline(r.State, d)
 	})
 	for _, s := range event.States {
 		ch <- prometheus.MustNewConstMetric(descSandboxes, prometheus.GaugeValue, float64(counts[s]), string(s))
@@ -236,17 +236,6 @@ func transient(s event.State) bool {
 	return false
 }
 
-// stateDeadline is how long a sandbox may stay in transient state s under
-// deadlines d: its create (queued, then Provision and WaitReady) until
-// ready or failed; its cleanup (queued, then Teardown) until destroyed.
-func stateDeadline(s event.State, d extension.Deadlines) time.Duration {
-	switch s {
-	case event.StateRequested, event.StateProvisioning:
-		return d.ProvisionDeadline() + d.ReadyDeadline()
-	}
-	return d.TeardownDeadline()
-}
-
 // stateMetrics returns the records by state and, of the records in a
 // transient state, how many have been in it longer than deadline says, at
 // now. It reads only the transient records.
@@ -259,22 +248,9 @@ func (v *inventory) stateMetrics(now time.Time, deadline func(*sandbox.Record) t
 	}
 	late := map[event.State]int{}
 	for _, r := range v.transient {
-		if now.Sub(enteredState(r)) > deadline(r) {
+		if now.Sub(r.EnteredState()) > deadline(r) {
 			late[r.State]++
 		}
 	}
 	return counts, late
-}
-
-// enteredState is when r entered its current state.
-func enteredState(r *sandbox.Record) time.Time {
-	for i := len(r.History) - 1; i >= 0; i-- {
-		if r.History[i].State == r.State {
-			return r.History[i].At
-		}
-	}
-	if !r.UpdatedAt.IsZero() {
-		return r.UpdatedAt
-	}
-	return r.CreatedAt
 }

@@ -28,11 +28,11 @@ func (g *Gateway) teardownStuck(rec *sandbox.Record) bool {
 	if p, err := g.opts.Catalog.Current().Profile(rec.Profile); err == nil {
 		d = p.Deadlines
 	}
-	since := enteredState(rec)
+	since := rec.EnteredState()
 	if rec.UpdatedAt.After(since) {
 		since = rec.UpdatedAt
 	}
-	return g.opts.Now().Sub(since) > d.TeardownDeadline()
+	return g.opts.Now().Sub(since) > sandbox.StateDeadline(rec.State, d)
 }
 
 // redrive sends a fresh destroy attempt of rec's sandbox, asked for by c:

@@ -20,7 +20,7 @@ import (
 // that was publishing it, a failed event whose destroy never came, a
 // teardown whose retry schedule was lost, an expiry that did not fire.
 // Every ReconcileInterval it reads every record once and, for each past
-// its state's deadline (stateDeadline, the notion the gateway's
+// its state's deadline ([sandbox.StateDeadline], the notion the gateway's
 // sandboxes_past_deadline metric counts, plus DeadlineGrace), steps in:
 //
 //   - requested or provisioning: it fails the sandbox (a failed event,
@@ -114,18 +114,6 @@ func (r *Registry) deadlines(rec *sandbox.Record) extension.Deadlines {
 	return extension.Deadlines{}
 }
 
-// stateDeadline is how long a sandbox may stay in transient state s under
-// deadlines d, as the gateway's past-deadline metric counts it: its
-// create (queued, then Provision and WaitReady) until ready or failed; its
-// cleanup (queued, then Teardown) until destroyed.
-func stateDeadline(s event.State, d extension.Deadlines) time.Duration {
-	switch s {
-	case event.StateRequested, event.StateProvisioning:
-		return d.ProvisionDeadline() + d.ReadyDeadline()
-	}
-	return d.TeardownDeadline()
-}
-
 // pastDeadline reports whether rec has been in its state longer than its
 // deadline and the grace at now. A sandbox on its way out (failed,
 // expired, destroying) counts from its last teardown news (an attempt
@@ -138,28 +126,15 @@ func (r *Registry) pastDeadline(rec *sandbox.Record, now time.Time) bool {
 	case event.StateReady:
 		return !rec.ExpiresAt.IsZero() && now.Sub(rec.ExpiresAt) > r.opts.DeadlineGrace
 	case event.StateRequested, event.StateProvisioning:
-		return now.Sub(enteredState(rec)) > stateDeadline(rec.State, d)+r.opts.DeadlineGrace
+		return now.Sub(rec.EnteredState()) > sandbox.StateDeadline(rec.State, d)+r.opts.DeadlineGrace
 	case event.StateFailed, event.StateExpired, event.StateDestroying:
-		limit := stateDeadline(rec.State, d) + r.opts.DeadlineGrace
+		limit := sandbox.StateDeadline(rec.State, d) + r.opts.DeadlineGrace
 		if rec.TeardownStuck() {
 			limit += r.retryDelay(rec.TeardownFailedAttempt)
 		}
-		return now.Sub(later(rec.UpdatedAt, enteredState(rec))) > limit
+		return now.Sub(later(rec.UpdatedAt, rec.EnteredState())) > limit
 	}
 	return false
-}
-
-// enteredState is when rec entered its current state.
-func enteredState(rec *sandbox.Record) time.Time {
-	for i := len(rec.History) - 1; i >= 0; i-- {
-		if rec.History[i].State == rec.State {
-			return rec.History[i].At
-		}
-	}
-	if !rec.UpdatedAt.IsZero() {
-		return rec.UpdatedAt
-	}
-	return rec.CreatedAt
 }
 
 // reconcile steps in for rec, read at revision rev and found past its
@@ -181,7 +156,7 @@ func (r *Registry) reconcile(ctx context.Context, rec *sandbox.Record, rev uint6
 // rev first.
 func (r *Registry) redrive(ctx context.Context, rec *sandbox.Record, rev uint64, now time.Time) (bool, error) {
 	defer r.sandboxLocks.lock(rec.ID)()
-	state, since := rec.State, later(rec.UpdatedAt, enteredState(rec))
+	state, since := rec.State, later(rec.UpdatedAt, rec.EnteredState())
 	n := rec.Redrive(now)
 	_, err := bus.KVWrite(ctx, r.opts.JS, bus.BucketSandboxes, rec.ID, rec.Marshal(), rev, rec.TTL(r.opts.Retention))
 	r.records.drop(rec.ID)
@@ -225,7 +200,7 @@ func (r *Registry) failLate(ctx context.Context, rec *sandbox.Record, now time.T
 		}
 		guard = m.Sequence
 	}
-	limit := stateDeadline(rec.State, r.deadlines(rec))
+	limit := sandbox.StateDeadline(rec.State, r.deadlines(rec))
 	reason := fmt.Sprintf("%s for longer than its deadline (%s): failed by the registry's reconciler", rec.State, limit)
 	e, err := event.New(event.TypeFailed, Source, rec.ID, rec.ID+".failed.deadline."+strconv.FormatUint(guard, 10),
 		event.Failed{Ref: ref, Phase: "provision", Reason: reason})
@@ -257,7 +232,7 @@ func (r *Registry) failLate(ctx context.Context, rec *sandbox.Record, now time.T
 		return false, fmt.Errorf("sending its destroy command: %w", err)
 	}
 	r.redrives.WithLabelValues(string(rec.State)).Inc()
-	r.log.Warn("sandbox past its deadline: failed", "sandbox", rec.ID, "state", rec.State, "since", enteredState(rec), "deadline", limit)
+	r.log.Warn("sandbox past its deadline: failed", "sandbox", rec.ID, "state", rec.State, "since", rec.EnteredState(), "deadline", limit)
 	return true, nil
 }
 
