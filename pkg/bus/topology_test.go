@@ -250,3 +250,54 @@ func TestConsumerPolicy(t *testing.T) {
 		})
 	}
 }
+
+// TestTimersCaptureEverySchedule: every schedule and fire subject of the
+// design is stored by the timers stream (which allows schedules), and by
+// no other stream.
+func TestTimersCaptureEverySchedule(t *testing.T) {
+	t.Parallel()
+	match := func(filter, subject string) bool {
+		f, s := strings.Split(filter, "."), strings.Split(subject, ".")
+		for i, tok := range f {
+			if tok == ">" {
+				return len(s) > i
+			}
+			if i >= len(s) || (tok != "*" && tok != s[i]) {
+				return false
+			}
+		}
+		return len(f) == len(s)
+	}
+	const sb = "sbx-1"
+	for _, subject := range []string{
+		event.ExpiryScheduleSubject(sb), event.ExpiryFireSubject(sb),
+		event.AccrualScheduleSubject(sb), event.AccrualFireSubject(sb),
+		event.RetryScheduleSubject(sb), event.RetryFireSubject(sb),
+		event.HoldDeadlineScheduleSubject(sb), event.HoldDeadlineFireSubject(sb),
+	} {
+		var in []string
+		for _, sc := range (bus.Topology{}).Streams() {
+			for _, f := range sc.Subjects {
+				if match(f, subject) {
+					in = append(in, sc.Name)
+				}
+			}
+		}
+		if !slices.Equal(in, []string{event.StreamTimers}) {
+			t.Errorf("%s is stored by %v, want %s alone", subject, in, event.StreamTimers)
+		}
+	}
+	for _, pair := range [][2]string{
+		{event.ExpiryFireFilter, event.ExpiryFireSubject(sb)}, {event.AccrualFireFilter, event.AccrualFireSubject(sb)},
+		{event.RetryFireFilter, event.RetryFireSubject(sb)}, {event.HoldDeadlineFireFilter, event.HoldDeadlineFireSubject(sb)},
+	} {
+		if !match(pair[0], pair[1]) {
+			t.Errorf("filter %s misses its fire subject %s", pair[0], pair[1])
+		}
+		for _, other := range []string{event.ExpiryScheduleSubject(sb), event.RetryScheduleSubject(sb), event.HoldDeadlineScheduleSubject(sb), event.AccrualScheduleSubject(sb)} {
+			if match(pair[0], other) {
+				t.Errorf("fire filter %s takes the schedule %s", pair[0], other)
+			}
+		}
+	}
+}
