@@ -165,8 +165,8 @@ func serveProvisioner() *cobra.Command {
 	dataDirFlag(cmd.Flags(), &dataDir, "data directory: the backends' working data, under extensions/")
 	cmd.Flags().IntVar(&concurrency, "concurrency", 0, "commands run at once per extension in this process (default: the manifest's workers.concurrency)")
 	cmd.Flags().StringVar(&worker, "worker-id", "", "worker id in events and heartbeats (default host-pid)")
-	cmd.Flags().StringVar(&host, "host", provisioner.DefaultHost,
-		"this worker's placement host: a locality: host backend (ext.local) places its sandboxes here and tears down only what it placed here; one of the manifest's hosts")
+	cmd.Flags().StringVar(&host, "host", "",
+		"this worker's placement host: a locality: host backend (ext.local) places its sandboxes here and tears down only what it placed here; one of the manifest's hosts (default localhost)")
 	idleReleaseFlag(cmd.Flags(), &idleRelease)
 	logs.add(cmd.Flags())
 	return cmd

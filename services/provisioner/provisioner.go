@@ -69,8 +69,9 @@ type Options struct {
 	// bound commands it takes; it must be one of the manifest's hosts,
 	// which setup made a durable for. Two workers on one machine with
 	// different data directories are two hosts; two workers sharing a
-	// data directory are one. It is the heartbeat's host of every pool.
-	// A subject token ([event.ValidName]). Default [DefaultHost].
+	// data directory are one. A subject token ([event.ValidName]).
+	// Default [DefaultHost]. It is the host of the pools' heartbeats;
+	// a shared pool's, when unset, is the machine's host name.
 	Host string
 	// Logger logs. Default: discard.
 	Logger *slog.Logger
@@ -142,11 +143,10 @@ func New(opts Options) (*Provisioner, error) {
 	if err := event.CheckName("worker id", opts.WorkerID); err != nil {
 		return nil, fmt.Errorf("provisioner: %w", err)
 	}
-	if opts.Host == "" {
-		opts.Host = DefaultHost
-	}
-	if err := event.CheckName("host", opts.Host); err != nil {
-		return nil, fmt.Errorf("provisioner: %w", err)
+	if opts.Host != "" {
+		if err := event.CheckName("host", opts.Host); err != nil {
+			return nil, fmt.Errorf("provisioner: %w", err)
+		}
 	}
 	if opts.DataDir == "" {
 		opts.DataDir = filepath.Join(os.TempDir(), "sandboxer-provisioner")
@@ -250,6 +250,11 @@ func (p *Provisioner) openPool(ctx context.Context, name string) (*pool, error) 
 		return nil, fmt.Errorf("starting pool %s: %w", name, err)
 	}
 	host := p.opts.Host
+	if host == "" && m.HostBound() {
+		host = DefaultHost
+	} else if host == "" {
+		host, _ = os.Hostname() // a shared pool's heartbeat says the machine
+	}
 	if m.HostBound() && !slices.Contains(m.HostList(), host) {
 		return nil, fmt.Errorf("starting pool %s: this worker's host %q is not one of the extension's placement hosts %v: start it with --host one of them, or add it to the manifest's hosts and run sandboxer setup",
 			name, host, m.HostList())
