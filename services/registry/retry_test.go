@@ -222,9 +222,9 @@ deadlines:
 `
 
 // TestReconcile: sandboxes past their state's deadline are failed (a
-// create: failed event, destroy command) or get a fresh destroy attempt
-// (failed, destroying), by exactly one of two registries reconciling at
-// once; a sandbox within its deadline is left alone, and a second round
+// create: failed event, destroy command), get a fresh destroy attempt
+// (failed, destroying) or are expired (ready past its expiry), by exactly
+// one of two registries reconciling at once; a sandbox within its deadline is left alone, and a second round
 // changes nothing.
 func TestReconcile(t *testing.T) {
 	t.Parallel()
@@ -265,6 +265,19 @@ func TestReconcile(t *testing.T) {
 	publishAt(destroying, event.StateProvisioning, long)
 	publishAt(destroying, event.StateReady, long)
 	publishAt(destroying, event.StateDestroying, long)
+	// ready past its expiry, its schedule lost: only the record says so.
+	const ready = "sbx-late-ready"
+	rrec := sandbox.NewRequested(event.Create{Ref: testRef(ready), RequestedAt: long})
+	for _, st := range []event.State{event.StateProvisioning, event.StateReady} {
+		ev := lifecycleEvent(t, workerA, ready, st, long.Add(time.Minute))
+		ev.SetTime(long)
+		if _, err := sandbox.Apply(rrec, ev); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := a.kv.Create(testCtx(t, 5*time.Second), ready, rrec.Marshal()); err != nil {
+		t.Fatal(err)
+	}
 	for id, s := range map[string]event.State{provisioning: event.StateProvisioning, fresh: event.StateProvisioning, failed: event.StateFailed, destroying: event.StateDestroying} {
 		a.awaitRecord(t, id, 5*time.Second, inState(s))
 	}
@@ -286,8 +299,18 @@ func TestReconcile(t *testing.T) {
 	}
 	wg.Wait()
 	t.Logf("stepped in: %d and %d", counts[0], counts[1])
-	if counts[0]+counts[1] < 4 {
-		t.Errorf("the registries stepped in for %d sandboxes together, want at least the 4 late ones", counts[0]+counts[1])
+	if counts[0]+counts[1] < 5 {
+		t.Errorf("the registries stepped in for %d sandboxes together, want at least the 5 late ones", counts[0]+counts[1])
+	}
+	r := a.awaitRecord(t, ready, 5*time.Second, inState(event.StateExpired))
+	if r.Reason != registry.ExpiredReason {
+		t.Errorf("ready past its expiry: %s, reason %q", r.State, r.Reason)
+	}
+	if n := countMsgs(t, a, event.StreamLifecycle, testRef(ready).LifecycleSubject(event.StateExpired)); n != 1 {
+		t.Errorf("%d expired events, want 1", n)
+	}
+	if cmds := a.destroyCommands(t, ready); len(cmds) != 1 || cmds[0].Reason != event.ReasonExpired {
+		t.Errorf("ready past its expiry: destroy commands %+v", cmds)
 	}
 
 	for _, id := range []string{requested, provisioning} {
