@@ -1,12 +1,16 @@
 package gateway_test
 
 import (
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/sandbox"
+	"github.com/sand-boxer/sandboxer/services/gateway"
 )
 
 // TestDestroyRedrivesAStuckTeardown: a sandbox destroying whose latest
@@ -99,5 +103,44 @@ func TestDestroyRedrivesAStuckTeardown(t *testing.T) {
 	cmds = destroys()
 	if len(cmds) != 2 || cmds[1].Event.ID() != event.DestroyID(sb.ID, 2) {
 		t.Fatalf("destroy commands after attempt 1 failed: %d, want attempt 2's after attempt 1's", len(cmds))
+	}
+}
+
+// TestDestroyRedrivesASilentTeardown: a sandbox destroying with no news
+// of its teardown for longer than the profile's teardown deadline (a
+// destroy command lost) is re-driven by a DELETE, once; within the
+// deadline it is not.
+func TestDestroyRedrivesASilentTeardown(t *testing.T) {
+	t.Parallel()
+	var clock atomic.Int64
+	clock.Store(time.Now().UnixNano())
+	e := newEnv(t, envConfig{opts: func(o *gateway.Options) {
+		o.Now = func() time.Time { return time.Unix(0, clock.Load()) }
+	}})
+	ctx := testCtx(t)
+	alice := e.client("alice")
+	sb, err := alice.Create(ctx, api.CreateRequest{Profile: "echo"}, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.advance(t, sb.ID, true, event.StateProvisioning, event.StateReady, event.StateDestroying)
+	destroys := func() []stored {
+		return e.messages(t, event.StreamCommands, event.CommandSubject("echo", event.VerbDestroy, sb.Consumer, sb.ID))
+	}
+	if _, err := alice.Destroy(ctx, sb.ID); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(destroys()); n != 0 {
+		t.Fatalf("%d destroy commands within the teardown deadline, want none", n)
+	}
+	clock.Add(int64(extension.DefaultTeardownDeadline + time.Minute))
+	for range 2 {
+		if _, err := alice.Destroy(ctx, sb.ID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cmds := destroys()
+	if len(cmds) != 1 || cmds[0].Event.ID() != event.DestroyID(sb.ID, 1) {
+		t.Fatalf("destroy commands after the teardown deadline: %d, want attempt 1's once", len(cmds))
 	}
 }
