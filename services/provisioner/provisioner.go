@@ -249,10 +249,13 @@ func (p *Provisioner) openPool(ctx context.Context, name string) (*pool, error) 
 	if err != nil {
 		return nil, fmt.Errorf("starting pool %s: %w", name, err)
 	}
-	host := p.opts.Host
-	if host == "" && m.HostBound() {
-		host = DefaultHost
-	} else if host == "" {
+	// The backend's placement host: this worker's, for a backend that
+	// keeps sandboxes here; a shared backend's sandboxes have none of it.
+	host, envHost := p.opts.Host, p.opts.Host
+	switch {
+	case host == "" && m.HostBound():
+		host, envHost = DefaultHost, DefaultHost
+	case host == "":
 		host, _ = os.Hostname() // a shared pool's heartbeat says the machine
 	}
 	if m.HostBound() && !slices.Contains(m.HostList(), host) {
@@ -276,7 +279,7 @@ func (p *Provisioner) openPool(ctx context.Context, name string) (*pool, error) 
 	ext, err := p.opts.Extensions.Open(ctx, m, extension.Env{
 		DataDir: filepath.Join(p.opts.DataDir, name),
 		Logger:  p.opts.Logger.With("extension", name),
-		Host:    host,
+		Host:    envHost,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("starting pool %s: %w", name, err)
