@@ -73,8 +73,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.IntVar(&c.max, "max-lifecycles", 2000, "lifecycles to run at most, while faults are still being injected")
 	fs.IntVar(&c.concurrency, "concurrency", 16, "lifecycles at once at most")
 	fs.DurationVar(&c.interval, "interval", 250*time.Millisecond, "time between lifecycle starts")
-	fs.DurationVar(&c.load, "load", 8*time.Minute, "no lifecycle starts after this")
-	fs.DurationVar(&c.settle, "settle", 3*time.Minute, "bound of the wait for every sandbox to end after the load")
+	fs.DurationVar(&c.load, "load", 7*time.Minute, "no lifecycle starts after this")
+	fs.DurationVar(&c.settle, "settle", 2*time.Minute, "bound of the wait for every sandbox to end after the load")
 	fs.DurationVar(&c.bound, "bound", maxBound, "hard bound of the whole run (at most 15m)")
 	fs.DurationVar(&c.down, "down", 5*time.Second, "how long a killed container stays down")
 	fs.DurationVar(&c.recover, "recover", 2*time.Minute, "bound of the wait for the cluster to be healthy after a fault")
@@ -167,7 +167,7 @@ func run(ctx context.Context, c config, stdout io.Writer) (bool, error) {
 	done := make(chan struct{})
 	load := &Load{
 		Profiles: profiles, Interval: c.interval, Concurrency: c.concurrency, Min: c.min, Max: c.max, Done: done,
-		Until: time.Now().Add(c.load), WaitReady: 150 * time.Second, WaitGone: 150 * time.Second,
+		Until: time.Now().Add(c.load), WaitReady: 2 * time.Minute, WaitGone: 2 * time.Minute,
 		Labels: map[string]string{"chaos-run": runID},
 	}
 	sched := &Schedule{Cluster: cl, Load: load, Start: start, Recover: c.recover, Workers: workers, Quiet: 10 * time.Second, Log: logf}
@@ -192,7 +192,11 @@ func run(ctx context.Context, c config, stdout io.Writer) (bool, error) {
 		defer close(done)
 		faultRows = sched.Run(ctx, faults)
 	}()
-	runs := load.Run(ctx)
+	// A lifecycle still waiting this long after the last start is left to
+	// the settle.
+	lctx, lcancel := context.WithDeadline(ctx, load.Until.Add(3*time.Minute))
+	runs := load.Run(lctx)
+	lcancel()
 	<-done
 	logf("load done: %d lifecycles", len(runs))
 

@@ -7,6 +7,7 @@
 #   make cluster-clean   cluster-down, then remove state/, build/ and the images
 #   make cluster-logs    follow the logs (CLUSTER_SERVICES='gateway-1 n1': only those)
 #   make cluster-ps      the containers
+#   make chaos           cluster-up, the chaos suite (deploy/chaos), cluster-down
 
 GO  ?= go
 BIN ?= bin/sandboxer
@@ -14,7 +15,7 @@ CLUSTER_DIR   := deploy/compose
 CLUSTER_BUILD := $(CLUSTER_DIR)/build
 CLUSTER_SH     = CLI=$(abspath $(BIN)) sh $(CLUSTER_DIR)/cluster.sh
 
-.PHONY: cluster-up cluster-down cluster-clean cluster-logs cluster-ps cluster-build
+.PHONY: cluster-up cluster-down cluster-clean cluster-logs cluster-ps cluster-build chaos
 
 # The static binaries of the images: sandboxer, and nats-server from the
 # Go module pkg/ requires. The host's CLI, bin/sandboxer, is the same
@@ -47,3 +48,23 @@ cluster-logs:
 
 cluster-ps:
 	@$(CLUSTER_SH) ps
+
+# The chaos suite (deploy/chaos): sandbox lifecycles through both gateways
+# while it kills, partitions, pauses and restarts the cluster's containers,
+# then its checks; the table goes to stdout and to $(CHAOS_REPORT). It
+# needs cluster-up first, which it runs in its recipe rather than as a
+# prerequisite so that the cluster comes down whatever happened, a failed
+# start included; the exit status is the suite's (or cluster-up's). The
+# program stops by itself within 15 minutes. CHAOS_FLAGS passes flags to
+# it (go run ./deploy/chaos --help).
+CHAOS_REPORT ?= $(CLUSTER_BUILD)/chaos-report.txt
+CHAOS_FLAGS  ?=
+chaos:
+	@status=0; \
+	$(MAKE) --no-print-directory cluster-up && \
+	$(GO) build -o $(CLUSTER_BUILD)/chaos ./deploy/chaos && \
+	$(GO) build -o $(CLUSTER_BUILD)/billing-consumer ./examples/billing-consumer && \
+	$(CLUSTER_BUILD)/chaos --state $(CLUSTER_DIR)/state --extensions extensions \
+		--billing-consumer $(CLUSTER_BUILD)/billing-consumer --report $(CHAOS_REPORT) $(CHAOS_FLAGS) || status=$$?; \
+	echo "== chaos: exit status $$status; make cluster-down"; \
+	$(CLUSTER_SH) down; exit $$status
