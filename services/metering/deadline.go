@@ -150,7 +150,7 @@ func (m *Metering) onHoldDeadline(ctx context.Context, msg *bus.Message) ([]bus.
 	}
 	out.Header.Set(jetstream.ExpectedLastSubjSeqHeader, "0")
 	out.Header.Set(jetstream.ExpectedLastSubjSeqSubjHeader, ref.RefFilter())
-	_, err = bus.NewPublisher(m.opts.JS).PublishMsg(pctx, out)
+	ack, err := bus.NewPublisher(m.opts.JS).PublishMsg(pctx, out)
 	bus.EndPublish(span, err)
 	var apiErr *jetstream.APIError
 	switch {
@@ -160,6 +160,9 @@ func (m *Metering) onHoldDeadline(ctx context.Context, msg *bus.Message) ([]bus.
 		return nil, nil
 	case err != nil:
 		return nil, fmt.Errorf("rejecting %s past its hold's deadline: %w", sb, err)
+	}
+	if !ack.Duplicate {
+		m.metrics.holdsExpired.Inc()
 	}
 	m.log.WarnContext(ctx, "hold past its deadline without a create: sandbox rejected, hold released", "consumer", d.Consumer, "sandbox", sb, "deadline", d.Deadline)
 	return nil, nil

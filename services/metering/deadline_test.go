@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/services/metering"
@@ -78,7 +79,8 @@ func (e *env) fireDeadline(t *testing.T, r event.Ref) {
 func TestHoldDeadline(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	e.start(t, metering.Options{HoldDeadline: time.Second})
+	reg := prometheus.NewRegistry()
+	e.start(t, metering.Options{HoldDeadline: time.Second, Metrics: reg})
 	ctx := testCtx(t)
 	if _, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: "dev", Amount: 1000, ID: "g"}); err != nil {
 		t.Fatal(err)
@@ -146,6 +148,9 @@ func TestHoldDeadline(t *testing.T) {
 	}
 	if n := released(s.entries); n != 1 {
 		t.Errorf("%d release entries for the lost sandbox, want 1", n)
+	}
+	if v, ok := value(t, reg, "sandboxer_metering_holds_expired_total"); !ok || v != 1 {
+		t.Errorf("holds_expired_total = %v (found %v), want 1", v, ok)
 	}
 	if !slices.ContainsFunc(e.meteringEvents(t), func(ev *event.Event) bool {
 		return ev.Type() == string(metering.KindReleased.Type()) && ev.Subject() == lost.SandboxID

@@ -39,6 +39,7 @@ type meteringMetrics struct {
 	folded           *prometheus.CounterVec
 	granted, debited prometheus.Counter
 	notices          *prometheus.CounterVec
+	holdsExpired     prometheus.Counter
 
 	log     *slog.Logger
 	refresh time.Duration
@@ -71,6 +72,10 @@ func newMeteringMetrics(reg prometheus.Registerer, log *slog.Logger, refresh tim
 			Namespace: metrics.Namespace, Subsystem: "metering", Name: "events_folded_total",
 			Help: "Events metering folded into the ledger, by kind: the lifecycle state (ready, failed, rejected, destroyed) or accrual (a tick). A redelivery counts again.",
 		}, []string{"kind"})),
+		holdsExpired: metrics.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: metrics.Namespace, Subsystem: "metering", Name: "holds_expired_total",
+			Help: "Admitted holds whose sandbox had no lifecycle event by the hold's deadline (a create command never came): the sandbox was rejected (hold_expired), which releases the hold.",
+		})),
 		granted: metrics.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: metrics.Namespace, Name: "credits_granted_total",
 			Help: "Credit granted, in minor units (grant ledger entries).",
