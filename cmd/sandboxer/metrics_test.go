@@ -203,6 +203,8 @@ func TestMetrics(t *testing.T) {
 		expect("sandboxer_pool_pending_commands", equal, 0, "extension", "local"),
 		expect("sandboxer_pool_in_flight_commands", equal, 0, "extension", "local"),
 		expect("sandboxer_pool_live_workers", atLeast, 1, "extension", "local"),
+		expect("sandboxer_pool_host_live_workers", atLeast, 1, "extension", "local", "host", "localhost"),
+		expect("sandboxer_pool_host_pending_commands", equal, 0, "extension", "local", "host", "localhost"),
 		expect("sandboxer_pool_live_workers", atLeast, 1, "extension", "saas-stub"),
 		expect("sandboxer_pool_capacity_sandboxes", equal, 100, "extension", "saas-stub"),
 		expect("sandboxer_sandboxes", atLeast, 2, "state", "destroyed"),

@@ -23,7 +23,8 @@ func newWorkersCmd(g *globals) *cobra.Command {
 		func(w io.Writer, l *api.WorkerList) error { return printWorkers(w, l, time.Now()) })
 }
 
-// printWorkers writes one table of pools and one of their live workers.
+// printWorkers writes one table of pools, one of the placement hosts of
+// host-bound pools, and one of their live workers.
 func printWorkers(w io.Writer, l *api.WorkerList, now time.Time) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "EXTENSION\tWORKERS\tIN FLIGHT\tMAX IN FLIGHT\tPENDING\tCAPACITY")
@@ -39,6 +40,26 @@ func printWorkers(w io.Writer, l *api.WorkerList, now time.Time) error {
 		}
 		fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%s\t%s\n", p.Extension, len(p.LiveWorkers), inFlight, p.MaxInFlight, pending, capacity)
 		live += len(p.LiveWorkers)
+	}
+	hosts := false
+	for _, p := range l.Pools {
+		hosts = hosts || len(p.Hosts) > 0
+	}
+	if hosts {
+		fmt.Fprintln(tw)
+		fmt.Fprintln(tw, "EXTENSION\tHOST\tWORKERS\tIN FLIGHT\tPENDING")
+		for _, p := range l.Pools {
+			for _, h := range p.Hosts {
+				inFlight, pending := strconv.Itoa(h.InFlight), strconv.FormatUint(h.Pending, 10)
+				switch {
+				case h.QueueError != "":
+					inFlight, pending = "?", "? ("+h.QueueError+")"
+				case h.LiveWorkers == 0 && h.Pending > 0:
+					pending += " (waiting for a worker on this host)"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", p.Extension, h.Host, h.LiveWorkers, inFlight, pending)
+			}
+		}
 	}
 	if live > 0 {
 		fmt.Fprintln(tw)

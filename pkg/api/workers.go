@@ -23,11 +23,31 @@ type WorkerPool struct {
 	// LiveWorkers are the workers whose heartbeat is in the workers
 	// bucket (seen within its TTL), by worker id.
 	LiveWorkers []Worker `json:"live_workers"`
-	// Pending counts the commands of the pool's durable consumer
-	// (provisioner-<extension> on the commands stream) that no worker has
-	// taken yet; InFlight those taken and not yet acknowledged.
+	// Pending counts the commands of the pool's durable consumers
+	// (provisioner-<extension> on the commands stream and, for a pool
+	// bound to hosts, provisioner-<extension>@<host> of each host) that no
+	// worker has taken yet; InFlight those taken and not yet acknowledged.
 	Pending  uint64 `json:"pending"`
 	InFlight int    `json:"in_flight"`
+	// QueueError, when set, says why Pending and InFlight could not be
+	// read (they count only what could be read then).
+	QueueError string `json:"queue_error,omitempty"`
+	// Hosts, for a pool whose backend is bound to hosts (the manifest's
+	// capabilities.locality: host), has one entry per placement host of
+	// the manifest, in its order: what waits for a worker on that host.
+	Hosts []WorkerHost `json:"hosts,omitempty"`
+}
+
+// WorkerHost is one placement host of a host-bound pool: its durable's
+// commands and the live workers on it. Commands pending on a host with
+// no live worker wait for one (a destroy of a sandbox built there).
+type WorkerHost struct {
+	Host string `json:"host"`
+	// LiveWorkers counts the pool's live workers whose heartbeat names
+	// this host.
+	LiveWorkers int    `json:"live_workers"`
+	Pending     uint64 `json:"pending"`
+	InFlight    int    `json:"in_flight"`
 	// QueueError, when set, says why Pending and InFlight could not be
 	// read (they are 0 then).
 	QueueError string `json:"queue_error,omitempty"`

@@ -141,9 +141,13 @@ func (g *Gateway) countIntake(subject string, r api.BusReply) {
 
 var (
 	descPending = prometheus.NewDesc(metrics.Namespace+"_pool_pending_commands",
-		"Commands waiting in an extension's pool durable (consumer info NumPending), read at scrape.", []string{"extension"}, nil)
+		"Commands waiting in an extension's pool durables (consumer info NumPending; a host-bound pool's and its hosts'), read at scrape.", []string{"extension"}, nil)
 	descInFlight = prometheus.NewDesc(metrics.Namespace+"_pool_in_flight_commands",
-		"Commands a worker of the pool holds unacknowledged (consumer info NumAckPending), read at scrape.", []string{"extension"}, nil)
+		"Commands a worker of the pool holds unacknowledged (consumer info NumAckPending, every durable of the pool), read at scrape.", []string{"extension"}, nil)
+	descHostPending = prometheus.NewDesc(metrics.Namespace+"_pool_host_pending_commands",
+		"Commands waiting in the durable of one placement host of a host-bound pool (capabilities.locality: host), read at scrape.", []string{"extension", "host"}, nil)
+	descHostLiveWorkers = prometheus.NewDesc(metrics.Namespace+"_pool_host_live_workers",
+		"Live workers of a host-bound pool on one of its placement hosts.", []string{"extension", "host"}, nil)
 	descLiveWorkers = prometheus.NewDesc(metrics.Namespace+"_pool_live_workers",
 		"Workers of the pool with a live heartbeat in the workers bucket.", []string{"extension"}, nil)
 	descCapacity = prometheus.NewDesc(metrics.Namespace+"_pool_capacity_sandboxes",
@@ -164,6 +168,8 @@ type poolCollector struct{ g *Gateway }
 func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descPending
 	ch <- descInFlight
+	ch <- descHostPending
+	ch <- descHostLiveWorkers
 	ch <- descLiveWorkers
 	ch <- descCapacity
 }
@@ -180,12 +186,26 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 		if g.opts.Workers != nil {
 			ch <- prometheus.MustNewConstMetric(descLiveWorkers, prometheus.GaugeValue, float64(len(g.opts.Workers.List(m.Name))), m.Name)
 		}
-		pending, inFlight, why := g.queueDepth(ctx, m.Name)
-		if why != "" {
+		d := g.poolDepth(ctx, m)
+		for _, h := range d.hosts {
+			if g.opts.Workers != nil {
+				live := 0
+				for _, w := range g.opts.Workers.List(m.Name) {
+					if w.Host == h.host {
+						live++
+					}
+				}
+				ch <- prometheus.MustNewConstMetric(descHostLiveWorkers, prometheus.GaugeValue, float64(live), m.Name, h.host)
+			}
+			if h.why == "" {
+				ch <- prometheus.MustNewConstMetric(descHostPending, prometheus.GaugeValue, float64(h.pending), m.Name, h.host)
+			}
+		}
+		if d.why != "" {
 			continue
 		}
-		ch <- prometheus.MustNewConstMetric(descPending, prometheus.GaugeValue, float64(pending), m.Name)
-		ch <- prometheus.MustNewConstMetric(descInFlight, prometheus.GaugeValue, float64(inFlight), m.Name)
+		ch <- prometheus.MustNewConstMetric(descPending, prometheus.GaugeValue, float64(d.pending), m.Name)
+		ch <- prometheus.MustNewConstMetric(descInFlight, prometheus.GaugeValue, float64(d.inFlight), m.Name)
 	}
 }
 

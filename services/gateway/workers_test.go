@@ -137,6 +137,71 @@ func TestWorkers(t *testing.T) {
 	})
 }
 
+// TestWorkersHostBound: a pool bound to hosts counts every durable of
+// its pool (the unplaced one and each host's) and lists each placement
+// host with what waits there and its live workers; a host with commands
+// and no worker says so in the CLI's table.
+func TestWorkersHostBound(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envConfig{
+		catalog: func(c *extension.Catalog) {
+			c.Extensions["echo"].Capabilities.Locality = extension.LocalityHost
+		},
+		opts: func(o *gateway.Options) { o.Workers = watchWorkers(t, o) },
+	})
+	ctx := testCtx(t)
+	policy := bus.ConsumerPolicy{AckWait: time.Minute}
+	e.srv.Setup(t,
+		bus.ConsumerSpec{Stream: event.StreamCommands, Name: bus.DurableProvisioner("echo"), Filters: []string{event.UnplacedCommandFilter("echo")}, Policy: policy},
+		bus.ConsumerSpec{Stream: event.StreamCommands, Name: bus.DurableProvisionerHost("echo", "h1"), Filters: []string{event.HostCommandFilter("echo", "h1")}, Policy: policy},
+	) // h2's durable is missing: setup was not run since h2 was added
+	kv, err := e.js.KeyValue(ctx, bus.BucketWorkers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := workers.Put(ctx, kv, workers.Heartbeat{Extension: "echo", Worker: "w-2", Host: "h2", PID: 2, StartedAt: time.Now(), Concurrency: 4}); err != nil {
+		t.Fatal(err)
+	}
+	// One unplaced create, and two destroys bound to h1, which has no
+	// live worker.
+	for _, subject := range []string{
+		event.HostCommandSubject("echo", event.VerbCreate, "alice", "sbx-u1", ""),
+		event.HostCommandSubject("echo", event.VerbDestroy, "alice", "sbx-a1", "h1"),
+		event.HostCommandSubject("echo", event.VerbDestroy, "alice", "sbx-a2", "h1"),
+	} {
+		if _, err := e.js.Publish(ctx, subject, []byte("{}")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var p *api.WorkerPool
+	await(t, "the echo pool with its worker on h2", func() bool {
+		l, err := e.client("bob").Workers(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p = poolOf(l, "echo")
+		return p != nil && len(p.LiveWorkers) == 1
+	})
+	if p.Pending != 3 || p.InFlight != 0 || !strings.Contains(p.QueueError, "provisioner-echo@h2") {
+		t.Errorf("echo pool: pending %d, in flight %d, queue error %q; want 3 (every durable read), 0, and h2's missing durable named", p.Pending, p.InFlight, p.QueueError)
+	}
+	if len(p.Hosts) != 2 {
+		t.Fatalf("hosts %+v, want h1 and h2, the manifest's", p.Hosts)
+	}
+	h1, h2 := p.Hosts[0], p.Hosts[1]
+	if h1 != (api.WorkerHost{Host: "h1", Pending: 2}) {
+		t.Errorf("host h1 = %+v, want 2 pending and no live worker", h1)
+	}
+	if h2.Host != "h2" || h2.LiveWorkers != 1 || h2.Pending != 0 || !strings.Contains(h2.QueueError, "setup") {
+		t.Errorf("host h2 = %+v, want its live worker and a queue error asking for setup", h2)
+	}
+	// The shared pool of the same catalog has no hosts.
+	r := e.do(t, http.MethodGet, "/v1/workers", "carol", "", nil)
+	if r.Status != http.StatusOK || strings.Count(string(r.Body), `"hosts"`) != 1 {
+		t.Errorf("GET /v1/workers = %d %s, want hosts on the host-bound pool only", r.Status, r.Body)
+	}
+}
+
 // TestWorkersRefusals: a key is needed; only GET; without the Workers
 // option the endpoint says it is not served.
 func TestWorkersRefusals(t *testing.T) {
