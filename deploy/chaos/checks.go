@@ -256,7 +256,8 @@ func (k *Checker) leftovers(ctx context.Context, service, dir, suffix string, en
 	if err != nil {
 		return nil, 0, err
 	}
-	seen := map[string]bool{}
+	seen := map[string]bool{}  // container/entry: counted
+	found := map[string]bool{} // sandbox ids left
 	var left []string
 	n := 0
 	for _, c := range names {
@@ -272,8 +273,9 @@ func (k *Checker) leftovers(ctx context.Context, service, dir, suffix string, en
 			}
 			seen[c+"/"+id] = true
 			n++
-			if ended[id] && !slices.Contains(left, id) {
-				left = append(left, id+" ("+c+")")
+			if ended[id] && !found[id] {
+				found[id] = true
+				left = append(left, id+" (in "+c+")")
 			}
 		}
 	}

@@ -91,12 +91,17 @@ write_state() {
 	fi
 }
 
-# issue NAME ARGS...: state/creds/NAME.creds, unless it is there.
+# issue NAME ARGS...: state/creds/NAME.creds, issued again at every start:
+# a user's permissions are in its JWT as the CLI of the day derives them
+# from its role, so a kept file would keep yesterday's (a pool's new
+# durable refused). Written over in place: a running container's bind
+# mount of the file sees the new one.
 issue() {
 	name=$1
 	shift
-	[ -s "state/creds/$name.creds" ] && return 0
-	"$CLI" creds issue --auth-dir state/auth --out "state/creds/$name.creds" --note "make cluster-up" "$@"
+	"$CLI" creds issue --auth-dir state/auth --out "state/creds/$name.creds.new" --note "make cluster-up" "$@" >/dev/null
+	cat "state/creds/$name.creds.new" >"state/creds/$name.creds"
+	rm -f "state/creds/$name.creds.new"
 }
 
 setup_log() { compose logs --no-color setup | sed -n 's/^setup[^|]*| //p'; }
