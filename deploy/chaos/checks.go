@@ -66,6 +66,12 @@ func (k *Checker) Run(ctx context.Context, runs []*Lifecycle) []Row {
 	row := func(name, found, outcome string, failed bool) {
 		rows = append(rows, Row{Fault: name, When: time.Since(k.Start), Effect: found, Outcome: outcome, Failed: failed})
 	}
+	// every logs a check's whole list (the table shows five).
+	every := func(name string, items []string) {
+		for _, it := range items {
+			k.Log("%s: %s", name, it)
+		}
+	}
 	accepted := map[string]*Lifecycle{}
 	for _, l := range runs {
 		if l.Accepted() {
@@ -121,7 +127,7 @@ func (k *Checker) Run(ctx context.Context, runs []*Lifecycle) []Row {
 		s, ok := all[id]
 		switch {
 		case !ok:
-			lost = append(lost, id+" (no record)")
+			lost = append(lost, id+" ("+k.describe(ctx, id)+")")
 		case !s.State.Terminal() && !l.Ready && s.ReadyAt.IsZero() && !reached(s, event.StateReady):
 			lost = append(lost, fmt.Sprintf("%s (%s, never ready, %s)", id, s.State, l.Profile))
 		}
@@ -131,9 +137,12 @@ func (k *Checker) Run(ctx context.Context, runs []*Lifecycle) []Row {
 	}
 	for id := range all {
 		if accepted[id] == nil {
-			unasked = append(unasked, id)
+			unasked = append(unasked, fmt.Sprintf("%s (%s)", id, summary(all[id])))
 		}
 	}
+	every("lost", lost)
+	every("stuck", stuck)
+	every("no answer", unasked)
 	row("0 lost", fmt.Sprintf("%d accepted, %d lost", len(accepted), len(lost)), verdict(lost), len(lost) > 0)
 	row("0 stuck", fmt.Sprintf("%d not ended within %s of the load's end (%d destroyed by the settle)", len(stuck), k.Settle, len(destroyed)), verdict(stuck), len(stuck) > 0)
 	row("one sandbox per create", fmt.Sprintf("%d sandboxes no client got an answer for", len(unasked)), verdictNote(unasked, "a create with no answer; not a failure"), false)
@@ -154,6 +163,7 @@ func (k *Checker) Run(ctx context.Context, runs []*Lifecycle) []Row {
 			row("0 leaked "+p.what, "cannot list "+p.dir, err.Error(), true)
 			continue
 		}
+		every("leaked "+p.what, left)
 		row("0 leaked "+p.what, fmt.Sprintf("%d of %d ended sandboxes still have one (%d in the directory)", len(left), len(ended), n), verdict(left), len(left) > 0)
 	}
 
@@ -204,6 +214,8 @@ func (k *Checker) Run(ctx context.Context, runs []*Lifecycle) []Row {
 	for _, a := range fold.Accounts {
 		n += a.Entries
 	}
+	every("debit twice", fold.DoubleDebits)
+	every("ledger", fold.Problems)
 	row("0 debits twice for one cause", fmt.Sprintf("%d ledger entries of %d consumers", n, len(fold.Accounts)), verdict(fold.DoubleDebits), len(fold.DoubleDebits) > 0)
 	row("ledger folds", "seq without gaps, balance_after and held_after the running sums", verdict(fold.Problems), len(fold.Problems) > 0)
 
@@ -213,6 +225,7 @@ func (k *Checker) Run(ctx context.Context, runs []*Lifecycle) []Row {
 		return rows
 	}
 	diff := CompareAccounts(accounts, fold.Accounts, stream)
+	every("accounts differ", diff)
 	var shown []string
 	for _, c := range k.Consumers {
 		a := accounts[c]
@@ -220,6 +233,31 @@ func (k *Checker) Run(ctx context.Context, runs []*Lifecycle) []Row {
 	}
 	row("balance = ledger = stream", fmt.Sprintf("%d consumers (%s)", len(accounts), strings.Join(shown, ", ")), verdict(diff), len(diff) > 0)
 	return rows
+}
+
+// describe says what the admin's GET of a sandbox the run's listing
+// lacks finds: its record (state, history, labels), or why none.
+func (k *Checker) describe(ctx context.Context, id string) string {
+	gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	s, err := k.Cluster.Admin.Get(gctx, id)
+	if err != nil {
+		return "not in the listing; GET: " + err.Error()
+	}
+	return fmt.Sprintf("not in the listing; GET: consumer %s, labels %v, %s", s.Consumer, s.Labels, summary(*s))
+}
+
+// summary is a sandbox's state, history and reason in one line.
+func summary(s api.Sandbox) string {
+	var h []string
+	for _, t := range s.History {
+		h = append(h, string(t.State)+"@"+t.At.UTC().Format("15:04:05.000"))
+	}
+	out := fmt.Sprintf("%s, created %s, history %s", s.State, s.CreatedAt.UTC().Format("15:04:05.000"), strings.Join(h, " "))
+	if s.Code != "" || s.Reason != "" {
+		out += fmt.Sprintf(", %s: %s", s.Code, s.Reason)
+	}
+	return out
 }
 
 // reached reports whether s's history has state st.

@@ -36,7 +36,10 @@ type Cluster struct {
 	JS jetstream.JetStream
 	// Docker is the docker command. Default "docker".
 	Docker string
-	hc     *http.Client
+	// Busybox is an image with /bin/busybox, for what needs a shell tool
+	// in a container's namespace or volumes.
+	Busybox string
+	hc      *http.Client
 }
 
 // docker runs the docker CLI with args and returns its trimmed stdout.
@@ -157,6 +160,27 @@ func (c *Cluster) Healthy(ctx context.Context, workers int) error {
 		}
 	}
 	return nil
+}
+
+// ContainerReady returns nil once the sandboxer process in container
+// answers its /readyz (started, NATS connected): the gateway's on :8080,
+// every other service's --metrics on :9090. It asks from a throwaway
+// container in the container's network namespace (the image has no shell;
+// busybox's wget does), so it sees this process, not a heartbeat a
+// restarted one left behind.
+func (c *Cluster) ContainerReady(ctx context.Context, container, busybox string) error {
+	port := "9090"
+	if strings.Contains(container, "gateway") {
+		port = "8080"
+	}
+	_, err := c.docker(ctx, "run", "--rm", "--network", "container:"+container, "--entrypoint", "/bin/busybox", busybox,
+		"wget", "-q", "-T", "2", "-O", "/dev/null", "http://127.0.0.1:"+port+"/readyz")
+	return err
+}
+
+// AwaitContainerReady polls ContainerReady within d.
+func (c *Cluster) AwaitContainerReady(ctx context.Context, container string, d time.Duration) error {
+	return poll(ctx, d, time.Second, func() error { return c.ContainerReady(ctx, container, c.Busybox) })
 }
 
 // jsz is the part of a node's /jsz the suite reads.

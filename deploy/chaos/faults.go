@@ -93,8 +93,10 @@ func (c *Cluster) killRestart(ctx context.Context, container string, down time.D
 	if err := sleepCtx(ctx, down); err != nil {
 		return err
 	}
-	_, err := c.docker(ctx, "start", container)
-	return err
+	if _, err := c.docker(ctx, "start", container); err != nil {
+		return err
+	}
+	return c.AwaitContainerReady(ctx, container, time.Minute)
 }
 
 // KillService is kill -9 of the first container of a compose service.
@@ -206,6 +208,9 @@ func Pause(c *Cluster, service string, d time.Duration) Fault {
 		if err == nil {
 			err = werr
 		}
+		if err == nil {
+			err = c.AwaitContainerReady(ctx, names[0], time.Minute)
+		}
 		return names[0], err
 	}}
 }
@@ -223,6 +228,9 @@ func RollingRestart(c *Cluster, services []string, recover time.Duration, worker
 			for _, name := range names {
 				if _, err := c.docker(ctx, "restart", "-t", "40", name); err != nil {
 					return "", err
+				}
+				if err := c.AwaitContainerReady(ctx, name, time.Minute); err != nil {
+					return fmt.Sprintf("%d containers restarted", n), fmt.Errorf("%s not ready after its restart: %w", name, err)
 				}
 				if _, err := c.AwaitHealthy(ctx, recover, workers); err != nil {
 					return fmt.Sprintf("%d containers restarted", n), fmt.Errorf("after restarting %s: %w", name, err)

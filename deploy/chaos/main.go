@@ -327,7 +327,7 @@ func connect(ctx context.Context, c config) (*Cluster, func(), error) {
 	urls := strings.Split(c.gateways, ",")
 	cl := &Cluster{
 		Project: c.project, Network: c.network, Monitors: monitors, Gateways: urls,
-		Admin: api.NewClient(urls[0], strings.TrimSpace(string(token)), hc), JS: js, hc: hc,
+		Admin: api.NewClient(urls[0], strings.TrimSpace(string(token)), hc), JS: js, hc: hc, Busybox: c.busybox,
 	}
 	return cl, func() { drain(nc) }, nil
 }

@@ -51,13 +51,15 @@ cluster-ps:
 
 # The chaos suite (deploy/chaos): sandbox lifecycles through both gateways
 # while it kills, partitions, pauses and restarts the cluster's containers,
-# then its checks; the table goes to stdout and to $(CHAOS_REPORT). It
+# then its checks; the table goes to stdout and to $(CHAOS_REPORT), and
+# when it fails every container's log to $(CHAOS_LOGS). It
 # needs cluster-up first, which it runs in its recipe rather than as a
 # prerequisite so that the cluster comes down whatever happened, a failed
 # start included; the exit status is the suite's (or cluster-up's). The
 # program stops by itself within 15 minutes. CHAOS_FLAGS passes flags to
 # it (go run ./deploy/chaos --help).
 CHAOS_REPORT ?= $(CLUSTER_BUILD)/chaos-report.txt
+CHAOS_LOGS   ?= $(CLUSTER_BUILD)/chaos-logs.txt
 CHAOS_FLAGS  ?=
 chaos:
 	@status=0; \
@@ -66,5 +68,6 @@ chaos:
 	$(GO) build -o $(CLUSTER_BUILD)/billing-consumer ./examples/billing-consumer && \
 	$(CLUSTER_BUILD)/chaos --state $(CLUSTER_DIR)/state --extensions extensions \
 		--billing-consumer $(CLUSTER_BUILD)/billing-consumer --report $(CHAOS_REPORT) $(CHAOS_FLAGS) || status=$$?; \
+	if [ $$status -ne 0 ]; then $(CLUSTER_SH) dump $(abspath $(CHAOS_LOGS)) && echo "== chaos: every container's log in $(CHAOS_LOGS)"; fi; \
 	echo "== chaos: exit status $$status; make cluster-down"; \
 	$(CLUSTER_SH) down; exit $$status

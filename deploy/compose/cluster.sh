@@ -1,5 +1,5 @@
 #!/bin/sh
-# cluster.sh up|down|clean|logs|ps: the Docker half of `make cluster-up`
+# cluster.sh up|down|clean|logs|ps|dump FILE: the Docker half of `make cluster-up`
 # and friends (cluster.mk builds the binaries first). Run from anywhere;
 # it works in deploy/compose. Environment:
 #   CLI      the host's sandboxer binary (cluster.mk passes bin/sandboxer)
@@ -203,6 +203,7 @@ up) up ;;
 down) down ;;
 clean) clean ;;
 logs) shift; write_env; compose logs -f --tail=50 "$@" ;;
+dump) write_env; compose logs --no-color --timestamps >"${2:?usage: cluster.sh dump FILE}" 2>&1 ;;
 ps) write_env; compose ps ;;
-*) die "usage: cluster.sh up|down|clean|logs [SERVICE...]|ps" ;;
+*) die "usage: cluster.sh up|down|clean|logs [SERVICE...]|ps|dump FILE" ;;
 esac
