@@ -165,16 +165,19 @@ func (c *Cluster) Healthy(ctx context.Context, workers int) error {
 // ContainerReady returns nil once the sandboxer process in container
 // answers its /readyz (started, NATS connected): the gateway's on :8080,
 // every other service's --metrics on :9090. It asks from a throwaway
-// container in the container's network namespace (the image has no shell;
-// busybox's wget does), so it sees this process, not a heartbeat a
-// restarted one left behind.
+// container on the compose network, by the container's name (the image
+// has no shell; busybox's wget does, though Debian's static one crashes
+// with -T: the context bounds it), so it sees this process, not a
+// heartbeat a restarted one left behind.
 func (c *Cluster) ContainerReady(ctx context.Context, container, busybox string) error {
 	port := "9090"
 	if strings.Contains(container, "gateway") {
 		port = "8080"
 	}
-	_, err := c.docker(ctx, "run", "--rm", "--network", "container:"+container, "--entrypoint", "/bin/busybox", busybox,
-		"wget", "-q", "-T", "2", "-O", "/dev/null", "http://127.0.0.1:"+port+"/readyz")
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	_, err := c.docker(ctx, "run", "--rm", "--network", c.Network, "--entrypoint", "/bin/busybox", busybox,
+		"wget", "-q", "-O", "/dev/null", "http://"+container+":"+port+"/readyz")
 	return err
 }
 
