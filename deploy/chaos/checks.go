@@ -85,6 +85,7 @@ func (k *Checker) Run(ctx context.Context, runs []*Lifecycle) []Row {
 	// alone, so that a lost destroy shows as stuck.
 	var all map[string]api.Sandbox
 	destroyed := map[string]bool{}
+	unlabelled := map[string]bool{} // accepted, found by id only
 	var last error
 	start := time.Now()
 	err := poll(ctx, k.Settle, time.Second, func() error {
@@ -92,6 +93,19 @@ func (k *Checker) Run(ctx context.Context, runs []*Lifecycle) []Row {
 		if all, err = k.sandboxes(ctx); err != nil {
 			last = err
 			return err
+		}
+		// An accepted sandbox the labelled listing lacks is read by id:
+		// its record may have lost the run's label (checked below).
+		for id := range accepted {
+			if _, ok := all[id]; ok {
+				continue
+			}
+			gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			if s, err := k.Cluster.Admin.Get(gctx, id); err == nil {
+				all[id] = *s
+				unlabelled[id] = true
+			}
+			cancel()
 		}
 		open := 0
 		for id, s := range all {
@@ -135,6 +149,19 @@ func (k *Checker) Run(ctx context.Context, runs []*Lifecycle) []Row {
 			stuck = append(stuck, fmt.Sprintf("%s (%s, %s)", id, s.State, l.Profile))
 		}
 	}
+	// Every accepted sandbox's record is the one its create wrote: the
+	// run's label, and a history from requested.
+	label, value, _ := strings.Cut(k.Label, "=")
+	var rewritten []string
+	for id := range accepted {
+		s, ok := all[id]
+		if !ok {
+			continue
+		}
+		if s.Labels[label] != value || len(s.History) == 0 || s.History[0].State != event.StateRequested {
+			rewritten = append(rewritten, fmt.Sprintf("%s (labels %v, %s)", id, s.Labels, summary(s)))
+		}
+	}
 	for id := range all {
 		if accepted[id] == nil {
 			unasked = append(unasked, fmt.Sprintf("%s (%s)", id, summary(all[id])))
@@ -145,6 +172,8 @@ func (k *Checker) Run(ctx context.Context, runs []*Lifecycle) []Row {
 	every("no answer", unasked)
 	row("0 lost", fmt.Sprintf("%d accepted, %d lost", len(accepted), len(lost)), verdict(lost), len(lost) > 0)
 	row("0 stuck", fmt.Sprintf("%d not ended within %s of the load's end (%d destroyed by the settle)", len(stuck), k.Settle, len(destroyed)), verdict(stuck), len(stuck) > 0)
+	every("record rewritten", rewritten)
+	row("records as created", fmt.Sprintf("%d accepted sandboxes whose record lacks the create's labels or its requested state", len(rewritten)), verdict(rewritten), len(rewritten) > 0)
 	row("one sandbox per create", fmt.Sprintf("%d sandboxes no client got an answer for", len(unasked)), verdictNote(unasked, "a create with no answer; not a failure"), false)
 
 	// Backend resources of the sandboxes that ended.

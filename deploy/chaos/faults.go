@@ -63,12 +63,12 @@ func (s *Schedule) Run(ctx context.Context, faults []Fault) []Row {
 	return rows
 }
 
-// effect describes the client steps that ended in [from, to].
+// effect describes the client steps that overlapped [from, to].
 func effect(detail string, ops []Op, from, to time.Time) string {
 	n, failed, failovers := 0, 0, 0
 	var slowest time.Duration
 	for _, o := range ops {
-		if o.At.Before(from) || o.At.After(to) {
+		if o.At.Before(from) || o.At.Add(-o.Took).After(to) {
 			continue
 		}
 		n++

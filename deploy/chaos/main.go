@@ -199,6 +199,11 @@ func run(ctx context.Context, c config, stdout io.Writer) (bool, error) {
 	lcancel()
 	<-done
 	logf("load done: %d lifecycles", len(runs))
+	for _, l := range runs {
+		if l.Err != "" {
+			logf("lifecycle %d (%s, %s) gave up at %s: %s", l.N, l.Profile, l.ID, formatWhen(l.End.Sub(start)), l.Err)
+		}
+	}
 
 	checker := &Checker{
 		Cluster: cl, Start: start, Consumers: consumers, Label: label, Settle: c.settle, Busybox: c.busybox,

@@ -65,10 +65,11 @@ func TestEffect(t *testing.T) {
 		{At: t0.Add(-time.Second), Took: time.Hour, Failed: true}, // before the window
 		{At: t0.Add(time.Second), Took: 2 * time.Second, Failovers: 1},
 		{At: t0.Add(2 * time.Second), Took: 500 * time.Millisecond, Failed: true, Failovers: 2},
-		{At: t0.Add(time.Minute), Took: time.Hour}, // after it
+		{At: t0.Add(time.Minute), Took: 40 * time.Second},          // after it
+		{At: t0.Add(time.Minute), Took: time.Minute, Failed: true}, // began within it
 	}
 	got := effect("n1 was leader", ops, t0, t0.Add(10*time.Second))
-	if want := "n1 was leader; 2 steps, 1 failed, 3 failovers, slowest 2.0s"; got != want {
+	if want := "n1 was leader; 3 steps, 2 failed, 3 failovers, slowest 60.0s"; got != want {
 		t.Errorf("effect = %q, want %q", got, want)
 	}
 }
