@@ -203,21 +203,29 @@ func (g *Gateway) request(ctx context.Context, st *state, c caller, id string, p
 		g.metrics.admitted(admitUnavailable)
 		return nil, newProblem(http.StatusInternalServerError, "cannot build the create command")
 	}
-	// The record and the command go out together: one round trip, not
-	// two. The record is sent first on the same connection, so a GET
-	// after the answer finds it; should its write fail, the registry
-	// creates the record from the sandbox's events. A command that failed
-	// is rejected below whatever the record says.
-	recorded, err := g.createRecord(st, id, rec)
-	if err == nil {
-		_, err = g.pub.Publish(ctx, cr.Ref.CommandSubject(event.VerbCreate), ev)
+	// The record first, then the command. A worker can take the command
+	// only once the record (requested, with the create's labels, inputs
+	// and trace) is stored, so no event of the sandbox reaches the
+	// registry before there is a record to apply it to: the gateway alone
+	// creates it. (Sent together on one connection, the command could be
+	// stored by another stream leader, provisioned and announced first on
+	// a cluster; the registry then created a record from the events and
+	// the gateway's write failed, losing the labels.) And a sandbox with
+	// no record never had a command, which is what lets an abandoned
+	// Idempotency-Key be taken over (awaitIdempotent).
+	rev, err := bus.KVWrite(ctx, g.opts.JS, bus.BucketSandboxes, id, rec.Marshal(), 0, 0)
+	if err != nil {
+		g.log.WarnContext(ctx, "recording sandbox", "sandbox", id, "err", err)
+		// Nothing was published: the sandbox is rejected, which releases
+		// its hold.
+		if movedOn := g.reject(ctx, st, cr, CodeUnavailable, "recording the sandbox failed: "+err.Error()); movedOn != nil {
+			return movedOn, nil
+		}
+		g.metrics.admitted(admitUnavailable)
+		return nil, rejection(http.StatusServiceUnavailable, id, "cannot record the sandbox right now")
 	}
-	rev, recErr := recorded(ctx)
-	if recErr == nil {
-		st.inv.put(id, rec, rev)
-	} else {
-		g.log.WarnContext(ctx, "recording sandbox", "sandbox", id, "err", recErr)
-	}
+	st.inv.put(id, rec, rev)
+	_, err = g.pub.Publish(ctx, cr.Ref.CommandSubject(event.VerbCreate), ev)
 	if err != nil {
 		code, detail := CodeUnavailable, "cannot publish the create command"
 		if errors.Is(err, bus.ErrBackPressure) {
@@ -247,26 +255,6 @@ func traceParent(ctx context.Context) string {
 	c := propagation.MapCarrier{}
 	propagation.TraceContext{}.Inject(ctx, c)
 	return c.Get("traceparent")
-}
-
-// createRecord starts writing rec as sandbox id's first record, without
-// waiting, and returns how to wait for the outcome: the record's revision,
-// or an error (a record that exists already is one).
-func (g *Gateway) createRecord(st *state, id string, rec *sandbox.Record) (func(context.Context) (uint64, error), error) {
-	f, err := g.opts.JS.PublishMsgAsync(bus.KVMsg(st.sandboxes.Bucket(), id, rec.Marshal(), 0))
-	if err != nil {
-		return func(context.Context) (uint64, error) { return 0, err }, err
-	}
-	return func(ctx context.Context) (uint64, error) {
-		select {
-		case ack := <-f.Ok():
-			return ack.Sequence, nil
-		case err := <-f.Err():
-			return 0, err
-		case <-ctx.Done():
-			return 0, ctx.Err()
-		}
-	}, nil
 }
 
 // rejection is the answer for a sandbox the gateway rejected: the problem
@@ -799,6 +787,25 @@ func (g *Gateway) awaitIdempotent(ctx context.Context, st *state, k, hash string
 		if rec != nil {
 			return rec, nil
 		}
+		// A key older than any request's writes whose sandbox has no
+		// record was abandoned: its request ended (or its gateway died)
+		// before recording the sandbox, and so before publishing a
+		// command, which follows the record. It is taken over: deleted at
+		// the revision read, then claimed again by the caller.
+		if time.Since(e.Created()) > g.abandonedAfter() {
+			err := st.idem.Delete(ctx, k, jetstream.LastRevision(e.Revision()))
+			switch {
+			case err == nil:
+				g.log.WarnContext(ctx, "taking over an abandoned Idempotency-Key", "sandbox", ir.SandboxID, "claimed", e.Created())
+				return nil, nil
+			case errors.Is(err, jetstream.ErrKeyRevisionMismatch):
+				// Another request took it over first: read it again.
+				continue
+			default:
+				g.log.ErrorContext(ctx, "taking over an Idempotency-Key", "err", err)
+				return nil, newProblem(http.StatusServiceUnavailable, "cannot record the Idempotency-Key right now")
+			}
+		}
 		if !time.Now().Add(poll).Before(deadline) {
 			return nil, g.inProgress()
 		}
@@ -811,6 +818,11 @@ func (g *Gateway) awaitIdempotent(ctx context.Context, st *state, k, hash string
 		}
 	}
 }
+
+// abandonedAfter is how old an Idempotency-Key with no recorded sandbox
+// must be to be abandoned: twice the bound of a request's writes
+// (WriteTimeout), which the request that claimed it cannot outlast.
+func (g *Gateway) abandonedAfter() time.Duration { return 2 * g.opts.WriteTimeout }
 
 func (g *Gateway) inProgress() *api.Problem {
 	return newProblem(http.StatusConflict, "a request with this Idempotency-Key is still in progress; retry later")

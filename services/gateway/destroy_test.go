@@ -5,9 +5,12 @@ import (
 	"slices"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
+	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/services/gateway"
 )
 
 func TestDestroy(t *testing.T) {
@@ -169,5 +172,54 @@ func TestIdempotency(t *testing.T) {
 	}
 	if n := creates(); n != 3 {
 		t.Fatalf("%d create commands, want 3 (alice's two keys, bob's one)", n)
+	}
+}
+
+// TestIdempotencyAbandoned: a key claimed by a request that never
+// recorded its sandbox (its gateway died, or its release was lost in a
+// partition) is answered 409 while it may still be in progress, and taken
+// over once it is older than twice WriteTimeout: the retry makes one
+// sandbox, and repeating it returns that one.
+func TestIdempotencyAbandoned(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envConfig{opts: func(o *gateway.Options) {
+		o.WriteTimeout = time.Second
+		o.IdempotencyWait = 100 * time.Millisecond
+	}})
+	ctx := testCtx(t)
+	req := api.CreateRequest{Profile: "echo"}
+	kv, err := e.js.KeyValue(ctx, bus.BucketIdempotency)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, val := gateway.IdempotencyEntry("alice", "lost", "sbx-neverrecorded", req)
+	if _, err := kv.Create(ctx, key, val); err != nil {
+		t.Fatal(err)
+	}
+	alice := e.client("alice")
+	if _, err := alice.Create(ctx, req, "lost"); problemOf(t, err).Status != http.StatusConflict {
+		t.Fatalf("a fresh claim with no record: %v, want 409 in progress", err)
+	}
+	var id string
+	await(t, "the abandoned key taken over", func() bool {
+		sb, err := alice.Create(ctx, req, "lost")
+		if err != nil {
+			if p := problemOf(t, err); p.Status != http.StatusConflict {
+				t.Fatalf("retry: %v", err)
+			}
+			return false
+		}
+		id = sb.ID
+		return true
+	})
+	if id == "sbx-neverrecorded" {
+		t.Fatal("the retry answered the sandbox that was never recorded")
+	}
+	again, err := alice.Create(ctx, req, "lost")
+	if err != nil || again.ID != id {
+		t.Fatalf("repeat after the takeover: %+v %v, want %s", again, err, id)
+	}
+	if n := len(e.messages(t, event.StreamCommands, "sandboxer.cmd.*.create.alice.*")); n != 1 {
+		t.Fatalf("%d create commands, want 1", n)
 	}
 }
