@@ -37,7 +37,7 @@ func KVMsg(bucket, key string, value []byte, rev uint64) *nats.Msg {
 // jetstream.ErrKeyRevisionMismatch. Unlike KeyValue.Create, rev 0 fails on
 // a key that was deleted: a deleted record is not written again.
 func KVWrite(ctx context.Context, js jetstream.JetStream, bucket, key string, value []byte, rev uint64, ttl time.Duration) (uint64, error) {
-	var opts []jetstream.PublishOpt
+	opts := electionRetry() // refused unstored: safe to try again
 	if ttl > 0 {
 		opts = append(opts, jetstream.WithMsgTTL(ttl))
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -84,11 +85,29 @@ func EndPublish(span trace.Span, err error) {
 
 // PublishMsg publishes an already encoded message and waits for the ack.
 func (p *Publisher) PublishMsg(ctx context.Context, msg *nats.Msg, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error) {
-	ack, err := p.js.PublishMsg(ctx, msg, opts...)
+	ack, err := p.js.PublishMsg(ctx, msg, append(electionRetry(), opts...)...)
 	if err != nil {
 		return nil, publishErr(msg.Subject, err)
 	}
 	return ack, nil
+}
+
+// A stream with no leader (an election on a cluster, a node restarting)
+// has no responder: the server refuses the publish at once, and nothing
+// is stored. Such a publish is tried again every electionRetryWait, up to
+// electionRetryAttempts times (10s, about twice the elections seen on the
+// compose cluster under kill -9) and never past the caller's context: a
+// write during an election waits for the new leader instead of failing
+// its caller. nats.go's default is two retries, half a second.
+const (
+	electionRetryWait     = 250 * time.Millisecond
+	electionRetryAttempts = 40
+)
+
+// electionRetry is the publish options of that retry; a caller's own
+// options, after it, override them.
+func electionRetry() []jetstream.PublishOpt {
+	return []jetstream.PublishOpt{jetstream.WithRetryWait(electionRetryWait), jetstream.WithRetryAttempts(electionRetryAttempts)}
 }
 
 // PublishAll publishes outs concurrently and waits for every ack, so n

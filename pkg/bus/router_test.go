@@ -173,7 +173,9 @@ func TestRouterRetriesAfterError(t *testing.T) {
 // deadLetter awaits exactly one dead letter and checks its headers.
 func (h *harness) deadLetter(origSeq uint64, delivered int, reason string) {
 	h.t.Helper()
-	await(h.t, 10*time.Second, "a dead letter", func() (bool, string) {
+	// 30s: a compensation whose output has no stream retries that
+	// publish as during an election (electionRetry) for up to 10s first.
+	await(h.t, 30*time.Second, "a dead letter", func() (bool, string) {
 		n := h.streamMsgs(event.StreamDLQ)
 		return n == 1, fmt.Sprintf("%d dead letters", n)
 	})
