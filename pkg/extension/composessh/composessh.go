@@ -636,21 +636,11 @@ func (c *ComposeSSH) sweep(ctx context.Context, h host, project string) ([]strin
 // ("volume|project|name") carrying the compose project label, using
 // docker CLI $1, then every finished workspace and partial attempt under
 // base directory $2 ("dir|mtime in epoch seconds|name").
-const heldScript = `set -u
+var heldScript = `set -u
 "$1" ps -a --filter "label=` + labelProject + `" --format 'container|{{.Label "` + labelProject + `"}}|{{.Names}}|{{.CreatedAt}}' || exit 1
 "$1" network ls --filter "label=` + labelProject + `" --format 'network|{{.Label "` + labelProject + `"}}|{{.Name}}|{{.CreatedAt}}' || exit 1
 "$1" volume ls --filter "label=` + labelProject + `" --format 'volume|{{.Label "` + labelProject + `"}}|{{.Name}}' || exit 1
-[ -d "$2" ] || exit 0
-cd -- "$2" || exit 1
-for p in * .tmp-*; do
-	[ -e "$p" ] || [ -L "$p" ] || continue
-	case $p in
-	.tmp-*) ;;
-	*) [ -f "$p/` + workspace.Marker + `" ] || continue;;
-	esac
-	t=$(stat -c %Y -- "$p") || continue
-	printf 'dir|%s|%s\n' "$t" "$p"
-done`
+` + workspace.HeldLoop(`"$2"`, "dir|")
 
 // dockerTime is how docker ps and docker network ls print CreatedAt.
 const dockerTime = "2006-01-02 15:04:05.999999999 -0700 MST"

@@ -470,18 +470,7 @@ func (v *VMPacker) Teardown(ctx context.Context, h extension.Handle) (extension.
 
 // workspacesScript prints every finished workspace and partial attempt
 // under base directory $1, "mtime in epoch seconds|name" a line.
-const workspacesScript = `set -u
-[ -d "$1" ] || exit 0
-cd -- "$1" || exit 1
-for p in * .tmp-*; do
-	[ -e "$p" ] || [ -L "$p" ] || continue
-	case $p in
-	.tmp-*) ;;
-	*) [ -f "$p/` + workspace.Marker + `" ] || continue;;
-	esac
-	t=$(stat -c %Y -- "$p") || continue
-	printf '%s|%s\n' "$t" "$p"
-done`
+var workspacesScript = "set -u\n" + workspace.HeldLoop(`"$1"`, "")
 
 // List returns, VM by VM of the config's vms, every sandbox with a
 // workspace or a partial attempt at one, with a partial handle Teardown

@@ -39,6 +39,25 @@ type Runner func(ctx context.Context, argv ...string) ([]byte, error)
 // workspace path without it is not one of ours, or is partial.
 const Marker = ".sandboxer-workspace"
 
+// HeldLoop is the shell loop with which a backend lists, on the machine
+// that holds them, the finished workspaces and partial attempts under the
+// base directory in shell word base ("$1", "$2"): a line per entry,
+// prefix then "<mtime in epoch seconds>|<name>". A base that does not
+// exist lists nothing; one that cannot be entered exits 1.
+func HeldLoop(base, prefix string) string {
+	return `[ -d ` + base + ` ] || exit 0
+cd -- ` + base + ` || exit 1
+for p in * .tmp-*; do
+	[ -e "$p" ] || [ -L "$p" ] || continue
+	case $p in
+	.tmp-*) ;;
+	*) [ -f "$p/` + Marker + `" ] || continue;;
+	esac
+	t=$(stat -c %Y -- "$p") || continue
+	printf '` + prefix + `%s|%s\n' "$t" "$p"
+done`
+}
+
 var (
 	baseRE = regexp.MustCompile(`^/[A-Za-z0-9_./-]*$`)
 	idRE   = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,62}$`)
