@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -39,11 +40,15 @@ type pool struct {
 	// host (capabilities.locality: host).
 	bound       bool
 	concurrency int
-	source      string
-	log         *slog.Logger
-	inFlight    atomic.Int64
-	quotes      micro.Service // nil unless the backend is metered
-	metrics     *poolMetrics
+	// waiting holds a token for each destroy that waits in its slot for
+	// the sandbox's create to end; at most half the worker's slots wait,
+	// so creates always find a slot to end in.
+	waiting  chan struct{}
+	source   string
+	log      *slog.Logger
+	inFlight atomic.Int64
+	quotes   micro.Service // nil unless the backend is metered
+	metrics  *poolMetrics
 }
 
 // consumers are the durables this worker takes the pool's commands from.
@@ -130,24 +135,24 @@ func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]b
 	// the sandbox moved on announces nothing. Otherwise it is announced
 	// only once the sandbox's last event says the create is not done.
 	var announced func(context.Context) error
-	announce := func(guard string) (err error) {
-		announced, err = pl.emitAsync(ctx, event.StateProvisioning, c.Ref, event.Provisioning{Ref: c.Ref, Worker: pl.p.opts.WorkerID, Attempt: int(m.Delivered)}, guard)
+	announce := func(exp expect) (err error) {
+		announced, err = pl.emitAsync(ctx, event.StateProvisioning, c.Ref, event.Provisioning{Ref: c.Ref, Worker: pl.p.opts.WorkerID, Attempt: int(m.Delivered)}, &exp)
 		return err
 	}
 	early := m.Delivered <= 1 && perr == nil
 	if early {
-		if err := announce(c.Ref.RefFilter()); err != nil {
+		if err := announce(expect{filter: c.Ref.RefFilter()}); err != nil {
 			return nil, err
 		}
 	}
-	st, err := pl.latest(ctx, c.Ref)
+	st, seq, err := pl.latestSeq(ctx, c.Ref)
 	if err != nil {
 		return nil, err
 	}
 	if st.Rank() > event.StateProvisioning.Rank() {
 		// On a first delivery only when the gateway rejected a sandbox
-		// whose command it then found stored, or a create replayed: the
-		// guarded announcement was refused.
+		// whose command it then found stored, a destroy came first, or a
+		// create replayed: the guarded announcement was refused.
 		pl.log.DebugContext(ctx, "create already done", "sandbox", c.SandboxID, "state", st)
 		return nil, nil
 	}
@@ -162,7 +167,13 @@ func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]b
 		}
 	}
 	if !early {
-		if err := announce(""); err != nil {
+		// Guarded by the event just read, and awaited before anything is
+		// made: a destroy that took the sandbox past provisioning since
+		// then refuses it, and a fresh delivery finds the create done.
+		if err := announce(expect{filter: c.Ref.RefFilter(), seq: seq}); err != nil {
+			return nil, err
+		}
+		if err := announced(ctx); err != nil {
 			return nil, err
 		}
 	}
@@ -283,21 +294,47 @@ func (pl *pool) destroy(ctx context.Context, m *bus.Message, d event.Destroy) ([
 	})
 	// The sandbox's own events say where it is: this pool reads its
 	// backend's lifecycle subjects and nothing else.
-	st, err := pl.latest(ctx, d.Ref)
+	st, seq, err := pl.latestSeq(ctx, d.Ref)
 	if err != nil {
 		return nil, err
 	}
 	if st.Terminal() {
 		return nil, nil // destroyed already, or rejected before anything was made
 	}
-	out, err := pl.createOutcome(ctx, d.Ref)
-	if err != nil {
-		return nil, err
+	announced := false
+	if seq == 0 {
+		// No event yet: its create has not started, for a create's first
+		// act is its announcement, guarded the same way. Destroying,
+		// stored only while that holds, means it never starts: it finds
+		// the sandbox past provisioning. Nothing is waited for.
+		err := pl.emitExpect(ctx, event.StateDestroying, d.Ref, event.DestroyingID(d.SandboxID, d.Attempt),
+			event.Destroying{Ref: d.Ref, Reason: d.Reason, Attempt: d.Attempt}, expect{filter: d.Ref.RefFilter()})
+		switch {
+		case err == nil:
+			announced = true
+		case !errors.Is(err, errNotFirst):
+			return nil, err
+		}
 	}
-	if !out.done {
-		// A create may be in flight: let it finish, so teardown removes
-		// what it makes instead of racing it.
-		if out, err = pl.awaitCreate(ctx, d.Ref); err != nil {
+	var out outcome
+	if !announced {
+		if out, err = pl.createOutcome(ctx, d.Ref); err != nil {
+			return nil, err
+		}
+	}
+	if !announced && !out.done {
+		// A create is in flight: let it finish, so teardown removes what
+		// it makes instead of racing it. It runs in a slot of its own;
+		// should this worker's waiting slots all be taken, the destroy
+		// comes back later instead of crowding out creates.
+		select {
+		case pl.waiting <- struct{}{}:
+		default:
+			return nil, fmt.Errorf("destroying %s: its create is in flight, and %d destroys of this worker wait already", d.SandboxID, cap(pl.waiting))
+		}
+		out, err = pl.awaitCreate(ctx, d.Ref)
+		<-pl.waiting
+		if err != nil {
 			return nil, err
 		}
 		if out.terminal {
@@ -326,9 +363,11 @@ func (pl *pool) destroy(ctx context.Context, m *bus.Message, d event.Destroy) ([
 		// one that did not finish): what this host may hold.
 		h.Host = pl.host
 	}
-	if err := pl.emit(ctx, event.StateDestroying, ref, event.DestroyingID(ref.SandboxID, d.Attempt),
-		event.Destroying{Ref: ref, Reason: d.Reason, Attempt: d.Attempt}); err != nil {
-		return nil, err
+	if !announced {
+		if err := pl.emit(ctx, event.StateDestroying, ref, event.DestroyingID(ref.SandboxID, d.Attempt),
+			event.Destroying{Ref: ref, Reason: d.Reason, Attempt: d.Attempt}); err != nil {
+			return nil, err
+		}
 	}
 	deadline := extension.DefaultTeardownDeadline
 	if prof, err := pl.p.opts.Catalog.Current().Profile(ref.Profile); err == nil {
@@ -368,18 +407,25 @@ func (pl *pool) destroy(ctx context.Context, m *bus.Message, d event.Destroy) ([
 // lifecycle events (one direct get over its subjects); StateRequested when
 // it has none yet.
 func (pl *pool) latest(ctx context.Context, ref event.Ref) (event.State, error) {
+	st, _, err := pl.latestSeq(ctx, ref)
+	return st, err
+}
+
+// latestSeq is [pool.latest] and the stream sequence of that last event
+// (0 when there is none): what a transition decided on it expects.
+func (pl *pool) latestSeq(ctx context.Context, ref event.Ref) (event.State, uint64, error) {
 	m, err := bus.LastMsg(ctx, pl.p.nc, event.StreamLifecycle, ref.RefFilter())
 	if errors.Is(err, bus.ErrNoMessage) {
-		return event.StateRequested, nil
+		return event.StateRequested, 0, nil
 	}
 	if err != nil {
-		return "", fmt.Errorf("reading the state of %s: %w", ref.SandboxID, err)
+		return "", 0, fmt.Errorf("reading the state of %s: %w", ref.SandboxID, err)
 	}
 	lr, err := event.ParseLifecycleSubject(m.Subject)
 	if err != nil {
-		return "", bus.Permanent(fmt.Errorf("reading the state of %s: %w", ref.SandboxID, err))
+		return "", 0, bus.Permanent(fmt.Errorf("reading the state of %s: %w", ref.SandboxID, err))
 	}
-	return lr.State, nil
+	return lr.State, m.Sequence, nil
 }
 
 // outcome is how a sandbox's create ended, as its lifecycle events say.
@@ -502,10 +548,23 @@ func (pl *pool) lifecycleWithID(s event.State, ref event.Ref, id string, data an
 	return bus.Out{Subject: ref.LifecycleSubject(s), Event: e}, nil
 }
 
+// expect is what a transition was decided on: the stream sequence of the
+// last event on filter's subjects (a sandbox's), 0 for none. The stream
+// stores the transition only if that is still so.
+type expect struct {
+	filter string
+	seq    uint64
+}
+
 // emitAsync publishes a lifecycle event without waiting for the stream's
-// ack; the returned function waits for it.
-func (pl *pool) emitAsync(ctx context.Context, s event.State, ref event.Ref, data any, guard string) (func(context.Context) error, error) {
-	out, err := pl.lifecycle(s, ref, data)
+// ack; the returned function waits for it. With exp, the stream stores it
+// only if exp still holds, and a refusal is [errNotFirst].
+func (pl *pool) emitAsync(ctx context.Context, s event.State, ref event.Ref, data any, exp *expect) (func(context.Context) error, error) {
+	return pl.emitAsyncWithID(ctx, s, ref, ref.SandboxID+"."+string(s), data, exp)
+}
+
+func (pl *pool) emitAsyncWithID(ctx context.Context, s event.State, ref event.Ref, id string, data any, exp *expect) (func(context.Context) error, error) {
+	out, err := pl.lifecycleWithID(s, ref, id, data)
 	if err != nil {
 		return nil, err
 	}
@@ -513,10 +572,9 @@ func (pl *pool) emitAsync(ctx context.Context, s event.State, ref event.Ref, dat
 	if err != nil {
 		return nil, bus.Permanent(err)
 	}
-	if guard != "" {
-		// Stored only if no message on guard's subjects exists.
-		msg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, "0")
-		msg.Header.Set(jetstream.ExpectedLastSubjSeqSubjHeader, guard)
+	if exp != nil {
+		msg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(exp.seq, 10))
+		msg.Header.Set(jetstream.ExpectedLastSubjSeqSubjHeader, exp.filter)
 	}
 	f, err := pl.p.opts.JS.PublishMsgAsync(msg)
 	if err != nil {
@@ -537,7 +595,7 @@ func (pl *pool) emitAsync(ctx context.Context, s event.State, ref event.Ref, dat
 			return nil
 		case err := <-f.Err():
 			var apiErr *jetstream.APIError
-			if guard != "" && errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence || apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant) {
+			if exp != nil && errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence || apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant) {
 				return fmt.Errorf("announcing %s of %s: %w", s, ref.SandboxID, errNotFirst)
 			}
 			return fmt.Errorf("announcing %s of %s: %w", s, ref.SandboxID, err)
@@ -554,8 +612,18 @@ func (pl *pool) emitAsync(ctx context.Context, s event.State, ref event.Ref, dat
 	}, nil
 }
 
+// emitExpect publishes a lifecycle event with event id id now, stored
+// only if exp still holds; a refusal is [errNotFirst].
+func (pl *pool) emitExpect(ctx context.Context, s event.State, ref event.Ref, id string, data any, exp expect) error {
+	wait, err := pl.emitAsyncWithID(ctx, s, ref, id, data, &exp)
+	if err != nil {
+		return err
+	}
+	return wait(ctx)
+}
+
 // errNotFirst is a guarded announcement the stream refused: the sandbox
-// already had events.
+// had moved on from the event it was decided on.
 var errNotFirst = errors.New("the sandbox already has events")
 
 // emit publishes a lifecycle event with event id id now, before the work

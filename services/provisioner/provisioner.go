@@ -301,7 +301,7 @@ func (p *Provisioner) openPool(ctx context.Context, name string) (*pool, error) 
 	pl := &pool{
 		p: p, name: name, ext: ext, manifest: m, policy: policy.WithDefaults(),
 		consumer: consumer, hostConsumer: hostConsumer, host: host, bound: m.HostBound(),
-		concurrency: conc, metrics: p.metrics.pool(name),
+		concurrency: conc, waiting: make(chan struct{}, max(1, conc/2)), metrics: p.metrics.pool(name),
 		source: "/sandboxer/provisioner/" + name,
 		log:    p.opts.Logger.With("extension", name, "worker", p.opts.WorkerID),
 	}

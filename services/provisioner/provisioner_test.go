@@ -4,7 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -474,5 +477,58 @@ func TestReplayedCreateAfterDestroy(t *testing.T) {
 	}
 	if _, err := os.Stat(ready.Reachability.RemoteDir); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("workspace of the destroyed sandbox came back: %v", err)
+	}
+}
+
+// TestDestroyBeforeItsCreateRuns hands a worker the destroy of a sandbox
+// whose create has not run (queued behind others, after a fault): the
+// destroy waits for nothing, its destroying event is the sandbox's first,
+// and the create, when it comes, finds the sandbox past provisioning and
+// makes nothing.
+func TestDestroyBeforeItsCreateRuns(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, localManifest("local", 5*time.Second))
+	e.start(t, extension.NewRegistry(local.Info), "local", "w1")
+	id := sandbox.NewID()
+	e.publishDestroy(t, "local", id)
+	// Awaited within awaitEvent's 30 s: a destroy that waited for the
+	// create (ack wait × deliveries + the profile's deadlines) would not
+	// end in time.
+	seen := e.awaitEvent(t, id, event.StateDestroyed)
+	if st, _ := event.StateOf(event.Type(seen[0].Type())); st != event.StateDestroying {
+		t.Fatalf("first event of %s is %s, want destroying", id, seen[0].Type())
+	}
+	e.publishCreate(t, "local", id, nil)
+	cmds, err := e.js.Stream(context.Background(), event.StreamCommands)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		info, err := cmds.Info(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.State.Msgs == 0 {
+			break // the create was handled and acked
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the create after the destroy was never acknowledged (%d commands left)", info.State.Msgs)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	for _, s := range []event.State{event.StateProvisioning, event.StateReady} {
+		if n := e.lifecycleCount(t, "local", id, s); n != 0 {
+			t.Fatalf("%d %s events for a sandbox destroyed before its create ran", n, s)
+		}
+	}
+	err = filepath.WalkDir(e.dataDir, func(path string, _ fs.DirEntry, err error) error {
+		if err == nil && strings.Contains(filepath.Base(path), id) {
+			return fmt.Errorf("%s made for a sandbox destroyed before its create ran", path)
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }
