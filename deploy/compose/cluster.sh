@@ -203,7 +203,7 @@ up) up ;;
 down) down ;;
 clean) clean ;;
 logs) shift; write_env; compose logs -f --tail=50 "$@" ;;
-dump) write_env; compose logs --no-color --timestamps >"${2:?usage: cluster.sh dump FILE}" 2>&1 ;;
+dump) write_env; mkdir -p "$(dirname "${2:?usage: cluster.sh dump FILE}")"; compose logs --no-color --timestamps >"$2" 2>&1 ;;
 ps) write_env; compose ps ;;
 *) die "usage: cluster.sh up|down|clean|logs [SERVICE...]|ps|dump FILE" ;;
 esac

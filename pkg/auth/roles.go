@@ -266,6 +266,8 @@ func (id Identity) Permissions() jwt.Permissions {
 	case RoleMetering:
 		p.jsInfo()
 		p.kvRead(bus.BucketCatalog, bus.BucketCredits, bus.BucketLedger)
+		// What decides whether a change applies is read from the leader.
+		p.msgGet(bus.KVStream(bus.BucketCredits), bus.KVStream(bus.BucketLedger))
 		p.kvWatch(bus.BucketCatalog, bus.BucketCredits, bus.BucketLedger)
 		p.kvWrite(bus.BucketCredits, ">")
 		p.kvWrite(bus.BucketLedger, ">")
@@ -415,6 +417,14 @@ func (p *perms) kvRead(buckets ...string) {
 	for _, b := range buckets {
 		p.streamInfo(bus.KVStream(b))
 		p.directGet(bus.KVStream(b), "")
+	}
+}
+
+// msgGet lets a user read streams' messages from their leaders
+// ($JS.API.STREAM.MSG.GET), which a follower never answers.
+func (p *perms) msgGet(streams ...string) {
+	for _, s := range streams {
+		p.pub("$JS.API.STREAM.MSG.GET." + s)
 	}
 }
 

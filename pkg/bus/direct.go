@@ -114,3 +114,54 @@ func storedMsg(msg *nats.Msg) (*StoredMsg, error) {
 	}
 	return m, nil
 }
+
+// LeaderLastMsg reads the last message of stream on subject from the
+// stream's leader ($JS.API.STREAM.MSG.GET.<stream>), never from a
+// follower: what a compare-and-swap does not guard, such as whether a
+// fact was already recorded, must not be decided on a replica that has
+// not applied the latest writes (a direct get may be answered by any
+// replica). It costs the leader the read. No message wraps
+// [ErrNoMessage].
+func LeaderLastMsg(ctx context.Context, nc *nats.Conn, stream, subject string) (*StoredMsg, error) {
+	req, _ := json.Marshal(struct {
+		LastBySubject string `json:"last_by_subj"`
+	}{subject})
+	reply, err := nc.RequestWithContext(ctx, "$JS.API.STREAM.MSG.GET."+stream, req)
+	if err != nil {
+		return nil, fmt.Errorf("reading the last message of %s on %s: %w", stream, subject, err)
+	}
+	var resp struct {
+		Error *struct {
+			Code        int    `json:"code"`
+			ErrCode     int    `json:"err_code"`
+			Description string `json:"description"`
+		} `json:"error"`
+		Message *struct {
+			Subject string    `json:"subject"`
+			Seq     uint64    `json:"seq"`
+			Header  []byte    `json:"hdrs"`
+			Data    []byte    `json:"data"`
+			Time    time.Time `json:"time"`
+		} `json:"message"`
+	}
+	if err := json.Unmarshal(reply.Data, &resp); err != nil {
+		return nil, fmt.Errorf("reading the last message of %s on %s: %w", stream, subject, err)
+	}
+	switch {
+	case resp.Error != nil && resp.Error.Code == 404:
+		return nil, fmt.Errorf("reading the last message of %s on %s: %w", stream, subject, ErrNoMessage)
+	case resp.Error != nil:
+		return nil, fmt.Errorf("reading the last message of %s on %s: server answered %d %s", stream, subject, resp.Error.Code, resp.Error.Description)
+	case resp.Message == nil:
+		return nil, fmt.Errorf("reading the last message of %s on %s: an answer without a message", stream, subject)
+	}
+	m := &StoredMsg{Subject: resp.Message.Subject, Sequence: resp.Message.Seq, Data: resp.Message.Data, Time: resp.Message.Time}
+	if len(resp.Message.Header) > 0 {
+		h, err := nats.DecodeHeadersMsg(resp.Message.Header)
+		if err != nil {
+			return nil, fmt.Errorf("reading the last message of %s on %s: its headers: %w", stream, subject, err)
+		}
+		m.Header = h
+	}
+	return m, nil
+}

@@ -102,3 +102,45 @@ func TestEnsureEnablesRecordTTL(t *testing.T) {
 		t.Fatalf("key after Ensure: %v", err)
 	}
 }
+
+// TestLeaderLastMsg reads a key's last value from the stream's leader: the
+// value, its revision and headers as the KeyValue API gives them, and no
+// message for a key never written.
+func TestLeaderLastMsg(t *testing.T) {
+	t.Parallel()
+	srv := natstest.Start(t)
+	js := srv.JetStream(t)
+	ctx := testCtx(t)
+	kv, err := js.KeyValue(ctx, bus.BucketLedger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Put(ctx, "dev.grant.g1", []byte("one")); err != nil {
+		t.Fatal(err)
+	}
+	rev, err := kv.Put(ctx, "dev.grant.g1", []byte("two"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := kv.Delete(ctx, "dev.grant.g2"); err != nil {
+		t.Fatal(err)
+	}
+	stream := bus.KVStream(bus.BucketLedger)
+	m, err := bus.LeaderLastMsg(ctx, js.Conn(), stream, "$KV."+bus.BucketLedger+".dev.grant.g1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(m.Data) != "two" || m.Sequence != rev || m.Subject != "$KV."+bus.BucketLedger+".dev.grant.g1" {
+		t.Fatalf("read %q at %d on %s, want \"two\" at %d", m.Data, m.Sequence, m.Subject, rev)
+	}
+	d, err := bus.LeaderLastMsg(ctx, js.Conn(), stream, "$KV."+bus.BucketLedger+".dev.grant.g2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if op := d.Header.Get("KV-Operation"); op != "DEL" {
+		t.Fatalf("a deleted key's marker has KV-Operation %q, want DEL", op)
+	}
+	if _, err := bus.LeaderLastMsg(ctx, js.Conn(), stream, "$KV."+bus.BucketLedger+".dev.grant.none"); !errors.Is(err, bus.ErrNoMessage) {
+		t.Fatalf("a key never written: %v, want ErrNoMessage", err)
+	}
+}

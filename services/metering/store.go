@@ -93,7 +93,7 @@ type state struct {
 // had keys of their own has them moved out by the next change.
 func (s *store) load(ctx context.Context, consumer string) (*state, error) {
 	st := &state{holds: map[string]holdRef{}}
-	e, err := s.credits.Get(ctx, accountKey(consumer))
+	e, err := s.get(ctx, s.credits, accountKey(consumer))
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		st.a = newAccount(consumer)
 		return st, nil
@@ -142,9 +142,42 @@ func isConflict(err error) bool {
 		strings.Contains(err.Error(), "wrong last sequence")
 }
 
+// entry is a key's value as the bucket's leader holds it.
+type entry struct {
+	value []byte
+	rev   uint64
+}
+
+func (e entry) Value() []byte    { return e.value }
+func (e entry) Revision() uint64 { return e.rev }
+
+// get reads key of kv from the bucket's stream leader
+// ([bus.LeaderLastMsg]), never from a follower: whether a ledger entry,
+// a usage record or a hold exists decides whether a change applies, and
+// no compare-and-swap guards that answer. A direct get (what
+// [jetstream.KeyValue.Get] sends) may be answered by a replica that has
+// not applied this process's own last writes; under load, and during a
+// partition, such a read said a release just written was not in the
+// ledger, the release was applied again, and the ledger refused its
+// second entry (make chaos: a gap in one account's ledger sequence).
+// A deleted or purged key is [jetstream.ErrKeyNotFound].
+func (s *store) get(ctx context.Context, kv jetstream.KeyValue, key string) (entry, error) {
+	m, err := bus.LeaderLastMsg(ctx, s.js.Conn(), bus.KVStream(kv.Bucket()), "$KV."+kv.Bucket()+"."+key)
+	if errors.Is(err, bus.ErrNoMessage) {
+		return entry{}, jetstream.ErrKeyNotFound
+	}
+	if err != nil {
+		return entry{}, err
+	}
+	if op := m.Header.Get("KV-Operation"); op == "DEL" || op == "PURGE" {
+		return entry{}, jetstream.ErrKeyNotFound
+	}
+	return entry{value: m.Data, rev: m.Sequence}, nil
+}
+
 // readHold reads the open hold of sb, if any.
 func (s *store) readHold(ctx context.Context, consumer, sb string) (holdRef, error) {
-	e, err := s.credits.Get(ctx, holdStoreKey(consumer, sb))
+	e, err := s.get(ctx, s.credits, holdStoreKey(consumer, sb))
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		return holdRef{}, nil
 	}
@@ -346,7 +379,7 @@ func (t *tx) settled(sb string) (bool, error) {
 
 // hasUsage reports whether the usage record of sandbox sb exists.
 func (s *store) hasUsage(ctx context.Context, consumer, sb string) (bool, error) {
-	_, err := s.credits.Get(ctx, usageKey(consumer, sb))
+	_, err := s.get(ctx, s.credits, usageKey(consumer, sb))
 	switch {
 	case err == nil:
 		return true, nil
@@ -357,7 +390,7 @@ func (s *store) hasUsage(ctx context.Context, consumer, sb string) (bool, error)
 }
 
 func (s *store) inLedger(ctx context.Context, key string) (bool, error) {
-	_, err := s.ledger.Get(ctx, key)
+	_, err := s.get(ctx, s.ledger, key)
 	switch {
 	case err == nil:
 		return true, nil
@@ -736,7 +769,7 @@ func (s *store) prefetch(ctx context.Context, b *batch, cs []*change) error {
 
 // revision reads the revision of consumer's account, 0 when it has none.
 func (s *store) revision(ctx context.Context, consumer string) (uint64, error) {
-	e, err := s.credits.Get(ctx, accountKey(consumer))
+	e, err := s.get(ctx, s.credits, accountKey(consumer))
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		return 0, nil
 	}
