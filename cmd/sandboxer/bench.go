@@ -72,8 +72,12 @@ func newBenchCmd(_ *globals) *cobra.Command {
 			}
 			bench.Print(cmd.OutOrStdout(), res)
 			if asJSON {
-				b, _ := json.Marshal(res)
-				fmt.Fprintf(cmd.OutOrStdout(), "%s\n", b)
+				// One line; a target's op reads "<=", not "\u003c=".
+				enc := json.NewEncoder(cmd.OutOrStdout())
+				enc.SetEscapeHTML(false)
+				if err := enc.Encode(res); err != nil {
+					return fmt.Errorf("printing the figures: %w", err)
+				}
 			}
 			if missed := res.Missed(); require && len(missed) > 0 {
 				names := make([]string, len(missed))

@@ -36,7 +36,7 @@ import (
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
 	"github.com/sand-boxer/sandboxer/pkg/auth"
-	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/bus/embedded"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/sandbox"
 	"github.com/sand-boxer/sandboxer/services/metering"
@@ -81,7 +81,7 @@ type SystemConfig struct {
 // System is the control plane a run measures.
 type System struct {
 	// NATS is the embedded server; its counters are the bus figures.
-	NATS *bus.Embedded
+	NATS *embedded.Server
 	// Auth is the authority the server trusts.
 	Auth *auth.Authority
 	// NC and JS are an admin connection.
@@ -902,7 +902,7 @@ func cpuPer(cpu time.Duration, ops int64) float64 {
 // inMsgs is how many messages the embedded server has taken from its
 // clients so far.
 func (s *System) inMsgs() int64 {
-	v, err := s.NATS.Server().Varz(nil)
+	v, err := s.NATS.NATS().Varz(nil)
 	if err != nil {
 		return 0
 	}
