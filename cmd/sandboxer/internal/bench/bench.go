@@ -63,6 +63,14 @@ type Env struct {
 	Self []string
 }
 
+// check reports a field of e left out.
+func (e Env) check() error {
+	if e.Start == nil || e.DevToken == nil || e.IssueCreds == nil || len(e.Self) == 0 {
+		return errors.New("bench: Env needs Start, DevToken, IssueCreds and Self")
+	}
+	return nil
+}
+
 // SystemConfig is the control plane a run asks [Env.Start] for.
 type SystemConfig struct {
 	// DataDir holds the authority, keys and the file store.
@@ -220,6 +228,9 @@ func Print(w io.Writer, r *Result) {
 // run is 0. Progress goes to logw. A failed exactly-once check of the
 // metering phase is an error, never a figure.
 func Run(ctx context.Context, env Env, cfg Config, only []string, logw io.Writer) (*Result, error) {
+	if err := env.check(); err != nil {
+		return nil, err
+	}
 	// Scaling runs only when asked for: it needs a NATS listener and
 	// worker processes.
 	want := func(phase string) bool { return (len(only) == 0 && phase != "scaling") || slices.Contains(only, phase) }
@@ -580,6 +591,9 @@ var benchConsumers = []string{"dev", "bench"}
 // of this process serves, and a NATS listener on a random loopback port
 // for its worker processes. The caller shuts the system down.
 func StartSystem(ctx context.Context, env Env, dir string, priced, scaling bool) (*System, error) {
+	if err := env.check(); err != nil {
+		return nil, err
+	}
 	ext, prof := filepath.Join(dir, "extensions"), filepath.Join(dir, "profiles")
 	profile := benchProfile
 	if priced {
