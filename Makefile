@@ -3,11 +3,19 @@
 # cross module boundaries, so targets enumerate them.
 
 MODULES := pkg services/gateway services/provisioner services/metering services/registry cmd/sandboxer examples/bus-request examples/billing-consumer deploy/chaos deploy/kubernetes
+# Every module must stand alone, as a fresh clone of one builds it: vet,
+# test and lint run each module with the workspace off (replace directives
+# tie it to its siblings).
+NOWORK  := GOWORK=off
+# The contract packages, which services, the CLI and clients link to speak
+# to sand-boxer, and package bus: none of them may link nats-server (only
+# pkg/bus/embedded and pkg/natstest do). Relative to pkg/.
+CONTRACTS := ./event ./api ./bus $(if $(wildcard pkg/credits),./credits)
 BIN     := bin/sandboxer
 GO      ?= go
 TESTFLAGS ?= -count=1 -timeout 10m
 
-.PHONY: all build up test race e2e bench bench-go lint fmt vet tidy clean
+.PHONY: all build up test race e2e bench bench-go lint fmt vet tidy contracts clean
 
 all: lint test
 
@@ -25,7 +33,7 @@ test: vet
 	@sh .ci/install-metrics.sh
 	@set -e; for m in $(MODULES); do \
 		echo "== go test $$m"; \
-		(cd $$m && $(GO) test $(TESTFLAGS) ./...); \
+		(cd $$m && $(NOWORK) $(GO) test $(TESTFLAGS) ./...); \
 	done
 
 # The same tests under the race detector.
@@ -34,7 +42,7 @@ race:
 	@sh .ci/install-metrics.sh
 	@set -e; for m in $(MODULES); do \
 		echo "== go test -race $$m"; \
-		(cd $$m && $(GO) test -race $(TESTFLAGS) ./...); \
+		(cd $$m && $(NOWORK) $(GO) test -race $(TESTFLAGS) ./...); \
 	done
 
 # End-to-end tests against a real sshd and the Docker engine. They fail,
@@ -59,16 +67,27 @@ bench-go:
 	cd services/gateway && $(GO) test -run '^$$' -bench InventoryPage -benchmem -count $(BENCHCOUNT) .
 
 vet:
-	@set -e; for m in $(MODULES); do (cd $$m && $(GO) vet ./...); done
+	@set -e; for m in $(MODULES); do (cd $$m && $(NOWORK) $(GO) vet ./...); done
 
+# vet, then per module with the workspace off: it builds, and go.mod and
+# go.sum are tidy; gofmt; the contract packages link no nats-server.
 lint: vet
+	@set -e; for m in $(MODULES); do \
+		(cd $$m && $(NOWORK) $(GO) build -o /dev/null ./... && \
+		 if ! $(NOWORK) $(GO) mod tidy -diff >/dev/null; then echo "$$m: go mod tidy needed"; exit 1; fi); \
+	done
 	@out=$$(gofmt -l $(MODULES)); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	@$(MAKE) --no-print-directory contracts
+
+contracts:
+	@deps=$$(cd pkg && $(NOWORK) $(GO) list -deps $(CONTRACTS) | grep '^github.com/nats-io/nats-server' || true); \
+	if [ -n "$$deps" ]; then echo "contract packages ($(CONTRACTS)) link nats-server:"; echo "$$deps"; exit 1; fi
 
 fmt:
 	gofmt -w $(MODULES)
 
 tidy:
-	@set -e; for m in $(MODULES); do (cd $$m && $(GO) mod tidy); done
+	@set -e; for m in $(MODULES); do (cd $$m && $(NOWORK) $(GO) mod tidy); done
 
 clean:
 	rm -rf bin

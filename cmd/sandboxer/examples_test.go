@@ -23,7 +23,11 @@ import (
 func buildExample(t *testing.T, name string) string {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), name)
-	out, err := exec.Command("go", "build", "-o", bin, "../../examples/"+name).CombinedOutput()
+	// Built in its own directory, as a module of its own: with or
+	// without the workspace (make test runs with GOWORK=off).
+	cmd := exec.Command("go", "build", "-o", bin, ".")
+	cmd.Dir = filepath.Join("..", "..", "examples", name)
+	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("building examples/%s: %v\n%s", name, err, out)
 	}

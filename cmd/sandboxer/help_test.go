@@ -74,7 +74,7 @@ var allowedFlags = map[string][]string{
 	"sandboxer dlq show":        connect,
 	"sandboxer dlq replay":      connect,
 	"sandboxer dlq discard":     connect,
-	"sandboxer bench":           {"cpuprofile", "json", "live", "only", "priced", "quick", "scaling"},
+	"sandboxer bench":           {"cpuprofile", "json", "live", "only", "priced", "quick", "require-targets", "scaling"},
 	"sandboxer bench serve":     {"dir", "heapprofile", "idle-release", "priced"},
 	"sandboxer bench worker":    append([]string{"extension", "concurrency", "worker-id"}, connect...),
 	"sandboxer create":          append([]string{"profile", "input", "label", "ttl", "idempotency-key", "wait", "timeout"}, client...),

@@ -15,6 +15,7 @@ import (
 
 	"github.com/sand-boxer/sandboxer/pkg/auth"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/bus/embedded"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/services/metering"
@@ -117,7 +118,7 @@ func billingConsumer(id auth.Identity) bus.ConsumerSpec {
 
 // connectAs opens an in-process connection to srv as id, with
 // credentials issued for this process only.
-func connectAs(srv *bus.Embedded, a *auth.Authority, id auth.Identity, name string) (*nats.Conn, jetstream.JetStream, error) {
+func connectAs(srv *embedded.Server, a *auth.Authority, id auth.Identity, name string) (*nats.Conn, jetstream.JetStream, error) {
 	creds, _, err := a.Issue(id, auth.IssueOptions{Unlisted: true})
 	if err != nil {
 		return nil, nil, err

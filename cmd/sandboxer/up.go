@@ -26,6 +26,7 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/apikey"
 	"github.com/sand-boxer/sandboxer/pkg/auth"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/bus/embedded"
 	"github.com/sand-boxer/sandboxer/pkg/catalog"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/sandbox"
@@ -258,7 +259,7 @@ type systemConfig struct {
 
 // system is the control plane running in one process.
 type system struct {
-	NATS *bus.Embedded
+	NATS *embedded.Server
 	// Auth is the authority the embedded server trusts.
 	Auth *auth.Authority
 	// NC and JS are the admin's in-process connection: setup, and tests'
@@ -310,7 +311,7 @@ func startSystem(ctx context.Context, cfg systemConfig) (_ *system, err error) {
 		return nil, err
 	}
 	sys.Auth = a
-	srv, err := bus.StartEmbedded(bus.EmbeddedOptions{
+	srv, err := embedded.Start(embedded.Options{
 		DataDir: filepath.Join(cfg.DataDir, "nats"), Listen: cfg.NATSListen, Logs: cfg.NATSLogs,
 		Auth:    a.ServerConfig(filepath.Join(cfg.DataDir, "nats", "jwt")),
 		TLSCert: cfg.NATSTLSCert, TLSKey: cfg.NATSTLSKey,

@@ -1,10 +1,13 @@
-// Package bus is sand-boxer's access to NATS JetStream: connecting to an
-// external cluster or starting an embedded server, declaring the streams,
-// consumers and key-value buckets of the design idempotently, publishing
-// CloudEvents, and the one consume loop (the [Router]) every service uses.
+// Package bus is sand-boxer's access to NATS JetStream: connecting to a
+// cluster, declaring the streams, consumers and key-value buckets of the
+// design idempotently, publishing CloudEvents, the one request-reply client
+// ([Call]) and the one consume loop (the [Router]) every service uses.
 //
 // The bus knows the event contract (package event) and nothing about
-// sandboxes, extensions or credits. It must never import a service package.
+// sandboxes, extensions or credits. It must never import a service
+// package, nor nats-server: the embedded server is package
+// bus/embedded, so that clients and contract packages can use the bus
+// without linking a server (make lint checks it).
 package bus
 
 import (

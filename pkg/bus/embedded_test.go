@@ -13,6 +13,7 @@ import (
 
 	"github.com/sand-boxer/sandboxer/pkg/auth"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/bus/embedded"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/natstest"
 )
@@ -85,7 +86,7 @@ func TestEmbeddedRestartKeepsStreams(t *testing.T) {
 // in-process connections reach it, and the topology can live in memory.
 func TestEmbeddedInProcess(t *testing.T) {
 	t.Parallel()
-	e, err := bus.StartEmbedded(bus.EmbeddedOptions{DataDir: filepath.Join(t.TempDir(), "nested", "js")})
+	e, err := embedded.Start(embedded.Options{DataDir: filepath.Join(t.TempDir(), "nested", "js")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,8 +94,8 @@ func TestEmbeddedInProcess(t *testing.T) {
 	if e.ClientURL() != "" {
 		t.Errorf("ClientURL = %q without a listener", e.ClientURL())
 	}
-	if e.Server() == nil || e.Server().Name() != "sandboxer" {
-		t.Errorf("server name %q, want the default sandboxer", e.Server().Name())
+	if e.NATS() == nil || e.NATS().Name() != "sandboxer" {
+		t.Errorf("server name %q, want the default sandboxer", e.NATS().Name())
 	}
 	nc, err := e.Connect("test")
 	if err != nil {
@@ -126,21 +127,21 @@ func TestStartEmbeddedErrors(t *testing.T) {
 	}
 	cases := []struct {
 		name string
-		opts bus.EmbeddedOptions
+		opts embedded.Options
 		want string
 	}{
-		{"no data dir", bus.EmbeddedOptions{}, "data dir is required"},
-		{"data dir is a file", bus.EmbeddedOptions{DataDir: filepath.Join(file, "js")}, "starting embedded nats"},
-		{"listen without port", bus.EmbeddedOptions{DataDir: t.TempDir(), Listen: "localhost"}, "listen address"},
-		{"listen with a named port", bus.EmbeddedOptions{DataDir: t.TempDir(), Listen: "localhost:http"}, "listen port"},
+		{"no data dir", embedded.Options{}, "data dir is required"},
+		{"data dir is a file", embedded.Options{DataDir: filepath.Join(file, "js")}, "starting embedded nats"},
+		{"listen without port", embedded.Options{DataDir: t.TempDir(), Listen: "localhost"}, "listen address"},
+		{"listen with a named port", embedded.Options{DataDir: t.TempDir(), Listen: "localhost:http"}, "listen port"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			e, err := bus.StartEmbedded(tc.opts)
+			e, err := embedded.Start(tc.opts)
 			if err == nil {
 				e.Shutdown()
-				t.Fatal("StartEmbedded succeeded")
+				t.Fatal("embedded.Start succeeded")
 			}
 			if !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("error %q, want it to contain %q", err, tc.want)

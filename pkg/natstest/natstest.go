@@ -22,11 +22,12 @@ import (
 
 	"github.com/sand-boxer/sandboxer/pkg/auth"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/bus/embedded"
 )
 
 // Server is a running test server.
 type Server struct {
-	*bus.Embedded
+	*embedded.Server
 	DataDir string
 	// Auth is the authority the server trusts.
 	Auth *auth.Authority
@@ -64,7 +65,7 @@ func StartAt(tb testing.TB, dir string) *Server {
 	if err != nil {
 		tb.Fatalf("opening authority: %v", err)
 	}
-	e, err := bus.StartEmbedded(bus.EmbeddedOptions{
+	e, err := embedded.Start(embedded.Options{
 		DataDir: filepath.Join(dir, "jetstream"), Listen: "127.0.0.1:-1", ServerName: "test",
 		Auth: a.ServerConfig(filepath.Join(dir, "jwt")),
 	})
@@ -72,7 +73,7 @@ func StartAt(tb testing.TB, dir string) *Server {
 		tb.Fatalf("starting nats: %v", err)
 	}
 	tb.Cleanup(e.Shutdown)
-	s := &Server{Embedded: e, DataDir: dir, Auth: a}
+	s := &Server{Server: e, DataDir: dir, Auth: a}
 	s.users = newUsers(a, "server", e.ClientURL)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

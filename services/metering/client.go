@@ -2,12 +2,10 @@ package metering
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/micro"
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
@@ -60,8 +58,8 @@ func (e *Error) Unwrap() error {
 // Hold asks admission for a credit hold for one sandbox. A refusal for lack
 // of credit wraps [ErrInsufficientCredits].
 func (c *Client) Hold(ctx context.Context, r HoldRequest) (HoldReply, error) {
-	var out HoldReply
-	if err := c.call(ctx, event.SubjectMeteringHold, r, &out); err != nil {
+	out, err := call[HoldReply](ctx, c.nc, event.SubjectMeteringHold, r)
+	if err != nil {
 		return HoldReply{}, fmt.Errorf("holding credit for %s: %w", r.SandboxID, err)
 	}
 	return out, nil
@@ -69,8 +67,8 @@ func (c *Client) Hold(ctx context.Context, r HoldRequest) (HoldReply, error) {
 
 // Grant adds credit to an account.
 func (c *Client) Grant(ctx context.Context, r GrantRequest) (GrantReply, error) {
-	var out GrantReply
-	if err := c.call(ctx, event.SubjectMeteringGrant, r, &out); err != nil {
+	out, err := call[GrantReply](ctx, c.nc, event.SubjectMeteringGrant, r)
+	if err != nil {
 		return GrantReply{}, fmt.Errorf("granting credit to %s: %w", r.Consumer, err)
 	}
 	return out, nil
@@ -78,8 +76,8 @@ func (c *Client) Grant(ctx context.Context, r GrantRequest) (GrantReply, error) 
 
 // Balance returns an account.
 func (c *Client) Balance(ctx context.Context, consumer string) (BalanceReply, error) {
-	var out BalanceReply
-	if err := c.call(ctx, event.SubjectMeteringBalance, BalanceRequest{Consumer: consumer}, &out); err != nil {
+	out, err := call[BalanceReply](ctx, c.nc, event.SubjectMeteringBalance, BalanceRequest{Consumer: consumer})
+	if err != nil {
 		return BalanceReply{}, fmt.Errorf("reading balance of %s: %w", consumer, err)
 	}
 	return out, nil
@@ -87,8 +85,8 @@ func (c *Client) Balance(ctx context.Context, consumer string) (BalanceReply, er
 
 // Ledger returns one page of ledger entries.
 func (c *Client) Ledger(ctx context.Context, r LedgerRequest) (LedgerReply, error) {
-	var out LedgerReply
-	if err := c.call(ctx, event.SubjectMeteringLedger, r, &out); err != nil {
+	out, err := call[LedgerReply](ctx, c.nc, event.SubjectMeteringLedger, r)
+	if err != nil {
 		return LedgerReply{}, fmt.Errorf("reading ledger of %s: %w", r.Consumer, err)
 	}
 	return out, nil
@@ -113,35 +111,23 @@ func (c *Client) LedgerAll(ctx context.Context, r LedgerRequest) ([]Entry, error
 
 // Usage returns usage records.
 func (c *Client) Usage(ctx context.Context, r UsageRequest) (UsageReply, error) {
-	var out UsageReply
-	if err := c.call(ctx, event.SubjectMeteringUsage, r, &out); err != nil {
+	out, err := call[UsageReply](ctx, c.nc, event.SubjectMeteringUsage, r)
+	if err != nil {
 		return UsageReply{}, fmt.Errorf("reading usage: %w", err)
 	}
 	return out, nil
 }
 
-func (c *Client) call(ctx context.Context, subject string, req, reply any) error {
-	body, err := json.Marshal(req)
-	if err != nil {
-		return fmt.Errorf("encoding request: %w", err)
+// call asks metering with [bus.Call] (a client span whose context the
+// request carries: metering's answer, and a quote it asks for, joins the
+// caller's trace). A refusal becomes an [*Error].
+func call[Rep, Req any](ctx context.Context, nc *nats.Conn, subject string, req Req) (Rep, error) {
+	rep, err := bus.Call[Rep](ctx, nc, subject, req)
+	var se *bus.ServiceError
+	if errors.As(err, &se) {
+		return rep, &Error{Code: se.Code, Detail: se.Description}
 	}
-	// A client span whose context the request carries: metering's answer
-	// (and a quote it asks for) joins the caller's trace.
-	msg, err := bus.Request(ctx, c.nc, subject, body)
-	if err != nil {
-		return err
-	}
-	if code := msg.Header.Get(micro.ErrorCodeHeader); code != "" || msg.Header.Get(micro.ErrorHeader) != "" {
-		var er ErrorReply
-		if json.Unmarshal(msg.Data, &er) != nil || er.Code == "" {
-			er = ErrorReply{Code: code, Detail: msg.Header.Get(micro.ErrorHeader)}
-		}
-		return &Error{Code: er.Code, Detail: er.Detail}
-	}
-	if err := json.Unmarshal(msg.Data, reply); err != nil {
-		return fmt.Errorf("decoding reply from %s: %w", subject, err)
-	}
-	return nil
+	return rep, err
 }
 
 var _ error = (*Error)(nil)

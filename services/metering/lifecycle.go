@@ -347,16 +347,16 @@ func (m *Metering) readyAt(ctx context.Context, r event.Ref) (time.Time, error) 
 	if err != nil {
 		return time.Time{}, fmt.Errorf("reading ready event of %s: %w", sb, err)
 	}
-	_, e, err := event.Decode(ctx, raw.Header, raw.Data)
+	_, l, err := event.DecodeLifecycle(ctx, raw.Header, raw.Data)
 	if err != nil {
 		return time.Time{}, nil
 	}
-	var d event.Ready
-	if err := event.DataAs(e, &d); err != nil {
+	d, ok := l.Data.(*event.Ready)
+	if !ok {
 		return time.Time{}, nil
 	}
 	if d.ReadyAt.IsZero() {
-		return e.Time().UTC(), nil
+		return l.Event.Time().UTC(), nil
 	}
 	return d.ReadyAt.UTC(), nil
 }

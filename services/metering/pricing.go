@@ -2,7 +2,6 @@ package metering
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"time"
@@ -87,20 +86,17 @@ func (p *pricer) cost(ctx context.Context, t terms, d time.Duration) (Quote, err
 		}
 		return q, nil
 	}
-	body, err := json.Marshal(event.QuoteRequest{Profile: t.Profile, DurationSeconds: secs})
-	if err != nil {
-		return Quote{}, fmt.Errorf("encoding quote request: %w", err)
-	}
 	ctx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
-	msg, err := bus.Request(ctx, p.nc, event.QuoteSubject(t.Extension), body)
-	if err != nil {
+	r, err := bus.Call[event.QuoteReply](ctx, p.nc, event.QuoteSubject(t.Extension), event.QuoteRequest{Profile: t.Profile, DurationSeconds: secs})
+	var se *bus.ServiceError
+	switch {
+	case errors.As(err, &se):
+		return Quote{}, fmt.Errorf("%w: %s quoted an error: %s", ErrNoPrice, t.Extension, se.Description)
+	case err != nil:
 		return Quote{}, fmt.Errorf("%w: asking %s for a quote: %w", ErrNoPrice, t.Extension, err)
 	}
-	var r event.QuoteReply
-	if err := json.Unmarshal(msg.Data, &r); err != nil {
-		return Quote{}, fmt.Errorf("%w: decoding quote from %s: %w", ErrNoPrice, t.Extension, err)
-	}
+	// A worker of an earlier version says its error in the body only.
 	if r.Error != "" {
 		return Quote{}, fmt.Errorf("%w: %s quoted an error: %s", ErrNoPrice, t.Extension, r.Error)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -38,11 +39,16 @@ func (pl *pool) serveQuotes(m extension.Metered) (micro.Service, error) {
 		// an admission or an accrual tick): in the sandbox's trace.
 		ctx, span := bus.StartAnswer(context.Background(), req.Subject(), nats.Header(req.Headers()))
 		defer span.End()
-		reply := pl.quote(ctx, m, req.Data())
-		if reply.Error != "" {
-			span.SetStatus(codes.Error, reply.Error)
+		reply, code := pl.quote(ctx, m, req.Data())
+		if reply.Error == "" {
+			_ = req.RespondJSON(reply)
+			return
 		}
-		_ = req.RespondJSON(reply)
+		span.SetStatus(codes.Error, reply.Error)
+		// A refusal in the micro convention, which bus.Call reads; the
+		// body still says it, for askers of an earlier version.
+		body, _ := json.Marshal(reply)
+		_ = req.Error(code, headerSafe(reply.Error), body)
 	}), micro.WithEndpointSubject(event.QuoteSubject(pl.name)))
 	if err != nil {
 		_ = svc.Stop()
@@ -51,20 +57,23 @@ func (pl *pool) serveQuotes(m extension.Metered) (micro.Service, error) {
 	return svc, nil
 }
 
-func (pl *pool) quote(ctx context.Context, m extension.Metered, data []byte) event.QuoteReply {
+// quote prices a quote request with the backend's EstimateCost. A refusal
+// is a reply with Error set and the code to answer it with: 400 for a
+// request that cannot be priced, 500 for a backend that failed to.
+func (pl *pool) quote(ctx context.Context, m extension.Metered, data []byte) (event.QuoteReply, string) {
 	var q event.QuoteRequest
 	if err := json.Unmarshal(data, &q); err != nil {
-		return event.QuoteReply{Error: "decoding quote request: " + err.Error()}
+		return event.QuoteReply{Error: "decoding quote request: " + err.Error()}, "400"
 	}
 	if q.DurationSeconds < 0 {
-		return event.QuoteReply{Error: "duration_seconds must not be negative"}
+		return event.QuoteReply{Error: "duration_seconds must not be negative"}, "400"
 	}
 	prof, err := pl.p.opts.Catalog.Current().Profile(q.Profile)
 	if err != nil {
-		return event.QuoteReply{Error: err.Error()}
+		return event.QuoteReply{Error: err.Error()}, "400"
 	}
 	if !prof.Binds(pl.name) {
-		return event.QuoteReply{Error: fmt.Sprintf("profile %q is not bound to extension %q", q.Profile, pl.name)}
+		return event.QuoteReply{Error: fmt.Sprintf("profile %q is not bound to extension %q", q.Profile, pl.name)}, "400"
 	}
 	ctx, cancel := context.WithTimeout(ctx, quoteTimeout)
 	defer cancel()
@@ -73,9 +82,19 @@ func (pl *pool) quote(ctx context.Context, m extension.Metered, data []byte) eve
 	mq, err := m.EstimateCost(ctx, *prof, time.Duration(q.DurationSeconds)*time.Second)
 	endCall(span, err)
 	if err != nil {
-		return event.QuoteReply{Error: err.Error()}
+		return event.QuoteReply{Error: err.Error()}, "500"
 	}
-	return event.QuoteReply{Amount: mq.Amount, Breakdown: mq.Breakdown}
+	return event.QuoteReply{Amount: mq.Amount, Breakdown: mq.Breakdown}, ""
+}
+
+// headerSafe is s on one line, as a header value must be.
+func headerSafe(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r == '\r' || r == '\n' {
+			return ' '
+		}
+		return r
+	}, s)
 }
 
 // meter asks a metered backend what a torn-down sandbox used. Backends

@@ -3,10 +3,13 @@ package provisioner_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/sand-boxer/sandboxer/pkg/auth"
+	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/extension/echo"
@@ -37,25 +40,30 @@ func TestMeteredPoolQuotesAndMeters(t *testing.T) {
 	e.start(t, reg, "metered", "w1")
 
 	nc := e.srv.ConnAs(t, auth.Identity{Role: auth.RoleMetering}) // who asks for quotes
-	req, _ := json.Marshal(event.QuoteRequest{Profile: "metered", DurationSeconds: 600})
-	msg, err := nc.Request(event.QuoteSubject("metered"), req, 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// Asked as metering asks: bus.Call.
+	q, err := bus.Call[event.QuoteReply](ctx, nc, event.QuoteSubject("metered"), event.QuoteRequest{Profile: "metered", DurationSeconds: 600})
 	if err != nil {
-		t.Fatal(err)
-	}
-	var q event.QuoteReply
-	if err := json.Unmarshal(msg.Data, &q); err != nil {
 		t.Fatal(err)
 	}
 	if q.Error != "" || q.Amount != 1800 {
 		t.Fatalf("quote = %+v, want 1800 for 600s at 3/s", q)
 	}
-	req, _ = json.Marshal(event.QuoteRequest{Profile: "nope", DurationSeconds: 1})
-	msg, err = nc.Request(event.QuoteSubject("metered"), req, 10*time.Second)
+	_, err = bus.Call[event.QuoteReply](ctx, nc, event.QuoteSubject("metered"), event.QuoteRequest{Profile: "nope", DurationSeconds: 1})
+	var se *bus.ServiceError
+	if !errors.As(err, &se) || se.Code != "400" || !strings.Contains(se.Description, "nope") {
+		t.Fatalf("quote of an unknown profile: %v; want a 400 refusal naming the profile", err)
+	}
+	// An asker of an earlier version reads the refusal from the body.
+	req, _ := json.Marshal(event.QuoteRequest{Profile: "nope", DurationSeconds: 1})
+	msg, err := nc.RequestWithContext(ctx, event.QuoteSubject("metered"), req)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := json.Unmarshal(msg.Data, &q); err != nil || q.Error == "" {
-		t.Fatalf("quote of an unknown profile = %+v, %v; want an error", q, err)
+	var old event.QuoteReply
+	if err := json.Unmarshal(msg.Data, &old); err != nil || old.Error != se.Description {
+		t.Fatalf("refusal body = %+v, %v; want the error %q", old, err, se.Description)
 	}
 
 	id := sandbox.NewID()

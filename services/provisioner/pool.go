@@ -459,24 +459,23 @@ func (pl *pool) createOutcome(ctx context.Context, ref event.Ref) (outcome, erro
 	return outcome{}, nil
 }
 
-// outcomeOf decodes a ready or failed event.
+// outcomeOf decodes a ready or failed event, read on the subject of
+// state s.
 func (pl *pool) outcomeOf(ctx context.Context, s event.State, h nats.Header, data []byte) (outcome, error) {
-	_, e, err := event.Decode(ctx, h, data)
+	_, l, err := event.DecodeLifecycle(ctx, h, data)
 	if err != nil {
 		return outcome{}, bus.Permanent(err)
 	}
-	if s == event.StateReady {
-		var r event.Ready
-		if err := event.DataAs(e, &r); err != nil {
-			return outcome{}, bus.Permanent(err)
-		}
-		return outcome{done: true, ref: &r.Ref, handle: &r.Handle, readyAt: r.ReadyAt}, nil
+	if l.State != s {
+		return outcome{}, bus.Permanent(fmt.Errorf("%w: a %s event on a %s subject", event.ErrMalformed, l.State, s))
 	}
-	var f event.Failed
-	if err := event.DataAs(e, &f); err != nil {
-		return outcome{}, bus.Permanent(err)
+	switch d := l.Data.(type) {
+	case *event.Ready:
+		return outcome{done: true, ref: &d.Ref, handle: &d.Handle, readyAt: d.ReadyAt}, nil
+	case *event.Failed:
+		return outcome{done: true, ref: &d.Ref, handle: d.Handle}, nil
 	}
-	return outcome{done: true, ref: &f.Ref, handle: f.Handle}, nil
+	return outcome{}, bus.Permanent(fmt.Errorf("%w: a %s event is no create's outcome", event.ErrMalformed, l.State))
 }
 
 // awaitCreate waits for the sandbox's create to end (ready or failed), or

@@ -115,8 +115,8 @@ func decodeRequest(data []byte, v any) error {
 // request-reply. ctx must carry a deadline or be cancellable: it bounds
 // the wait for an answer.
 func FetchCatalog(ctx context.Context, nc *nats.Conn) (*extension.Catalog, error) {
-	var c extension.Catalog
-	if err := request(ctx, nc, event.SubjectCatalog, nil, &c); err != nil {
+	c, err := bus.Call[extension.Catalog](ctx, nc, event.SubjectCatalog, CatalogRequest{})
+	if err != nil {
 		return nil, fmt.Errorf("fetching catalog: %w", err)
 	}
 	return &c, nil
@@ -125,41 +125,13 @@ func FetchCatalog(ctx context.Context, nc *nats.Conn) (*extension.Catalog, error
 // FetchWorkers asks a running registry for the live workers, of one
 // extension or of all when extension is empty. ctx bounds the wait.
 func FetchWorkers(ctx context.Context, nc *nats.Conn, extension string) ([]workers.Heartbeat, error) {
-	var body []byte
-	if extension != "" {
-		var err error
-		if body, err = json.Marshal(WorkersRequest{Extension: extension}); err != nil {
-			return nil, fmt.Errorf("encoding workers request: %w", err)
-		}
-	}
-	var reply WorkersReply
-	if err := request(ctx, nc, event.SubjectWorkers, body, &reply); err != nil {
+	reply, err := bus.Call[WorkersReply](ctx, nc, event.SubjectWorkers, WorkersRequest{Extension: extension})
+	if err != nil {
 		return nil, fmt.Errorf("fetching workers: %w", err)
 	}
 	return reply.Workers, nil
 }
 
-// ServiceError is an error a registry answered a request with.
-type ServiceError struct {
-	Code        string
-	Description string
-}
-
-// Error returns the code and description.
-func (e *ServiceError) Error() string { return e.Code + " " + e.Description }
-
-func request(ctx context.Context, nc *nats.Conn, subject string, body []byte, v any) error {
-	msg, err := bus.Request(ctx, nc, subject, body) // a client span the answer joins
-	if err != nil {
-		return err
-	}
-	if desc := msg.Header.Get(micro.ErrorHeader); desc != "" {
-		return &ServiceError{Code: msg.Header.Get(micro.ErrorCodeHeader), Description: desc}
-	}
-	if err := json.Unmarshal(msg.Data, v); err != nil {
-		return fmt.Errorf("decoding reply from %s: %w", subject, err)
-	}
-	return nil
-}
-
-var _ error = (*ServiceError)(nil)
+// ServiceError is an error a registry answered a request with: a code
+// ("400") and a description.
+type ServiceError = bus.ServiceError

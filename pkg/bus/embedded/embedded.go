@@ -1,4 +1,8 @@
-package bus
+// Package embedded runs the real nats-server in-process, with JetStream:
+// the bus of `sandboxer up`, the benchmark, and every test (through
+// pkg/natstest). It is the one package of the bus that links nats-server,
+// so that package bus, and the contract packages that use it, never do.
+package embedded
 
 import (
 	"errors"
@@ -12,8 +16,8 @@ import (
 	"github.com/nats-io/nats.go"
 )
 
-// EmbeddedOptions configures an in-process nats-server with JetStream.
-type EmbeddedOptions struct {
+// Options configures an in-process nats-server with JetStream.
+type Options struct {
 	// DataDir is where JetStream keeps its streams. Required.
 	DataDir string
 	// Listen is host:port for a client listener, so workers on other machines
@@ -36,14 +40,14 @@ type EmbeddedOptions struct {
 	TLSCert, TLSKey string
 }
 
-// Embedded is a running in-process nats-server: the real server, not a fake.
-type Embedded struct {
+// Server is a running in-process nats-server: the real server, not a fake.
+type Server struct {
 	srv *server.Server
 }
 
-// StartEmbedded starts a nats-server with JetStream on opts.DataDir and
-// waits until it accepts connections.
-func StartEmbedded(opts EmbeddedOptions) (*Embedded, error) {
+// Start starts a nats-server with JetStream on opts.DataDir and waits
+// until it accepts connections.
+func Start(opts Options) (*Server, error) {
 	if opts.DataDir == "" {
 		return nil, errors.New("starting embedded nats: data dir is required")
 	}
@@ -114,12 +118,12 @@ func StartEmbedded(opts EmbeddedOptions) (*Embedded, error) {
 		srv.Shutdown()
 		return nil, fmt.Errorf("starting embedded nats: not ready after %s", timeout)
 	}
-	return &Embedded{srv: srv}, nil
+	return &Server{srv: srv}, nil
 }
 
 // ClientURL is the nats:// URL of the client listener, or "" when the
 // server only accepts in-process connections.
-func (e *Embedded) ClientURL() string {
+func (e *Server) ClientURL() string {
 	if e.srv.Addr() == nil {
 		return ""
 	}
@@ -128,7 +132,7 @@ func (e *Embedded) ClientURL() string {
 
 // Connect opens a client connection to the embedded server, in-process (no
 // TCP) whatever the listener.
-func (e *Embedded) Connect(name string, opts ...nats.Option) (*nats.Conn, error) {
+func (e *Server) Connect(name string, opts ...nats.Option) (*nats.Conn, error) {
 	opts = append([]nats.Option{nats.Name(name), nats.InProcessServer(e.srv), nats.MaxReconnects(-1)}, opts...)
 	nc, err := nats.Connect("", opts...)
 	if err != nil {
@@ -137,12 +141,12 @@ func (e *Embedded) Connect(name string, opts ...nats.Option) (*nats.Conn, error)
 	return nc, nil
 }
 
-// Server exposes the running server, for tests and metrics.
-func (e *Embedded) Server() *server.Server { return e.srv }
+// NATS exposes the running nats-server, for tests and metrics.
+func (e *Server) NATS() *server.Server { return e.srv }
 
 // Shutdown stops the server and waits until it has stopped. Streams are
 // flushed to the data directory.
-func (e *Embedded) Shutdown() {
+func (e *Server) Shutdown() {
 	e.srv.Shutdown()
 	e.srv.WaitForShutdown()
 }

@@ -1,4 +1,4 @@
-package main
+package bench
 
 import (
 	"bufio"
@@ -9,7 +9,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -17,16 +17,11 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
-	"github.com/spf13/cobra"
 
-	"github.com/sand-boxer/sandboxer/cmd/sandboxer/internal/telemetry"
 	"github.com/sand-boxer/sandboxer/pkg/api"
 	"github.com/sand-boxer/sandboxer/pkg/auth"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
-	"github.com/sand-boxer/sandboxer/pkg/extension"
-	"github.com/sand-boxer/sandboxer/pkg/extension/echo"
-	"github.com/sand-boxer/sandboxer/services/provisioner"
 )
 
 // The scaling run: one burst of creates on an echo pool whose every
@@ -39,7 +34,9 @@ import (
 // (four waves) the same pool measured 1.77x and 3.17x, with 1024 1.94x and
 // 3.58x, in one session on one machine.
 const (
-	scalingPool        = "echo-scaling"
+	// ScalingPool is the scaling run's extension, which only worker
+	// processes serve.
+	ScalingPool        = "echo-scaling"
 	scalingBurst       = 1024
 	scalingDelay       = 200 * time.Millisecond
 	scalingMaxInFlight = 64
@@ -65,52 +62,46 @@ workers:
 config:
   delay: %s
 inputs: {}
-`, scalingPool, scalingMaxInFlight, scalingConcurrency, scalingDelay)
+`, ScalingPool, scalingMaxInFlight, scalingConcurrency, scalingDelay)
 
 var scalingProfile = fmt.Sprintf(`slug: %s
 extension: %s
 ttl:
   default: 1h
   max: 24h
-`, scalingPool, scalingPool)
-
-// benchExtensions are the backends of the benchmark's processes: the
-// shipped ones and ext.echo.
-func benchExtensions() *extension.Registry {
-	return extension.NewRegistry(append(builtinExtensions(), echo.Info)...)
-}
+`, ScalingPool, ScalingPool)
 
 // benchScaling runs one burst per pool size of scalingWorkers: it starts
 // that many worker processes against sys's NATS listener, with
 // credentials of the pool's identity issued under dataDir, creates
 // scalingBurst sandboxes through the gateway (cfg.InFlight requests at a
 // time) and times the first create to the last ready event.
-func benchScaling(ctx context.Context, sys *system, cfg benchConfig, dataDir string, res *benchResult, logf func(string, ...any)) error {
+func benchScaling(ctx context.Context, env Env, sys *System, cfg Config, dataDir string, res *Result, logf func(string, ...any)) error {
 	url := sys.NATS.ClientURL()
 	if url == "" {
 		return errors.New("the bench system has no NATS listener")
 	}
-	paths, err := ensureCreds(sys.Auth, dataDir, []auth.Identity{{Role: auth.RoleProvisioner, Extension: scalingPool}})
+	paths, err := env.IssueCreds(sys.Auth, dataDir, []auth.Identity{{Role: auth.RoleProvisioner, Extension: ScalingPool}})
 	if err != nil {
 		return err
 	}
-	tok, err := os.ReadFile(keyPath(dataDir, "dev"))
+	tok, err := env.DevToken(dataDir)
 	if err != nil {
 		return err
 	}
-	c := api.NewClient(sys.URL, strings.TrimSpace(string(tok)), &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256}})
+	c := api.NewClient(sys.URL, tok, &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256}})
 	w, err := newWatcher(sys.NC)
 	if err != nil {
 		return err
 	}
 	defer w.close()
-	cons, err := sys.JS.Consumer(ctx, event.StreamCommands, bus.DurableProvisioner(scalingPool))
+	cons, err := sys.JS.Consumer(ctx, event.StreamCommands, bus.DurableProvisioner(ScalingPool))
 	if err != nil {
 		return err
 	}
 	rates := make([]float64, len(scalingWorkers))
 	for i, n := range scalingWorkers {
-		rate, created, err := scalingRun(ctx, c, w, cons, cfg, url, paths[0], n)
+		rate, created, err := scalingRun(ctx, env, c, w, cons, cfg, url, paths[0], n)
 		if err != nil {
 			return fmt.Errorf("%d workers: %w", n, err)
 		}
@@ -127,7 +118,7 @@ func benchScaling(ctx context.Context, sys *system, cfg benchConfig, dataDir str
 // scalingRun is one burst on n worker processes; it returns creates to
 // ready per second and how long the creates took to be answered, and
 // leaves the pool's durable quiet, its workers stopped.
-func scalingRun(ctx context.Context, c *api.Client, w *watcher, cons jetstream.Consumer, cfg benchConfig, url, creds string, n int) (rate float64, created time.Duration, err error) {
+func scalingRun(ctx context.Context, env Env, c *api.Client, w *watcher, cons jetstream.Consumer, cfg Config, url, creds string, n int) (rate float64, created time.Duration, err error) {
 	wctx, stop := context.WithCancel(ctx)
 	var children []*exec.Cmd
 	defer func() {
@@ -137,7 +128,7 @@ func scalingRun(ctx context.Context, c *api.Client, w *watcher, cons jetstream.C
 		}
 	}()
 	for i := range n {
-		ch, err := startBenchWorker(wctx, url, creds, fmt.Sprintf("bench-%d-of-%d", i+1, n))
+		ch, err := startBenchWorker(wctx, env, url, creds, fmt.Sprintf("bench-%d-of-%d", i+1, n))
 		if err != nil {
 			return 0, 0, err
 		}
@@ -163,7 +154,7 @@ func scalingRun(ctx context.Context, c *api.Client, w *watcher, cons jetstream.C
 		go func() {
 			defer wg.Done()
 			for i := next.Add(1) - 1; i < scalingBurst; i = next.Add(1) - 1 {
-				s, err := c.Create(bctx, api.CreateRequest{Profile: scalingPool}, "")
+				s, err := c.Create(bctx, api.CreateRequest{Profile: ScalingPool}, "")
 				if err != nil {
 					errMu.Lock()
 					first = cmp.Or(first, err)
@@ -216,16 +207,14 @@ func awaitConsumer(ctx context.Context, cons jetstream.Consumer, d time.Duration
 	}
 }
 
-// startBenchWorker starts `sandboxer bench worker` as worker id of the
-// scaling pool and returns once it consumes. Cancelling ctx interrupts it
-// (it drains and exits); one that does not exit 30 s later is killed.
-func startBenchWorker(ctx context.Context, url, creds, id string) (*exec.Cmd, error) {
-	exe, err := os.Executable()
-	if err != nil {
-		return nil, err
-	}
-	ch := exec.CommandContext(ctx, exe, "bench", "worker", "--nats", url, "--creds", creds,
-		"--extension", scalingPool, "--concurrency", strconv.Itoa(scalingConcurrency), "--worker-id", id)
+// startBenchWorker starts `sandboxer bench worker` (Env.Self) as worker id
+// of the scaling pool and returns once it consumes. Cancelling ctx
+// interrupts it (it drains and exits); one that does not exit 30 s later
+// is killed.
+func startBenchWorker(ctx context.Context, env Env, url, creds, id string) (*exec.Cmd, error) {
+	args := append(slices.Clone(env.Self[1:]), "worker", "--nats", url, "--creds", creds,
+		"--extension", ScalingPool, "--concurrency", strconv.Itoa(scalingConcurrency), "--worker-id", id)
+	ch := exec.CommandContext(ctx, env.Self[0], args...)
 	ch.Cancel = func() error { return ch.Process.Signal(os.Interrupt) }
 	ch.WaitDelay = 30 * time.Second
 	ch.Stderr = os.Stderr
@@ -257,51 +246,4 @@ func startBenchWorker(ctx context.Context, url, creds, id string) (*exec.Cmd, er
 		return fail(ctx.Err())
 	}
 	return ch, nil
-}
-
-// newBenchWorkerCmd is one worker process of the scaling run: a
-// provisioner of one pool, linked with ext.echo, which `serve
-// provisioner` is not. It prints "consuming" once it is.
-func newBenchWorkerCmd() *cobra.Command {
-	var (
-		c           connectFlags
-		pool        string
-		concurrency int
-		worker      string
-	)
-	cmd := &cobra.Command{
-		Use:    "worker --nats URL --creds FILE --extension ID [--concurrency N]",
-		Short:  "run one worker of the benchmark's echo pool (used by bench --scaling)",
-		Hidden: true,
-		Args:   cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			logs := logFlags{level: "warn", format: telemetry.LogText}
-			return serveRun(cmd.Context(), "bench-worker", logs, &c, 0, func(ctx context.Context, st *stack, d *svcDeps) error {
-				cat, stopCat, err := followCatalog(ctx, d.nc)
-				if err != nil {
-					return err
-				}
-				st.add(stopCat)
-				p, err := provisioner.New(provisioner.Options{
-					JS: d.js, Catalog: cat, Extensions: benchExtensions(), Pools: []string{pool},
-					Concurrency: concurrency, WorkerID: worker, Logger: d.log,
-					DataDir: filepath.Join(os.TempDir(), "sandboxer-bench-worker"),
-				})
-				if err != nil {
-					return err
-				}
-				if err := p.Start(ctx); err != nil {
-					return err
-				}
-				st.add(p.Shutdown)
-				fmt.Fprintln(cmd.OutOrStdout(), "consuming")
-				return nil
-			})
-		},
-	}
-	c.add(cmd)
-	cmd.Flags().StringVar(&pool, "extension", scalingPool, "extension whose pool to serve")
-	cmd.Flags().IntVar(&concurrency, "concurrency", 0, "commands this worker runs at once (default: the manifest's workers.concurrency)")
-	cmd.Flags().StringVar(&worker, "worker-id", "", "worker id in events and heartbeats (default host-pid)")
-	return cmd
 }
