@@ -461,6 +461,27 @@ func (b *batch) settled(rev uint64) *state {
 // the account's outbox.
 const maxBatch = 128
 
+// flushRetries bounds the further attempts at writing a stored outbox
+// within its batch, the n-th after n × flushDelay (3.75s in all: an
+// election on a three-node cluster took 3.5-10.5s in make chaos; the next
+// change of the account finishes what these do not).
+const (
+	flushRetries = 5
+	flushDelay   = 250 * time.Millisecond
+)
+
+// pause waits d, or until ctx ends.
+func pause(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
 // batchTimeout bounds the work of one batch.
 const batchTimeout = 20 * time.Second
 
@@ -669,7 +690,14 @@ func (s *store) run(w *writer, cs []*change) {
 			}
 		}
 		if len(b.a.Outbox) > 0 {
-			if err := s.flush(ctx, w.st, b.a.Outbox); err != nil {
+			// Every write of the outbox is idempotent: a failed one (a
+			// leader election, a partition) is tried again at once, so
+			// its events do not wait for the account's next change.
+			err := s.flush(ctx, w.st, b.a.Outbox)
+			for attempt := 1; err != nil && attempt <= flushRetries && pause(ctx, time.Duration(attempt)*flushDelay) == nil; attempt++ {
+				err = s.flush(ctx, w.st, b.a.Outbox)
+			}
+			if err != nil {
 				// Stored in the outbox: the next batch reloads and
 				// finishes it.
 				s.log.Warn("finishing account change later", "consumer", w.consumer, "err", err)
@@ -804,14 +832,15 @@ func backoff(ctx context.Context, attempt int) error {
 	}
 }
 
-// flush writes and publishes the outbox items of st's account, all at
-// once, asynchronously on one connection, and waits for every
-// acknowledgement: one round trip. Every write is idempotent (see the top
-// of this file): a ledger entry or usage record that exists, or a hold
-// write that finds its key at another revision, was done before (by this
-// or another instance); such a hold is forgotten from st and read again
-// when needed. Events reach the metering stream in outbox order, so in
-// ledger order.
+// flush writes the outbox items of st's account, all at once,
+// asynchronously on one connection, and waits for every acknowledgement
+// (one round trip), then publishes its events one after another. Every
+// write is idempotent (see the top of this file): a ledger entry or usage
+// record that exists, or a hold write that finds its key at another
+// revision, was done before (by this or another instance); such a hold is
+// forgotten from st and read again when needed. Events reach the metering
+// stream in outbox order, so in ledger order, even when a flush fails
+// part way and the next one publishes them again.
 func (s *store) flush(ctx context.Context, st *state, items []*Item) error {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
@@ -823,9 +852,11 @@ func (s *store) flush(ctx context.Context, st *state, items []*Item) error {
 		what string
 		hold *HoldWrite // a hold write: its revision is remembered
 		once bool       // a Create: a key that exists was written before
-		span trace.Span // an event's publish
 	}
-	var waits []pending
+	var (
+		waits  []pending
+		events []outEvent
+	)
 	publish := func(msg *nats.Msg, p pending) error {
 		f, err := s.js.PublishMsgAsync(msg)
 		if err != nil {
@@ -908,24 +939,16 @@ func (s *store) flush(ctx context.Context, st *state, items []*Item) error {
 			bus.EndPublish(span, err)
 			return err
 		}
-		if err := publish(msg, pending{what: "publishing " + msg.Subject, span: span}); err != nil {
-			bus.EndPublish(span, err)
-			first = cmp.Or(first, err)
-		}
+		events = append(events, outEvent{msg: msg, span: span})
 	}
 	defer func() {
-		for _, p := range waits {
-			if p.span != nil {
-				p.span.End() // a no-op for those ended with their ack
-			}
+		for _, e := range events {
+			e.span.End() // a no-op for those ended with their ack
 		}
 	}()
 	for _, p := range waits {
 		select {
 		case ack := <-p.f.Ok():
-			if p.span != nil {
-				bus.EndPublish(p.span, nil)
-			}
 			if w := p.hold; w != nil {
 				sb := w.Key[strings.LastIndexByte(w.Key, '.')+1:]
 				if w.Delete {
@@ -935,9 +958,6 @@ func (s *store) flush(ctx context.Context, st *state, items []*Item) error {
 				}
 			}
 		case err := <-p.f.Err():
-			if p.span != nil {
-				bus.EndPublish(p.span, err)
-			}
 			switch {
 			case isConflict(err) && p.hold != nil:
 				delete(st.holds, p.hold.Key[strings.LastIndexByte(p.hold.Key, '.')+1:]) // read it again when needed
@@ -949,7 +969,31 @@ func (s *store) flush(ctx context.Context, st *state, items []*Item) error {
 			return fmt.Errorf("waiting for outbox writes: %w", ctx.Err())
 		}
 	}
-	return first
+	if first != nil {
+		return first
+	}
+	// The events go out once what they announce is stored, one after
+	// another, each after the previous one's ack: for one consumer, entry
+	// events reach the stream in seq order. Published together, one that
+	// failed (a leader election, a partition) and was published again
+	// by the next flush would land after those that followed it (make
+	// chaos: a billing consumer saw seq 585 follow 583). A failure stops
+	// here; the next flush publishes them all again, and the stream drops
+	// those it has as duplicates.
+	for _, e := range events {
+		_, err := s.js.PublishMsg(ctx, e.msg)
+		bus.EndPublish(e.span, err)
+		if err != nil {
+			return fmt.Errorf("publishing %s: %w", e.msg.Subject, err)
+		}
+	}
+	return nil
+}
+
+// outEvent is a metering event a flush publishes, in its publish span.
+type outEvent struct {
+	msg  *nats.Msg
+	span trace.Span
 }
 
 // traceParent is the W3C traceparent of ctx's span, or empty when it has

@@ -332,11 +332,15 @@ func (pl *pool) destroy(ctx context.Context, m *bus.Message, d event.Destroy) ([
 		default:
 			return nil, fmt.Errorf("destroying %s: its create is in flight, and %d destroys of this worker wait already", d.SandboxID, cap(pl.waiting))
 		}
+		pl.log.InfoContext(ctx, "destroy waits for its create", "sandbox", d.SandboxID, "state", st, "delivered", m.Delivered)
+		start := time.Now()
 		out, err = pl.awaitCreate(ctx, d.Ref)
 		<-pl.waiting
 		if err != nil {
 			return nil, err
 		}
+		pl.log.InfoContext(ctx, "destroy waited for its create", "sandbox", d.SandboxID, "waited", time.Since(start).Round(time.Millisecond),
+			"create_done", out.done, "ended", out.terminal)
 		if out.terminal {
 			return nil, nil
 		}
