@@ -62,8 +62,10 @@ func last[T any](t *testing.T, seen []*event.Event, typ event.Type) T {
 // published unplaced, as the gateway and the registry publish them: some
 // destroys right behind their create, racing it. Whichever worker takes a
 // destroy, the sandbox is torn down on the host it was placed on: every
-// teardown removed something (none found the workspace already gone),
-// and both directories end empty.
+// teardown of a sandbox that was made removed something (none found the
+// workspace already gone), and both directories end empty. A racing
+// destroy that a worker took before any worker took its create ends the
+// sandbox with nothing made: no provisioning, no ready.
 func TestHostBoundTeardown(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, hostsManifest())
@@ -82,8 +84,34 @@ func TestHostBoundTeardown(t *testing.T) {
 		}
 	}
 	placed := map[string]int{}
+	unmade := map[string]bool{}
 	for i, id := range ids {
-		ready := last[event.Ready](t, e.awaitEvent(t, id, event.StateReady), event.TypeReady)
+		var seen []*event.Event
+		if i%3 == 0 {
+			// Racing its create: it ends one way or the other.
+			seen = e.awaitEvent(t, id, event.StateDestroyed)
+		} else {
+			seen = e.awaitEvent(t, id, event.StateReady)
+		}
+		var ready *event.Ready
+		for _, ev := range seen {
+			if ev.Type() == string(event.TypeReady) {
+				ready = new(event.Ready)
+				if err := event.DataAs(ev, ready); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		if ready == nil {
+			if st, _ := event.StateOf(event.Type(seen[0].Type())); st != event.StateDestroying {
+				t.Fatalf("sandbox %s destroyed without being ready, and its first event is %s, not destroying", id, seen[0].Type())
+			}
+			if n := e.lifecycleCount(t, "local", id, event.StateProvisioning); n != 0 {
+				t.Fatalf("sandbox %s destroyed before its create ran has %d provisioning events", id, n)
+			}
+			unmade[id] = true
+			continue
+		}
 		if _, ok := dirs[ready.Handle.Host]; !ok || ready.Host != ready.Handle.Host || ready.Reachability.Host != ready.Handle.Host {
 			t.Fatalf("sandbox %s ready on host %q (ref %q, reachability %q), want one of the workers' hosts", id, ready.Handle.Host, ready.Host, ready.Reachability.Host)
 		}
@@ -97,7 +125,7 @@ func TestHostBoundTeardown(t *testing.T) {
 	}
 	for _, id := range ids {
 		d := last[event.Destroyed](t, e.awaitEvent(t, id, event.StateDestroyed), event.TypeDestroyed)
-		if d.Cleanup.AlreadyGone || len(d.Cleanup.Removed) == 0 {
+		if !unmade[id] && (d.Cleanup.AlreadyGone || len(d.Cleanup.Removed) == 0) {
 			t.Errorf("sandbox %s: the teardown found nothing to remove (%+v): it ran on a host that did not hold it", id, d.Cleanup)
 		}
 	}
@@ -106,7 +134,7 @@ func TestHostBoundTeardown(t *testing.T) {
 			t.Errorf("host %s still holds %d workspaces after every sandbox was destroyed: %v", host, len(left), left)
 		}
 	}
-	t.Logf("placed per host: %v", placed)
+	t.Logf("placed per host: %v; destroyed before their create ran: %d", placed, len(unmade))
 }
 
 // TestDestroyWaitsForItsHost destroys a sandbox whose host has no live
