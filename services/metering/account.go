@@ -123,8 +123,8 @@ type Quote struct {
 
 // Hold is the credit reserved for one sandbox and the sandbox's meter. An
 // open hold is one value in the credits bucket under
-// hold.<consumer>.<sandbox>, written only through its account's outbox;
-// it is deleted when released.
+// hold.<consumer>.<sandbox>, written only in an atomic batch with its
+// account; it is deleted when released.
 type Hold struct {
 	// ID is the hold id admission returns; it is the sandbox id.
 	ID           string                 `json:"id"`
@@ -198,12 +198,20 @@ type Account struct {
 	// LegacyHolds are the open holds of an account written before holds
 	// had keys of their own; the next change moves them out.
 	LegacyHolds map[string]*Hold `json:"holds,omitempty"`
-	// Outbox lists what the last change must still write and publish: its
-	// ledger entries, hold values, notices and usage records. Whoever
-	// loads the account next finishes it first, so a crash between the
-	// compare-and-swap and the writes loses nothing. Finished items may
-	// stay listed until the next change: every write of an item is
-	// idempotent.
+	// Events lists the metering events the last change must still
+	// publish: one per ledger entry, usage record and notice it made.
+	// Everything else the change wrote (its ledger entries, usage records
+	// and hold values) went to the credits stream in the same atomic
+	// batch as this document, so only the publish can be left to do:
+	// whoever loads the account next publishes them first. Published
+	// items may stay listed until the next change: each publish carries
+	// Nats-Msg-Id from the item's key.
+	Events []*Item `json:"events,omitempty"`
+	// Outbox is the outbox of an account written before ledger commits
+	// were atomic batches: items whose writes may not have been done
+	// yet. Whoever loads such an account writes and publishes them
+	// (every write is idempotent) before changing anything, and the next
+	// change clears it.
 	Outbox    []*Item   `json:"outbox,omitempty"`
 	UpdatedAt time.Time `json:"updated_at"`
 }
@@ -211,7 +219,8 @@ type Account struct {
 // Available is the credit neither spent nor on hold.
 func (a *Account) Available() int64 { return a.Balance - a.Held }
 
-// Item is one thing an account change must write or publish.
+// Item is one thing an account change publishes (and, in the outbox of
+// an account of the previous version, writes).
 type Item struct {
 	Entry  *Entry       `json:"entry,omitempty"`
 	Notice *Notice      `json:"notice,omitempty"`
@@ -224,7 +233,8 @@ type Item struct {
 	Trace string `json:"trace,omitempty"`
 }
 
-// HoldWrite is a write of one hold's value: its new state, or its
+// HoldWrite is a write, in the outbox of an account of the previous
+// version, of one hold's value: its new state, or its
 // deletion when the hold closed. Rev is the revision the key must be at
 // (0: the key must never have existed), so a late or repeated write of an
 // older state fails instead of overwriting a newer one.
@@ -248,6 +258,7 @@ func (a *Account) clone() *Account {
 		cp := *g
 		c.Grants[i] = &cp
 	}
+	c.Events = slices.Clone(a.Events)
 	c.Outbox = slices.Clone(a.Outbox)
 	return &c
 }
@@ -274,13 +285,13 @@ func (a *Account) check() error {
 }
 
 // record completes e with the account's next sequence and state, and adds
-// it to the outbox.
+// it to the change's events.
 func (a *Account) record(e *Entry) *Entry {
 	a.Seq++
 	e.Seq = a.Seq
 	e.Consumer = a.Consumer
 	e.BalanceAfter, e.HeldAfter = a.Balance, a.Held
-	a.Outbox = append(a.Outbox, &Item{Entry: e})
+	a.Events = append(a.Events, &Item{Entry: e})
 	return e
 }
 

@@ -147,7 +147,7 @@ func (m *Metering) accrue(ctx context.Context, c, sb, tick string, p *prices) ([
 			a.extend(h, need-h.Amount, cause, t.now)
 		}
 		notice := func(k Kind) {
-			a.Outbox = append(a.Outbox, &Item{Notice: &Notice{
+			a.Events = append(a.Events, &Item{Notice: &Notice{
 				Key: c + ".sb." + sb + "." + string(k), Kind: k, Consumer: c, Sandbox: sb, Hold: h.ID,
 				Profile: h.Profile, Extension: h.Extension, Held: h.Amount, Available: a.Available(),
 				Needed: max(need-h.Amount, 0), Debited: h.Debited, Cause: cause, At: t.now,

@@ -103,8 +103,12 @@ type env struct {
 	js     jetstream.JetStream
 	pub    *bus.Publisher
 	client *metering.Client
-	ledger jetstream.KeyValue
-	cred   jetstream.KeyValue
+	// cred is the credits bucket: accounts, holds, usage records and
+	// the ledger (under bus.LedgerPrefix).
+	cred jetstream.KeyValue
+	// killed are the instances armed to die mid-batch: their shutdown
+	// may fail.
+	killed sync.Map
 }
 
 func newEnv(t testing.TB) *env {
@@ -126,9 +130,6 @@ func newEnv(t testing.TB) *env {
 	// The client asks as the gateway does.
 	gw := srv.ConnAs(t, auth.Identity{Role: auth.RoleGateway})
 	e := &env{srv: srv, nc: nc, js: js, pub: bus.NewPublisher(js), client: metering.NewClient(gw)}
-	if e.ledger, err = js.KeyValue(ctx, bus.BucketLedger); err != nil {
-		t.Fatal(err)
-	}
 	if e.cred, err = js.KeyValue(ctx, bus.BucketCredits); err != nil {
 		t.Fatal(err)
 	}
@@ -177,10 +178,19 @@ func (e *env) start(t tb, opts metering.Options) *metering.Metering {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		if err := m.Shutdown(ctx); err != nil {
-			t.Errorf("shutdown: %v", err)
+			if _, killed := e.killed.Load(m); !killed {
+				t.Errorf("shutdown: %v", err)
+			}
 		}
 	})
 	return m
+}
+
+// kill arms m to close its connection before its next commit, with every
+// other message of the batch sent ([metering.KillBeforeCommit]).
+func (e *env) kill(m *metering.Metering) (disarm func() bool) {
+	e.killed.Store(m, true)
+	return metering.KillBeforeCommit(m)
 }
 
 // answerQuotes answers quote requests for the SaaS stub the way its
@@ -308,7 +318,7 @@ type snapshot struct {
 }
 
 // snap reads consumer's account, holds and ledger until the account did
-// not change while they were read and its outbox was finished.
+// not change while they were read and its events were published.
 func (e *env) snap(t tb, consumer string) snapshot {
 	t.Helper()
 	ctx := testCtx(t)
@@ -318,7 +328,7 @@ func (e *env) snap(t tb, consumer string) snapshot {
 		holds := e.holds(t, ctx, consumer)
 		entries := e.entries(t, ctx, consumer)
 		_, r2 := e.account(t, consumer)
-		if r1 == r2 && len(a1.Outbox) == 0 {
+		if r1 == r2 && len(a1.Events) == 0 && len(a1.Outbox) == 0 {
 			return snapshot{acct: a1, holds: holds, entries: entries}
 		}
 		tk := time.NewTimer(10 * time.Millisecond)
@@ -377,13 +387,13 @@ func (e *env) account(t tb, consumer string) (metering.Account, uint64) {
 
 func (e *env) entries(t tb, ctx context.Context, consumer string) []metering.Entry {
 	t.Helper()
-	lister, err := e.ledger.ListKeysFiltered(ctx, consumer+".>")
+	lister, err := e.cred.ListKeysFiltered(ctx, bus.LedgerPrefix+consumer+".>")
 	if err != nil {
 		t.Fatal(err)
 	}
 	var out []metering.Entry
 	for k := range lister.Keys() {
-		en, err := e.ledger.Get(ctx, k)
+		en, err := e.cred.Get(ctx, k)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -391,7 +401,7 @@ func (e *env) entries(t tb, ctx context.Context, consumer string) []metering.Ent
 		if err := json.Unmarshal(en.Value(), &x); err != nil {
 			t.Fatal(err)
 		}
-		if x.Key != k {
+		if bus.LedgerPrefix+x.Key != k {
 			t.Fatalf("ledger key %s holds entry %s", k, x.Key)
 		}
 		out = append(out, x)

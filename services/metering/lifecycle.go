@@ -212,7 +212,7 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 				u := usageOf(c, h, actual, endAt, reason, e.ID())
 				// Nothing is held to charge a meter reading to.
 				u.Unpaid = actual.Amount
-				t.a.Outbox = append(t.a.Outbox, &Item{Usage: u})
+				t.a.Events = append(t.a.Events, &Item{Usage: u})
 				return nil
 			}
 			// A destroyed sandbox with no hold: close its account so a
@@ -249,7 +249,7 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 		u.Reserved = h.Reserved
 		t.a.release(h, e.ID(), reason, t.now)
 		t.close(sb)
-		t.a.Outbox = append(t.a.Outbox, &Item{Usage: u})
+		t.a.Events = append(t.a.Events, &Item{Usage: u})
 		return nil
 	}
 	pre := prefetch{holds: []string{sb}, ledger: []string{releaseKey(c, sb)}, usage: []string{sb}}

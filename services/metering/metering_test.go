@@ -10,6 +10,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/extension/saasstub"
@@ -527,7 +528,7 @@ func TestLegacyAccountMigrates(t *testing.T) {
 		{Key: "old.sb.sb1.hold", Seq: 2, Consumer: "old", Kind: metering.EntryHold, Held: 30, BalanceAfter: 100, HeldAfter: 30, Sandbox: "sb1", Hold: "sb1", Cause: "admission.sb1", At: now},
 	} {
 		b, _ := json.Marshal(x)
-		if _, err := e.ledger.Create(ctx, x.Key, b); err != nil {
+		if _, err := e.cred.Create(ctx, bus.LedgerPrefix+x.Key, b); err != nil {
 			t.Fatal(err)
 		}
 	}
