@@ -281,4 +281,3 @@ func traceParent(ctx context.Context) string {
 	propagation.TraceContext{}.Inject(ctx, c)
 	return c.Get("traceparent")
 }
-

@@ -250,4 +250,3 @@ func (b *batch) settled(rev uint64, revs map[string]uint64) *state {
 	}
 	return st
 }
-

@@ -355,4 +355,3 @@ func backoff(ctx context.Context, attempt int) error {
 		return fmt.Errorf("changing account: %w", ctx.Err())
 	}
 }
-
