@@ -349,25 +349,26 @@ func (k *Checker) leftovers(ctx context.Context, service, dir, suffix string, en
 	return left, n, nil
 }
 
-// ledger reads every entry of the ledger bucket, where metering writes
-// each entry once under its key (services/metering/store.go).
+// ledger reads every entry of the ledger, in the credits bucket under
+// bus.LedgerPrefix, where metering writes each entry once under its key
+// (services/metering/store.go).
 func (k *Checker) ledger(ctx context.Context) ([]api.LedgerEntry, error) {
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	kv, err := k.Cluster.JS.KeyValue(ctx, bus.BucketLedger)
+	kv, err := k.Cluster.JS.KeyValue(ctx, bus.BucketCredits)
 	if err != nil {
-		return nil, fmt.Errorf("opening bucket %s: %w", bus.BucketLedger, err)
+		return nil, fmt.Errorf("opening bucket %s: %w", bus.BucketCredits, err)
 	}
-	w, err := kv.WatchAll(ctx, jetstream.IgnoreDeletes())
+	w, err := kv.Watch(ctx, bus.LedgerPrefix+">", jetstream.IgnoreDeletes())
 	if err != nil {
-		return nil, fmt.Errorf("reading bucket %s: %w", bus.BucketLedger, err)
+		return nil, fmt.Errorf("reading the ledger in bucket %s: %w", bus.BucketCredits, err)
 	}
 	defer func() { _ = w.Stop() }()
 	var out []api.LedgerEntry
 	for {
 		select {
 		case <-ctx.Done():
-			return nil, fmt.Errorf("reading bucket %s: %w", bus.BucketLedger, ctx.Err())
+			return nil, fmt.Errorf("reading the ledger in bucket %s: %w", bus.BucketCredits, ctx.Err())
 		case e := <-w.Updates():
 			if e == nil {
 				return out, nil // caught up
