@@ -235,7 +235,7 @@ func (k *Checker) Run(ctx context.Context, runs []*Lifecycle) []Row {
 	err = poll(ctx, k.Settle/2, time.Second, read)
 	k.Log("metering caught up in %.1fs: %v", time.Since(start).Seconds(), err)
 	if accounts == nil {
-		row("metering settled", "reading the ledger bucket and the accounts", err.Error(), true)
+		row("metering settled", "reading the ledger and the accounts", err.Error(), true)
 		return rows
 	}
 	row("metering settled", fmt.Sprintf("accounts at their ledger's last seq; %d holds open for ended sandboxes", len(openHolds)), verdictNote(openHolds, ""), err != nil)
