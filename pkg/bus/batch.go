@@ -66,7 +66,10 @@ func BeforeCommit(f func()) AtomicOption {
 // batch, and the error is the server's *jetstream.APIError. A batch the
 // server never got to commit (the connection lost before the commit, a
 // kill -9) is dropped by the server, unapplied. Only the commit is
-// answered, so a batch costs one round trip.
+// answered, so a batch costs one round trip. A batch of one message is
+// published as a plain publish (one message is atomic as it is), which
+// spares the server the staging store it keeps for a batch (a file store
+// of its own on a stream of one replica on file storage).
 //
 // When no server answers the commit (no stream leader, as during an
 // election), the whole batch is sent again under a new id every 250ms,
@@ -105,6 +108,11 @@ func PublishAtomic(ctx context.Context, nc *nats.Conn, msgs []*nats.Msg, opts ..
 }
 
 func publishAtomic(ctx context.Context, nc *nats.Conn, msgs []*nats.Msg, o atomicOptions) (BatchAck, error) {
+	if len(msgs) == 1 {
+		// One message is atomic as it is: a plain publish, which spares
+		// the server the batch's staging store.
+		return publishOne(ctx, nc, msgs[0])
+	}
 	id := nuid.Next()
 	last := len(msgs) - 1
 	for i, m := range msgs {
@@ -145,5 +153,29 @@ func publishAtomic(ctx context.Context, nc *nats.Conn, msgs []*nats.Msg, o atomi
 	if r.Count != len(msgs) {
 		return BatchAck{}, fmt.Errorf("publishing atomic batch: %d of %d messages acknowledged", r.Count, len(msgs))
 	}
+	return r.BatchAck, nil
+}
+
+// publishOne publishes m as a plain JetStream publish, answered as a batch
+// of one.
+func publishOne(ctx context.Context, nc *nats.Conn, m *nats.Msg) (BatchAck, error) {
+	for _, h := range []string{HeaderBatchID, HeaderBatchSequence, HeaderBatchCommit} {
+		m.Header.Del(h)
+	}
+	resp, err := nc.RequestMsgWithContext(ctx, m)
+	if err != nil {
+		return BatchAck{}, fmt.Errorf("publishing atomic batch of 1: %w", err)
+	}
+	var r struct {
+		BatchAck
+		Error *jetstream.APIError `json:"error,omitempty"`
+	}
+	if err := json.Unmarshal(resp.Data, &r); err != nil {
+		return BatchAck{}, fmt.Errorf("publishing atomic batch of 1: decoding the answer %q: %w", resp.Data, err)
+	}
+	if r.Error != nil {
+		return BatchAck{}, fmt.Errorf("publishing atomic batch of 1: %w", r.Error)
+	}
+	r.Count = 1
 	return r.BatchAck, nil
 }

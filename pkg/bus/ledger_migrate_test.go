@@ -2,6 +2,7 @@ package bus_test
 
 import (
 	"errors"
+	"strings"
 	"testing"
 
 	"github.com/nats-io/nats.go"
@@ -122,5 +123,13 @@ func TestPublishAtomic(t *testing.T) {
 	}
 	if _, err := credits.Get(ctx, "t.d"); !errors.Is(err, jetstream.ErrKeyNotFound) {
 		t.Fatalf("t.d of a refused batch: %v; want none", err)
+	}
+	// A batch of one, published plainly, keeps its guard.
+	one, err := bus.PublishAtomic(ctx, nc, msgs("t.e"))
+	if err != nil || one.Count != 1 || one.First() != one.Sequence {
+		t.Fatalf("a batch of one: %+v, %v", one, err)
+	}
+	if _, err := bus.PublishAtomic(ctx, nc, msgs("t.e")); !errors.Is(err, jetstream.ErrKeyExists) && (err == nil || !strings.Contains(err.Error(), "wrong last sequence")) {
+		t.Fatalf("a batch of one creating an existing key: %v", err)
 	}
 }
