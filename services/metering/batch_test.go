@@ -11,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/services/metering"
 )
 
@@ -23,7 +24,7 @@ func TestSecondLedgerEntryRefused(t *testing.T) {
 	e := newEnv(t)
 	ctx := testCtx(t)
 	e.start(t, metering.Options{})
-	if _, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: "once", Amount: 50, ID: "g1"}); err != nil {
+	if _, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: "once", Amount: 50, ID: "g1"}); err != nil {
 		t.Fatal(err)
 	}
 	s := e.snap(t, "once")
@@ -82,7 +83,7 @@ func TestBatchCutShortByKill(t *testing.T) {
 	e := newEnv(t)
 	ctx := testCtx(t)
 	m1 := e.start(t, metering.Options{})
-	if _, err := m1.Grant(ctx, metering.GrantRequest{Consumer: "cut", Amount: 10, ID: "before"}); err != nil {
+	if _, err := m1.Grant(ctx, credits.GrantRequest{Consumer: "cut", Amount: 10, ID: "before"}); err != nil {
 		t.Fatal(err)
 	}
 	before := e.snap(t, "cut")
@@ -91,7 +92,7 @@ func TestBatchCutShortByKill(t *testing.T) {
 	disarm := e.kill(m1)
 	gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if _, err := m1.Grant(gctx, metering.GrantRequest{Consumer: "cut", Amount: 25, ID: "cut"}); err == nil {
+	if _, err := m1.Grant(gctx, credits.GrantRequest{Consumer: "cut", Amount: 25, ID: "cut"}); err == nil {
 		t.Fatal("a grant whose commit never went out succeeded")
 	}
 	if !disarm() {
@@ -106,7 +107,7 @@ func TestBatchCutShortByKill(t *testing.T) {
 	checkInvariants(t, e.snap(t, "cut"))
 
 	e.start(t, metering.Options{})
-	r, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: "cut", Amount: 25, ID: "cut"})
+	r, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: "cut", Amount: 25, ID: "cut"})
 	if err != nil || r.Duplicate {
 		t.Fatalf("the grant again, on another instance: %+v, %v; want it granted now", r, err)
 	}

@@ -15,6 +15,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 )
 
@@ -157,7 +158,7 @@ func (s *store) flush(ctx context.Context, st *state, items []*Item, writes bool
 	for _, it := range items {
 		var (
 			key, consumer, subject string
-			kind                   Kind
+			kind                   credits.Kind
 			data                   any
 		)
 		switch {
@@ -187,7 +188,7 @@ func (s *store) flush(ctx context.Context, st *state, items []*Item, writes bool
 					first = cmp.Or(first, err)
 				}
 			}
-			key, consumer, kind, data, subject = u.Key, u.Consumer, KindUsage, u, u.Sandbox
+			key, consumer, kind, data, subject = u.Key, u.Consumer, credits.KindUsage, u, u.Sandbox
 		case it.Notice != nil:
 			n := it.Notice
 			key, consumer, kind, data, subject = n.Key, n.Consumer, n.Kind, n, n.Sandbox

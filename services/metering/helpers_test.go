@@ -24,6 +24,7 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/auth"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/catalog"
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/extension/saasstub"
@@ -102,7 +103,7 @@ type env struct {
 	nc     *nats.Conn
 	js     jetstream.JetStream
 	pub    *bus.Publisher
-	client *metering.Client
+	client *credits.Client
 	// cred is the credits bucket: accounts, holds, usage records and
 	// the ledger (under bus.LedgerPrefix).
 	cred jetstream.KeyValue
@@ -129,7 +130,7 @@ func newEnv(t testing.TB) *env {
 	}
 	// The client asks as the gateway does.
 	gw := srv.ConnAs(t, auth.Identity{Role: auth.RoleGateway})
-	e := &env{srv: srv, nc: nc, js: js, pub: bus.NewPublisher(js), client: metering.NewClient(gw)}
+	e := &env{srv: srv, nc: nc, js: js, pub: bus.NewPublisher(js), client: credits.NewClient(gw)}
 	if e.cred, err = js.KeyValue(ctx, bus.BucketCredits); err != nil {
 		t.Fatal(err)
 	}
@@ -314,7 +315,7 @@ func (e *env) drained(t tb) {
 type snapshot struct {
 	acct    metering.Account
 	holds   map[string]metering.Hold
-	entries []metering.Entry
+	entries []credits.Entry
 }
 
 // snap reads consumer's account, holds and ledger until the account did
@@ -385,19 +386,19 @@ func (e *env) account(t tb, consumer string) (metering.Account, uint64) {
 	return a, en.Revision()
 }
 
-func (e *env) entries(t tb, ctx context.Context, consumer string) []metering.Entry {
+func (e *env) entries(t tb, ctx context.Context, consumer string) []credits.Entry {
 	t.Helper()
 	lister, err := e.cred.ListKeysFiltered(ctx, bus.LedgerPrefix+consumer+".>")
 	if err != nil {
 		t.Fatal(err)
 	}
-	var out []metering.Entry
+	var out []credits.Entry
 	for k := range lister.Keys() {
 		en, err := e.cred.Get(ctx, k)
 		if err != nil {
 			t.Fatal(err)
 		}
-		var x metering.Entry
+		var x credits.Entry
 		if err := json.Unmarshal(en.Value(), &x); err != nil {
 			t.Fatal(err)
 		}
@@ -429,16 +430,16 @@ func checkInvariants(t tb, s snapshot) {
 		}
 		seqs[x.Seq] = true
 		ck := x.Cause + "/" + string(x.Kind) + "/" + x.Sandbox + x.Grant
-		if x.Kind != metering.EntryExtend && x.Kind != metering.EntryDebit && x.Kind != metering.EntryExpire {
+		if x.Kind != credits.EntryExtend && x.Kind != credits.EntryDebit && x.Kind != credits.EntryExpire {
 			if prev, dup := byCause[ck]; dup {
 				t.Fatalf("cause %s has two %s entries: %s and %s", x.Cause, x.Kind, prev, x.Key)
 			}
 			byCause[ck] = x.Key
 		}
 		switch x.Kind {
-		case metering.EntryRelease:
+		case credits.EntryRelease:
 			releases[x.Sandbox]++
-		case metering.EntryHold:
+		case credits.EntryHold:
 			holds[x.Sandbox]++
 		}
 		if x.BalanceAfter < 0 || x.HeldAfter < 0 || x.HeldAfter > x.BalanceAfter {
@@ -460,7 +461,7 @@ func checkInvariants(t tb, s snapshot) {
 	if a.Balance < 0 || a.Held < 0 || a.Held > a.Balance {
 		t.Fatalf("account balance %d, held %d", a.Balance, a.Held)
 	}
-	if fb, fh, err := metering.Fold(slices.SortedFunc(slices.Values(s.entries), func(x, y metering.Entry) int { return cmp.Compare(x.Seq, y.Seq) })); err != nil || fb != a.Balance || fh != a.Held {
+	if fb, fh, err := credits.Fold(slices.SortedFunc(slices.Values(s.entries), func(x, y credits.Entry) int { return cmp.Compare(x.Seq, y.Seq) })); err != nil || fb != a.Balance || fh != a.Held {
 		t.Fatalf("Fold: %d, %d, %v; account %d, %d", fb, fh, err, a.Balance, a.Held)
 	}
 	var sumHeld int64

@@ -8,7 +8,8 @@
 // timers, and produces metering events, destroy commands when a
 // consumer's credit runs out, and rejected events for holds whose create
 // never came. It answers admission and the credits API over NATS
-// request-reply as the micro service "sandboxer-metering" ([Client]).
+// request-reply as the micro service "sandboxer-metering": the contract
+// (types, errors, the client) is pkg/credits ([credits.Client]).
 //
 // Every piece of state is in the credits bucket, one stream, changed by
 // atomic batches each guarded by the revisions it read, and every timer is a schedule on the timers stream, so

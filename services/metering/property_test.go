@@ -12,6 +12,7 @@ import (
 
 	"pgregory.net/rapid"
 
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/services/metering"
 )
@@ -80,7 +81,7 @@ func TestPropertyLedger(t *testing.T) {
 					id = rapid.SampledFrom(grants).Draw(rt, "grant id")
 				}
 				amount := rapid.Int64Range(1, 200).Draw(rt, "amount")
-				r, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: consumer, Amount: amount, ID: id})
+				r, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: consumer, Amount: amount, ID: id})
 				if err != nil {
 					rt.Fatal(err)
 				}
@@ -95,13 +96,13 @@ func TestPropertyLedger(t *testing.T) {
 					profile: rapid.SampledFrom([]string{profCheap, profPricey, profFree}).Draw(rt, "profile"),
 				}
 				sandboxes = append(sandboxes, s)
-				req := metering.HoldRequest{SandboxID: s.id, Consumer: consumer, Profile: s.profile, Extension: extSelf,
+				req := credits.HoldRequest{SandboxID: s.id, Consumer: consumer, Profile: s.profile, Extension: extSelf,
 					TTLSeconds: rapid.Int64Range(0, 30).Draw(rt, "ttl")}
 				r, err := e.client.Hold(ctx, req)
 				switch {
 				case err == nil:
 					s.admitted = true
-				case errors.Is(err, metering.ErrInsufficientCredits):
+				case errors.Is(err, credits.ErrInsufficientCredits):
 					return
 				default:
 					rt.Fatal(err)
@@ -150,7 +151,7 @@ func TestPropertyLedger(t *testing.T) {
 					grant  string
 					amount int64
 					sb     *propSandbox
-					req    metering.HoldRequest
+					req    credits.HoldRequest
 					err    error
 					dup    bool
 				}
@@ -164,7 +165,7 @@ func TestPropertyLedger(t *testing.T) {
 						w.sb = &propSandbox{id: fmt.Sprintf("%s-s%d", consumer, len(sandboxes)),
 							profile: rapid.SampledFrom([]string{profCheap, profPricey, profFree}).Draw(rt, "profile")}
 						sandboxes = append(sandboxes, w.sb)
-						w.req = metering.HoldRequest{SandboxID: w.sb.id, Consumer: consumer, Profile: w.sb.profile, Extension: extSelf, TTLSeconds: 30}
+						w.req = credits.HoldRequest{SandboxID: w.sb.id, Consumer: consumer, Profile: w.sb.profile, Extension: extSelf, TTLSeconds: 30}
 					}
 					ws[k] = w
 				}
@@ -176,8 +177,8 @@ func TestPropertyLedger(t *testing.T) {
 							_, w.err = m.Hold(ctx, w.req)
 							return
 						}
-						var r metering.GrantReply
-						r, w.err = m.Grant(ctx, metering.GrantRequest{Consumer: consumer, Amount: w.amount, ID: w.grant})
+						var r credits.GrantReply
+						r, w.err = m.Grant(ctx, credits.GrantRequest{Consumer: consumer, Amount: w.amount, ID: w.grant})
 						w.dup = r.Duplicate
 					})
 				}
@@ -186,7 +187,7 @@ func TestPropertyLedger(t *testing.T) {
 					switch {
 					case w.sb != nil && w.err == nil:
 						w.sb.admitted = true
-					case w.sb != nil && errors.Is(w.err, metering.ErrInsufficientCredits):
+					case w.sb != nil && errors.Is(w.err, credits.ErrInsufficientCredits):
 					case w.err != nil:
 						rt.Fatal(w.err)
 					case w.dup:
@@ -206,7 +207,7 @@ func TestPropertyLedger(t *testing.T) {
 				amount := rapid.Int64Range(1, 100).Draw(rt, "amount")
 				disarm := e.kill(instances[i])
 				kctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-				_, err := instances[i].Grant(kctx, metering.GrantRequest{Consumer: consumer, Amount: amount, ID: id})
+				_, err := instances[i].Grant(kctx, credits.GrantRequest{Consumer: consumer, Amount: amount, ID: id})
 				cancel()
 				fired := disarm()
 				if err == nil {
@@ -224,7 +225,7 @@ func TestPropertyLedger(t *testing.T) {
 				if !fired {
 					rt.Fatalf("grant %s failed with no kill: %v", id, err)
 				}
-				r, err := instances[1-i].Grant(ctx, metering.GrantRequest{Consumer: consumer, Amount: amount, ID: id})
+				r, err := instances[1-i].Grant(ctx, credits.GrantRequest{Consumer: consumer, Amount: amount, ID: id})
 				if err != nil {
 					rt.Fatal(err)
 				}
@@ -250,11 +251,11 @@ func TestPropertyLedger(t *testing.T) {
 				var debited, refunded, expired int64
 				for _, x := range s.entries {
 					switch x.Kind {
-					case metering.EntryDebit:
+					case credits.EntryDebit:
 						debited -= x.Amount
-					case metering.EntryRefund:
+					case credits.EntryRefund:
 						refunded += x.Amount
-					case metering.EntryExpire:
+					case credits.EntryExpire:
 						expired -= x.Amount
 					}
 				}
@@ -270,12 +271,12 @@ func TestPropertyLedger(t *testing.T) {
 						rt.Fatalf("sandbox %s runs but has no open hold", sb.id)
 					}
 				}
-				u, err := e.client.Usage(ctx, metering.UsageRequest{Consumer: consumer})
+				u, err := e.client.Usage(ctx, credits.UsageRequest{Consumer: consumer})
 				if err != nil {
 					rt.Fatal(err)
 				}
 				for _, sb := range sandboxes {
-					i := slices.IndexFunc(u.Records, func(r metering.UsageRecord) bool { return r.Sandbox == sb.id })
+					i := slices.IndexFunc(u.Records, func(r credits.UsageRecord) bool { return r.Sandbox == sb.id })
 					if !sb.settled || !(sb.admitted || sb.ready) {
 						continue
 					}

@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 )
 
 // Everything metering keeps is in the credits bucket, ONE stream
@@ -229,10 +230,10 @@ func (s *store) read(ctx context.Context, consumer string) (*Account, []*Hold, e
 }
 
 // entries returns consumer's ledger, in sequence order.
-func (s *store) entries(ctx context.Context, consumer string) ([]Entry, error) {
-	var out []Entry
+func (s *store) entries(ctx context.Context, consumer string) ([]credits.Entry, error) {
+	var out []credits.Entry
 	err := watchAll(ctx, s.credits, ledgerKey(consumer+".>"), func(b []byte) error {
-		var e Entry
+		var e credits.Entry
 		if err := json.Unmarshal(b, &e); err != nil {
 			return fmt.Errorf("decoding ledger entry: %w", err)
 		}
@@ -242,7 +243,7 @@ func (s *store) entries(ctx context.Context, consumer string) ([]Entry, error) {
 	if err != nil {
 		return nil, fmt.Errorf("reading ledger of %s: %w", consumer, err)
 	}
-	slices.SortFunc(out, func(x, y Entry) int {
+	slices.SortFunc(out, func(x, y credits.Entry) int {
 		if x.Seq < y.Seq {
 			return -1
 		}
@@ -256,14 +257,14 @@ func (s *store) entries(ctx context.Context, consumer string) ([]Entry, error) {
 
 // usage returns the usage records of consumer, or of every consumer when
 // consumer is empty.
-func (s *store) usage(ctx context.Context, consumer string) ([]UsageRecord, error) {
+func (s *store) usage(ctx context.Context, consumer string) ([]credits.UsageRecord, error) {
 	filter := "usage.>"
 	if consumer != "" {
 		filter = "usage." + consumer + ".>"
 	}
-	var out []UsageRecord
+	var out []credits.UsageRecord
 	err := watchAll(ctx, s.credits, filter, func(b []byte) error {
-		var u UsageRecord
+		var u credits.UsageRecord
 		if err := json.Unmarshal(b, &u); err != nil {
 			return fmt.Errorf("decoding usage record: %w", err)
 		}
@@ -273,7 +274,7 @@ func (s *store) usage(ctx context.Context, consumer string) ([]UsageRecord, erro
 	if err != nil {
 		return nil, fmt.Errorf("reading usage records: %w", err)
 	}
-	slices.SortFunc(out, func(x, y UsageRecord) int {
+	slices.SortFunc(out, func(x, y credits.UsageRecord) int {
 		if c := x.DestroyedAt.Compare(y.DestroyedAt); c != 0 {
 			return c
 		}

@@ -1,4 +1,4 @@
-package metering
+package credits
 
 import (
 	"context"
@@ -8,8 +8,11 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 
-	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 )
 
@@ -125,9 +128,7 @@ func (c *Client) call(ctx context.Context, subject string, req, reply any) error
 	if err != nil {
 		return fmt.Errorf("encoding request: %w", err)
 	}
-	// A client span whose context the request carries: metering's answer
-	// (and a quote it asks for) joins the caller's trace.
-	msg, err := bus.Request(ctx, c.nc, subject, body)
+	msg, err := request(ctx, c.nc, subject, body)
 	if err != nil {
 		return err
 	}
@@ -145,3 +146,31 @@ func (c *Client) call(ctx context.Context, subject string, req, reply any) error
 }
 
 var _ error = (*Error)(nil)
+
+// tracerName names the tracer of the client's spans.
+const tracerName = "github.com/sand-boxer/sandboxer/pkg/credits"
+
+// request sends a request in a client span ("request <subject>") whose
+// trace context the request's headers carry, so metering's answer (and a
+// quote it asks for) joins the caller's trace: what bus.Request does,
+// here without pkg/bus, which links nats-server.
+func request(ctx context.Context, nc *nats.Conn, subject string, data []byte) (*nats.Msg, error) {
+	ctx, span := otel.Tracer(tracerName).Start(ctx, "request "+subject,
+		trace.WithSpanKind(trace.SpanKindClient),
+		trace.WithAttributes(
+			attribute.String("messaging.system", "nats"),
+			attribute.String("messaging.destination.name", subject),
+			attribute.String("messaging.operation.type", "send"),
+		))
+	defer span.End()
+	msg := nats.NewMsg(subject)
+	msg.Data = data
+	otel.GetTextMapPropagator().Inject(ctx, event.HeaderCarrier(msg.Header))
+	reply, err := nc.RequestMsgWithContext(ctx, msg)
+	if err != nil {
+		span.RecordError(err)
+		span.SetStatus(codes.Error, err.Error())
+		return nil, fmt.Errorf("requesting %s: %w", subject, err)
+	}
+	return reply, nil
+}
