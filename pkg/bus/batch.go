@@ -26,10 +26,25 @@ const (
 // batch (its default limit, max_batch_size).
 const MaxAtomicBatch = 1000
 
-// JSErrCodeAtomicTooManyInflight is the server's refusal of a batch for
-// too many batches in flight on the stream (50 by default): nothing of
-// it was stored, so it may be sent again.
-const JSErrCodeAtomicTooManyInflight jetstream.ErrorCode = 10210
+// Refusals of an atomic batch that store nothing of it, so it may be sent
+// again.
+const (
+	// JSErrCodeAtomicTooManyInflight: too many batches in flight on the
+	// stream (50 by default, batches abandoned by a killed publisher
+	// among them until the server drops them after 10s).
+	JSErrCodeAtomicTooManyInflight jetstream.ErrorCode = 10210
+	// JSErrCodeAtomicIncomplete: the server lacks some of the batch's
+	// messages. Only the commit is answered, so this is also how a first
+	// message refused for too many batches in flight shows.
+	JSErrCodeAtomicIncomplete jetstream.ErrorCode = 10176
+)
+
+// Retryable reports whether err is the refusal of an atomic batch that
+// stored nothing of it and may succeed if sent again.
+func Retryable(err error) bool {
+	var apiErr *jetstream.APIError
+	return errors.As(err, &apiErr) && (apiErr.ErrorCode == JSErrCodeAtomicTooManyInflight || apiErr.ErrorCode == JSErrCodeAtomicIncomplete)
+}
 
 // BatchAck is the server's acknowledgement of a committed atomic batch:
 // its messages are stored under consecutive sequences, the last one

@@ -20,7 +20,8 @@ import (
 )
 
 // errBusy is a batch the server refused unstored for too many batches in
-// flight: it is sent again.
+// flight (or found incomplete, as a first message refused for that shows):
+// it is sent again, after a longer pause.
 var errBusy = errors.New("too many atomic batches in flight")
 
 // commit stores batch b in ONE atomic batch onto the credits stream (see
@@ -41,7 +42,7 @@ func (s *store) commit(ctx context.Context, b *batch, rev uint64) (uint64, map[s
 		msgs = append(msgs, bus.KVMsg(bucket, key, body, expect))
 		return nil
 	}
-	for _, it := range b.a.Events {
+	for _, it := range b.a.Events[b.carried:] {
 		var err error
 		switch {
 		case it.Entry != nil:
@@ -81,9 +82,8 @@ func (s *store) commit(ctx context.Context, b *batch, rev uint64) (uint64, map[s
 	}
 	ack, err := bus.PublishAtomic(ctx, s.js.Conn(), msgs, opts...)
 	<-s.slots
-	var apiErr *jetstream.APIError
-	if errors.As(err, &apiErr) && apiErr.ErrorCode == bus.JSErrCodeAtomicTooManyInflight {
-		return 0, nil, fmt.Errorf("writing account %s: %w", b.a.Consumer, errBusy)
+	if bus.Retryable(err) {
+		return 0, nil, fmt.Errorf("writing account %s: %w (%w)", b.a.Consumer, errBusy, err)
 	}
 	if err != nil {
 		return 0, nil, fmt.Errorf("writing account %s: %w", b.a.Consumer, err)
@@ -119,6 +119,19 @@ func (s *store) finish(ctx context.Context, st *state) error {
 // publish publishes the metering events of items.
 func (s *store) publish(ctx context.Context, items []*Item) error {
 	return s.flush(ctx, nil, items, false)
+}
+
+// publishAsync publishes the metering events of items in the background,
+// within [batchTimeout], while the writer goes on to its next batch.
+func (s *store) publishAsync(items []*Item) *publishing {
+	p := &publishing{items: items, done: make(chan struct{})}
+	go func() {
+		defer close(p.done)
+		ctx, cancel := context.WithTimeout(context.Background(), batchTimeout)
+		defer cancel()
+		p.err = s.flush(ctx, nil, items, false)
+	}()
+	return p
 }
 
 // flush publishes the events of items, and with writes also does the

@@ -85,6 +85,10 @@ func TestEventsJoinTheirCause(t *testing.T) {
 		u, err := e.client.Usage(ctx, credits.UsageRequest{Consumer: c})
 		return err == nil && len(u.Records) == 1, err
 	})
+	// A balance is answered once every event before it is published.
+	if _, err := e.client.Balance(ctx, c); err != nil {
+		t.Fatal(err)
+	}
 
 	kinds := map[string]int{}
 	for _, m := range e.storedMetering(t) {

@@ -35,6 +35,10 @@ type batch struct {
 	absent map[string]bool
 	// writes are the batch's hold writes, made by seal.
 	writes []holdWrite
+	// carried counts the events at the head of a.Events that an earlier
+	// batch committed and whose publish is not yet known to be done:
+	// listed again, written no more.
+	carried int
 	dirty  bool // write even when no change changed anything
 }
 
@@ -46,13 +50,15 @@ type holdWrite struct {
 	rev     uint64
 }
 
-func newBatch(st *state, now time.Time) *batch {
+// newBatch starts a batch over st. carried are events of the last batch
+// whose publish is not known to be done: the batch lists them again.
+func newBatch(st *state, now time.Time, carried []*Item) *batch {
 	b := &batch{st: st, a: st.a.clone(), holds: map[string]*Hold{}, pending: map[string]bool{}, ledger: map[string]bool{},
 		usage: map[string]bool{}, absent: map[string]bool{}}
-	// Published, or written and published, before the batch: its write
-	// clears them.
-	b.a.Events, b.a.Outbox = nil, nil
-	b.dirty = len(st.a.Events) > 0 || len(st.a.Outbox) > 0 || len(st.migrated) > 0
+	// Published, or written and published, before the batch, but for
+	// those carried: its write clears them.
+	b.a.Events, b.a.Outbox, b.carried = slices.Clone(carried), nil, len(carried)
+	b.dirty = len(st.a.Events) > len(carried) || len(st.a.Outbox) > 0 || len(st.migrated) > 0
 	for sb, h := range st.migrated {
 		b.holds[sb] = h
 	}
@@ -235,7 +241,7 @@ func (b *batch) seal() error {
 }
 
 // changed reports whether the batch must be written.
-func (b *batch) changed() bool { return b.dirty || len(b.a.Events) > 0 || len(b.writes) > 0 }
+func (b *batch) changed() bool { return b.dirty || len(b.a.Events) > b.carried || len(b.writes) > 0 }
 
 // settled is the state after the batch was committed: the account at
 // revision rev, and the holds it wrote at the revisions in revs.

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"time"
 )
@@ -15,9 +16,15 @@ import (
 // change queued, applies them one after the other to the account as it
 // knows it, and stores the result with ONE atomic batch (commit.go). A
 // caller is answered as soon as the batch is committed (its change is
-// durable); the writer then publishes the batch's events in one round
-// trip before the next batch, whose write clears them from the account
-// (or, when nothing more is queued, a last one).
+// durable). The writer then publishes the batch's events in the
+// background while it builds and commits the next batch, whose account
+// lists them again unless their publish is known to be done (so they are
+// always listed in the account as last committed until they are on the
+// stream); after that commit it waits for them, publishing again any that
+// failed, before it publishes its own, so events keep their order. When
+// nothing more is queued it waits for the last publish, and a last write
+// clears the account of the events. A read is answered once everything
+// before it is published.
 //
 // The writer keeps the account, its revision and the holds it read in
 // memory between batches, so a change needs no read first. Every change of
@@ -70,6 +77,19 @@ type writer struct {
 	// Owned by the running drain.
 	st      *state // nil: load first
 	unclear bool   // the stored account lists events already published
+	// pub is the publish of the last committed batch's events, which
+	// may still be in flight while the next batch is built and
+	// committed; nil when there is none to wait for. Its items are
+	// listed in the account as last committed.
+	pub *publishing
+}
+
+// publishing is a publish of account events under way: done is closed
+// once every acknowledgement came or err says why not.
+type publishing struct {
+	items []*Item
+	done  chan struct{}
+	err   error
 }
 
 func (s *store) writer(consumer string) *writer {
@@ -125,6 +145,13 @@ func (s *store) drain(w *writer) {
 		n := min(len(w.queue), maxBatch)
 		cs := w.queue[:n:n]
 		w.queue = w.queue[n:]
+		if n == 0 && w.pub != nil {
+			// Idle: the last events must be published before the
+			// account is cleared of them, or left listed.
+			w.mu.Unlock()
+			s.settle(w)
+			continue
+		}
 		if n == 0 && !w.unclear {
 			w.running = false
 			w.queue = nil
@@ -171,6 +198,7 @@ func (s *store) run(w *writer, cs []*change) {
 			}
 		}
 		if w.st == nil {
+			s.settle(w) // in order: what was in flight first
 			st, err := s.load(ctx, w.consumer)
 			if err == nil {
 				err = s.finish(ctx, st)
@@ -183,7 +211,7 @@ func (s *store) run(w *writer, cs []*change) {
 		}
 		st := w.st
 		now := s.now().UTC()
-		b := newBatch(st, now)
+		b := newBatch(st, now, w.carried())
 		if err := s.prefetch(ctx, b, cs); err != nil {
 			w.st = nil
 			failAll(err)
@@ -219,6 +247,9 @@ func (s *store) run(w *writer, cs []*change) {
 				w.st = nil
 				continue
 			}
+			if slices.ContainsFunc(cs, func(c *change) bool { return c.read }) {
+				s.settle(w) // a read is answered once everything before it is published
+			}
 			for i := range cs {
 				answer(i, b.a, errs[i])
 			}
@@ -228,7 +259,14 @@ func (s *store) run(w *writer, cs []*change) {
 		rev, revs, err := s.commit(ctx, b, st.rev)
 		if err != nil {
 			if errors.Is(err, errBusy) {
-				continue // refused unstored: the cache still holds
+				// Refused unstored: the cache still holds. Batches
+				// abandoned by a killed instance hold the server's
+				// places for seconds: wait longer than for a conflict.
+				if err := pause(ctx, busyPause); err != nil {
+					failAll(err)
+					return
+				}
+				continue
 			}
 			w.st = nil
 			if isConflict(err) {
@@ -238,21 +276,31 @@ func (s *store) run(w *writer, cs []*change) {
 			return
 		}
 		w.st = b.settled(rev, revs)
-		s.metrics.committed(b.a.Events)
+		fresh := b.a.Events[b.carried:]
+		s.metrics.committed(fresh)
 		for i, c := range cs {
 			if !c.read {
 				answer(i, b.a, errs[i])
 			}
 		}
-		if len(b.a.Events) > 0 {
-			if err := s.publish(ctx, b.a.Events); err != nil {
-				// Listed in the account: the next batch reloads and
-				// publishes them.
-				s.log.Warn("publishing account events later", "consumer", w.consumer, "err", err)
-				w.st = nil
+		// The previous batch's events, if this batch carried them, had
+		// its whole commit to be published; any that failed go again,
+		// before this batch's (they are listed in this batch's account).
+		items := fresh
+		if b.carried > 0 && w.pub != nil {
+			<-w.pub.done
+			if w.pub.err != nil {
+				items = b.a.Events
 			} else {
-				w.unclear = true
+				w.unclear = true // listed, and published
 			}
+			w.pub = nil
+		}
+		if len(items) > 0 {
+			w.pub = s.publishAsync(items)
+		}
+		if slices.ContainsFunc(cs, func(c *change) bool { return c.read }) {
+			s.settle(w) // a read is answered once everything before it is published
 		}
 		for i := range cs {
 			answer(i, b.a, errs[i])
@@ -343,6 +391,22 @@ func (s *store) prefetch(ctx context.Context, b *batch, cs []*change) error {
 	return first
 }
 
+// busyPause is the longest wait before a batch refused for too many in
+// flight is sent again.
+const busyPause = 250 * time.Millisecond
+
+// pause waits a random time up to max, or until ctx ends.
+func pause(ctx context.Context, max time.Duration) error {
+	t := time.NewTimer(time.Duration(rand.Int64N(int64(max)) + 1))
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("changing account: %w", ctx.Err())
+	}
+}
+
 // backoff waits a little before the next attempt of a batch.
 func backoff(ctx context.Context, attempt int) error {
 	d := time.Duration(rand.Int64N(int64(min(attempt, 10))*int64(2*time.Millisecond) + 1))
@@ -354,4 +418,40 @@ func backoff(ctx context.Context, attempt int) error {
 	case <-ctx.Done():
 		return fmt.Errorf("changing account: %w", ctx.Err())
 	}
+}
+
+// carried returns the events of the last batch a new batch must list
+// again: those whose publish is still in flight or failed (the new
+// batch's write would otherwise clear them from the account before they
+// are on the stream). A publish done and acknowledged is forgotten.
+func (w *writer) carried() []*Item {
+	if w.pub == nil {
+		return nil
+	}
+	select {
+	case <-w.pub.done:
+		if w.pub.err == nil {
+			w.pub = nil
+			return nil
+		}
+	default:
+	}
+	return w.pub.items
+}
+
+// settle waits for w's publish in flight, if any. Published, the account
+// may be cleared of its events (an empty batch does it); failed, they
+// stay listed and the next batch reloads the account and publishes them.
+func (s *store) settle(w *writer) {
+	if w.pub == nil {
+		return
+	}
+	<-w.pub.done
+	if err := w.pub.err; err != nil {
+		s.log.Warn("publishing account events later", "consumer", w.consumer, "err", err)
+		w.st = nil
+	} else {
+		w.unclear = true
+	}
+	w.pub = nil
 }
