@@ -39,7 +39,7 @@ type batch struct {
 	// batch committed and whose publish is not yet known to be done:
 	// listed again, written no more.
 	carried int
-	dirty  bool // write even when no change changed anything
+	dirty   bool // write even when no change changed anything
 }
 
 // holdWrite is one hold key a batch writes: the hold's new value (nil:
