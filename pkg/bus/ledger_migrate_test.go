@@ -15,8 +15,8 @@ import (
 // TestSetupMigratesLedger starts from the previous version's bus, where
 // the ledger had a bucket of its own. Setup copies every entry into the
 // credits bucket under ledger.<key> (one copied before is left as it is),
-// deletes the old bucket, and leaves the credits stream taking atomic
-// batches; a second setup finds nothing to move.
+// deletes the old bucket, and turns on atomic batches for the credits
+// stream; a second setup finds nothing to move or change.
 func TestSetupMigratesLedger(t *testing.T) {
 	t.Parallel()
 	srv := natstest.Start(t)
@@ -44,13 +44,26 @@ func TestSetupMigratesLedger(t *testing.T) {
 	if _, err := credits.Create(ctx, bus.LedgerPrefix+"dev.grant.g1", []byte(entries["dev.grant.g1"])); err != nil {
 		t.Fatal(err)
 	}
+	// The previous version's credits stream took no atomic batches.
+	cs, err := js.Stream(ctx, bus.KVStream(bus.BucketCredits))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := cs.CachedInfo().Config
+	cfg.AllowAtomicPublish = false
+	if _, err := js.UpdateStream(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
 
 	rep, err := bus.Topology{}.Setup(ctx, js, bus.SetupOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	var migrated bool
+	var migrated, atomic bool
 	for _, c := range rep {
+		if c.Kind == "bucket" && c.Name == bus.BucketCredits {
+			atomic = c.Action == bus.ActionUpdated && c.Detail == "allow_atomic false -> true"
+		}
 		if c.Kind == "migration" && c.Name == "ledger" {
 			migrated = true
 			if c.Detail != "2 ledger entries moved into credits under ledger. (1 already there); bucket ledger deleted" {
@@ -58,8 +71,8 @@ func TestSetupMigratesLedger(t *testing.T) {
 			}
 		}
 	}
-	if !migrated {
-		t.Fatalf("setup reported no ledger migration: %+v", rep)
+	if !migrated || !atomic {
+		t.Fatalf("setup reported no ledger migration or no atomic batches for credits: %+v", rep)
 	}
 	for k, v := range entries {
 		e, err := credits.Get(ctx, bus.LedgerPrefix+k)
