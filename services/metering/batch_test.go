@@ -12,6 +12,7 @@ import (
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/credits"
+	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/services/metering"
 )
 
@@ -115,5 +116,51 @@ func TestBatchCutShortByKill(t *testing.T) {
 	checkInvariants(t, after)
 	if after.acct.Balance != before.acct.Balance+25 || len(after.entries) != len(before.entries)+1 {
 		t.Fatalf("after the grant again: balance %d, %d entries; before the cut %d, %d", after.acct.Balance, len(after.entries), before.acct.Balance, len(before.entries))
+	}
+}
+
+// TestPreviousVersionOutboxFinished: an account the previous version
+// committed with an outbox it had not written yet (a crash between its
+// compare-and-swap and its writes) is finished when metering next loads
+// it: the ledger entry and the hold are written in the credits bucket, the
+// event published, and the outbox cleared; nothing twice.
+func TestPreviousVersionOutboxFinished(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := testCtx(t)
+	now := time.Now().UTC().Truncate(time.Second)
+	grant := credits.Entry{Key: "prev.grant.g", Seq: 1, Consumer: "prev", Kind: credits.EntryGrant, Amount: 100, BalanceAfter: 100, Grant: "g", Cause: "grant.g", At: now}
+	hold := credits.Entry{Key: "prev.sb.sb1.hold", Seq: 2, Consumer: "prev", Kind: credits.EntryHold, Held: 30, BalanceAfter: 100, HeldAfter: 30, Sandbox: "sb1", Hold: "sb1", Cause: "admission.sb1", At: now}
+	h := metering.Hold{ID: "sb1", Sandbox: "sb1", Profile: profCheap, Extension: extSelf, PricingModel: "self-hosted",
+		Price: &extension.Price{Start: 5, PerSecond: 1}, Amount: 30, Reserved: 30, Quote: credits.Quote{Amount: 30, DurationSeconds: 25}, CreatedAt: now}
+	// The grant entry was written before the crash; the hold's entry and
+	// key were not.
+	gb, _ := json.Marshal(grant)
+	if _, err := e.cred.Create(ctx, bus.LedgerPrefix+grant.Key, gb); err != nil {
+		t.Fatal(err)
+	}
+	acct := metering.Account{Consumer: "prev", Balance: 100, Held: 30, Seq: 2, Open: 1,
+		Grants: []*metering.Grant{{ID: "g", Amount: 100, Remaining: 100, GrantedAt: now}}, UpdatedAt: now,
+		Outbox: []*metering.Item{{Entry: &grant}, {Entry: &hold}, {Hold: &metering.HoldWrite{Key: "hold.prev.sb1", Hold: &h}}}}
+	ab, _ := json.Marshal(acct)
+	if _, err := e.cred.Create(ctx, "account.prev", ab); err != nil {
+		t.Fatal(err)
+	}
+	e.start(t, metering.Options{})
+	bal, err := e.client.Balance(ctx, "prev")
+	if err != nil || bal.Balance != 100 || bal.Held != 30 || len(bal.Holds) != 1 {
+		t.Fatalf("balance of an account with an unfinished outbox: %+v, %v", bal, err)
+	}
+	s := e.snap(t, "prev")
+	checkInvariants(t, s)
+	if len(s.entries) != 2 || len(s.holds) != 1 || len(s.acct.Outbox) != 0 {
+		t.Fatalf("after finishing the outbox: %d entries, holds %v, outbox %d", len(s.entries), s.holds, len(s.acct.Outbox))
+	}
+	kinds := map[string]int{}
+	for _, ev := range e.meteringEvents(t) {
+		kinds[ev.Type()]++
+	}
+	if kinds[string(credits.KindGranted.Type())] != 1 || kinds[string(credits.KindReserved.Type())] != 1 {
+		t.Fatalf("metering stream after finishing the outbox: %v; want one granted and one reserved", kinds)
 	}
 }
