@@ -217,7 +217,7 @@ func writeLedgerCSV(w io.Writer, es []api.LedgerEntry) error {
 	_ = cw.Write(ledgerCSVHeader)
 	for _, e := range es {
 		_ = cw.Write([]string{
-			strconv.FormatUint(e.Seq, 10), e.At.UTC().Format(time.RFC3339Nano), e.Kind,
+			strconv.FormatUint(e.Seq, 10), e.At.UTC().Format(time.RFC3339Nano), string(e.Kind),
 			strconv.FormatInt(e.Amount, 10), strconv.FormatInt(e.Held, 10),
 			strconv.FormatInt(e.BalanceAfter, 10), strconv.FormatInt(e.HeldAfter, 10),
 			e.Sandbox, e.Hold, e.Grant, e.Cause, e.Reason, e.Key,

@@ -348,7 +348,7 @@ func TestCreditsWalkthrough(t *testing.T) {
 	kinds := map[string]int{}
 	var sumAmount, sumHeld, afterGrant int64
 	for _, e := range l.Entries {
-		kinds[e.Kind]++
+		kinds[string(e.Kind)]++
 		sumAmount += e.Amount
 		sumHeld += e.Held
 		if e.Kind != "grant" {

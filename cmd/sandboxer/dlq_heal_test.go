@@ -15,6 +15,7 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/auth"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/catalog"
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/extension/echo"
@@ -227,9 +228,9 @@ func (h *healSystem) idle(t *testing.T) {
 }
 
 // ledger is consumer dev's ledger, as the credits API answers it.
-func (h *healSystem) ledger(t *testing.T) []metering.Entry {
+func (h *healSystem) ledger(t *testing.T) []credits.Entry {
 	t.Helper()
-	r, err := h.meter.Ledger(testContext(t), metering.LedgerRequest{Consumer: DevConsumer})
+	r, err := h.meter.Ledger(testContext(t), credits.LedgerRequest{Consumer: DevConsumer})
 	if err != nil {
 		t.Fatal(err)
 	}

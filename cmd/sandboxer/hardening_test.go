@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
-	"github.com/sand-boxer/sandboxer/services/metering"
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 )
 
 // TestHTTPServerLimits: the gateway's server bounds headers, the reading
@@ -36,17 +36,17 @@ func TestHTTPServerLimits(t *testing.T) {
 func TestGrantOverflow(t *testing.T) {
 	cs := startCreditsSystem(t, nil)
 	ctx := testContext(t)
-	if _, err := cs.admin.Grant(ctx, api.GrantRequest{Consumer: "dev", Amount: metering.MaxBalance, ID: "all"}); err != nil {
+	if _, err := cs.admin.Grant(ctx, api.GrantRequest{Consumer: "dev", Amount: credits.MaxBalance, ID: "all"}); err != nil {
 		t.Fatal(err)
 	}
 	_, err := cs.admin.Grant(ctx, api.GrantRequest{Consumer: "dev", Amount: 1, ID: "more"})
 	var p *api.Problem
-	if !asProblem(err, &p) || p.Status != http.StatusUnprocessableEntity || !strings.Contains(p.Detail, strconv.FormatInt(metering.MaxBalance, 10)) {
-		t.Fatalf("a grant beyond the limit: %v, want 422 naming %d", err, metering.MaxBalance)
+	if !asProblem(err, &p) || p.Status != http.StatusUnprocessableEntity || !strings.Contains(p.Detail, strconv.FormatInt(credits.MaxBalance, 10)) {
+		t.Fatalf("a grant beyond the limit: %v, want 422 naming %d", err, credits.MaxBalance)
 	}
 	b, err := cs.admin.CreditBalance(ctx, "dev")
-	if err != nil || b.Balance != metering.MaxBalance {
-		t.Fatalf("balance %+v, %v; want %d", b, err, metering.MaxBalance)
+	if err != nil || b.Balance != credits.MaxBalance {
+		t.Fatalf("balance %+v, %v; want %d", b, err, credits.MaxBalance)
 	}
 	out, err := cs.cli(t, "credits", "grant", "dev", "1")
 	if api.StatusOf(err) != http.StatusUnprocessableEntity {

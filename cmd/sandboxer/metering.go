@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -12,19 +11,21 @@ import (
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/workers"
 	"github.com/sand-boxer/sandboxer/services/gateway"
-	"github.com/sand-boxer/sandboxer/services/metering"
 )
 
 // meteringAdmitter is the gateway's admission by the metering service: a
 // credit hold for the sandbox's TTL on the extension the resolver chose.
-// Services never import each other; the binary ties them together here.
-type meteringAdmitter struct{ c *metering.Client }
+// Services never import each other; the binary ties them together here,
+// through the credits contract (pkg/credits) both speak.
+type meteringAdmitter struct{ c *credits.Client }
 
 // Admit asks metering for a hold. A refusal for lack of credit wraps
-// [gateway.ErrInsufficientCredits] with metering's reason, so the gateway
+// [credits.ErrInsufficientCredits] (the gateway's
+// [gateway.ErrInsufficientCredits]) with metering's reason, so the gateway
 // answers 402 and publishes the rejected event. Metering answers the same
 // hold when asked again for the same sandbox. A free sandbox (a
 // self-hosted backend, a profile without a price) needs no credit and
@@ -37,17 +38,12 @@ func (a meteringAdmitter) Admit(ctx context.Context, r gateway.AdmitRequest) (st
 	if !extension.Charges(r.Profile, r.Manifest) {
 		return "", nil
 	}
-	h, err := a.c.Hold(ctx, metering.HoldRequest{
+	h, err := a.c.Hold(ctx, credits.HoldRequest{
 		SandboxID: r.SandboxID, Consumer: r.Consumer, Profile: r.Profile.Slug, Extension: r.Route.Extension,
 		TTLSeconds: int64((r.TTL + time.Second - 1) / time.Second),
 	})
-	if errors.Is(err, metering.ErrInsufficientCredits) {
-		detail := err.Error()
-		var me *metering.Error
-		if errors.As(err, &me) {
-			detail = me.Detail
-		}
-		return "", fmt.Errorf("%w: %s", gateway.ErrInsufficientCredits, strings.TrimPrefix(detail, metering.ErrInsufficientCredits.Error()+": "))
+	if errors.Is(err, credits.ErrInsufficientCredits) {
+		return "", refusal(err, credits.ErrInsufficientCredits)
 	}
 	if err != nil {
 		return "", fmt.Errorf("admitting sandbox: %w", err)
@@ -56,9 +52,9 @@ func (a meteringAdmitter) Admit(ctx context.Context, r gateway.AdmitRequest) (st
 }
 
 // meteringCredits serves the gateway's credits API from the metering
-// service. The api types mirror metering's field for field (same JSON
-// names), so each reply converts through JSON.
-type meteringCredits struct{ c *metering.Client }
+// service: the API's bodies are the contract's types, passed on as
+// metering answers them.
+type meteringCredits struct{ c *credits.Client }
 
 // Balance returns consumer's account.
 func (m meteringCredits) Balance(ctx context.Context, consumer string) (api.CreditBalance, error) {
@@ -66,29 +62,23 @@ func (m meteringCredits) Balance(ctx context.Context, consumer string) (api.Cred
 	if err != nil {
 		return api.CreditBalance{}, creditsError(err)
 	}
-	return convert[api.CreditBalance](b)
+	return b, nil
 }
 
 // Grant adds credit.
 func (m meteringCredits) Grant(ctx context.Context, r api.GrantRequest) (api.GrantResult, error) {
-	g, err := m.c.Grant(ctx, metering.GrantRequest{
-		Consumer: r.Consumer, Amount: r.Amount, Priority: r.Priority, ExpiresAt: r.ExpiresAt, Promo: r.Promo, ID: r.ID,
-	})
+	g, err := m.c.Grant(ctx, r)
 	if err != nil {
 		return api.GrantResult{}, creditsError(err)
 	}
-	return convert[api.GrantResult](g)
+	return g, nil
 }
 
 // Ledger returns every entry q selects, paging through metering's ledger.
 func (m meteringCredits) Ledger(ctx context.Context, q api.LedgerQuery) (api.Ledger, error) {
-	es, err := m.c.LedgerAll(ctx, metering.LedgerRequest{Consumer: q.Consumer, Since: q.Since})
+	entries, err := m.c.LedgerAll(ctx, credits.LedgerRequest{Consumer: q.Consumer, Since: q.Since})
 	if err != nil {
 		return api.Ledger{}, creditsError(err)
-	}
-	entries, err := convert[[]api.LedgerEntry](es)
-	if err != nil {
-		return api.Ledger{}, err
 	}
 	if entries == nil {
 		entries = []api.LedgerEntry{}
@@ -98,25 +88,32 @@ func (m meteringCredits) Ledger(ctx context.Context, q api.LedgerQuery) (api.Led
 
 // Usage returns the usage records q selects.
 func (m meteringCredits) Usage(ctx context.Context, q api.UsageQuery) (api.UsageList, error) {
-	u, err := m.c.Usage(ctx, metering.UsageRequest{Consumer: q.Consumer, From: q.From, To: q.To})
+	u, err := m.c.Usage(ctx, credits.UsageRequest{Consumer: q.Consumer, From: q.From, To: q.To})
 	if err != nil {
 		return api.UsageList{}, creditsError(err)
 	}
-	return convert[api.UsageList](u)
+	return u, nil
 }
 
-// creditsError marks metering's refusals of malformed requests for the
-// gateway, which answers them 422 with metering's reason.
+// creditsError gives the gateway metering's refusal of a malformed
+// request as "invalid request: <metering's reason>", which it answers 422;
+// any other error as it is.
 func creditsError(err error) error {
-	if !errors.Is(err, metering.ErrInvalidRequest) {
+	if !errors.Is(err, credits.ErrInvalidRequest) {
 		return err
 	}
+	return refusal(err, credits.ErrInvalidRequest)
+}
+
+// refusal is metering's refusal err as "<sentinel>: <metering's reason>",
+// wrapping sentinel: what the gateway shows a caller.
+func refusal(err, sentinel error) error {
 	detail := err.Error()
-	var me *metering.Error
+	var me *credits.Error
 	if errors.As(err, &me) {
 		detail = me.Detail
 	}
-	return fmt.Errorf("%w: %s", gateway.ErrInvalidRequest, strings.TrimPrefix(detail, metering.ErrInvalidRequest.Error()+": "))
+	return fmt.Errorf("%w: %s", sentinel, strings.TrimPrefix(detail, sentinel.Error()+": "))
 }
 
 // watchWorkers starts a cache of live workers for the gateway's resolver.
@@ -149,19 +146,6 @@ func watchWorkers(ctx context.Context, js jetstream.JetStream) (*workers.Cache, 
 		return nil, nil, fmt.Errorf("loading workers: %w", ctx.Err())
 	}
 	return wc, stop, nil
-}
-
-// convert copies v into a T through JSON.
-func convert[T any](v any) (T, error) {
-	var out T
-	b, err := json.Marshal(v)
-	if err != nil {
-		return out, fmt.Errorf("encoding %T: %w", v, err)
-	}
-	if err := json.Unmarshal(b, &out); err != nil {
-		return out, fmt.Errorf("decoding %T: %w", out, err)
-	}
-	return out, nil
 }
 
 var (

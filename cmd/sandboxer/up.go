@@ -28,6 +28,7 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/bus/embedded"
 	"github.com/sand-boxer/sandboxer/pkg/catalog"
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/sandbox"
 	"github.com/sand-boxer/sandboxer/services/gateway"
@@ -463,7 +464,7 @@ func startGateway(ctx context.Context, st *stack, nc *nats.Conn, js jetstream.Je
 	}
 	// Admission and the credits API ask the metering service, which must
 	// be running on the same bus.
-	mc := metering.NewClient(nc)
+	mc := credits.NewClient(nc)
 	gw, err := gateway.New(gateway.Options{
 		JS: js, Catalog: cat, Keys: apikey.NewStore(keys),
 		Resolver: &gateway.CapacityResolver{Liveness: wc}, Workers: wc,

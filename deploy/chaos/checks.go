@@ -235,7 +235,7 @@ func (k *Checker) Run(ctx context.Context, runs []*Lifecycle) []Row {
 	err = poll(ctx, k.Settle/2, time.Second, read)
 	k.Log("metering caught up in %.1fs: %v", time.Since(start).Seconds(), err)
 	if accounts == nil {
-		row("metering settled", "reading the ledger bucket and the accounts", err.Error(), true)
+		row("metering settled", "reading the ledger and the accounts", err.Error(), true)
 		return rows
 	}
 	row("metering settled", fmt.Sprintf("accounts at their ledger's last seq; %d holds open for ended sandboxes", len(openHolds)), verdictNote(openHolds, ""), err != nil)
@@ -349,25 +349,26 @@ func (k *Checker) leftovers(ctx context.Context, service, dir, suffix string, en
 	return left, n, nil
 }
 
-// ledger reads every entry of the ledger bucket, where metering writes
-// each entry once under its key (services/metering/store.go).
+// ledger reads every entry of the ledger, in the credits bucket under
+// bus.LedgerPrefix, where metering writes each entry once under its key
+// (services/metering/store.go).
 func (k *Checker) ledger(ctx context.Context) ([]api.LedgerEntry, error) {
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	kv, err := k.Cluster.JS.KeyValue(ctx, bus.BucketLedger)
+	kv, err := k.Cluster.JS.KeyValue(ctx, bus.BucketCredits)
 	if err != nil {
-		return nil, fmt.Errorf("opening bucket %s: %w", bus.BucketLedger, err)
+		return nil, fmt.Errorf("opening bucket %s: %w", bus.BucketCredits, err)
 	}
-	w, err := kv.WatchAll(ctx, jetstream.IgnoreDeletes())
+	w, err := kv.Watch(ctx, bus.LedgerPrefix+">", jetstream.IgnoreDeletes())
 	if err != nil {
-		return nil, fmt.Errorf("reading bucket %s: %w", bus.BucketLedger, err)
+		return nil, fmt.Errorf("reading the ledger in bucket %s: %w", bus.BucketCredits, err)
 	}
 	defer func() { _ = w.Stop() }()
 	var out []api.LedgerEntry
 	for {
 		select {
 		case <-ctx.Done():
-			return nil, fmt.Errorf("reading bucket %s: %w", bus.BucketLedger, ctx.Err())
+			return nil, fmt.Errorf("reading the ledger in bucket %s: %w", bus.BucketCredits, ctx.Err())
 		case e := <-w.Updates():
 			if e == nil {
 				return out, nil // caught up

@@ -6,12 +6,13 @@ import (
 	"testing"
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 )
 
 // entry is a ledger entry of consumer c with the running sums filled in
 // by the caller.
 func entry(c string, seq uint64, kind string, amount, held, balance, heldAfter int64, sb, cause string) api.LedgerEntry {
-	return api.LedgerEntry{Key: c + "." + kind + "." + string(rune('0'+seq)), Seq: seq, Consumer: c, Kind: kind, Amount: amount, Held: held,
+	return api.LedgerEntry{Key: c + "." + kind + "." + string(rune('0'+seq)), Seq: seq, Consumer: c, Kind: credits.EntryKind(kind), Amount: amount, Held: held,
 		BalanceAfter: balance, HeldAfter: heldAfter, Sandbox: sb, Cause: cause}
 }
 

@@ -4,8 +4,9 @@
 // It relies on the documented contract only (docs/payments.md): a billing
 // identity's .creds file, the stream SANDBOXER_METERING and the durable
 // consumer the operator's setup made for that identity (named after its
-// user name). It imports nothing from sand-boxer itself: the ledger entry's
-// JSON shape is declared here.
+// user name). Of sand-boxer it imports only the credits contract,
+// pkg/credits: the ledger entry and the event kinds, as metering
+// publishes them (pkg/credits links no server).
 //
 // At start it resets its durable to --since (default 1: the whole stream),
 // so every run is a replay; reads and acks every message up to the end of
@@ -45,6 +46,8 @@ import (
 	cloudevents "github.com/cloudevents/sdk-go/v2/event"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 )
 
 const (
@@ -57,9 +60,9 @@ const (
 
 // ledgerKinds are the metering subjects' kinds that carry a ledger entry;
 // the others (usage, low, exhausted) move no credit.
-var ledgerKinds = map[string]bool{
-	"granted": true, "reserved": true, "debited": true,
-	"released": true, "refunded": true, "expired": true,
+var ledgerKinds = map[credits.Kind]bool{
+	credits.KindGranted: true, credits.KindReserved: true, credits.KindDebited: true,
+	credits.KindReleased: true, credits.KindRefunded: true, credits.KindExpired: true,
 }
 
 // The ways a ledger can fail to add up.
@@ -241,21 +244,9 @@ func connect(url, creds, userName string, stderr io.Writer, refused func(error))
 
 // --- the metering events ---
 
-// entry is a ledger entry, the data of the ledger kinds' events. Draws
-// and the other descriptive fields are not needed for the fold.
-type entry struct {
-	Key          string `json:"key"`
-	Seq          uint64 `json:"seq"`
-	Consumer     string `json:"consumer"`
-	Kind         string `json:"kind"`
-	Amount       int64  `json:"amount"`
-	Held         int64  `json:"held"`
-	BalanceAfter int64  `json:"balance_after"`
-	HeldAfter    int64  `json:"held_after"`
-	SandboxID    string `json:"sandbox_id,omitempty"`
-	Cause        string `json:"cause"`
-	At           string `json:"at"`
-}
+// entry is a ledger entry, the data of the ledger kinds' events: the
+// credits contract's.
+type entry = credits.Entry
 
 // parseMeteringSubject splits sandboxer.meter.<consumer>.<kind>.
 func parseMeteringSubject(subject string) (consumer, kind string, err error) {
@@ -277,10 +268,10 @@ func decodeMetering(msg *nats.Msg) (*entry, error) {
 	if err != nil {
 		return nil, err
 	}
-	if want := "dev.sandboxer.credits." + kind + ".v1"; e.Type() != want {
+	if want := string(credits.Kind(kind).Type()); e.Type() != want {
 		return nil, fmt.Errorf("type %q on %s, want %q", e.Type(), msg.Subject, want)
 	}
-	if !ledgerKinds[kind] {
+	if !ledgerKinds[credits.Kind(kind)] {
 		return nil, nil
 	}
 	if ct := e.DataContentType(); ct != "" && ct != cloudevents.ApplicationJSON {

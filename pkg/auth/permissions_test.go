@@ -28,8 +28,9 @@ const (
 	tmrs  = event.StreamTimers
 )
 
-// ledger is the ledger bucket's stream, which no durable reads.
-var ledger = bus.KVStream(bus.BucketLedger)
+// ledger is the credits bucket's stream, the ledger's, which no durable
+// reads.
+var ledger = bus.KVStream(bus.BucketCredits)
 
 // TestConnect: the server lets in the authority's users, and no one else.
 func TestConnect(t *testing.T) {
@@ -183,7 +184,7 @@ func permissionRows(t *testing.T) []row {
 			refuse(who, "makes the commands stream keep less", updateStream(cmds, keepLess)),
 			refuse(who, "creates a stream", createStream()),
 		)
-		for _, b := range []string{bus.BucketCredits, bus.BucketLedger, bus.BucketCatalog, bus.BucketAPIKeys} {
+		for _, b := range []string{bus.BucketCredits, bus.BucketCatalog, bus.BucketAPIKeys} {
 			rows = append(rows,
 				refuse(who, "publishes a "+b+" key", kvPublish(b, uid("key"))),
 				// The KeyValue API stops at opening the bucket: the
@@ -354,7 +355,8 @@ func permissionRows(t *testing.T) []row {
 		refuse(metering, "makes the credits bucket keep less", updateStream(bus.KVStream(bus.BucketCredits), keepLess)),
 		refuse(metering, "makes the metering stream keep less", updateStream(meter, keepLess)),
 		refuse(metering, "creates a stream", createStream()),
-		refuse(metering, "deletes the ledger bucket", deleteStream(bus.KVStream(bus.BucketLedger))),
+		allow(metering, "writes a ledger entry", kvPublish(bus.BucketCredits, bus.LedgerPrefix+uid("dev")+".grant.g1")),
+		refuse(metering, "deletes the credits bucket, the ledger's", deleteStream(bus.KVStream(bus.BucketCredits))),
 		refuse(metering, "puts a catalog key with KeyValue", kvPut(bus.BucketCatalog, uid("key"))),
 		allow(metering, "schedules a hold deadline", jsPublish(tmrs, &nats.Msg{Subject: event.HoldDeadlineScheduleSubject(uid("sbx")), Data: []byte("{}")})),
 		refuse(metering, "schedules a destroy retry", jsPublish(tmrs, &nats.Msg{Subject: event.RetryScheduleSubject(uid("sbx")), Data: []byte("{}")})),

@@ -36,8 +36,9 @@ const (
 	// RoleRegistry is a registry process: the catalog, the inventory and
 	// the expiry schedules.
 	RoleRegistry Role = "registry"
-	// RoleMetering is a metering process: the only writer of credits, the
-	// ledger and the metering stream.
+	// RoleMetering is a metering process: the only writer of the credits
+	// bucket (accounts, holds, usage records and the ledger) and of the
+	// metering stream.
 	RoleMetering Role = "metering"
 	// RoleProvisioner is a worker of one extension's pool.
 	RoleProvisioner Role = "provisioner"
@@ -265,12 +266,13 @@ func (id Identity) Permissions() jwt.Permissions {
 		p.serve("sandboxer.rpc.registry.>")
 	case RoleMetering:
 		p.jsInfo()
-		p.kvRead(bus.BucketCatalog, bus.BucketCredits, bus.BucketLedger)
-		// What decides whether a change applies is read from the leader.
-		p.msgGet(bus.KVStream(bus.BucketCredits), bus.KVStream(bus.BucketLedger))
-		p.kvWatch(bus.BucketCatalog, bus.BucketCredits, bus.BucketLedger)
+		p.kvRead(bus.BucketCatalog, bus.BucketCredits)
+		// What a commit is decided on is read from the leader.
+		p.msgGet(bus.KVStream(bus.BucketCredits))
+		p.kvWatch(bus.BucketCatalog, bus.BucketCredits)
+		// Accounts, holds, usage records and the ledger, committed
+		// together in atomic batches: only metering writes them.
 		p.kvWrite(bus.BucketCredits, ">")
-		p.kvWrite(bus.BucketLedger, ">")
 		p.streamInfo(life, tmrs)
 		p.durable(life, bus.DurableMetering)
 		p.durable(tmrs, bus.DurableMeteringAccrual)

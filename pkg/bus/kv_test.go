@@ -111,7 +111,7 @@ func TestLeaderLastMsg(t *testing.T) {
 	srv := natstest.Start(t)
 	js := srv.JetStream(t)
 	ctx := testCtx(t)
-	kv, err := js.KeyValue(ctx, bus.BucketLedger)
+	kv, err := js.KeyValue(ctx, bus.BucketCredits)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -125,22 +125,22 @@ func TestLeaderLastMsg(t *testing.T) {
 	if err := kv.Delete(ctx, "dev.grant.g2"); err != nil {
 		t.Fatal(err)
 	}
-	stream := bus.KVStream(bus.BucketLedger)
-	m, err := bus.LeaderLastMsg(ctx, js.Conn(), stream, "$KV."+bus.BucketLedger+".dev.grant.g1")
+	stream := bus.KVStream(bus.BucketCredits)
+	m, err := bus.LeaderLastMsg(ctx, js.Conn(), stream, "$KV."+bus.BucketCredits+".dev.grant.g1")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if string(m.Data) != "two" || m.Sequence != rev || m.Subject != "$KV."+bus.BucketLedger+".dev.grant.g1" {
+	if string(m.Data) != "two" || m.Sequence != rev || m.Subject != "$KV."+bus.BucketCredits+".dev.grant.g1" {
 		t.Fatalf("read %q at %d on %s, want \"two\" at %d", m.Data, m.Sequence, m.Subject, rev)
 	}
-	d, err := bus.LeaderLastMsg(ctx, js.Conn(), stream, "$KV."+bus.BucketLedger+".dev.grant.g2")
+	d, err := bus.LeaderLastMsg(ctx, js.Conn(), stream, "$KV."+bus.BucketCredits+".dev.grant.g2")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if op := d.Header.Get("KV-Operation"); op != "DEL" {
 		t.Fatalf("a deleted key's marker has KV-Operation %q, want DEL", op)
 	}
-	if _, err := bus.LeaderLastMsg(ctx, js.Conn(), stream, "$KV."+bus.BucketLedger+".dev.grant.none"); !errors.Is(err, bus.ErrNoMessage) {
+	if _, err := bus.LeaderLastMsg(ctx, js.Conn(), stream, "$KV."+bus.BucketCredits+".dev.grant.none"); !errors.Is(err, bus.ErrNoMessage) {
 		t.Fatalf("a key never written: %v, want ErrNoMessage", err)
 	}
 }

@@ -142,6 +142,11 @@ func (t Topology) Setup(ctx context.Context, js jetstream.JetStream, o SetupOpti
 		return rep, err
 	}
 	rep = append(rep, moved...)
+	if c, err := migrateLedger(ctx, js); err != nil {
+		return rep, err
+	} else if c != nil {
+		rep = append(rep, *c)
+	}
 	for _, spec := range o.Consumers {
 		c, err := setupConsumer(ctx, js, spec)
 		if err != nil {
@@ -246,8 +251,22 @@ func setupBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyV
 	c := Change{Kind: "bucket", Name: cfg.Bucket}
 	s, err := js.Stream(ctx, KVStream(cfg.Bucket))
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
-		if _, err := js.CreateKeyValue(ctx, cfg); err != nil {
+		kv, err := js.CreateKeyValue(ctx, cfg)
+		if err != nil {
 			return Change{}, fmt.Errorf("creating bucket %s: %w", cfg.Bucket, err)
+		}
+		if atomicBucket(cfg.Bucket) {
+			// KeyValueConfig cannot say it: the bucket's stream is
+			// updated to take atomic batches right after.
+			s, err := js.Stream(ctx, KVStream(kv.Bucket()))
+			if err != nil {
+				return Change{}, fmt.Errorf("reading bucket %s: %w", cfg.Bucket, err)
+			}
+			want := s.CachedInfo().Config
+			want.AllowAtomicPublish = true
+			if _, err := js.UpdateStream(ctx, want); err != nil {
+				return Change{}, fmt.Errorf("creating bucket %s: allowing atomic publish: %w", cfg.Bucket, err)
+			}
 		}
 		c.Action = ActionCreated
 		return c, nil
@@ -268,8 +287,21 @@ func setupBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyV
 	if cfg.Storage != have.Storage {
 		want.Storage = cfg.Storage
 	}
+	want.AllowAtomicPublish = atomicBucket(cfg.Bucket)
 	if losing := keepsLess(have, want); len(losing) > 0 && !force {
 		c.Action, c.Detail = ActionRefused, strings.Join(losing, ", ")
+		return c, nil
+	}
+	if diff := streamDiff(have, want); len(diff) > 0 && want.AllowAtomicPublish {
+		// UpdateKeyValue would turn atomic publish off: the stream's own
+		// configuration, changed, is written instead.
+		if want.Storage != have.Storage {
+			return Change{}, fmt.Errorf("updating bucket %s (%s): a stream's storage cannot change in place", cfg.Bucket, strings.Join(diff, ", "))
+		}
+		if _, err := js.UpdateStream(ctx, want); err != nil {
+			return Change{}, fmt.Errorf("updating bucket %s (%s): %w", cfg.Bucket, strings.Join(diff, ", "), err)
+		}
+		c.Action, c.Detail = ActionUpdated, strings.Join(diff, ", ")
 		return c, nil
 	}
 	if diff := streamDiff(have, want); len(diff) > 0 {
@@ -404,6 +436,7 @@ func streamDiff(have, want jetstream.StreamConfig) []string {
 	add(have.AllowMsgSchedules != want.AllowMsgSchedules, "allow_msg_schedules %v -> %v", have.AllowMsgSchedules, want.AllowMsgSchedules)
 	add(have.AllowRollup != want.AllowRollup, "allow_rollup %v -> %v", have.AllowRollup, want.AllowRollup)
 	add(have.AllowMsgTTL != want.AllowMsgTTL, "allow_msg_ttl %v -> %v", have.AllowMsgTTL, want.AllowMsgTTL)
+	add(have.AllowAtomicPublish != want.AllowAtomicPublish, "allow_atomic %v -> %v", have.AllowAtomicPublish, want.AllowAtomicPublish)
 	add(have.SubjectDeleteMarkerTTL != want.SubjectDeleteMarkerTTL, "subject_delete_marker_ttl %s -> %s", have.SubjectDeleteMarkerTTL, want.SubjectDeleteMarkerTTL)
 	add(have.Description != want.Description, "description")
 	return out

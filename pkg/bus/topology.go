@@ -15,11 +15,20 @@ const (
 	BucketCatalog     = "catalog"
 	BucketSandboxes   = "sandboxes"
 	BucketCredits     = "credits"
-	BucketLedger      = "ledger"
 	BucketWorkers     = "workers"
 	BucketAPIKeys     = "apikeys"
 	BucketIdempotency = "idempotency"
 )
+
+// LedgerPrefix starts the keys of ledger entries in the credits bucket:
+// ledger.<consumer>.<derivation of the cause>. The ledger lives in the
+// same stream as the accounts so that one atomic batch commits both.
+const LedgerPrefix = "ledger."
+
+// atomicBucket reports whether bucket's stream takes atomic batch
+// publishes (AllowAtomicPublish): the credits bucket, where metering
+// commits an account change, its ledger entries and its holds as one.
+func atomicBucket(bucket string) bool { return bucket == BucketCredits }
 
 // KVStream is the stream behind bucket: KV_<bucket>.
 func KVStream(bucket string) string { return "KV_" + bucket }
@@ -191,8 +200,7 @@ func (t Topology) Buckets() []jetstream.KeyValueConfig {
 		{Bucket: BucketCatalog, Description: "validated extension manifests and profiles", History: 5, Storage: st, Replicas: t.Replicas},
 		{Bucket: BucketSandboxes, Description: "sandbox inventory: state, handle, reachability, owner, labels, expiry", History: 1, Storage: st, Replicas: t.Replicas,
 			LimitMarkerTTL: SandboxesMarkerTTL}, // records of ended sandboxes live for a retention
-		{Bucket: BucketCredits, Description: "credit accounts: balances and holds", History: 1, Storage: st, Replicas: t.Replicas},
-		{Bucket: BucketLedger, Description: "append-only credit ledger keyed by causing event", History: 1, Storage: st, Replicas: t.Replicas},
+		{Bucket: BucketCredits, Description: "credit accounts, holds, usage records and the append-only ledger keyed by causing event", History: 1, Storage: st, Replicas: t.Replicas},
 		{Bucket: BucketWorkers, Description: "worker heartbeats", History: 1, TTL: t.WorkerTTL, Storage: st, Replicas: t.Replicas},
 		{Bucket: BucketAPIKeys, Description: "hashed API keys to consumer and role", History: 1, Storage: st, Replicas: t.Replicas},
 		{Bucket: BucketIdempotency, Description: "Idempotency-Key to sandbox id", History: 1, TTL: t.IdempotencyTTL, Storage: st, Replicas: t.Replicas},

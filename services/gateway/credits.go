@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 )
@@ -32,7 +33,9 @@ type Credits interface {
 
 // ErrInvalidRequest is wrapped by a [Credits] backend that refuses a
 // request as malformed. The gateway answers 422 with the error's message.
-var ErrInvalidRequest = errors.New("invalid request")
+// It is the credits contract's [credits.ErrInvalidRequest], which
+// metering's refusals wrap.
+var ErrInvalidRequest = credits.ErrInvalidRequest
 
 // creditsBackend returns the Credits option, or answers 503 and nil.
 func (g *Gateway) creditsBackend(w http.ResponseWriter, r *http.Request) Credits {

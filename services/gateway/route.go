@@ -7,6 +7,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 )
 
@@ -16,8 +17,9 @@ var ErrNoRoute = errors.New("no route")
 
 // ErrInsufficientCredits is wrapped by an [Admitter] refusing a sandbox for
 // lack of credit. The gateway rejects the sandbox (code
-// insufficient_credits) and answers 402.
-var ErrInsufficientCredits = errors.New("insufficient credits")
+// insufficient_credits) and answers 402. It is the credits contract's
+// [credits.ErrInsufficientCredits], which metering's refusals wrap.
+var ErrInsufficientCredits = credits.ErrInsufficientCredits
 
 // Rejection codes of the rejected events the gateway publishes.
 const (

@@ -1,11 +1,11 @@
 package metering
 
 import (
-	"errors"
 	"fmt"
 	"slices"
 	"time"
 
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 )
 
@@ -13,87 +13,9 @@ import (
 // ledger records. sand-boxer never divides a minor unit: prices are integers
 // per second or per started minute, so every charge is an integer.
 
-// MaxBalance is the most credit an account holds, and so the largest
-// grant: 2^53 minor units, which every JSON number holds exactly. A grant
-// that would take a balance beyond it is refused ([ErrInvalidRequest]);
-// nothing else adds to a balance but refunds of what was debited, so no
-// sum of amounts ever wraps around.
-const MaxBalance int64 = 1 << 53
-
-// ErrInsufficientCredits is wrapped by every refusal for lack of credit: a
-// hold larger than the available balance.
-var ErrInsufficientCredits = errors.New("insufficient credits")
-
-// ErrHoldClosed is wrapped when admission is asked again for a sandbox
-// whose hold was already settled or released.
-var ErrHoldClosed = errors.New("hold already closed")
-
-// EntryKind is the kind of a ledger entry.
-type EntryKind string
-
-// Ledger entry kinds. Amount is the change of the balance, Held the change
-// of the credit on hold; available = balance - held.
-const (
-	// EntryGrant adds credit: Amount > 0.
-	EntryGrant EntryKind = "grant"
-	// EntryHold reserves credit for a sandbox at admission: Held > 0.
-	EntryHold EntryKind = "hold"
-	// EntryExtend reserves more credit for a running sandbox: Held > 0.
-	EntryExtend EntryKind = "extend"
-	// EntryDebit charges usage: Amount < 0, Held <= 0 (charged from the
-	// hold first).
-	EntryDebit EntryKind = "debit"
-	// EntryRefund gives back what was charged beyond the actual usage at
-	// settlement: Amount > 0.
-	EntryRefund EntryKind = "refund"
-	// EntryRelease frees the rest of a hold: Held <= 0. Every hold is
-	// released exactly once.
-	EntryRelease EntryKind = "release"
-	// EntryExpire removes the unspent rest of an expired grant: Amount < 0.
-	EntryExpire EntryKind = "expire"
-)
-
-// Draw is the part of an amount taken from, or given back to, one grant.
-type Draw struct {
-	Grant  string `json:"grant"`
-	Amount int64  `json:"amount"`
-}
-
-// Entry is one ledger entry. Its key is derived from the event or request
-// that caused it and is written once, ever: a second write of the same key
-// fails, so redelivery never records twice. Folding Amount over a
-// consumer's entries gives the balance; folding Held gives the credit on
-// hold.
-type Entry struct {
-	// Key is the ledger key: <consumer>.<derivation of the cause>.
-	Key string `json:"key"`
-	// Seq numbers a consumer's entries from 1, without gaps, in the order
-	// they were applied.
-	Seq      uint64    `json:"seq"`
-	Consumer string    `json:"consumer"`
-	Kind     EntryKind `json:"kind"`
-	// Amount is the change of the balance.
-	Amount int64 `json:"amount"`
-	// Held is the change of the credit on hold.
-	Held int64 `json:"held"`
-	// BalanceAfter and HeldAfter are the account after the entry.
-	BalanceAfter int64 `json:"balance_after"`
-	HeldAfter    int64 `json:"held_after"`
-	// Sandbox and Hold name the sandbox an entry is about, if any.
-	Sandbox string `json:"sandbox_id,omitempty"`
-	Hold    string `json:"hold,omitempty"`
-	// Grant names the grant a grant or expire entry is about.
-	Grant string `json:"grant,omitempty"`
-	// Draws are the grants a debit was taken from or a refund given to.
-	Draws []Draw `json:"draws,omitempty"`
-	// Cause is the id of the event or request that caused the entry.
-	Cause string `json:"cause"`
-	// Reason explains the entry in words.
-	Reason string    `json:"reason,omitempty"`
-	At     time.Time `json:"at"`
-}
-
-// Grant is credit added to an account.
+// Grant is credit added to an account, as the account document keeps it:
+// the contract's [credits.Grant] and the count of open holds that may
+// refund to it.
 type Grant struct {
 	ID string `json:"id"`
 	// Amount is what was granted; Remaining what is left unspent.
@@ -114,17 +36,10 @@ type Grant struct {
 	Holds int `json:"holds,omitempty"`
 }
 
-// Quote is a price for a duration, with its breakdown.
-type Quote struct {
-	Amount          int64    `json:"amount"`
-	DurationSeconds int64    `json:"duration_seconds"`
-	Breakdown       []string `json:"breakdown,omitempty"`
-}
-
 // Hold is the credit reserved for one sandbox and the sandbox's meter. An
 // open hold is one value in the credits bucket under
-// hold.<consumer>.<sandbox>, written only through its account's outbox;
-// it is deleted when released.
+// hold.<consumer>.<sandbox>, written only in an atomic batch with its
+// account; it is deleted when released.
 type Hold struct {
 	// ID is the hold id admission returns; it is the sandbox id.
 	ID           string                 `json:"id"`
@@ -142,8 +57,8 @@ type Hold struct {
 	// Debited is everything charged to the sandbox so far.
 	Debited int64 `json:"debited"`
 	// Quote is admission's quote.
-	Quote     Quote     `json:"quote"`
-	CreatedAt time.Time `json:"created_at"`
+	Quote     credits.Quote `json:"quote"`
+	CreatedAt time.Time     `json:"created_at"`
 	// ReadyAt starts the meter; zero until the sandbox is ready.
 	ReadyAt time.Time `json:"ready_at,omitzero"`
 	// ThroughSeconds is the usage the debits cover, in seconds from ready.
@@ -152,7 +67,7 @@ type Hold struct {
 	Debits  int `json:"debits,omitempty"`
 	Extends int `json:"extends,omitempty"`
 	// Draws are the grants the debits were taken from, net of refunds.
-	Draws []Draw `json:"draws,omitempty"`
+	Draws []credits.Draw `json:"draws,omitempty"`
 	// Low is set once the low-credit notice went out; Exhausted once the
 	// destroy did.
 	Low       bool `json:"low,omitempty"`
@@ -165,6 +80,12 @@ type Hold struct {
 	// the sandbox's meter (when it became ready) until settlement, whose
 	// usage record is the only trace the sandbox leaves.
 	Free bool `json:"free,omitempty"`
+}
+
+// view is g as the credits API shows it.
+func (g *Grant) view() credits.Grant {
+	return credits.Grant{ID: g.ID, Amount: g.Amount, Remaining: g.Remaining, Priority: g.Priority, ExpiresAt: g.ExpiresAt,
+		Promo: g.Promo, GrantedAt: g.GrantedAt, Expiries: g.Expiries}
 }
 
 // accrues reports whether running costs anything: a free sandbox (no
@@ -198,12 +119,20 @@ type Account struct {
 	// LegacyHolds are the open holds of an account written before holds
 	// had keys of their own; the next change moves them out.
 	LegacyHolds map[string]*Hold `json:"holds,omitempty"`
-	// Outbox lists what the last change must still write and publish: its
-	// ledger entries, hold values, notices and usage records. Whoever
-	// loads the account next finishes it first, so a crash between the
-	// compare-and-swap and the writes loses nothing. Finished items may
-	// stay listed until the next change: every write of an item is
-	// idempotent.
+	// Events lists the metering events the last change must still
+	// publish: one per ledger entry, usage record and notice it made.
+	// Everything else the change wrote (its ledger entries, usage records
+	// and hold values) went to the credits stream in the same atomic
+	// batch as this document, so only the publish can be left to do:
+	// whoever loads the account next publishes them first. Published
+	// items may stay listed until the next change: each publish carries
+	// Nats-Msg-Id from the item's key.
+	Events []*Item `json:"events,omitempty"`
+	// Outbox is the outbox of an account written before ledger commits
+	// were atomic batches: items whose writes may not have been done
+	// yet. Whoever loads such an account writes and publishes them
+	// (every write is idempotent) before changing anything, and the next
+	// change clears it.
 	Outbox    []*Item   `json:"outbox,omitempty"`
 	UpdatedAt time.Time `json:"updated_at"`
 }
@@ -211,12 +140,13 @@ type Account struct {
 // Available is the credit neither spent nor on hold.
 func (a *Account) Available() int64 { return a.Balance - a.Held }
 
-// Item is one thing an account change must write or publish.
+// Item is one thing an account change publishes (and, in the outbox of
+// an account of the previous version, writes).
 type Item struct {
-	Entry  *Entry       `json:"entry,omitempty"`
-	Notice *Notice      `json:"notice,omitempty"`
-	Usage  *UsageRecord `json:"usage,omitempty"`
-	Hold   *HoldWrite   `json:"hold,omitempty"`
+	Entry  *credits.Entry       `json:"entry,omitempty"`
+	Notice *credits.Notice      `json:"notice,omitempty"`
+	Usage  *credits.UsageRecord `json:"usage,omitempty"`
+	Hold   *HoldWrite           `json:"hold,omitempty"`
 	// Trace is the W3C traceparent of what caused the item (the
 	// lifecycle event, tick or request handled): the event the item
 	// publishes joins that trace, however late the outbox is finished.
@@ -224,7 +154,8 @@ type Item struct {
 	Trace string `json:"trace,omitempty"`
 }
 
-// HoldWrite is a write of one hold's value: its new state, or its
+// HoldWrite is a write, in the outbox of an account of the previous
+// version, of one hold's value: its new state, or its
 // deletion when the hold closed. Rev is the revision the key must be at
 // (0: the key must never have existed), so a late or repeated write of an
 // older state fails instead of overwriting a newer one.
@@ -248,6 +179,7 @@ func (a *Account) clone() *Account {
 		cp := *g
 		c.Grants[i] = &cp
 	}
+	c.Events = slices.Clone(a.Events)
 	c.Outbox = slices.Clone(a.Outbox)
 	return &c
 }
@@ -274,13 +206,13 @@ func (a *Account) check() error {
 }
 
 // record completes e with the account's next sequence and state, and adds
-// it to the outbox.
-func (a *Account) record(e *Entry) *Entry {
+// it to the change's events.
+func (a *Account) record(e *credits.Entry) *credits.Entry {
 	a.Seq++
 	e.Seq = a.Seq
 	e.Consumer = a.Consumer
 	e.BalanceAfter, e.HeldAfter = a.Balance, a.Held
-	a.Outbox = append(a.Outbox, &Item{Entry: e})
+	a.Events = append(a.Events, &Item{Entry: e})
 	return e
 }
 
@@ -352,8 +284,8 @@ func (a *Account) grant(id string) *Grant {
 
 // take removes amount from the balance in spending order. The caller has
 // checked amount <= balance.
-func (a *Account) take(amount int64) []Draw {
-	var draws []Draw
+func (a *Account) take(amount int64) []credits.Draw {
+	var draws []credits.Draw
 	for _, g := range a.spendingOrder() {
 		if amount == 0 {
 			break
@@ -362,13 +294,13 @@ func (a *Account) take(amount int64) []Draw {
 		g.Remaining -= n
 		a.Balance -= n
 		amount -= n
-		draws = append(draws, Draw{Grant: g.ID, Amount: n})
+		draws = append(draws, credits.Draw{Grant: g.ID, Amount: n})
 	}
 	return draws
 }
 
 // addGrant applies a grant. The caller has checked the key is new.
-func (a *Account) addGrant(g Grant, cause string, now time.Time) *Entry {
+func (a *Account) addGrant(g Grant, cause string, now time.Time) *credits.Entry {
 	g.Remaining = g.Amount
 	if g.GrantedAt.IsZero() {
 		g.GrantedAt = now
@@ -379,7 +311,7 @@ func (a *Account) addGrant(g Grant, cause string, now time.Time) *Entry {
 	if g.Promo {
 		reason = "promotional credit"
 	}
-	return a.record(&Entry{Key: grantKey(a.Consumer, g.ID), Kind: EntryGrant, Amount: g.Amount, Grant: g.ID, Cause: cause, Reason: reason, At: now})
+	return a.record(&credits.Entry{Key: grantKey(a.Consumer, g.ID), Kind: credits.EntryGrant, Amount: g.Amount, Grant: g.ID, Cause: cause, Reason: reason, At: now})
 }
 
 // expire removes the unspent, unreserved rest of every grant past its
@@ -397,21 +329,21 @@ func (a *Account) expire(now time.Time) {
 		g.Remaining -= n
 		a.Balance -= n
 		g.Expiries++
-		a.record(&Entry{
-			Key: expireKey(a.Consumer, g.ID, g.Expiries), Kind: EntryExpire, Amount: -n, Grant: g.ID,
-			Draws: []Draw{{Grant: g.ID, Amount: n}}, Cause: "grant." + g.ID + ".expiry", Reason: "grant expired", At: now,
+		a.record(&credits.Entry{
+			Key: expireKey(a.Consumer, g.ID, g.Expiries), Kind: credits.EntryExpire, Amount: -n, Grant: g.ID,
+			Draws: []credits.Draw{{Grant: g.ID, Amount: n}}, Cause: "grant." + g.ID + ".expiry", Reason: "grant expired", At: now,
 		})
 	}
 }
 
 // reserve opens hold h for amount. It refuses with
-// [ErrInsufficientCredits] when amount exceeds the available credit.
+// [credits.ErrInsufficientCredits] when amount exceeds the available credit.
 func (a *Account) reserve(h *Hold, amount int64, cause string, now time.Time) error {
 	if amount < 0 {
 		return fmt.Errorf("reserving %d: negative amount", amount)
 	}
 	if amount > a.Available() {
-		return fmt.Errorf("%w: hold of %d for sandbox %s, available %d", ErrInsufficientCredits, amount, h.Sandbox, a.Available())
+		return fmt.Errorf("%w: hold of %d for sandbox %s, available %d", credits.ErrInsufficientCredits, amount, h.Sandbox, a.Available())
 	}
 	h.Amount, h.Reserved = amount, amount
 	a.Open++
@@ -420,7 +352,7 @@ func (a *Account) reserve(h *Hold, amount int64, cause string, now time.Time) er
 	if h.Implicit {
 		reason = "ready without admission"
 	}
-	a.record(&Entry{Key: holdKey(a.Consumer, h.Sandbox), Kind: EntryHold, Held: amount, Sandbox: h.Sandbox, Hold: h.ID, Cause: cause, Reason: reason, At: now})
+	a.record(&credits.Entry{Key: holdKey(a.Consumer, h.Sandbox), Kind: credits.EntryHold, Held: amount, Sandbox: h.Sandbox, Hold: h.ID, Cause: cause, Reason: reason, At: now})
 	return nil
 }
 
@@ -450,7 +382,7 @@ func (a *Account) extend(h *Hold, amount int64, cause string, now time.Time) int
 	h.Reserved += n
 	a.Held += n
 	h.Extends++
-	a.record(&Entry{Key: extendKey(a.Consumer, h.Sandbox, h.Extends), Kind: EntryExtend, Held: n, Sandbox: h.Sandbox, Hold: h.ID, Cause: cause, Reason: "running sandbox", At: now})
+	a.record(&credits.Entry{Key: extendKey(a.Consumer, h.Sandbox, h.Extends), Kind: credits.EntryExtend, Held: n, Sandbox: h.Sandbox, Hold: h.ID, Cause: cause, Reason: "running sandbox", At: now})
 	return n
 }
 
@@ -469,7 +401,7 @@ func (a *Account) debit(h *Hold, key string, amount int64, cause, reason string,
 	draws := a.take(total)
 	h.Debited += total
 	h.Draws = a.mergeDraws(h.Draws, draws)
-	a.record(&Entry{Key: key, Kind: EntryDebit, Amount: -total, Held: -fromHold, Sandbox: h.Sandbox, Hold: h.ID, Draws: draws, Cause: cause, Reason: reason, At: now})
+	a.record(&credits.Entry{Key: key, Kind: credits.EntryDebit, Amount: -total, Held: -fromHold, Sandbox: h.Sandbox, Hold: h.ID, Draws: draws, Cause: cause, Reason: reason, At: now})
 	return total
 }
 
@@ -480,7 +412,7 @@ func (a *Account) refund(h *Hold, amount int64, cause string, now time.Time) {
 		return
 	}
 	left := amount
-	var draws []Draw
+	var draws []credits.Draw
 	for i := len(h.Draws) - 1; i >= 0 && left > 0; i-- {
 		d := &h.Draws[i]
 		n := min(left, d.Amount)
@@ -494,12 +426,12 @@ func (a *Account) refund(h *Hold, amount int64, cause string, now time.Time) {
 		g.Remaining += n
 		d.Amount -= n
 		left -= n
-		draws = append(draws, Draw{Grant: g.ID, Amount: n})
+		draws = append(draws, credits.Draw{Grant: g.ID, Amount: n})
 	}
 	given := amount - left
 	a.Balance += given
 	h.Debited -= given
-	a.record(&Entry{Key: refundKey(a.Consumer, h.Sandbox), Kind: EntryRefund, Amount: given, Sandbox: h.Sandbox, Hold: h.ID, Draws: draws, Cause: cause, Reason: "charged beyond actual usage", At: now})
+	a.record(&credits.Entry{Key: refundKey(a.Consumer, h.Sandbox), Kind: credits.EntryRefund, Amount: given, Sandbox: h.Sandbox, Hold: h.ID, Draws: draws, Cause: cause, Reason: "charged beyond actual usage", At: now})
 }
 
 // release frees what is left of hold h and closes it. The hold of a free
@@ -521,12 +453,12 @@ func (a *Account) release(h *Hold, cause, reason string, now time.Time) {
 	if h.Free && freed == 0 && h.Debited == 0 && len(h.Draws) == 0 {
 		return
 	}
-	a.record(&Entry{Key: releaseKey(a.Consumer, h.Sandbox), Kind: EntryRelease, Held: -freed, Sandbox: h.Sandbox, Hold: h.ID, Cause: cause, Reason: reason, At: now})
+	a.record(&credits.Entry{Key: releaseKey(a.Consumer, h.Sandbox), Kind: credits.EntryRelease, Held: -freed, Sandbox: h.Sandbox, Hold: h.ID, Cause: cause, Reason: reason, At: now})
 }
 
 // mergeDraws adds draws to a hold's, counting the hold on each grant it
 // draws from for the first time.
-func (a *Account) mergeDraws(into, add []Draw) []Draw {
+func (a *Account) mergeDraws(into, add []credits.Draw) []credits.Draw {
 	for _, d := range add {
 		found := false
 		for i := range into {
@@ -544,30 +476,4 @@ func (a *Account) mergeDraws(into, add []Draw) []Draw {
 		}
 	}
 	return into
-}
-
-// Fold folds a consumer's ledger entries into the balance and the credit
-// on hold they add up to. It checks that the entries are one consumer's,
-// numbered 1, 2, 3... without gap or repeat in the order given (sort them
-// by Seq first), and that no entry leaves anything below zero; it returns
-// the first violation.
-func Fold(entries []Entry) (balance, held int64, err error) {
-	for i := range entries {
-		e := &entries[i]
-		if e.Seq != uint64(i+1) {
-			return 0, 0, fmt.Errorf("folding ledger: entry %s has seq %d, want %d", e.Key, e.Seq, i+1)
-		}
-		if e.Consumer != entries[0].Consumer {
-			return 0, 0, fmt.Errorf("folding ledger: entry %s is of consumer %s, not %s", e.Key, e.Consumer, entries[0].Consumer)
-		}
-		balance += e.Amount
-		held += e.Held
-		if balance != e.BalanceAfter || held != e.HeldAfter {
-			return 0, 0, fmt.Errorf("folding ledger: entry %s leaves balance %d held %d, the fold gives %d and %d", e.Key, e.BalanceAfter, e.HeldAfter, balance, held)
-		}
-		if balance < 0 || held < 0 || held > balance {
-			return 0, 0, fmt.Errorf("folding ledger: entry %s leaves balance %d, held %d", e.Key, balance, held)
-		}
-	}
-	return balance, held, nil
 }

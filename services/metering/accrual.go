@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 )
@@ -64,7 +65,7 @@ func (m *Metering) onAccrual(ctx context.Context, msg *bus.Message) ([]bus.Out, 
 	elapsed := max(now.Sub(h.ReadyAt), 0)
 	cur, err := m.pricer.cost(ctx, tm, elapsed)
 	if err == nil {
-		var next Quote
+		var next credits.Quote
 		if next, err = m.pricer.cost(ctx, tm, elapsed+m.opts.Lookahead); err == nil {
 			return m.accrue(ctx, c, sb, msg.Event.ID(), &prices{cur: cur, next: next, at: now, ok: true})
 		}
@@ -79,7 +80,7 @@ func (m *Metering) onAccrual(ctx context.Context, msg *bus.Message) ([]bus.Out, 
 // so far, next of the usage through the lookahead, at time at. ok is false
 // when there are none (the change only settles what needs no price).
 type prices struct {
-	cur, next Quote
+	cur, next credits.Quote
 	at        time.Time
 	ok        bool
 }
@@ -108,7 +109,7 @@ func (m *Metering) accrue(ctx context.Context, c, sb, tick string, p *prices) ([
 			resend, held = true, cloneHold(h)
 			return errNoChange
 		}
-		var cur, next Quote
+		var cur, next credits.Quote
 		at := t.now
 		switch {
 		case p != nil && !p.ok:
@@ -146,8 +147,8 @@ func (m *Metering) accrue(ctx context.Context, c, sb, tick string, p *prices) ([
 		if !short && need > h.Amount {
 			a.extend(h, need-h.Amount, cause, t.now)
 		}
-		notice := func(k Kind) {
-			a.Outbox = append(a.Outbox, &Item{Notice: &Notice{
+		notice := func(k credits.Kind) {
+			a.Events = append(a.Events, &Item{Notice: &credits.Notice{
 				Key: c + ".sb." + sb + "." + string(k), Kind: k, Consumer: c, Sandbox: sb, Hold: h.ID,
 				Profile: h.Profile, Extension: h.Extension, Held: h.Amount, Available: a.Available(),
 				Needed: max(need-h.Amount, 0), Debited: h.Debited, Cause: cause, At: t.now,
@@ -157,11 +158,11 @@ func (m *Metering) accrue(ctx context.Context, c, sb, tick string, p *prices) ([
 		case short || (need > h.Amount && h.Amount == 0 && a.Available() == 0):
 			a.flagLow(h)
 			h.Exhausted, exhausted = true, true
-			notice(KindExhausted)
+			notice(credits.KindExhausted)
 		case need > h.Amount && !h.Low:
 			a.flagLow(h)
 			h.Low = true
-			notice(KindLow)
+			notice(credits.KindLow)
 		case a.Seq == seq:
 			return errNoChange
 		}

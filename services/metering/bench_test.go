@@ -10,6 +10,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/services/metering"
 )
@@ -18,19 +19,19 @@ import (
 // as a billing consumer rebuilding an account does.
 func BenchmarkLedgerFold(b *testing.B) {
 	const n = 10_000
-	entries := make([]metering.Entry, 0, n)
+	entries := make([]credits.Entry, 0, n)
 	var bal, held int64
 	for i := range n {
-		e := metering.Entry{Key: fmt.Sprintf("dev.sb.s%d.hold", i), Seq: uint64(i + 1), Consumer: "dev"}
+		e := credits.Entry{Key: fmt.Sprintf("dev.sb.s%d.hold", i), Seq: uint64(i + 1), Consumer: "dev"}
 		switch i % 4 {
 		case 0:
-			e.Kind, e.Amount = metering.EntryGrant, 100
+			e.Kind, e.Amount = credits.EntryGrant, 100
 		case 1:
-			e.Kind, e.Held = metering.EntryHold, 60
+			e.Kind, e.Held = credits.EntryHold, 60
 		case 2:
-			e.Kind, e.Amount, e.Held = metering.EntryDebit, -40, -40
+			e.Kind, e.Amount, e.Held = credits.EntryDebit, -40, -40
 		case 3:
-			e.Kind, e.Held = metering.EntryRelease, -20
+			e.Kind, e.Held = credits.EntryRelease, -20
 		}
 		bal += e.Amount
 		held += e.Held
@@ -39,7 +40,7 @@ func BenchmarkLedgerFold(b *testing.B) {
 	}
 	b.ReportAllocs()
 	for b.Loop() {
-		gb, gh, err := metering.Fold(entries)
+		gb, gh, err := credits.Fold(entries)
 		if err != nil || gb != bal || gh != held {
 			b.Fatalf("fold: %d %d %v, want %d %d", gb, gh, err, bal, held)
 		}
@@ -54,7 +55,7 @@ func benchEnv(b *testing.B) (*env, *metering.Metering, context.Context) {
 	e := newEnv(b)
 	m := e.start(b, metering.Options{})
 	ctx := testCtx(b)
-	if _, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: "bench", Amount: 1 << 50, ID: "all"}); err != nil {
+	if _, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: "bench", Amount: 1 << 50, ID: "all"}); err != nil {
 		b.Fatal(err)
 	}
 	return e, m, ctx
@@ -76,7 +77,7 @@ func awaitProcessed(b *testing.B, m *metering.Metering, want uint64) {
 // cycle admits sandbox sb, publishes its ready and destroyed events, and
 // waits until both are folded into the account.
 func cycle(b *testing.B, e *env, m *metering.Metering, ctx context.Context, sb string, done *atomic.Uint64) {
-	if _, err := e.client.Hold(ctx, metering.HoldRequest{SandboxID: sb, Consumer: "bench", Profile: profCheap, Extension: extSelf, TTLSeconds: 60}); err != nil {
+	if _, err := e.client.Hold(ctx, credits.HoldRequest{SandboxID: sb, Consumer: "bench", Profile: profCheap, Extension: extSelf, TTLSeconds: 60}); err != nil {
 		b.Error(err)
 		return
 	}
@@ -144,7 +145,7 @@ func BenchmarkLifecycleEvents(b *testing.B) {
 		go func() {
 			defer wg.Done()
 			for i := next.Add(1); i <= int64(n); i = next.Add(1) {
-				if _, err := e.client.Hold(ctx, metering.HoldRequest{SandboxID: fmt.Sprintf("e%d", i), Consumer: "bench", Profile: profCheap, Extension: extSelf, TTLSeconds: 60}); err != nil {
+				if _, err := e.client.Hold(ctx, credits.HoldRequest{SandboxID: fmt.Sprintf("e%d", i), Consumer: "bench", Profile: profCheap, Extension: extSelf, TTLSeconds: 60}); err != nil {
 					b.Error(err)
 					return
 				}
@@ -206,14 +207,14 @@ func BenchmarkHoldWithLive(b *testing.B) {
 		b.Run(fmt.Sprintf("live=%d", live), func(b *testing.B) {
 			e, _, ctx := benchEnv(b)
 			for i := range live {
-				if _, err := e.client.Hold(ctx, metering.HoldRequest{SandboxID: fmt.Sprintf("l%d", i), Consumer: "bench", Profile: profCheap, Extension: extSelf, TTLSeconds: 60}); err != nil {
+				if _, err := e.client.Hold(ctx, credits.HoldRequest{SandboxID: fmt.Sprintf("l%d", i), Consumer: "bench", Profile: profCheap, Extension: extSelf, TTLSeconds: 60}); err != nil {
 					b.Fatal(err)
 				}
 			}
 			b.ReportAllocs()
 			i := 0
 			for b.Loop() {
-				if _, err := e.client.Hold(ctx, metering.HoldRequest{SandboxID: fmt.Sprintf("n%d", i), Consumer: "bench", Profile: profCheap, Extension: extSelf, TTLSeconds: 60}); err != nil {
+				if _, err := e.client.Hold(ctx, credits.HoldRequest{SandboxID: fmt.Sprintf("n%d", i), Consumer: "bench", Profile: profCheap, Extension: extSelf, TTLSeconds: 60}); err != nil {
 					b.Fatal(err)
 				}
 				i++
@@ -236,7 +237,7 @@ func BenchmarkHoldParallel(b *testing.B) {
 	for range 64 {
 		wg.Go(func() {
 			for i := next.Add(1); i <= int64(b.N); i = next.Add(1) {
-				if _, err := e.client.Hold(ctx, metering.HoldRequest{SandboxID: fmt.Sprintf("h%d", i), Consumer: "bench", Profile: profCheap, Extension: extSelf, TTLSeconds: 60}); err != nil {
+				if _, err := e.client.Hold(ctx, credits.HoldRequest{SandboxID: fmt.Sprintf("h%d", i), Consumer: "bench", Profile: profCheap, Extension: extSelf, TTLSeconds: 60}); err != nil {
 					b.Error(err)
 					return
 				}

@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 )
@@ -71,7 +72,7 @@ const defaultHoldGrace = 5 * time.Minute
 // scheduleHoldDeadline schedules the deadline of r's hold. Its id is the
 // sandbox's, so admission asked again within the de-duplication window
 // schedules it once.
-func (m *Metering) scheduleHoldDeadline(ctx context.Context, r HoldRequest) error {
+func (m *Metering) scheduleHoldDeadline(ctx context.Context, r credits.HoldRequest) error {
 	d := m.holdDeadline(r.Profile)
 	if d <= 0 {
 		return nil

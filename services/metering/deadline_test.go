@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/services/metering"
 )
@@ -82,12 +83,12 @@ func TestHoldDeadline(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	e.start(t, metering.Options{HoldDeadline: time.Second, Metrics: reg})
 	ctx := testCtx(t)
-	if _, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: "dev", Amount: 1000, ID: "g"}); err != nil {
+	if _, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: "dev", Amount: 1000, ID: "g"}); err != nil {
 		t.Fatal(err)
 	}
 	lost, started, running := ref("dev", "sb-lost", profCheap), ref("dev", "sb-started", profCheap), ref("dev", "sb-running", profCheap)
 	for _, r := range []event.Ref{lost, started, running} {
-		if _, err := e.client.Hold(ctx, metering.HoldRequest{SandboxID: r.SandboxID, Consumer: "dev", Profile: r.Profile, Extension: r.Extension, TTLSeconds: 60}); err != nil {
+		if _, err := e.client.Hold(ctx, credits.HoldRequest{SandboxID: r.SandboxID, Consumer: "dev", Profile: r.Profile, Extension: r.Extension, TTLSeconds: 60}); err != nil {
 			t.Fatal(err)
 		}
 		if m := e.lastOn(t, event.StreamTimers, event.HoldDeadlineScheduleSubject(r.SandboxID)); m == nil || m.Header.Get("Nats-Schedule-Target") != event.HoldDeadlineFireSubject(r.SandboxID) {
@@ -137,10 +138,10 @@ func TestHoldDeadline(t *testing.T) {
 			t.Errorf("%s was rejected after its lifecycle started", r.SandboxID)
 		}
 	}
-	released := func(s []metering.Entry) int {
+	released := func(s []credits.Entry) int {
 		n := 0
 		for _, en := range s {
-			if en.Kind == metering.EntryRelease && en.Sandbox == lost.SandboxID {
+			if en.Kind == credits.EntryRelease && en.Sandbox == lost.SandboxID {
 				n++
 			}
 		}
@@ -153,7 +154,7 @@ func TestHoldDeadline(t *testing.T) {
 		t.Errorf("holds_expired_total = %v (found %v), want 1", v, ok)
 	}
 	if !slices.ContainsFunc(e.meteringEvents(t), func(ev *event.Event) bool {
-		return ev.Type() == string(metering.KindReleased.Type()) && ev.Subject() == lost.SandboxID
+		return ev.Type() == string(credits.KindReleased.Type()) && ev.Subject() == lost.SandboxID
 	}) {
 		t.Errorf("no released event for the lost sandbox")
 	}

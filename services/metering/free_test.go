@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/services/metering"
 )
@@ -27,7 +28,7 @@ func TestFreeSandboxLeavesOnlyItsUsage(t *testing.T) {
 
 	never, admitted, early, failed := ref(c, "free-never", profFree), ref(c, "free-admitted", profFree), ref(c, "free-early", profFree), ref(c, "free-failed", profFree)
 	free := []event.Ref{never, admitted, early, failed}
-	if hr, err := e.client.Hold(ctx, metering.HoldRequest{SandboxID: admitted.SandboxID, Consumer: c, Profile: profFree, Extension: extSelf, TTLSeconds: 60}); err != nil || hr.Amount != 0 || hr.Hold != admitted.SandboxID {
+	if hr, err := e.client.Hold(ctx, credits.HoldRequest{SandboxID: admitted.SandboxID, Consumer: c, Profile: profFree, Extension: extSelf, TTLSeconds: 60}); err != nil || hr.Amount != 0 || hr.Hold != admitted.SandboxID {
 		t.Fatalf("admission of a free sandbox: %+v, %v", hr, err)
 	}
 	for _, r := range []event.Ref{never, admitted} {
@@ -63,7 +64,7 @@ func TestFreeSandboxLeavesOnlyItsUsage(t *testing.T) {
 	if len(s.entries) != 0 || len(s.holds) != 0 || s.acct.Balance != 0 || s.acct.Held != 0 || s.acct.Open != 0 {
 		t.Fatalf("after four free sandboxes: ledger %v, holds %v, account %+v; want nothing", kinds(s.entries), s.holds, s.acct)
 	}
-	u, err := e.client.Usage(ctx, metering.UsageRequest{Consumer: c})
+	u, err := e.client.Usage(ctx, credits.UsageRequest{Consumer: c})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -88,23 +89,23 @@ func TestFreeSandboxLeavesOnlyItsUsage(t *testing.T) {
 			types = append(types, ev.Type())
 		}
 	}
-	want := []string{string(metering.KindUsage.Type())}
+	want := []string{string(credits.KindUsage.Type())}
 	if len(types) != len(free) || slices.IndexFunc(types, func(s string) bool { return s != want[0] }) >= 0 {
 		t.Fatalf("metering events of the free sandboxes: %v, want one %s each", types, want[0])
 	}
 	validateStream(t, e)
 	for _, r := range free {
-		if _, err := e.client.Hold(ctx, metering.HoldRequest{SandboxID: r.SandboxID, Consumer: c, Profile: profFree, Extension: extSelf}); !errors.Is(err, metering.ErrHoldClosed) {
+		if _, err := e.client.Hold(ctx, credits.HoldRequest{SandboxID: r.SandboxID, Consumer: c, Profile: profFree, Extension: extSelf}); !errors.Is(err, credits.ErrHoldClosed) {
 			t.Errorf("admission of settled free sandbox %s: %v, want ErrHoldClosed", r.SandboxID, err)
 		}
 	}
 
 	// A priced sandbox of the same consumer: hold, debit, release.
-	if _, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: c, Amount: 100, ID: "g"}); err != nil {
+	if _, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: c, Amount: 100, ID: "g"}); err != nil {
 		t.Fatal(err)
 	}
 	cheap := ref(c, "cheap", profCheap)
-	if _, err := e.client.Hold(ctx, metering.HoldRequest{SandboxID: cheap.SandboxID, Consumer: c, Profile: profCheap, Extension: extSelf, TTLSeconds: 60}); err != nil {
+	if _, err := e.client.Hold(ctx, credits.HoldRequest{SandboxID: cheap.SandboxID, Consumer: c, Profile: profCheap, Extension: extSelf, TTLSeconds: 60}); err != nil {
 		t.Fatal(err)
 	}
 	e.publish(t, cheap, event.StateReady, t0, false)
@@ -112,7 +113,7 @@ func TestFreeSandboxLeavesOnlyItsUsage(t *testing.T) {
 	e.drained(t)
 	s = e.snap(t, c)
 	checkInvariants(t, s)
-	wantKinds := []metering.EntryKind{metering.EntryGrant, metering.EntryHold, metering.EntryDebit, metering.EntryRelease}
+	wantKinds := []credits.EntryKind{credits.EntryGrant, credits.EntryHold, credits.EntryDebit, credits.EntryRelease}
 	if !slices.Equal(kinds(s.entries), wantKinds) || s.acct.Balance != 85 {
 		t.Fatalf("priced sandbox after free ones: ledger %v, balance %d; want %v and 85", kinds(s.entries), s.acct.Balance, wantKinds)
 	}

@@ -24,6 +24,7 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/auth"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/catalog"
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/extension/saasstub"
@@ -102,9 +103,13 @@ type env struct {
 	nc     *nats.Conn
 	js     jetstream.JetStream
 	pub    *bus.Publisher
-	client *metering.Client
-	ledger jetstream.KeyValue
-	cred   jetstream.KeyValue
+	client *credits.Client
+	// cred is the credits bucket: accounts, holds, usage records and
+	// the ledger (under bus.LedgerPrefix).
+	cred jetstream.KeyValue
+	// killed are the instances armed to die mid-batch: their shutdown
+	// may fail.
+	killed sync.Map
 }
 
 func newEnv(t testing.TB) *env {
@@ -125,10 +130,7 @@ func newEnv(t testing.TB) *env {
 	}
 	// The client asks as the gateway does.
 	gw := srv.ConnAs(t, auth.Identity{Role: auth.RoleGateway})
-	e := &env{srv: srv, nc: nc, js: js, pub: bus.NewPublisher(js), client: metering.NewClient(gw)}
-	if e.ledger, err = js.KeyValue(ctx, bus.BucketLedger); err != nil {
-		t.Fatal(err)
-	}
+	e := &env{srv: srv, nc: nc, js: js, pub: bus.NewPublisher(js), client: credits.NewClient(gw)}
 	if e.cred, err = js.KeyValue(ctx, bus.BucketCredits); err != nil {
 		t.Fatal(err)
 	}
@@ -177,10 +179,19 @@ func (e *env) start(t tb, opts metering.Options) *metering.Metering {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		if err := m.Shutdown(ctx); err != nil {
-			t.Errorf("shutdown: %v", err)
+			if _, killed := e.killed.Load(m); !killed {
+				t.Errorf("shutdown: %v", err)
+			}
 		}
 	})
 	return m
+}
+
+// kill arms m to close its connection before its next commit, with every
+// other message of the batch sent ([metering.KillBeforeCommit]).
+func (e *env) kill(m *metering.Metering) (disarm func() bool) {
+	e.killed.Store(m, true)
+	return metering.KillBeforeCommit(m)
 }
 
 // answerQuotes answers quote requests for the SaaS stub the way its
@@ -304,11 +315,11 @@ func (e *env) drained(t tb) {
 type snapshot struct {
 	acct    metering.Account
 	holds   map[string]metering.Hold
-	entries []metering.Entry
+	entries []credits.Entry
 }
 
 // snap reads consumer's account, holds and ledger until the account did
-// not change while they were read and its outbox was finished.
+// not change while they were read and its events were published.
 func (e *env) snap(t tb, consumer string) snapshot {
 	t.Helper()
 	ctx := testCtx(t)
@@ -318,7 +329,7 @@ func (e *env) snap(t tb, consumer string) snapshot {
 		holds := e.holds(t, ctx, consumer)
 		entries := e.entries(t, ctx, consumer)
 		_, r2 := e.account(t, consumer)
-		if r1 == r2 && len(a1.Outbox) == 0 {
+		if r1 == r2 && len(a1.Events) == 0 && len(a1.Outbox) == 0 {
 			return snapshot{acct: a1, holds: holds, entries: entries}
 		}
 		tk := time.NewTimer(10 * time.Millisecond)
@@ -375,23 +386,23 @@ func (e *env) account(t tb, consumer string) (metering.Account, uint64) {
 	return a, en.Revision()
 }
 
-func (e *env) entries(t tb, ctx context.Context, consumer string) []metering.Entry {
+func (e *env) entries(t tb, ctx context.Context, consumer string) []credits.Entry {
 	t.Helper()
-	lister, err := e.ledger.ListKeysFiltered(ctx, consumer+".>")
+	lister, err := e.cred.ListKeysFiltered(ctx, bus.LedgerPrefix+consumer+".>")
 	if err != nil {
 		t.Fatal(err)
 	}
-	var out []metering.Entry
+	var out []credits.Entry
 	for k := range lister.Keys() {
-		en, err := e.ledger.Get(ctx, k)
+		en, err := e.cred.Get(ctx, k)
 		if err != nil {
 			t.Fatal(err)
 		}
-		var x metering.Entry
+		var x credits.Entry
 		if err := json.Unmarshal(en.Value(), &x); err != nil {
 			t.Fatal(err)
 		}
-		if x.Key != k {
+		if bus.LedgerPrefix+x.Key != k {
 			t.Fatalf("ledger key %s holds entry %s", k, x.Key)
 		}
 		out = append(out, x)
@@ -419,16 +430,16 @@ func checkInvariants(t tb, s snapshot) {
 		}
 		seqs[x.Seq] = true
 		ck := x.Cause + "/" + string(x.Kind) + "/" + x.Sandbox + x.Grant
-		if x.Kind != metering.EntryExtend && x.Kind != metering.EntryDebit && x.Kind != metering.EntryExpire {
+		if x.Kind != credits.EntryExtend && x.Kind != credits.EntryDebit && x.Kind != credits.EntryExpire {
 			if prev, dup := byCause[ck]; dup {
 				t.Fatalf("cause %s has two %s entries: %s and %s", x.Cause, x.Kind, prev, x.Key)
 			}
 			byCause[ck] = x.Key
 		}
 		switch x.Kind {
-		case metering.EntryRelease:
+		case credits.EntryRelease:
 			releases[x.Sandbox]++
-		case metering.EntryHold:
+		case credits.EntryHold:
 			holds[x.Sandbox]++
 		}
 		if x.BalanceAfter < 0 || x.HeldAfter < 0 || x.HeldAfter > x.BalanceAfter {
@@ -450,7 +461,7 @@ func checkInvariants(t tb, s snapshot) {
 	if a.Balance < 0 || a.Held < 0 || a.Held > a.Balance {
 		t.Fatalf("account balance %d, held %d", a.Balance, a.Held)
 	}
-	if fb, fh, err := metering.Fold(slices.SortedFunc(slices.Values(s.entries), func(x, y metering.Entry) int { return cmp.Compare(x.Seq, y.Seq) })); err != nil || fb != a.Balance || fh != a.Held {
+	if fb, fh, err := credits.Fold(slices.SortedFunc(slices.Values(s.entries), func(x, y credits.Entry) int { return cmp.Compare(x.Seq, y.Seq) })); err != nil || fb != a.Balance || fh != a.Held {
 		t.Fatalf("Fold: %d, %d, %v; account %d, %d", fb, fh, err, a.Balance, a.Held)
 	}
 	var sumHeld int64

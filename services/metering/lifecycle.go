@@ -9,6 +9,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 )
@@ -176,7 +177,7 @@ func (m *Metering) onReady(ctx context.Context, e *event.Event, d event.Ready) (
 func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, state event.State, reason string, meter *event.MeterReading) error {
 	c, sb := ref.Consumer, ref.SandboxID
 	var (
-		actual   = Actual{Source: SourceLifecycle, Unit: "second"}
+		actual   = credits.Actual{Source: credits.SourceLifecycle, Unit: "second"}
 		readyAt  time.Time
 		endAt    = e.Time().UTC()
 		priced   bool // actual and readyAt are known before the change
@@ -212,12 +213,12 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 				u := usageOf(c, h, actual, endAt, reason, e.ID())
 				// Nothing is held to charge a meter reading to.
 				u.Unpaid = actual.Amount
-				t.a.Outbox = append(t.a.Outbox, &Item{Usage: u})
+				t.a.Events = append(t.a.Events, &Item{Usage: u})
 				return nil
 			}
 			// A destroyed sandbox with no hold: close its account so a
 			// late ready or admission cannot open one.
-			t.a.record(&Entry{Key: releaseKey(c, sb), Kind: EntryRelease, Sandbox: sb, Hold: sb, Cause: e.ID(), Reason: "destroyed without a hold", At: t.now})
+			t.a.record(&credits.Entry{Key: releaseKey(c, sb), Kind: credits.EntryRelease, Sandbox: sb, Hold: sb, Cause: e.ID(), Reason: "destroyed without a hold", At: t.now})
 			return nil
 		}
 		if state == event.StateDestroyed && !priced {
@@ -249,7 +250,7 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 		u.Reserved = h.Reserved
 		t.a.release(h, e.ID(), reason, t.now)
 		t.close(sb)
-		t.a.Outbox = append(t.a.Outbox, &Item{Usage: u})
+		t.a.Events = append(t.a.Events, &Item{Usage: u})
 		return nil
 	}
 	pre := prefetch{holds: []string{sb}, ledger: []string{releaseKey(c, sb)}, usage: []string{sb}}
@@ -301,8 +302,8 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 // usageOf is the usage record of consumer c's sandbox of hold h, destroyed
 // (or failed, or rejected) at endAt: quote and actual side by side; what
 // was charged, refunded and left unpaid is the settlement's to fill in.
-func usageOf(c string, h *Hold, actual Actual, endAt time.Time, reason, cause string) *UsageRecord {
-	u := &UsageRecord{
+func usageOf(c string, h *Hold, actual credits.Actual, endAt time.Time, reason, cause string) *credits.UsageRecord {
+	u := &credits.UsageRecord{
 		Key: usageKey(c, h.Sandbox), Consumer: c, Sandbox: h.Sandbox, Hold: h.ID, Profile: h.Profile, Extension: h.Extension,
 		PricingModel: string(h.PricingModel), ReadyAt: h.ReadyAt, DestroyedAt: endAt, Quote: h.Quote,
 		Actual: actual, Reason: reason, Cause: cause,
@@ -317,12 +318,12 @@ func usageOf(c string, h *Hold, actual Actual, endAt time.Time, reason, cause st
 var errNeedIO = errors.New("pricing needs i/o")
 
 // actual is what a ready sandbox of hold h used from readyAt to endAt.
-func (m *Metering) actual(ctx context.Context, h *Hold, readyAt, endAt time.Time, meter *event.MeterReading) (Actual, error) {
+func (m *Metering) actual(ctx context.Context, h *Hold, readyAt, endAt time.Time, meter *event.MeterReading) (credits.Actual, error) {
 	if meter != nil {
 		if meter.Amount < 0 {
-			return Actual{}, bus.Permanent(fmt.Errorf("settling %s: %w: negative meter reading %d", h.Sandbox, event.ErrMalformed, meter.Amount))
+			return credits.Actual{}, bus.Permanent(fmt.Errorf("settling %s: %w: negative meter reading %d", h.Sandbox, event.ErrMalformed, meter.Amount))
 		}
-		return Actual{Source: SourceMeter, Amount: meter.Amount, Quantity: meter.Quantity, Unit: meter.Unit, Breakdown: meter.Breakdown}, nil
+		return credits.Actual{Source: credits.SourceMeter, Amount: meter.Amount, Quantity: meter.Quantity, Unit: meter.Unit, Breakdown: meter.Breakdown}, nil
 	}
 	d := max(endAt.Sub(readyAt), 0)
 	q, err := m.pricer.cost(ctx, terms{Profile: h.Profile, Extension: h.Extension, Model: h.PricingModel, Price: h.Price}, d)
@@ -330,10 +331,10 @@ func (m *Metering) actual(ctx context.Context, h *Hold, readyAt, endAt time.Time
 		// A metered backend that cannot be asked: settle at what the
 		// accrual charged, rather than hold the credit forever.
 		m.log.WarnContext(ctx, "settling at the accrued amount", "sandbox", h.Sandbox, "err", err)
-		return Actual{Source: SourceLifecycle, Amount: h.Debited, Quantity: int64((d + time.Second - 1) / time.Second), Unit: "second",
+		return credits.Actual{Source: credits.SourceLifecycle, Amount: h.Debited, Quantity: int64((d + time.Second - 1) / time.Second), Unit: "second",
 			Breakdown: []string{"no quote: settled at the accrued amount"}}, nil
 	}
-	return Actual{Source: SourceLifecycle, Amount: q.Amount, Quantity: q.DurationSeconds, Unit: "second", Breakdown: q.Breakdown}, nil
+	return credits.Actual{Source: credits.SourceLifecycle, Amount: q.Amount, Quantity: q.DurationSeconds, Unit: "second", Breakdown: q.Breakdown}, nil
 }
 
 // readyAt reads when sandbox sb became ready from its ready event on the

@@ -8,10 +8,11 @@
 // timers, and produces metering events, destroy commands when a
 // consumer's credit runs out, and rejected events for holds whose create
 // never came. It answers admission and the credits API over NATS
-// request-reply as the micro service "sandboxer-metering" ([Client]).
+// request-reply as the micro service "sandboxer-metering": the contract
+// (types, errors, the client) is pkg/credits ([credits.Client]).
 //
-// Every piece of state is in the credits and ledger buckets, changed by
-// compare-and-swap, and every timer is a schedule on the timers stream, so
+// Every piece of state is in the credits bucket, one stream, changed by
+// atomic batches each guarded by the revisions it read, and every timer is a schedule on the timers stream, so
 // any number of instances run side by side and any of them may restart at
 // any time. The package never links extension code: metered backends quote
 // through their own provisioner workers over request-reply. It must never
@@ -223,10 +224,6 @@ func (m *Metering) Start(ctx context.Context) (err error) {
 	if err != nil {
 		return fmt.Errorf("opening bucket %s: %w", bus.BucketCredits, err)
 	}
-	ledger, err := js.KeyValue(ctx, bus.BucketLedger)
-	if err != nil {
-		return fmt.Errorf("opening bucket %s: %w", bus.BucketLedger, err)
-	}
 	catKV, err := js.KeyValue(ctx, bus.BucketCatalog)
 	if err != nil {
 		return fmt.Errorf("opening bucket %s: %w", bus.BucketCatalog, err)
@@ -253,7 +250,7 @@ func (m *Metering) Start(ctx context.Context) (err error) {
 	case <-ctx.Done():
 		return fmt.Errorf("loading catalog: %w", ctx.Err())
 	}
-	m.store = &store{credits: credits, ledger: ledger, js: js, log: m.log, now: m.opts.Now, metrics: m.metrics}
+	m.store = newStore(js, credits, m.log, m.opts.Now, m.metrics)
 	m.metrics.started(js, credits)
 	m.pricer = &pricer{cat: cat, nc: m.opts.NC, timeout: m.opts.QuoteTimeout}
 

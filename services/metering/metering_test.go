@@ -10,14 +10,16 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/extension/saasstub"
 	"github.com/sand-boxer/sandboxer/services/metering"
 )
 
-func kinds(es []metering.Entry) []metering.EntryKind {
-	out := make([]metering.EntryKind, len(es))
+func kinds(es []credits.Entry) []credits.EntryKind {
+	out := make([]credits.EntryKind, len(es))
 	for i, e := range es {
 		out[i] = e.Kind
 	}
@@ -32,17 +34,17 @@ func TestSelfHostedLifecycle(t *testing.T) {
 	e := newEnv(t)
 	e.start(t, metering.Options{})
 	ctx := testCtx(t)
-	if _, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: "dev", Amount: 1000, ID: "first"}); err != nil {
+	if _, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: "dev", Amount: 1000, ID: "first"}); err != nil {
 		t.Fatal(err)
 	}
-	hr, err := e.client.Hold(ctx, metering.HoldRequest{SandboxID: "sb1", Consumer: "dev", Profile: profCheap, Extension: extSelf, TTLSeconds: 60})
+	hr, err := e.client.Hold(ctx, credits.HoldRequest{SandboxID: "sb1", Consumer: "dev", Profile: profCheap, Extension: extSelf, TTLSeconds: 60})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if hr.Hold != "sb1" || hr.Amount != 65 || hr.Available != 935 {
 		t.Fatalf("hold reply %+v, want 65 held (5 + 60 x 1), 935 available", hr)
 	}
-	again, err := e.client.Hold(ctx, metering.HoldRequest{SandboxID: "sb1", Consumer: "dev", Profile: profCheap, Extension: extSelf, TTLSeconds: 60})
+	again, err := e.client.Hold(ctx, credits.HoldRequest{SandboxID: "sb1", Consumer: "dev", Profile: profCheap, Extension: extSelf, TTLSeconds: 60})
 	if err != nil || again.Hold != hr.Hold || again.Amount != hr.Amount {
 		t.Fatalf("second admission of the same sandbox: %+v, %v", again, err)
 	}
@@ -53,7 +55,7 @@ func TestSelfHostedLifecycle(t *testing.T) {
 	e.drained(t)
 	s := e.snap(t, "dev")
 	checkInvariants(t, s)
-	want := []metering.EntryKind{metering.EntryGrant, metering.EntryHold, metering.EntryDebit, metering.EntryRelease}
+	want := []credits.EntryKind{credits.EntryGrant, credits.EntryHold, credits.EntryDebit, credits.EntryRelease}
 	if fmt.Sprint(kinds(s.entries)) != fmt.Sprint(want) {
 		t.Fatalf("ledger %v, want %v", kinds(s.entries), want)
 	}
@@ -69,10 +71,10 @@ func TestSelfHostedLifecycle(t *testing.T) {
 	if len(s2.entries) != len(s.entries) || s2.acct.Balance != 985 {
 		t.Fatalf("redelivery changed the ledger: %v, balance %d", kinds(s2.entries), s2.acct.Balance)
 	}
-	if _, err := e.client.Hold(ctx, metering.HoldRequest{SandboxID: "sb1", Consumer: "dev", Profile: profCheap, Extension: extSelf}); !errors.Is(err, metering.ErrHoldClosed) {
+	if _, err := e.client.Hold(ctx, credits.HoldRequest{SandboxID: "sb1", Consumer: "dev", Profile: profCheap, Extension: extSelf}); !errors.Is(err, credits.ErrHoldClosed) {
 		t.Fatalf("admission of a settled sandbox: %v, want ErrHoldClosed", err)
 	}
-	u, err := e.client.Usage(ctx, metering.UsageRequest{Consumer: "dev"})
+	u, err := e.client.Usage(ctx, credits.UsageRequest{Consumer: "dev"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -87,20 +89,20 @@ func TestAdmissionRefusals(t *testing.T) {
 	e := newEnv(t)
 	e.start(t, metering.Options{})
 	ctx := testCtx(t)
-	if _, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: "poor", Amount: 10}); err != nil {
+	if _, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: "poor", Amount: 10}); err != nil {
 		t.Fatal(err)
 	}
 	for _, tc := range []struct {
 		name string
-		req  metering.HoldRequest
+		req  credits.HoldRequest
 		want error
 	}{
-		{"beyond the balance", metering.HoldRequest{SandboxID: "a", Consumer: "poor", Profile: profCheap, Extension: extSelf, TTLSeconds: 60}, metering.ErrInsufficientCredits},
-		{"no account", metering.HoldRequest{SandboxID: "b", Consumer: "nobody", Profile: profCheap, Extension: extSelf, TTLSeconds: 1}, metering.ErrInsufficientCredits},
-		{"unknown profile", metering.HoldRequest{SandboxID: "c", Consumer: "poor", Profile: "nope", Extension: extSelf}, metering.ErrNoPrice},
-		{"bad consumer", metering.HoldRequest{SandboxID: "d", Consumer: "Bad Name", Profile: profCheap, Extension: extSelf}, metering.ErrInvalidRequest},
-		{"negative ttl", metering.HoldRequest{SandboxID: "e", Consumer: "poor", Profile: profCheap, Extension: extSelf, TTLSeconds: -1}, metering.ErrInvalidRequest},
-		{"metered without workers", metering.HoldRequest{SandboxID: "f", Consumer: "poor", Profile: profSaaS, Extension: extSaaS}, metering.ErrNoPrice},
+		{"beyond the balance", credits.HoldRequest{SandboxID: "a", Consumer: "poor", Profile: profCheap, Extension: extSelf, TTLSeconds: 60}, credits.ErrInsufficientCredits},
+		{"no account", credits.HoldRequest{SandboxID: "b", Consumer: "nobody", Profile: profCheap, Extension: extSelf, TTLSeconds: 1}, credits.ErrInsufficientCredits},
+		{"unknown profile", credits.HoldRequest{SandboxID: "c", Consumer: "poor", Profile: "nope", Extension: extSelf}, credits.ErrNoPrice},
+		{"bad consumer", credits.HoldRequest{SandboxID: "d", Consumer: "Bad Name", Profile: profCheap, Extension: extSelf}, credits.ErrInvalidRequest},
+		{"negative ttl", credits.HoldRequest{SandboxID: "e", Consumer: "poor", Profile: profCheap, Extension: extSelf, TTLSeconds: -1}, credits.ErrInvalidRequest},
+		{"metered without workers", credits.HoldRequest{SandboxID: "f", Consumer: "poor", Profile: profSaaS, Extension: extSaaS}, credits.ErrNoPrice},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := e.client.Hold(ctx, tc.req)
@@ -117,7 +119,7 @@ func TestAdmissionRefusals(t *testing.T) {
 		t.Fatalf("refusals changed the balance: %+v", b)
 	}
 	// A free profile needs no credit.
-	if hr, err := e.client.Hold(ctx, metering.HoldRequest{SandboxID: "g", Consumer: "nobody", Profile: profFree, Extension: extSelf}); err != nil || hr.Amount != 0 {
+	if hr, err := e.client.Hold(ctx, credits.HoldRequest{SandboxID: "g", Consumer: "nobody", Profile: profFree, Extension: extSelf}); err != nil || hr.Amount != 0 {
 		t.Fatalf("free hold: %+v, %v", hr, err)
 	}
 }
@@ -131,7 +133,7 @@ func TestConcurrentHolds(t *testing.T) {
 	e.start(t, metering.Options{})
 	ctx := testCtx(t)
 	const each = 5 + 10 // profile cheap, 10 seconds
-	if _, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: "crowd", Amount: 50 * each}); err != nil {
+	if _, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: "crowd", Amount: 50 * each}); err != nil {
 		t.Fatal(err)
 	}
 	var (
@@ -145,11 +147,11 @@ func TestConcurrentHolds(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			sb := fmt.Sprintf("c%03d", i)
-			_, err := e.client.Hold(ctx, metering.HoldRequest{SandboxID: sb, Consumer: "crowd", Profile: profCheap, Extension: extSelf, TTLSeconds: 10})
+			_, err := e.client.Hold(ctx, credits.HoldRequest{SandboxID: sb, Consumer: "crowd", Profile: profCheap, Extension: extSelf, TTLSeconds: 10})
 			switch {
 			case err == nil:
 				admitted.add(sb)
-			case errors.Is(err, metering.ErrInsufficientCredits):
+			case errors.Is(err, credits.ErrInsufficientCredits):
 				refused.add(sb)
 			default:
 				other.add(err)
@@ -181,12 +183,12 @@ func TestExhaustion(t *testing.T) {
 	e.start(t, metering.Options{AccrualInterval: time.Second})
 	ctx := testCtx(t)
 	const granted = 95
-	if _, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: "short", Amount: granted, ID: "only"}); err != nil {
+	if _, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: "short", Amount: granted, ID: "only"}); err != nil {
 		t.Fatal(err)
 	}
 	// 10 per second, held for 2 seconds: the hold must be extended twice
 	// or so, then the credit runs out after about 9 seconds.
-	if _, err := e.client.Hold(ctx, metering.HoldRequest{SandboxID: "hungry", Consumer: "short", Profile: profPricey, Extension: extSelf, TTLSeconds: 2}); err != nil {
+	if _, err := e.client.Hold(ctx, credits.HoldRequest{SandboxID: "hungry", Consumer: "short", Profile: profPricey, Extension: extSelf, TTLSeconds: 2}); err != nil {
 		t.Fatal(err)
 	}
 	r := ref("short", "hungry", profPricey)
@@ -214,13 +216,13 @@ func TestExhaustion(t *testing.T) {
 	}
 	// Every unit: granted = debited + what is left.
 	var debited, extended int64
-	seen := map[metering.EntryKind]int{}
+	seen := map[credits.EntryKind]int{}
 	for _, x := range s.entries {
 		seen[x.Kind]++
-		if x.Kind == metering.EntryDebit {
+		if x.Kind == credits.EntryDebit {
 			debited -= x.Amount
 		}
-		if x.Kind == metering.EntryExtend {
+		if x.Kind == credits.EntryExtend {
 			extended += x.Held
 		}
 	}
@@ -230,23 +232,23 @@ func TestExhaustion(t *testing.T) {
 	if s.acct.Balance >= 10 {
 		t.Fatalf("balance %d left: the sandbox was destroyed with a second's worth of credit", s.acct.Balance)
 	}
-	if seen[metering.EntryExtend] == 0 || seen[metering.EntryDebit] < 2 || seen[metering.EntryRelease] != 1 {
+	if seen[credits.EntryExtend] == 0 || seen[credits.EntryDebit] < 2 || seen[credits.EntryRelease] != 1 {
 		t.Fatalf("ledger %v: want extends, several debits, one release", kinds(s.entries))
 	}
 	evs := e.meteringEvents(t)
 	var low, exhausted int
 	for _, ev := range evs {
 		switch ev.Type() {
-		case string(metering.KindLow.Type()):
+		case string(credits.KindLow.Type()):
 			low++
-		case string(metering.KindExhausted.Type()):
+		case string(credits.KindExhausted.Type()):
 			exhausted++
 		}
 	}
 	if low != 1 || exhausted != 1 {
 		t.Fatalf("%d low and %d exhausted events, want one each", low, exhausted)
 	}
-	u, err := e.client.Usage(ctx, metering.UsageRequest{Consumer: "short"})
+	u, err := e.client.Usage(ctx, credits.UsageRequest{Consumer: "short"})
 	if err != nil || len(u.Records) != 1 {
 		t.Fatalf("usage %+v, %v", u, err)
 	}
@@ -274,10 +276,10 @@ func TestMeteredSettlement(t *testing.T) {
 	e.answerQuotes(t, stub)
 	e.start(t, metering.Options{})
 	ctx := testCtx(t)
-	if _, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: "dev", Amount: 1000}); err != nil {
+	if _, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: "dev", Amount: 1000}); err != nil {
 		t.Fatal(err)
 	}
-	hr, err := e.client.Hold(ctx, metering.HoldRequest{SandboxID: "s1", Consumer: "dev", Profile: profSaaS, Extension: extSaaS,
+	hr, err := e.client.Hold(ctx, credits.HoldRequest{SandboxID: "s1", Consumer: "dev", Profile: profSaaS, Extension: extSaaS,
 		TTLSeconds: 600, PricingModel: extension.PricingMetered})
 	if err != nil {
 		t.Fatal(err)
@@ -314,12 +316,12 @@ func TestMeteredSettlement(t *testing.T) {
 	if s.acct.Balance != 1000-90 || s.acct.Held != 0 {
 		t.Fatalf("balance %d held %d, want 910 and 0", s.acct.Balance, s.acct.Held)
 	}
-	u, err := e.client.Usage(ctx, metering.UsageRequest{Consumer: "dev"})
+	u, err := e.client.Usage(ctx, credits.UsageRequest{Consumer: "dev"})
 	if err != nil || len(u.Records) != 1 {
 		t.Fatalf("usage %+v, %v", u, err)
 	}
 	rec := u.Records[0]
-	if rec.Quote.Amount != 250 || rec.Actual.Amount != 90 || rec.Actual.Source != metering.SourceMeter || rec.Actual.Unit != "minute" || rec.Seconds != 50 {
+	if rec.Quote.Amount != 250 || rec.Actual.Amount != 90 || rec.Actual.Source != credits.SourceMeter || rec.Actual.Unit != "minute" || rec.Seconds != 50 {
 		t.Fatalf("usage record %+v", rec)
 	}
 	validateStream(t, e)
@@ -338,10 +340,10 @@ func TestMeteredAccrualAndRefund(t *testing.T) {
 	e.answerQuotes(t, stub)
 	e.start(t, metering.Options{AccrualInterval: time.Second})
 	ctx := testCtx(t)
-	if _, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: "dev", Amount: 1000}); err != nil {
+	if _, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: "dev", Amount: 1000}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := e.client.Hold(ctx, metering.HoldRequest{SandboxID: "s2", Consumer: "dev", Profile: profSaaS, Extension: extSaaS, TTLSeconds: 60}); err != nil {
+	if _, err := e.client.Hold(ctx, credits.HoldRequest{SandboxID: "s2", Consumer: "dev", Profile: profSaaS, Extension: extSaaS, TTLSeconds: 60}); err != nil {
 		t.Fatal(err)
 	}
 	r := ref("dev", "s2", profSaaS)
@@ -358,7 +360,7 @@ func TestMeteredAccrualAndRefund(t *testing.T) {
 	checkInvariants(t, s)
 	var refunds int
 	for _, x := range s.entries {
-		if x.Kind == metering.EntryRefund {
+		if x.Kind == credits.EntryRefund {
 			refunds++
 		}
 	}
@@ -374,7 +376,7 @@ func TestFailedAndRejectedCostNothing(t *testing.T) {
 	e := newEnv(t)
 	e.start(t, metering.Options{})
 	ctx := testCtx(t)
-	if _, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: "dev", Amount: 500}); err != nil {
+	if _, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: "dev", Amount: 500}); err != nil {
 		t.Fatal(err)
 	}
 	now := time.Now().UTC()
@@ -386,7 +388,7 @@ func TestFailedAndRejectedCostNothing(t *testing.T) {
 		{"rejected", []event.State{event.StateRejected}},
 		{"gone", []event.State{event.StateDestroyed}},
 	} {
-		if _, err := e.client.Hold(ctx, metering.HoldRequest{SandboxID: tc.sb, Consumer: "dev", Profile: profCheap, Extension: extSelf, TTLSeconds: 30}); err != nil {
+		if _, err := e.client.Hold(ctx, credits.HoldRequest{SandboxID: tc.sb, Consumer: "dev", Profile: profCheap, Extension: extSelf, TTLSeconds: 30}); err != nil {
 			t.Fatal(err)
 		}
 		for _, s := range tc.states {
@@ -409,7 +411,7 @@ func TestReadyWithoutAdmission(t *testing.T) {
 	e := newEnv(t)
 	e.start(t, metering.Options{})
 	ctx := testCtx(t)
-	if _, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: "dev", Amount: 100}); err != nil {
+	if _, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: "dev", Amount: 100}); err != nil {
 		t.Fatal(err)
 	}
 	t0 := time.Now().UTC().Truncate(time.Second)
@@ -444,7 +446,7 @@ func TestGrantsSpendingOrderAndExpiry(t *testing.T) {
 	ctx := testCtx(t)
 	soon := now().Add(time.Hour)
 	later := now().Add(2 * time.Hour)
-	for _, g := range []metering.GrantRequest{
+	for _, g := range []credits.GrantRequest{
 		{Consumer: "dev", Amount: 100, ID: "paid", Priority: 1},
 		{Consumer: "dev", Amount: 30, ID: "promo-late", Promo: true, ExpiresAt: later},
 		{Consumer: "dev", Amount: 20, ID: "promo-soon", Promo: true, ExpiresAt: soon},
@@ -466,7 +468,7 @@ func TestGrantsSpendingOrderAndExpiry(t *testing.T) {
 		t.Fatalf("balance %d, spending order %v", b.Balance, order)
 	}
 	// Spend 25 through a sandbox: all of promo-soon, 5 of promo-late.
-	if _, err := e.client.Hold(ctx, metering.HoldRequest{SandboxID: "x", Consumer: "dev", Profile: profCheap, Extension: extSelf, TTLSeconds: 20}); err != nil {
+	if _, err := e.client.Hold(ctx, credits.HoldRequest{SandboxID: "x", Consumer: "dev", Profile: profCheap, Extension: extSelf, TTLSeconds: 20}); err != nil {
 		t.Fatal(err)
 	}
 	t0 := now().Truncate(time.Second)
@@ -489,18 +491,18 @@ func TestGrantsSpendingOrderAndExpiry(t *testing.T) {
 	checkInvariants(t, s)
 	var expired int64
 	for _, x := range s.entries {
-		if x.Kind == metering.EntryExpire {
+		if x.Kind == credits.EntryExpire {
 			expired -= x.Amount
 		}
 	}
 	if expired != 25 {
 		t.Fatalf("expired %d, want 25; ledger %v", expired, kinds(s.entries))
 	}
-	l, err := e.client.Ledger(ctx, metering.LedgerRequest{Consumer: "dev", AfterSeq: 2, Limit: 2})
+	l, err := e.client.Ledger(ctx, credits.LedgerRequest{Consumer: "dev", AfterSeq: 2, Limit: 2})
 	if err != nil || len(l.Entries) != 2 || l.Entries[0].Seq != 3 || !l.More {
 		t.Fatalf("ledger page %+v, %v", l, err)
 	}
-	all, err := e.client.LedgerAll(ctx, metering.LedgerRequest{Consumer: "dev", Limit: 2})
+	all, err := e.client.LedgerAll(ctx, credits.LedgerRequest{Consumer: "dev", Limit: 2})
 	if err != nil || len(all) != len(s.entries) {
 		t.Fatalf("LedgerAll: %d entries, %v; want %d", len(all), err, len(s.entries))
 	}
@@ -522,12 +524,12 @@ func TestLegacyAccountMigrates(t *testing.T) {
 			"debited": 0, "quote": map[string]any{"amount": 30, "duration_seconds": 25}, "created_at": now}},
 		"updated_at": now,
 	}
-	for _, x := range []metering.Entry{
-		{Key: "old.grant.g", Seq: 1, Consumer: "old", Kind: metering.EntryGrant, Amount: 100, BalanceAfter: 100, Grant: "g", Cause: "grant.g", At: now},
-		{Key: "old.sb.sb1.hold", Seq: 2, Consumer: "old", Kind: metering.EntryHold, Held: 30, BalanceAfter: 100, HeldAfter: 30, Sandbox: "sb1", Hold: "sb1", Cause: "admission.sb1", At: now},
+	for _, x := range []credits.Entry{
+		{Key: "old.grant.g", Seq: 1, Consumer: "old", Kind: credits.EntryGrant, Amount: 100, BalanceAfter: 100, Grant: "g", Cause: "grant.g", At: now},
+		{Key: "old.sb.sb1.hold", Seq: 2, Consumer: "old", Kind: credits.EntryHold, Held: 30, BalanceAfter: 100, HeldAfter: 30, Sandbox: "sb1", Hold: "sb1", Cause: "admission.sb1", At: now},
 	} {
 		b, _ := json.Marshal(x)
-		if _, err := e.ledger.Create(ctx, x.Key, b); err != nil {
+		if _, err := e.cred.Create(ctx, bus.LedgerPrefix+x.Key, b); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -566,17 +568,17 @@ func TestCacheFollowsOtherInstances(t *testing.T) {
 	m1 := e.start(t, metering.Options{})
 	m2 := e.start(t, metering.Options{})
 	ctx := testCtx(t)
-	if _, err := m1.Grant(ctx, metering.GrantRequest{Consumer: "two", Amount: 100, ID: "a"}); err != nil {
+	if _, err := m1.Grant(ctx, credits.GrantRequest{Consumer: "two", Amount: 100, ID: "a"}); err != nil {
 		t.Fatal(err)
 	}
 	hold := func(m *metering.Metering, sb string, ttl int64) error {
-		_, err := m.Hold(ctx, metering.HoldRequest{SandboxID: sb, Consumer: "two", Profile: profCheap, Extension: extSelf, TTLSeconds: ttl})
+		_, err := m.Hold(ctx, credits.HoldRequest{SandboxID: sb, Consumer: "two", Profile: profCheap, Extension: extSelf, TTLSeconds: ttl})
 		return err
 	}
 	if err := hold(m1, "sb1", 10); err != nil { // m1 caches the account: 15 held
 		t.Fatal(err)
 	}
-	if _, err := m2.Grant(ctx, metering.GrantRequest{Consumer: "two", Amount: 50, ID: "b"}); err != nil {
+	if _, err := m2.Grant(ctx, credits.GrantRequest{Consumer: "two", Amount: 50, ID: "b"}); err != nil {
 		t.Fatal(err)
 	}
 	for _, tc := range []struct {
@@ -598,7 +600,7 @@ func TestCacheFollowsOtherInstances(t *testing.T) {
 			// answers from the account as it is now.
 			e.publish(t, ref("two", "sb1", profCheap), event.StateRejected, time.Now().UTC(), false)
 			e.drained(t)
-			if err := hold(m1, "sb1", 10); !errors.Is(err, metering.ErrHoldClosed) {
+			if err := hold(m1, "sb1", 10); !errors.Is(err, credits.ErrHoldClosed) {
 				return fmt.Errorf("admission of a released sandbox: %v, want ErrHoldClosed", err)
 			}
 			return nil
@@ -623,7 +625,7 @@ func TestFreeSandboxHasNoAccrual(t *testing.T) {
 	e := newEnv(t)
 	e.start(t, metering.Options{})
 	ctx := testCtx(t)
-	if _, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: "dev", Amount: 1000}); err != nil {
+	if _, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: "dev", Amount: 1000}); err != nil {
 		t.Fatal(err)
 	}
 	timers, err := e.js.Stream(ctx, event.StreamTimers)
@@ -644,7 +646,7 @@ func TestFreeSandboxHasNoAccrual(t *testing.T) {
 	t0 := time.Now().UTC().Truncate(time.Second)
 	free, cheap := ref("dev", "free1", profFree), ref("dev", "cheap1", profCheap)
 	for _, r := range []event.Ref{free, cheap} {
-		if _, err := e.client.Hold(ctx, metering.HoldRequest{SandboxID: r.SandboxID, Consumer: "dev", Profile: r.Profile, Extension: extSelf, TTLSeconds: 60}); err != nil {
+		if _, err := e.client.Hold(ctx, credits.HoldRequest{SandboxID: r.SandboxID, Consumer: "dev", Profile: r.Profile, Extension: extSelf, TTLSeconds: 60}); err != nil {
 			t.Fatal(err)
 		}
 		e.publish(t, r, event.StateReady, t0, false)

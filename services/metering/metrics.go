@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/metrics"
 )
@@ -91,7 +92,7 @@ func newMeteringMetrics(reg prometheus.Registerer, log *slog.Logger, refresh tim
 		log: log, refresh: refresh,
 	}
 	// Every kind is exported from the start, at 0.
-	for _, k := range []Kind{KindLow, KindExhausted} {
+	for _, k := range []credits.Kind{credits.KindLow, credits.KindExhausted} {
 		mm.notices.WithLabelValues(string(k))
 	}
 	for _, s := range []event.State{event.StateReady, event.StateFailed, event.StateRejected, event.StateDestroyed} {
@@ -119,9 +120,9 @@ func (mm *meteringMetrics) committed(items []*Item) {
 	}
 	for _, it := range items {
 		switch {
-		case it.Entry != nil && it.Entry.Kind == EntryGrant:
+		case it.Entry != nil && it.Entry.Kind == credits.EntryGrant:
 			mm.granted.Add(float64(it.Entry.Amount))
-		case it.Entry != nil && it.Entry.Kind == EntryDebit:
+		case it.Entry != nil && it.Entry.Kind == credits.EntryDebit:
 			mm.debited.Add(float64(-it.Entry.Amount))
 		case it.Notice != nil:
 			mm.notices.WithLabelValues(string(it.Notice.Kind)).Inc()

@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/services/metering"
 )
@@ -63,10 +64,10 @@ func TestMetrics(t *testing.T) {
 	want(0, "sandboxer_credit_accounts_low")
 	want(0, "sandboxer_credit_notices_total", "kind", "low")
 
-	if _, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: "short", Amount: 95, ID: "only"}); err != nil {
+	if _, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: "short", Amount: 95, ID: "only"}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := e.client.Hold(ctx, metering.HoldRequest{SandboxID: "hungry", Consumer: "short", Profile: profPricey, Extension: extSelf, TTLSeconds: 2}); err != nil {
+	if _, err := e.client.Hold(ctx, credits.HoldRequest{SandboxID: "hungry", Consumer: "short", Profile: profPricey, Extension: extSelf, TTLSeconds: 2}); err != nil {
 		t.Fatal(err)
 	}
 	want(95, "sandboxer_credits_granted_total")
@@ -85,7 +86,7 @@ func TestMetrics(t *testing.T) {
 	s := e.snap(t, "short")
 	var debited int64
 	for _, x := range s.entries {
-		if x.Kind == metering.EntryDebit {
+		if x.Kind == credits.EntryDebit {
 			debited -= x.Amount
 		}
 	}

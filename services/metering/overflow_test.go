@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/services/metering"
 )
 
@@ -18,24 +19,24 @@ func TestGrantBeyondMaxBalance(t *testing.T) {
 	e.start(t, metering.Options{})
 	ctx := testCtx(t)
 	const c = "rich"
-	if _, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: c, Amount: metering.MaxBalance - 1, ID: "most"}); err != nil {
+	if _, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: c, Amount: credits.MaxBalance - 1, ID: "most"}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: c, Amount: 1, ID: "last"}); err != nil {
+	if _, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: c, Amount: 1, ID: "last"}); err != nil {
 		t.Fatalf("a grant up to MaxBalance: %v", err)
 	}
-	for _, amount := range []int64{1, metering.MaxBalance} {
-		_, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: c, Amount: amount})
-		if !errors.Is(err, metering.ErrInvalidRequest) || !strings.Contains(err.Error(), strconv.FormatInt(metering.MaxBalance, 10)) {
-			t.Fatalf("a grant of %d beyond MaxBalance: %v, want an invalid request naming %d", amount, err, metering.MaxBalance)
+	for _, amount := range []int64{1, credits.MaxBalance} {
+		_, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: c, Amount: amount})
+		if !errors.Is(err, credits.ErrInvalidRequest) || !strings.Contains(err.Error(), strconv.FormatInt(credits.MaxBalance, 10)) {
+			t.Fatalf("a grant of %d beyond MaxBalance: %v, want an invalid request naming %d", amount, err, credits.MaxBalance)
 		}
 	}
-	if _, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: c, Amount: metering.MaxBalance + 1}); !errors.Is(err, metering.ErrInvalidRequest) {
+	if _, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: c, Amount: credits.MaxBalance + 1}); !errors.Is(err, credits.ErrInvalidRequest) {
 		t.Fatalf("a grant larger than MaxBalance: %v", err)
 	}
 	s := e.snap(t, c)
 	checkInvariants(t, s)
-	if s.acct.Balance != metering.MaxBalance || len(s.entries) != 2 {
-		t.Fatalf("balance %d in %d entries, want %d in 2", s.acct.Balance, len(s.entries), metering.MaxBalance)
+	if s.acct.Balance != credits.MaxBalance || len(s.entries) != 2 {
+		t.Fatalf("balance %d in %d entries, want %d in 2", s.acct.Balance, len(s.entries), credits.MaxBalance)
 	}
 }

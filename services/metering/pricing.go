@@ -10,13 +10,10 @@ import (
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/catalog"
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 )
-
-// ErrNoPrice is wrapped when a sandbox cannot be priced: an unknown profile
-// or extension, or a metered backend that gave no quote.
-var ErrNoPrice = errors.New("no price")
 
 // pricer prices sandboxes: self-hosted ones by the profile's price list
 // from the catalog, metered ones by asking their extension's workers for a
@@ -50,7 +47,7 @@ func (p *pricer) terms(profile, ext string, model extension.PricingModel) (terms
 	if t.Model == "" {
 		m, err := cur.Extension(ext)
 		if err != nil {
-			return t, fmt.Errorf("%w: %w", ErrNoPrice, err)
+			return t, fmt.Errorf("%w: %w", credits.ErrNoPrice, err)
 		}
 		t.Model = m.Capabilities.PricingModel
 	}
@@ -60,7 +57,7 @@ func (p *pricer) terms(profile, ext string, model extension.PricingModel) (terms
 	case extension.PricingSelfHosted:
 		pr, err := cur.Profile(profile)
 		if err != nil {
-			return t, fmt.Errorf("%w: %w", ErrNoPrice, err)
+			return t, fmt.Errorf("%w: %w", credits.ErrNoPrice, err)
 		}
 		if pr.Price != nil {
 			cp := *pr.Price
@@ -68,14 +65,14 @@ func (p *pricer) terms(profile, ext string, model extension.PricingModel) (terms
 		}
 		return t, nil
 	}
-	return t, fmt.Errorf("%w: unknown pricing model %q", ErrNoPrice, t.Model)
+	return t, fmt.Errorf("%w: unknown pricing model %q", credits.ErrNoPrice, t.Model)
 }
 
 // cost prices running for d under t.
-func (p *pricer) cost(ctx context.Context, t terms, d time.Duration) (Quote, error) {
+func (p *pricer) cost(ctx context.Context, t terms, d time.Duration) (credits.Quote, error) {
 	secs := max(int64((d+time.Second-1)/time.Second), 0)
 	if t.Model != extension.PricingMetered {
-		q := Quote{Amount: t.Price.Cost(d), DurationSeconds: secs}
+		q := credits.Quote{Amount: t.Price.Cost(d), DurationSeconds: secs}
 		if t.Price == nil {
 			q.Breakdown = []string{"profile " + t.Profile + " has no price: free"}
 		} else {
@@ -92,16 +89,16 @@ func (p *pricer) cost(ctx context.Context, t terms, d time.Duration) (Quote, err
 	var se *bus.ServiceError
 	switch {
 	case errors.As(err, &se):
-		return Quote{}, fmt.Errorf("%w: %s quoted an error: %s", ErrNoPrice, t.Extension, se.Description)
+		return credits.Quote{}, fmt.Errorf("%w: %s quoted an error: %s", credits.ErrNoPrice, t.Extension, se.Description)
 	case err != nil:
-		return Quote{}, fmt.Errorf("%w: asking %s for a quote: %w", ErrNoPrice, t.Extension, err)
+		return credits.Quote{}, fmt.Errorf("%w: asking %s for a quote: %w", credits.ErrNoPrice, t.Extension, err)
 	}
 	// A worker of an earlier version says its error in the body only.
 	if r.Error != "" {
-		return Quote{}, fmt.Errorf("%w: %s quoted an error: %s", ErrNoPrice, t.Extension, r.Error)
+		return credits.Quote{}, fmt.Errorf("%w: %s quoted an error: %s", credits.ErrNoPrice, t.Extension, r.Error)
 	}
 	if r.Amount < 0 {
-		return Quote{}, fmt.Errorf("%w: %s quoted a negative amount %d", ErrNoPrice, t.Extension, r.Amount)
+		return credits.Quote{}, fmt.Errorf("%w: %s quoted a negative amount %d", credits.ErrNoPrice, t.Extension, r.Amount)
 	}
-	return Quote{Amount: r.Amount, DurationSeconds: secs, Breakdown: r.Breakdown}, nil
+	return credits.Quote{Amount: r.Amount, DurationSeconds: secs, Breakdown: r.Breakdown}, nil
 }

@@ -5,12 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"pgregory.net/rapid"
 
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/services/metering"
 )
@@ -34,8 +36,10 @@ type propEvent struct {
 
 // TestPropertyLedger drives random sequences of grants, admissions,
 // readies, failures, rejections, destroys, duplicate requests,
-// redelivered events and service restarts against a real NATS server with
-// two metering instances, and checks after every step that the balance
+// redelivered events, concurrent writers of the account in both
+// instances, instances killed in the middle of a commit and service
+// restarts against a real NATS server with two metering instances, and
+// checks after every step that the balance
 // and the credit on hold are the folds of the ledger, that no cause is
 // recorded twice, that every hold is released exactly once when its
 // sandbox ends and never before, that nothing goes below zero, and that
@@ -77,7 +81,7 @@ func TestPropertyLedger(t *testing.T) {
 					id = rapid.SampledFrom(grants).Draw(rt, "grant id")
 				}
 				amount := rapid.Int64Range(1, 200).Draw(rt, "amount")
-				r, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: consumer, Amount: amount, ID: id})
+				r, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: consumer, Amount: amount, ID: id})
 				if err != nil {
 					rt.Fatal(err)
 				}
@@ -92,13 +96,13 @@ func TestPropertyLedger(t *testing.T) {
 					profile: rapid.SampledFrom([]string{profCheap, profPricey, profFree}).Draw(rt, "profile"),
 				}
 				sandboxes = append(sandboxes, s)
-				req := metering.HoldRequest{SandboxID: s.id, Consumer: consumer, Profile: s.profile, Extension: extSelf,
+				req := credits.HoldRequest{SandboxID: s.id, Consumer: consumer, Profile: s.profile, Extension: extSelf,
 					TTLSeconds: rapid.Int64Range(0, 30).Draw(rt, "ttl")}
 				r, err := e.client.Hold(ctx, req)
 				switch {
 				case err == nil:
 					s.admitted = true
-				case errors.Is(err, metering.ErrInsufficientCredits):
+				case errors.Is(err, credits.ErrInsufficientCredits):
 					return
 				default:
 					rt.Fatal(err)
@@ -139,6 +143,98 @@ func TestPropertyLedger(t *testing.T) {
 				ev := rapid.SampledFrom(s.published).Draw(rt, "event")
 				e.publish(rt, ref(consumer, s.id, s.profile), ev.state, ev.at, true)
 			},
+			"concurrent": func(rt *rapid.T) {
+				// Several writers of the account at once, in both
+				// instances: grants and admissions racing each other.
+				n := rapid.IntRange(2, 6).Draw(rt, "writers")
+				type write struct {
+					grant  string
+					amount int64
+					sb     *propSandbox
+					req    credits.HoldRequest
+					err    error
+					dup    bool
+				}
+				ws := make([]*write, n)
+				for k := range ws {
+					w := &write{}
+					if rapid.Bool().Draw(rt, "grant") {
+						w.grant = fmt.Sprintf("c%d-%d", len(grants), k)
+						w.amount = rapid.Int64Range(1, 100).Draw(rt, "amount")
+					} else {
+						w.sb = &propSandbox{id: fmt.Sprintf("%s-s%d", consumer, len(sandboxes)),
+							profile: rapid.SampledFrom([]string{profCheap, profPricey, profFree}).Draw(rt, "profile")}
+						sandboxes = append(sandboxes, w.sb)
+						w.req = credits.HoldRequest{SandboxID: w.sb.id, Consumer: consumer, Profile: w.sb.profile, Extension: extSelf, TTLSeconds: 30}
+					}
+					ws[k] = w
+				}
+				var wg sync.WaitGroup
+				for k, w := range ws {
+					m := instances[k%len(instances)]
+					wg.Go(func() {
+						if w.sb != nil {
+							_, w.err = m.Hold(ctx, w.req)
+							return
+						}
+						var r credits.GrantReply
+						r, w.err = m.Grant(ctx, credits.GrantRequest{Consumer: consumer, Amount: w.amount, ID: w.grant})
+						w.dup = r.Duplicate
+					})
+				}
+				wg.Wait()
+				for _, w := range ws {
+					switch {
+					case w.sb != nil && w.err == nil:
+						w.sb.admitted = true
+					case w.sb != nil && errors.Is(w.err, credits.ErrInsufficientCredits):
+					case w.err != nil:
+						rt.Fatal(w.err)
+					case w.dup:
+						rt.Fatalf("fresh grant %s answered as a duplicate", w.grant)
+					default:
+						grants = append(grants, w.grant)
+						granted += w.amount
+					}
+				}
+			},
+			"kill": func(rt *rapid.T) {
+				// An instance dies in the middle of a commit: nothing of
+				// the batch is stored, and the change made again on
+				// another instance is made once.
+				i := rapid.IntRange(0, len(instances)-1).Draw(rt, "instance")
+				id := fmt.Sprintf("k%d", len(grants))
+				amount := rapid.Int64Range(1, 100).Draw(rt, "amount")
+				disarm := e.kill(instances[i])
+				kctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+				_, err := instances[i].Grant(kctx, credits.GrantRequest{Consumer: consumer, Amount: amount, ID: id})
+				cancel()
+				fired := disarm()
+				if err == nil {
+					// Committed before the kill hit another batch.
+					grants = append(grants, id)
+					granted += amount
+				}
+				sctx, scancel := context.WithTimeout(ctx, 10*time.Second)
+				_ = instances[i].Shutdown(sctx) // its connection may be gone
+				scancel()
+				instances[i] = e.start(rt, metering.Options{})
+				if err == nil {
+					return
+				}
+				if !fired {
+					rt.Fatalf("grant %s failed with no kill: %v", id, err)
+				}
+				r, err := instances[1-i].Grant(ctx, credits.GrantRequest{Consumer: consumer, Amount: amount, ID: id})
+				if err != nil {
+					rt.Fatal(err)
+				}
+				if r.Duplicate {
+					rt.Fatalf("grant %s of a batch cut short was stored", id)
+				}
+				grants = append(grants, id)
+				granted += amount
+			},
 			"restart": func(rt *rapid.T) {
 				i := rapid.IntRange(0, len(instances)-1).Draw(rt, "instance")
 				sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -155,11 +251,11 @@ func TestPropertyLedger(t *testing.T) {
 				var debited, refunded, expired int64
 				for _, x := range s.entries {
 					switch x.Kind {
-					case metering.EntryDebit:
+					case credits.EntryDebit:
 						debited -= x.Amount
-					case metering.EntryRefund:
+					case credits.EntryRefund:
 						refunded += x.Amount
-					case metering.EntryExpire:
+					case credits.EntryExpire:
 						expired -= x.Amount
 					}
 				}
@@ -175,12 +271,12 @@ func TestPropertyLedger(t *testing.T) {
 						rt.Fatalf("sandbox %s runs but has no open hold", sb.id)
 					}
 				}
-				u, err := e.client.Usage(ctx, metering.UsageRequest{Consumer: consumer})
+				u, err := e.client.Usage(ctx, credits.UsageRequest{Consumer: consumer})
 				if err != nil {
 					rt.Fatal(err)
 				}
 				for _, sb := range sandboxes {
-					i := slices.IndexFunc(u.Records, func(r metering.UsageRecord) bool { return r.Sandbox == sb.id })
+					i := slices.IndexFunc(u.Records, func(r credits.UsageRecord) bool { return r.Sandbox == sb.id })
 					if !sb.settled || !(sb.admitted || sb.ready) {
 						continue
 					}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/santhosh-tekuri/jsonschema/v6"
 
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/services/metering"
 )
@@ -21,7 +22,7 @@ var schemas = sync.OnceValues(func() (map[string]*jsonschema.Schema, error) {
 	c := jsonschema.NewCompiler()
 	out := map[string]*jsonschema.Schema{}
 	types := []event.Type{metering.TypeAccrual, metering.TypeHoldDeadline}
-	for _, k := range metering.Kinds {
+	for _, k := range credits.Kinds {
 		types = append(types, k.Type())
 	}
 	for _, typ := range types {
@@ -73,7 +74,7 @@ func TestSchemaFilesMatchKinds(t *testing.T) {
 		t.Fatal(err)
 	}
 	known := map[string]bool{string(metering.TypeAccrual): true, string(metering.TypeHoldDeadline): true}
-	for _, k := range metering.Kinds {
+	for _, k := range credits.Kinds {
 		known[string(k.Type())] = true
 	}
 	for _, f := range files {

@@ -8,6 +8,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/otel"
 
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/services/metering"
 )
@@ -49,13 +50,13 @@ func TestEventsJoinTheirCause(t *testing.T) {
 	e.start(t, metering.Options{AccrualInterval: time.Second})
 	ctx := testCtx(t)
 	const c, sb = "traced", "sbx-traced"
-	if _, err := e.client.Grant(ctx, metering.GrantRequest{Consumer: c, Amount: 100_000}); err != nil {
+	if _, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: c, Amount: 100_000}); err != nil {
 		t.Fatal(err)
 	}
 	sctx, span := otel.Tracer("test").Start(ctx, "sandbox")
 	defer span.End()
 	want := span.SpanContext().TraceID().String()
-	if _, err := e.client.Hold(sctx, metering.HoldRequest{SandboxID: sb, Consumer: c, Profile: profPricey, Extension: extSelf, TTLSeconds: 60}); err != nil {
+	if _, err := e.client.Hold(sctx, credits.HoldRequest{SandboxID: sb, Consumer: c, Profile: profPricey, Extension: extSelf, TTLSeconds: 60}); err != nil {
 		t.Fatal(err)
 	}
 	r := ref(c, sb, profPricey)
@@ -73,7 +74,7 @@ func TestEventsJoinTheirCause(t *testing.T) {
 		Reachability: event.Reachability{Host: "localhost"}, ReadyAt: time.Now().UTC()})
 	waitFor(t, 30*time.Second, "a debit of an accrual tick", func() (bool, error) {
 		for _, en := range e.entries(t, ctx, c) {
-			if en.Kind == metering.EntryDebit && strings.HasPrefix(en.Cause, sb+".accrual") {
+			if en.Kind == credits.EntryDebit && strings.HasPrefix(en.Cause, sb+".accrual") {
 				return true, nil
 			}
 		}
@@ -81,9 +82,13 @@ func TestEventsJoinTheirCause(t *testing.T) {
 	})
 	publish(event.StateDestroyed, event.Destroyed{Ref: r, Reason: event.ReasonRequested})
 	waitFor(t, 30*time.Second, "the usage record", func() (bool, error) {
-		u, err := e.client.Usage(ctx, metering.UsageRequest{Consumer: c})
+		u, err := e.client.Usage(ctx, credits.UsageRequest{Consumer: c})
 		return err == nil && len(u.Records) == 1, err
 	})
+	// A balance is answered once every event before it is published.
+	if _, err := e.client.Balance(ctx, c); err != nil {
+		t.Fatal(err)
+	}
 
 	kinds := map[string]int{}
 	for _, m := range e.storedMetering(t) {
@@ -105,7 +110,7 @@ func TestEventsJoinTheirCause(t *testing.T) {
 			t.Errorf("%s of %s (%s) in trace %s, want the sandbox's %s", kind, sb, m.Headers().Get("ce-id"), parts[1], want)
 		}
 	}
-	for _, k := range []metering.Kind{metering.KindReserved, metering.KindDebited, metering.KindReleased, metering.KindUsage} {
+	for _, k := range []credits.Kind{credits.KindReserved, credits.KindDebited, credits.KindReleased, credits.KindUsage} {
 		if kinds[string(k)] == 0 {
 			t.Errorf("no %s event of %s (got %v)", k, sb, kinds)
 		}

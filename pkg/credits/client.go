@@ -1,13 +1,18 @@
-package metering
+package credits
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/micro"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 
-	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 )
 
@@ -58,8 +63,8 @@ func (e *Error) Unwrap() error {
 // Hold asks admission for a credit hold for one sandbox. A refusal for lack
 // of credit wraps [ErrInsufficientCredits].
 func (c *Client) Hold(ctx context.Context, r HoldRequest) (HoldReply, error) {
-	out, err := call[HoldReply](ctx, c.nc, event.SubjectMeteringHold, r)
-	if err != nil {
+	var out HoldReply
+	if err := c.call(ctx, event.SubjectMeteringHold, r, &out); err != nil {
 		return HoldReply{}, fmt.Errorf("holding credit for %s: %w", r.SandboxID, err)
 	}
 	return out, nil
@@ -67,8 +72,8 @@ func (c *Client) Hold(ctx context.Context, r HoldRequest) (HoldReply, error) {
 
 // Grant adds credit to an account.
 func (c *Client) Grant(ctx context.Context, r GrantRequest) (GrantReply, error) {
-	out, err := call[GrantReply](ctx, c.nc, event.SubjectMeteringGrant, r)
-	if err != nil {
+	var out GrantReply
+	if err := c.call(ctx, event.SubjectMeteringGrant, r, &out); err != nil {
 		return GrantReply{}, fmt.Errorf("granting credit to %s: %w", r.Consumer, err)
 	}
 	return out, nil
@@ -76,8 +81,8 @@ func (c *Client) Grant(ctx context.Context, r GrantRequest) (GrantReply, error) 
 
 // Balance returns an account.
 func (c *Client) Balance(ctx context.Context, consumer string) (BalanceReply, error) {
-	out, err := call[BalanceReply](ctx, c.nc, event.SubjectMeteringBalance, BalanceRequest{Consumer: consumer})
-	if err != nil {
+	var out BalanceReply
+	if err := c.call(ctx, event.SubjectMeteringBalance, BalanceRequest{Consumer: consumer}, &out); err != nil {
 		return BalanceReply{}, fmt.Errorf("reading balance of %s: %w", consumer, err)
 	}
 	return out, nil
@@ -85,8 +90,8 @@ func (c *Client) Balance(ctx context.Context, consumer string) (BalanceReply, er
 
 // Ledger returns one page of ledger entries.
 func (c *Client) Ledger(ctx context.Context, r LedgerRequest) (LedgerReply, error) {
-	out, err := call[LedgerReply](ctx, c.nc, event.SubjectMeteringLedger, r)
-	if err != nil {
+	var out LedgerReply
+	if err := c.call(ctx, event.SubjectMeteringLedger, r, &out); err != nil {
 		return LedgerReply{}, fmt.Errorf("reading ledger of %s: %w", r.Consumer, err)
 	}
 	return out, nil
@@ -111,23 +116,61 @@ func (c *Client) LedgerAll(ctx context.Context, r LedgerRequest) ([]Entry, error
 
 // Usage returns usage records.
 func (c *Client) Usage(ctx context.Context, r UsageRequest) (UsageReply, error) {
-	out, err := call[UsageReply](ctx, c.nc, event.SubjectMeteringUsage, r)
-	if err != nil {
+	var out UsageReply
+	if err := c.call(ctx, event.SubjectMeteringUsage, r, &out); err != nil {
 		return UsageReply{}, fmt.Errorf("reading usage: %w", err)
 	}
 	return out, nil
 }
 
-// call asks metering with [bus.Call] (a client span whose context the
-// request carries: metering's answer, and a quote it asks for, joins the
-// caller's trace). A refusal becomes an [*Error].
-func call[Rep, Req any](ctx context.Context, nc *nats.Conn, subject string, req Req) (Rep, error) {
-	rep, err := bus.Call[Rep](ctx, nc, subject, req)
-	var se *bus.ServiceError
-	if errors.As(err, &se) {
-		return rep, &Error{Code: se.Code, Detail: se.Description}
+func (c *Client) call(ctx context.Context, subject string, req, reply any) error {
+	body, err := json.Marshal(req)
+	if err != nil {
+		return fmt.Errorf("encoding request: %w", err)
 	}
-	return rep, err
+	msg, err := request(ctx, c.nc, subject, body)
+	if err != nil {
+		return err
+	}
+	if code := msg.Header.Get(micro.ErrorCodeHeader); code != "" || msg.Header.Get(micro.ErrorHeader) != "" {
+		var er ErrorReply
+		if json.Unmarshal(msg.Data, &er) != nil || er.Code == "" {
+			er = ErrorReply{Code: code, Detail: msg.Header.Get(micro.ErrorHeader)}
+		}
+		return &Error{Code: er.Code, Detail: er.Detail}
+	}
+	if err := json.Unmarshal(msg.Data, reply); err != nil {
+		return fmt.Errorf("decoding reply from %s: %w", subject, err)
+	}
+	return nil
 }
 
 var _ error = (*Error)(nil)
+
+// tracerName names the tracer of the client's spans.
+const tracerName = "github.com/sand-boxer/sandboxer/pkg/credits"
+
+// request sends a request in a client span ("request <subject>") whose
+// trace context the request's headers carry, so metering's answer (and a
+// quote it asks for) joins the caller's trace: what bus.Request does,
+// here without pkg/bus, which links nats-server.
+func request(ctx context.Context, nc *nats.Conn, subject string, data []byte) (*nats.Msg, error) {
+	ctx, span := otel.Tracer(tracerName).Start(ctx, "request "+subject,
+		trace.WithSpanKind(trace.SpanKindClient),
+		trace.WithAttributes(
+			attribute.String("messaging.system", "nats"),
+			attribute.String("messaging.destination.name", subject),
+			attribute.String("messaging.operation.type", "send"),
+		))
+	defer span.End()
+	msg := nats.NewMsg(subject)
+	msg.Data = data
+	otel.GetTextMapPropagator().Inject(ctx, event.HeaderCarrier(msg.Header))
+	reply, err := nc.RequestMsgWithContext(ctx, msg)
+	if err != nil {
+		span.RecordError(err)
+		span.SetStatus(codes.Error, err.Error())
+		return nil, fmt.Errorf("requesting %s: %w", subject, err)
+	}
+	return reply, nil
+}
