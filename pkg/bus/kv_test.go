@@ -42,10 +42,12 @@ func TestKVWrite(t *testing.T) {
 	if _, err := bus.KVWrite(ctx, js, bus.BucketSandboxes, "sbx-1", []byte("last"), rev, time.Second); err != nil {
 		t.Fatal(err)
 	}
-	// The watcher sees the initial nil, the two writes, then the removal.
+	// The watcher sees the initial nil, the first write, the second one
+	// unless its second of life ended before a slow watcher was sent it
+	// (the stream then holds only the marker), then the removal.
 	var ops []jetstream.KeyValueOp
 	deadline := time.After(20 * time.Second)
-	for len(ops) < 3 {
+	for len(ops) == 0 || ops[len(ops)-1] == jetstream.KeyValuePut {
 		select {
 		case e := <-w.Updates():
 			if e != nil {
@@ -55,8 +57,8 @@ func TestKVWrite(t *testing.T) {
 			t.Fatalf("watcher saw %v within 20s, want put, put, removal", ops)
 		}
 	}
-	if ops[0] != jetstream.KeyValuePut || ops[1] != jetstream.KeyValuePut || ops[2] == jetstream.KeyValuePut {
-		t.Fatalf("watcher saw %v, want put, put, removal", ops)
+	if ops[0] != jetstream.KeyValuePut || len(ops) > 3 || len(ops) < 2 {
+		t.Fatalf("watcher saw %v, want put, put (unless expired first), removal", ops)
 	}
 	if _, err := kv.Get(ctx, "sbx-1"); !errors.Is(err, jetstream.ErrKeyNotFound) {
 		t.Fatalf("get after the time to live: %v, want ErrKeyNotFound", err)
