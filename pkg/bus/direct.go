@@ -96,6 +96,53 @@ func LastPerSubject(ctx context.Context, nc *nats.Conn, stream string, subjects 
 	}
 }
 
+// SubjectMsgs reads every message of stream on filter's subjects, oldest
+// first, at most limit (at least 1) of them, with one batched direct get
+// (next_by_subj from the first sequence): a sandbox's few lifecycle events
+// in one request, without a consumer. The caller must be allowed the
+// request form of direct gets ($JS.API.DIRECT.GET.<stream>). No message
+// is an empty answer.
+func SubjectMsgs(ctx context.Context, nc *nats.Conn, stream, filter string, limit int) ([]*StoredMsg, error) {
+	inbox := nc.NewInbox()
+	sub, err := nc.SubscribeSync(inbox)
+	if err != nil {
+		return nil, fmt.Errorf("reading %s on %s: %w", stream, filter, err)
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	req, _ := json.Marshal(struct {
+		Seq   uint64 `json:"seq"`
+		Next  string `json:"next_by_subj"`
+		Batch int    `json:"batch"`
+	}{1, filter, max(limit, 1)})
+	if err := nc.PublishRequest("$JS.API.DIRECT.GET."+stream, inbox, req); err != nil {
+		return nil, fmt.Errorf("reading %s on %s: %w", stream, filter, err)
+	}
+	var out []*StoredMsg
+	for {
+		msg, err := sub.NextMsgWithContext(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("reading %s on %s: %w", stream, filter, err)
+		}
+		switch msg.Header.Get(headerStatus) {
+		case "":
+			m, err := storedMsg(msg)
+			if err != nil {
+				return nil, fmt.Errorf("reading %s on %s: %w", stream, filter, err)
+			}
+			out = append(out, m)
+			if len(out) == max(limit, 1) {
+				return out, nil
+			}
+		case "204": // end of batch
+			return out, nil
+		case "404":
+			return out, nil
+		default:
+			return nil, fmt.Errorf("reading %s on %s: server answered %s %s", stream, filter, msg.Header.Get(headerStatus), msg.Header.Get("Description"))
+		}
+	}
+}
+
 func storedMsg(msg *nats.Msg) (*StoredMsg, error) {
 	switch st := msg.Header.Get(headerStatus); st {
 	case "":
