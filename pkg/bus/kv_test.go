@@ -19,7 +19,8 @@ func TestKVWrite(t *testing.T) {
 	srv := natstest.Start(t)
 	js := srv.JetStream(t)
 	ctx := testCtx(t)
-	kv, err := js.KeyValue(ctx, bus.BucketSandboxes)
+	const bucket = "records"
+	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucket, History: 1, LimitMarkerTTL: time.Hour})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -29,17 +30,17 @@ func TestKVWrite(t *testing.T) {
 	}
 	defer func() { _ = w.Stop() }()
 
-	rev, err := bus.KVWrite(ctx, js, bus.BucketSandboxes, "sbx-1", []byte("one"), 0, 0)
+	rev, err := bus.KVWrite(ctx, js, bucket, "sbx-1", []byte("one"), 0, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := bus.KVWrite(ctx, js, bus.BucketSandboxes, "sbx-1", []byte("again"), 0, 0); !errors.Is(err, jetstream.ErrKeyExists) {
+	if _, err := bus.KVWrite(ctx, js, bucket, "sbx-1", []byte("again"), 0, 0); !errors.Is(err, jetstream.ErrKeyExists) {
 		t.Fatalf("second create: %v, want ErrKeyExists", err)
 	}
-	if _, err := bus.KVWrite(ctx, js, bus.BucketSandboxes, "sbx-1", []byte("stale"), rev+100, 0); !errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
+	if _, err := bus.KVWrite(ctx, js, bucket, "sbx-1", []byte("stale"), rev+100, 0); !errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
 		t.Fatalf("update at a wrong revision: %v, want ErrKeyRevisionMismatch", err)
 	}
-	if _, err := bus.KVWrite(ctx, js, bus.BucketSandboxes, "sbx-1", []byte("last"), rev, time.Second); err != nil {
+	if _, err := bus.KVWrite(ctx, js, bucket, "sbx-1", []byte("last"), rev, time.Second); err != nil {
 		t.Fatal(err)
 	}
 	// The watcher sees the initial nil, the two writes, then the removal.
@@ -62,43 +63,7 @@ func TestKVWrite(t *testing.T) {
 		t.Fatalf("get after the time to live: %v, want ErrKeyNotFound", err)
 	}
 	// A removed key is not created again while its marker lives.
-	if _, err := bus.KVWrite(ctx, js, bus.BucketSandboxes, "sbx-1", []byte("back"), 0, 0); !errors.Is(err, jetstream.ErrKeyExists) {
+	if _, err := bus.KVWrite(ctx, js, bucket, "sbx-1", []byte("back"), 0, 0); !errors.Is(err, jetstream.ErrKeyExists) {
 		t.Fatalf("create over the removal marker: %v, want ErrKeyExists", err)
-	}
-}
-
-// TestEnsureEnablesRecordTTL: a sandboxes bucket made before records had a
-// time to live gets one from Ensure, its keys kept.
-func TestEnsureEnablesRecordTTL(t *testing.T) {
-	t.Parallel()
-	srv := natstest.Start(t)
-	js := srv.JetStream(t)
-	ctx := testCtx(t)
-	if err := js.DeleteKeyValue(ctx, bus.BucketSandboxes); err != nil {
-		t.Fatal(err)
-	}
-	old, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bus.BucketSandboxes, History: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := old.Put(ctx, "sbx-old", []byte("kept")); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := (bus.Topology{}).Setup(ctx, js, bus.SetupOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	kv, err := js.KeyValue(ctx, bus.BucketSandboxes)
-	if err != nil {
-		t.Fatal(err)
-	}
-	st, err := kv.Status(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := st.(*jetstream.KeyValueBucketStatus).LimitMarkerTTL(); got != bus.SandboxesMarkerTTL {
-		t.Fatalf("marker TTL %s after Ensure, want %s", got, bus.SandboxesMarkerTTL)
-	}
-	if e, err := kv.Get(ctx, "sbx-old"); err != nil || string(e.Value()) != "kept" {
-		t.Fatalf("key after Ensure: %v", err)
 	}
 }

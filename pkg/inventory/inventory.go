@@ -101,6 +101,7 @@ type Follower struct {
 
 	recs   map[string]*sandbox.Record
 	ready  chan struct{}
+	done   chan struct{}
 	caught bool
 	swept  time.Time // when records past their retention were last dropped
 }
@@ -117,7 +118,7 @@ const sweepEvery = time.Minute
 // events stored when Follow started are folded. Should the consumer
 // break, it resumes after the last event folded.
 func Follow(ctx context.Context, js jetstream.JetStream, retention time.Duration, fn func(Change)) (*Follower, error) {
-	f := &Follower{js: js, retention: retention, now: time.Now, fn: fn, recs: make(map[string]*sandbox.Record), ready: make(chan struct{})}
+	f := &Follower{js: js, retention: retention, now: time.Now, fn: fn, recs: make(map[string]*sandbox.Record), ready: make(chan struct{}), done: make(chan struct{})}
 	s, err := js.Stream(ctx, event.StreamLifecycle)
 	if err != nil {
 		return nil, fmt.Errorf("following %s: %w", event.StreamLifecycle, err)
@@ -145,7 +146,11 @@ func (f *Follower) caughtUp() {
 	}
 }
 
+// Done is closed once the follower stopped, after ctx ended.
+func (f *Follower) Done() <-chan struct{} { return f.done }
+
 func (f *Follower) run(ctx context.Context, upTo uint64) {
+	defer close(f.done)
 	const pause = time.Second
 	var last uint64
 	for ctx.Err() == nil {

@@ -157,7 +157,7 @@ func TestReadAndFollow(t *testing.T) {
 	}
 
 	var (
-		mu   sync.Mutex
+		mu     sync.Mutex
 		seen   = map[string]*sandbox.Record{}
 		gone   = map[string]bool{}
 		change = make(chan struct{}, 1)

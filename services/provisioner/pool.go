@@ -131,8 +131,10 @@ func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]b
 	// ready event goes out, so events stay in order and nothing is lost,
 	// but the round trip overlaps the state's read and the backend's work.
 	// On a first delivery the announcement is guarded: the stream takes it
-	// only if the sandbox has no event at all, so a create replayed after
-	// the sandbox moved on announces nothing. Otherwise it is announced
+	// only if the sandbox's last event is still its record, the requested
+	// event the gateway stored before the command (c.RecordSeq; none at all
+	// for a command without one), so a create replayed after the sandbox
+	// moved on announces nothing. Otherwise it is announced
 	// only once the sandbox's last event says the create is not done.
 	var announced func(context.Context) error
 	announce := func(exp expect) (err error) {
@@ -141,7 +143,7 @@ func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]b
 	}
 	early := m.Delivered <= 1 && perr == nil
 	if early {
-		if err := announce(expect{filter: c.Ref.RefFilter()}); err != nil {
+		if err := announce(expect{filter: c.Ref.RefFilter(), seq: c.RecordSeq}); err != nil {
 			return nil, err
 		}
 	}
