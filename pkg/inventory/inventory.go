@@ -68,6 +68,9 @@ func fold(ctx context.Context, rec *sandbox.Record, subject string, seq uint64, 
 	if err != nil {
 		return nil, fmt.Errorf("folding %s: %w", subject, err)
 	}
+	if to, ok := event.StateOf(event.Type(e.Type())); !ok || to != ref.State {
+		return nil, fmt.Errorf("folding %s: %w: event type %s does not announce state %s", subject, event.ErrMalformed, e.Type(), ref.State)
+	}
 	if rec == nil {
 		rec = &sandbox.Record{}
 	}
@@ -76,6 +79,12 @@ func fold(ctx context.Context, rec *sandbox.Record, subject string, seq uint64, 
 	}
 	if rec.ID == "" {
 		return nil, nil // an orphaned event only: no sandbox record
+	}
+	// The subject says whose sandbox this is, and permissions vouch for
+	// it; a payload that says otherwise is not the sandbox's.
+	if rec.ID != ref.Sandbox || rec.Consumer != ref.Consumer || rec.Extension != ref.Extension {
+		return nil, fmt.Errorf("folding %s (sequence %d): %w: data names sandbox %q of %q on %q",
+			subject, seq, event.ErrMalformed, rec.ID, rec.Consumer, rec.Extension)
 	}
 	rec.Seq = seq
 	return rec, nil
@@ -100,6 +109,7 @@ type Follower struct {
 	fn        func(Change)
 
 	recs   map[string]*sandbox.Record
+	gone   map[string]time.Time // sandboxes dropped past their retention, when
 	ready  chan struct{}
 	done   chan struct{}
 	caught bool
@@ -118,7 +128,7 @@ const sweepEvery = time.Minute
 // events stored when Follow started are folded. Should the consumer
 // break, it resumes after the last event folded.
 func Follow(ctx context.Context, js jetstream.JetStream, retention time.Duration, fn func(Change)) (*Follower, error) {
-	f := &Follower{js: js, retention: retention, now: time.Now, fn: fn, recs: make(map[string]*sandbox.Record), ready: make(chan struct{}), done: make(chan struct{})}
+	f := &Follower{js: js, retention: retention, now: time.Now, fn: fn, recs: make(map[string]*sandbox.Record), gone: make(map[string]time.Time), ready: make(chan struct{}), done: make(chan struct{})}
 	s, err := js.Stream(ctx, event.StreamLifecycle)
 	if err != nil {
 		return nil, fmt.Errorf("following %s: %w", event.StreamLifecycle, err)
@@ -214,6 +224,9 @@ func (f *Follower) apply(ctx context.Context, subject string, seq uint64, h nats
 	if err != nil || ref.Extension == event.Unrouted {
 		return
 	}
+	if _, ok := f.gone[ref.Sandbox]; ok {
+		return // a late event of a sandbox dropped past its retention
+	}
 	var cur *sandbox.Record
 	if old := f.recs[ref.Sandbox]; old != nil {
 		cur = old.Clone()
@@ -223,21 +236,36 @@ func (f *Follower) apply(ctx context.Context, subject string, seq uint64, h nats
 		return
 	}
 	if !rec.Listed(f.now(), f.retention) {
-		if _, ok := f.recs[ref.Sandbox]; ok {
-			delete(f.recs, ref.Sandbox)
-			f.fn(Change{Record: rec, Gone: true})
-		}
+		f.drop(rec)
 		return
 	}
 	f.recs[ref.Sandbox] = rec
 	f.fn(Change{Record: rec})
 	if now := f.now(); now.Sub(f.swept) > sweepEvery {
 		f.swept = now
-		for id, r := range f.recs {
+		for _, r := range f.recs {
 			if !r.Listed(now, f.retention) {
-				delete(f.recs, id)
-				f.fn(Change{Record: r, Gone: true})
+				f.drop(r)
 			}
 		}
+		// A sandbox's events come within its life: a tombstone outlives
+		// the retention once more, then goes.
+		for id, at := range f.gone {
+			if now.Sub(at) > f.retention {
+				delete(f.gone, id)
+			}
+		}
+	}
+}
+
+// drop removes rec, whose sandbox ended longer than the retention ago,
+// leaving a tombstone so that a late event (a redelivery, an orphaned
+// note) does not bring it back.
+func (f *Follower) drop(rec *sandbox.Record) {
+	_, held := f.recs[rec.ID]
+	delete(f.recs, rec.ID)
+	f.gone[rec.ID] = f.now()
+	if held {
+		f.fn(Change{Record: rec, Gone: true})
 	}
 }

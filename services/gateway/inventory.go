@@ -212,9 +212,10 @@ func (v *inventory) page(f listFilter, after string, limit int) ([]*sandbox.Reco
 		}
 	}
 	out := make([]*sandbox.Record, 0, min(limit, len(l)-i))
+	now := time.Now()
 	for _, r := range l[i:] {
-		if !f.match(r) {
-			continue
+		if !f.match(r) || !r.Listed(now, v.retention) {
+			continue // a sandbox that ended longer than the retention ago is not listed
 		}
 		if len(out) == limit {
 			return out, true

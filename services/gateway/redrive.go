@@ -67,6 +67,7 @@ func (g *Gateway) redrive(ctx context.Context, st *state, c caller, seen *sandbo
 	if err != nil {
 		return nil, newProblem(http.StatusInternalServerError, "cannot build the destroy attempt")
 	}
+	claim.SetTime(now) // the gateway's clock says when the attempt went out
 	ack, err := g.pub.PublishTransition(ctx, rec.Ref().LifecycleSubject(event.StateDestroying), claim, rec.Ref().RefFilter(), rec.Seq)
 	switch {
 	case errors.Is(err, bus.ErrConflict) || (err == nil && ack.Duplicate):

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
@@ -48,7 +49,7 @@ func (r *Registry) project(ctx context.Context, m *bus.Message) ([]bus.Out, erro
 	// schedule work: the event that moves a sandbox past ready cancels
 	// its expiry only after the ready event scheduled it.
 	defer r.sandboxLocks.lock(ref.Sandbox)()
-	rec, _, err := r.applyEvent(ref.Sandbox, m.Event)
+	rec, _, err := r.applyEvent(ref.Sandbox, m.Event, streamSeq(m))
 	if err != nil {
 		return nil, err
 	}
@@ -105,23 +106,17 @@ func firstPastReady(rec *sandbox.Record) event.State {
 	return ""
 }
 
-// applyEvent is what e does to the record of sandbox id as this
-// registry's index holds it: the record after e, and the state before it.
-// The index may lag the durable's delivery by a few events; what is
-// decided on it is only a hint (a schedule whose fire reads the record
-// again). The record itself is the lifecycle stream's: nothing is
-// written. An event Apply refuses is [bus.Permanent].
-func (r *Registry) applyEvent(id string, e *event.Event) (*sandbox.Record, event.State, error) {
-	rec := r.index.get(id)
-	if rec == nil {
-		rec = &sandbox.Record{}
-	}
-	prev := rec.State
-	if _, err := sandbox.Apply(rec, e); err != nil {
+// applyEvent applies e, of stream sequence seq, to the record of sandbox
+// id in this registry's index, and returns the record after it and the
+// state before it. The index folds the stream on its own too (and may be
+// behind or ahead of the durable's delivery by a few events); applying an
+// event it already folded changes nothing. What is decided on it is the
+// registry's own schedules; the record itself is the lifecycle stream's:
+// nothing is written. An event Apply refuses is [bus.Permanent].
+func (r *Registry) applyEvent(id string, e *event.Event, seq uint64) (*sandbox.Record, event.State, error) {
+	rec, prev, err := r.index.applyEvent(id, e, seq)
+	if err != nil {
 		return nil, "", bus.Permanent(fmt.Errorf("applying %s to sandbox %s: %w", e.Type(), id, err))
-	}
-	if rec.ID != "" && rec.ID != id {
-		return nil, "", bus.Permanent(fmt.Errorf("applying %s: %w: data names sandbox %q, subject %q", e.Type(), event.ErrMalformed, rec.ID, id))
 	}
 	return rec, prev, nil
 }
@@ -189,6 +184,7 @@ func (l *keyLocks) lock(key string) (unlock func()) {
 type index struct {
 	mu   sync.RWMutex
 	recs map[string]*sandbox.Record
+	gone map[string]time.Time // sandboxes that left past their retention, when
 }
 
 func (x *index) apply(c inventory.Change) {
@@ -199,11 +195,76 @@ func (x *index) apply(c inventory.Change) {
 	}
 	if c.Gone {
 		delete(x.recs, c.Record.ID)
+		if x.gone == nil {
+			x.gone = make(map[string]time.Time)
+		}
+		x.gone[c.Record.ID] = time.Now()
 		return
 	}
 	if cur := x.recs[c.Record.ID]; cur == nil || cur.Seq < c.Record.Seq {
 		x.recs[c.Record.ID] = c.Record
 	}
+}
+
+// applyEvent applies e, of stream sequence seq, to the record of id and
+// keeps it; it returns a copy of the record after e and the state before.
+func (x *index) applyEvent(id string, e *event.Event, seq uint64) (*sandbox.Record, event.State, error) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if x.recs == nil {
+		x.recs = make(map[string]*sandbox.Record)
+	}
+	rec := &sandbox.Record{}
+	if cur := x.recs[id]; cur != nil {
+		rec = cur.Clone()
+	}
+	prev := rec.State
+	changed, err := sandbox.Apply(rec, e)
+	if err != nil {
+		return nil, "", err
+	}
+	if rec.ID != id {
+		return nil, "", fmt.Errorf("%w: data names sandbox %q, subject %q", event.ErrMalformed, rec.ID, id)
+	}
+	if _, left := x.gone[id]; changed && !left {
+		rec.Seq = max(rec.Seq, seq)
+		x.recs[id] = rec
+		rec = rec.Clone()
+	}
+	return rec, prev, nil
+}
+
+// sweep forgets the tombstones older than retention (a sandbox's late
+// events come within it) and the records that ended longer than it ago.
+func (x *index) sweep(now time.Time, retention time.Duration) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	for id, at := range x.gone {
+		if now.Sub(at) > retention {
+			delete(x.gone, id)
+		}
+	}
+	for id, rec := range x.recs {
+		if !rec.Listed(now, retention) {
+			delete(x.recs, id)
+			if x.gone == nil {
+				x.gone = make(map[string]time.Time)
+			}
+			x.gone[id] = now
+		}
+	}
+}
+
+// streamSeq is the lifecycle stream sequence of m, 0 when unknown.
+func streamSeq(m *bus.Message) uint64 {
+	if m.Raw() == nil {
+		return 0
+	}
+	meta, err := m.Raw().Metadata()
+	if err != nil {
+		return 0
+	}
+	return meta.Sequence.Stream
 }
 
 // get returns a copy of the record of id, or nil.

@@ -62,6 +62,7 @@ func (r *Registry) runReconciler(ctx context.Context) {
 func (r *Registry) Reconcile(ctx context.Context) (int, error) {
 	var late []*sandbox.Record
 	now := time.Now().UTC()
+	r.index.sweep(now, r.opts.Retention)
 	for _, rec := range r.index.all() {
 		if !rec.State.Terminal() && r.pastDeadline(rec, now) {
 			late = append(late, rec.Clone())
