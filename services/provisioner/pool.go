@@ -304,13 +304,14 @@ func (pl *pool) destroy(ctx context.Context, m *bus.Message, d event.Destroy) ([
 		return nil, nil // destroyed already, or rejected before anything was made
 	}
 	announced := false
-	if seq == 0 {
-		// No event yet: its create has not started, for a create's first
-		// act is its announcement, guarded the same way. Destroying,
-		// stored only while that holds, means it never starts: it finds
-		// the sandbox past provisioning. Nothing is waited for.
+	if st == event.StateRequested {
+		// No event but its record (requested), or none at all: its
+		// create has not started, for a create's first act is its
+		// announcement, guarded the same way. Destroying, stored only
+		// while that holds, means it never starts: it finds the sandbox
+		// past provisioning. Nothing is waited for.
 		err := pl.emitExpect(ctx, event.StateDestroying, d.Ref, event.DestroyingID(d.SandboxID, d.Attempt),
-			event.Destroying{Ref: d.Ref, Reason: d.Reason, Attempt: d.Attempt}, expect{filter: d.Ref.RefFilter()})
+			event.Destroying{Ref: d.Ref, Reason: d.Reason, Attempt: d.Attempt}, expect{filter: d.Ref.RefFilter(), seq: seq})
 		switch {
 		case err == nil:
 			announced = true
