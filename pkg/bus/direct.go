@@ -103,8 +103,12 @@ func LastPerSubject(ctx context.Context, nc *nats.Conn, stream string, subjects 
 // request form of direct gets ($JS.API.DIRECT.GET.<stream>). No message
 // is an empty answer.
 func SubjectMsgs(ctx context.Context, nc *nats.Conn, stream, filter string, limit int) ([]*StoredMsg, error) {
+	limit = max(limit, 1)
+	// A channel of the batch's size (and the end of batch): a synchronous
+	// subscription would allocate nats.go's default of 64k slots per read.
+	ch := make(chan *nats.Msg, limit+1)
 	inbox := nc.NewInbox()
-	sub, err := nc.SubscribeSync(inbox)
+	sub, err := nc.ChanSubscribe(inbox, ch)
 	if err != nil {
 		return nil, fmt.Errorf("reading %s on %s: %w", stream, filter, err)
 	}
@@ -113,15 +117,17 @@ func SubjectMsgs(ctx context.Context, nc *nats.Conn, stream, filter string, limi
 		Seq   uint64 `json:"seq"`
 		Next  string `json:"next_by_subj"`
 		Batch int    `json:"batch"`
-	}{1, filter, max(limit, 1)})
+	}{1, filter, limit})
 	if err := nc.PublishRequest("$JS.API.DIRECT.GET."+stream, inbox, req); err != nil {
 		return nil, fmt.Errorf("reading %s on %s: %w", stream, filter, err)
 	}
 	var out []*StoredMsg
 	for {
-		msg, err := sub.NextMsgWithContext(ctx)
-		if err != nil {
-			return nil, fmt.Errorf("reading %s on %s: %w", stream, filter, err)
+		var msg *nats.Msg
+		select {
+		case msg = <-ch:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("reading %s on %s: %w", stream, filter, ctx.Err())
 		}
 		switch msg.Header.Get(headerStatus) {
 		case "":
@@ -130,7 +136,7 @@ func SubjectMsgs(ctx context.Context, nc *nats.Conn, stream, filter string, limi
 				return nil, fmt.Errorf("reading %s on %s: %w", stream, filter, err)
 			}
 			out = append(out, m)
-			if len(out) == max(limit, 1) {
+			if len(out) == limit {
 				return out, nil
 			}
 		case "204": // end of batch

@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -104,6 +105,7 @@ type Change struct {
 // stored. Build it with [Follow].
 type Follower struct {
 	js        jetstream.JetStream
+	log       *slog.Logger
 	retention time.Duration
 	now       func() time.Time
 	fn        func(Change)
@@ -126,9 +128,14 @@ const sweepEvery = time.Minute
 // that ended longer than retention ago are dropped (fn hears them Gone);
 // a negative retention keeps them. [Follower.Ready] is closed once the
 // events stored when Follow started are folded. Should the consumer
-// break, it resumes after the last event folded.
-func Follow(ctx context.Context, js jetstream.JetStream, retention time.Duration, fn func(Change)) (*Follower, error) {
-	f := &Follower{js: js, retention: retention, now: time.Now, fn: fn, recs: make(map[string]*sandbox.Record), gone: make(map[string]time.Time), ready: make(chan struct{}), done: make(chan struct{})}
+// break, it resumes after the last event folded. An event that cannot be
+// folded (malformed, or naming another sandbox than its subject) changes
+// nothing and is logged to log (nil: discarded).
+func Follow(ctx context.Context, js jetstream.JetStream, retention time.Duration, log *slog.Logger, fn func(Change)) (*Follower, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	f := &Follower{js: js, log: log, retention: retention, now: time.Now, fn: fn, recs: make(map[string]*sandbox.Record), gone: make(map[string]time.Time), ready: make(chan struct{}), done: make(chan struct{})}
 	s, err := js.Stream(ctx, event.StreamLifecycle)
 	if err != nil {
 		return nil, fmt.Errorf("following %s: %w", event.StreamLifecycle, err)
@@ -232,7 +239,11 @@ func (f *Follower) apply(ctx context.Context, subject string, seq uint64, h nats
 		cur = old.Clone()
 	}
 	rec, err := fold(ctx, cur, subject, seq, h, data)
-	if err != nil || rec == nil {
+	if err != nil {
+		f.log.Warn("a lifecycle event that cannot be folded changes nothing", "subject", subject, "seq", seq, "err", err)
+		return
+	}
+	if rec == nil {
 		return
 	}
 	if !rec.Listed(f.now(), f.retention) {

@@ -164,7 +164,7 @@ func TestReadAndFollow(t *testing.T) {
 	)
 	fctx, stop := context.WithCancel(ctx)
 	defer stop()
-	f, err := inventory.Follow(fctx, js, time.Hour, func(c inventory.Change) {
+	f, err := inventory.Follow(fctx, js, time.Hour, nil, func(c inventory.Change) {
 		mu.Lock()
 		defer mu.Unlock()
 		seen[c.Record.ID] = c.Record

@@ -63,7 +63,7 @@ func newInventory(js jetstream.JetStream, retention time.Duration, log *slog.Log
 func (v *inventory) run(ctx context.Context) {
 	const pause = time.Second
 	for ctx.Err() == nil {
-		f, err := inv.Follow(ctx, v.js, v.retention, v.apply)
+		f, err := inv.Follow(ctx, v.js, v.retention, v.log, v.apply)
 		if err == nil {
 			select {
 			case <-ctx.Done():

@@ -120,8 +120,10 @@ func (g *Gateway) reject(ctx context.Context, st *state, cr event.Create, seq ui
 var errNotFound = errors.New("no such sandbox")
 
 // getRecord reads one sandbox's record: the fold of its lifecycle events,
-// read by id (one batched direct get). A key that is not a valid sandbox
-// id is not found ([errNotFound]).
+// read with one batched direct get over its own subjects when the
+// inventory knows whose sandbox it is (the server finds them by their
+// literal prefix), else by id. A key that is not a valid sandbox id is not
+// found ([errNotFound]).
 func getRecord(ctx context.Context, st *state, id string) (*sandbox.Record, uint64, error) {
 	if !event.ValidName(id) {
 		return nil, 0, errNotFound
@@ -130,7 +132,11 @@ func getRecord(ctx context.Context, st *state, id string) (*sandbox.Record, uint
 	// stored this gateway's own event (a sandbox it recorded a moment
 	// ago): what the inventory holds at a newer sequence wins.
 	mine, mySeq, ok := st.inv.get(id)
-	rec, err := inv.Read(ctx, st.nc, event.SandboxFilter(id))
+	filter := event.SandboxFilter(id)
+	if ok {
+		filter = mine.Ref().RefFilter()
+	}
+	rec, err := inv.Read(ctx, st.nc, filter)
 	if err != nil {
 		return nil, 0, err
 	}

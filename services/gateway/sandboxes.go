@@ -20,8 +20,8 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/sandbox"
 )
 
-// visible reads sandbox id for c from the bucket (consistent right after a
-// create). It writes the answer and returns nil when the sandbox is
+// visible reads sandbox id for c from its lifecycle events (consistent
+// right after a create). It writes the answer and returns nil when the sandbox is
 // missing or belongs to another consumer: both are a 404, so a consumer
 // cannot learn that another's sandbox exists.
 func (g *Gateway) visible(ctx context.Context, w http.ResponseWriter, r *http.Request, st *state, c caller, id string) *sandbox.Record {
@@ -155,9 +155,18 @@ func (g *Gateway) destroy(w http.ResponseWriter, r *http.Request, c caller) {
 // gets no new command unless its teardown is stuck, and then a fresh
 // attempt; one gone (destroyed, rejected) gets none.
 func (g *Gateway) destroySandbox(ctx context.Context, st *state, c caller, id string) (*sandbox.Record, *api.Problem) {
-	rec, p := g.visibleRecord(ctx, st, c, id)
-	if p != nil {
-		return nil, p
+	// The inventory's record decides a plain destroy: at worst a few
+	// events behind, it can only say the sandbox is not as far yet, and
+	// the command it then sends again is one the stream de-duplicates and
+	// a worker finds done. A sandbox on its way out, or one the
+	// inventory has not folded yet, is read from its events: whether its
+	// teardown is stuck is decided on the latest news.
+	rec, _, ok := st.inv.get(id)
+	if !ok || !c.owns(rec.Consumer) || rec.State == event.StateExpired || rec.State == event.StateDestroying {
+		var p *api.Problem
+		if rec, p = g.visibleRecord(ctx, st, c, id); p != nil {
+			return nil, p
+		}
 	}
 	trace.SpanFromContext(ctx).SetAttributes(attribute.String(attrSandbox, rec.ID))
 	switch rec.State {

@@ -85,7 +85,13 @@ func (r *Registry) fire(ctx context.Context, m *bus.Message) ([]bus.Out, error) 
 	if d.SandboxID != id {
 		return nil, bus.Permanent(fmt.Errorf("handling timer %s: %w: data names sandbox %q", m.Subject, event.ErrMalformed, d.SandboxID))
 	}
-	rec, _, err := r.readRecord(ctx, id)
+	if err := event.CheckName("consumer name", d.Consumer); err != nil {
+		return nil, bus.Permanent(fmt.Errorf("handling timer %s: %w", m.Subject, err))
+	}
+	if err := event.CheckName("extension name", d.Extension); err != nil {
+		return nil, bus.Permanent(fmt.Errorf("handling timer %s: %w", m.Subject, err))
+	}
+	rec, _, err := r.readRecord(ctx, d.Ref)
 	if err != nil {
 		return nil, err
 	}

@@ -237,7 +237,11 @@ func TestLateFire(t *testing.T) {
 			}
 			var before *sandbox.Record
 			if tc.final != "" {
-				before = e.awaitRecord(t, tc.id, 5*time.Second, inState(tc.final))
+				e.awaitRecord(t, tc.id, 5*time.Second, inState(tc.final))
+				var err error
+				if before, _, err = readRecord(t, e, tc.id); err != nil {
+					t.Fatal(err)
+				}
 			}
 			fire, err := event.New(event.TypeExpiry, registry.Source, tc.id, tc.id+".expiry", event.Expiry{
 				Ref:       event.Ref{SandboxID: tc.id, Consumer: "team-a", Profile: "echo", Extension: testExt},

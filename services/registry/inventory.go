@@ -201,7 +201,9 @@ func (x *index) apply(c inventory.Change) {
 		x.gone[c.Record.ID] = time.Now()
 		return
 	}
-	if cur := x.recs[c.Record.ID]; cur == nil || cur.Seq < c.Record.Seq {
+	// The follower's record is the whole fold up to its Seq: it wins over
+	// what the durable's events made of the record up to the same event.
+	if cur := x.recs[c.Record.ID]; cur == nil || cur.Seq <= c.Record.Seq {
 		x.recs[c.Record.ID] = c.Record
 	}
 }
@@ -290,13 +292,14 @@ func (x *index) all() []*sandbox.Record {
 	return out
 }
 
-// readRecord returns the record of sandbox id, the fold of its events
-// read from the stream, and the sequence of its last event; nil and 0 when
-// it has none.
-func (r *Registry) readRecord(ctx context.Context, id string) (*sandbox.Record, uint64, error) {
-	rec, err := inventory.Read(ctx, r.opts.NC, event.SandboxFilter(id))
+// readRecord returns the record of the sandbox ref names, the fold of its
+// events read from the stream (over its own subjects, ref's RefFilter, which
+// the server finds by their literal prefix), and the sequence of its last
+// event; nil and 0 when it has none.
+func (r *Registry) readRecord(ctx context.Context, ref event.Ref) (*sandbox.Record, uint64, error) {
+	rec, err := inventory.Read(ctx, r.opts.NC, ref.RefFilter())
 	if err != nil {
-		return nil, 0, fmt.Errorf("reading sandbox %s: %w", id, err)
+		return nil, 0, fmt.Errorf("reading sandbox %s: %w", ref.SandboxID, err)
 	}
 	if rec == nil {
 		return nil, 0, nil

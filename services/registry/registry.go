@@ -176,12 +176,19 @@ func Load(opts Options) (*extension.Catalog, error) {
 }
 
 // Consumers are the registry's durable consumers, with delivery policy p,
-// for setup to create: the inventory's on the lifecycle stream and the
-// one of fired expiries and destroy retries.
+// for setup to create: the one of the lifecycle events that move its
+// schedules (ready schedules an expiry; expired, destroying and destroyed
+// cancel it, and a failed teardown schedules a retry; requested,
+// provisioning, failed, rejected and orphaned are never delivered to it)
+// and the one of fired expiries and destroy retries.
 func Consumers(p bus.ConsumerPolicy) []bus.ConsumerSpec {
 	return []bus.ConsumerSpec{
-		{Stream: event.StreamLifecycle, Name: ConsumerInventory, Filters: []string{event.SubjectLifecycle}, Policy: p,
-			Description: "registry: keeps expiry and destroy retry schedules in step with lifecycle events"},
+		{Stream: event.StreamLifecycle, Name: ConsumerInventory, Policy: p,
+			Filters: []string{
+				event.StateFilter(event.StateReady), event.StateFilter(event.StateExpired),
+				event.StateFilter(event.StateDestroying), event.StateFilter(event.StateDestroyed),
+			},
+			Description: "registry: keeps expiry and destroy retry schedules in step with the lifecycle events that move them"},
 		{Stream: event.StreamTimers, Name: ConsumerTimers, Filters: []string{event.ExpiryFireFilter, event.RetryFireFilter}, Policy: p,
 			Description: "registry: fired expiry and destroy retry timers"},
 	}
@@ -298,7 +305,7 @@ func (r *Registry) Start(ctx context.Context) (err error) {
 
 	// The index of every sandbox: the fold of the lifecycle stream,
 	// caught up before the reconciler reads it.
-	f, err := inventory.Follow(watchCtx, js, r.opts.Retention, r.index.apply)
+	f, err := inventory.Follow(watchCtx, js, r.opts.Retention, r.log, r.index.apply)
 	if err != nil {
 		return err
 	}

@@ -104,7 +104,13 @@ func (r *Registry) retry(ctx context.Context, m *bus.Message) ([]bus.Out, error)
 	if d.SandboxID != id || d.Attempt < 1 {
 		return nil, bus.Permanent(fmt.Errorf("handling retry %s: %w: data names sandbox %q, attempt %d", m.Subject, event.ErrMalformed, d.SandboxID, d.Attempt))
 	}
-	rec, _, err := r.readRecord(ctx, id)
+	if err := event.CheckName("consumer name", d.Consumer); err != nil {
+		return nil, bus.Permanent(fmt.Errorf("handling retry %s: %w", m.Subject, err))
+	}
+	if err := event.CheckName("extension name", d.Extension); err != nil {
+		return nil, bus.Permanent(fmt.Errorf("handling retry %s: %w", m.Subject, err))
+	}
+	rec, _, err := r.readRecord(ctx, d.Ref)
 	switch {
 	case err != nil:
 		return nil, err

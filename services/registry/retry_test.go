@@ -279,7 +279,8 @@ func TestReconcile(t *testing.T) {
 	const ready = "sbx-late-ready"
 	publishAt(ready, event.StateProvisioning, long, time.Time{})
 	publishAt(ready, event.StateReady, long, long.Add(time.Minute))
-	drain(t, srv, event.StreamLifecycle, registry.ConsumerInventory, 10)
+	// Those of them the durable takes: ready (2), failed is not, destroying (1).
+	drain(t, srv, event.StreamLifecycle, registry.ConsumerInventory, 3)
 	a := start(t, srv, opts)
 	b := start(t, srv, opts)
 	for id, s := range map[string]event.State{provisioning: event.StateProvisioning, fresh: event.StateProvisioning, failed: event.StateFailed, destroying: event.StateDestroying} {
