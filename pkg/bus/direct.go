@@ -96,6 +96,10 @@ func LastPerSubject(ctx context.Context, nc *nats.Conn, stream string, subjects 
 	}
 }
 
+// subjectMsgsWait bounds, past the connection's timeout, the wait for a
+// batched direct get's answer when the caller's context has no deadline.
+const subjectMsgsWait = 5 * time.Second
+
 // SubjectMsgs reads every message of stream on filter's subjects, oldest
 // first, at most limit (at least 1) of them, with one batched direct get
 // (next_by_subj from the first sequence): a sandbox's few lifecycle events
@@ -104,6 +108,11 @@ func LastPerSubject(ctx context.Context, nc *nats.Conn, stream string, subjects 
 // is an empty answer.
 func SubjectMsgs(ctx context.Context, nc *nats.Conn, stream, filter string, limit int) ([]*StoredMsg, error) {
 	limit = max(limit, 1)
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, nc.Opts.Timeout+subjectMsgsWait)
+		defer cancel()
+	}
 	// A channel of the batch's size (and the end of batch): a synchronous
 	// subscription would allocate nats.go's default of 64k slots per read.
 	ch := make(chan *nats.Msg, limit+1)

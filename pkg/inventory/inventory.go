@@ -2,6 +2,9 @@
 // stream, which is their one record: a sandbox's record is the fold of its
 // lifecycle events ([sandbox.Apply]), and the inventory of every sandbox
 // is the fold of the whole stream. Nothing here writes.
+//
+// The package must never import a service: the services read records
+// through it.
 package inventory
 
 import (

@@ -57,9 +57,9 @@ func (g *Gateway) record(ctx context.Context, st *state, cr event.Create, trace 
 // requested event; 0 when it stored none). When the sandbox moved on
 // meanwhile (its create command did arrive after an ambiguous publish
 // error), it rejects nothing and returns the record as it is; a record
-// stored after all while seq is 0 is followed. It is best
-// effort otherwise: a failure is logged, and the registry's reconciler
-// fails a requested sandbox past its deadline.
+// stored after all while seq is 0 is followed. It is best effort
+// otherwise: a failure is logged, and the registry's reconciler fails a
+// requested sandbox past its deadline.
 func (g *Gateway) reject(ctx context.Context, st *state, cr event.Create, seq uint64, code, reason string) (movedOn *sandbox.Record) {
 	id := cr.SandboxID
 	ev, err := event.New(event.TypeRejected, Source, id, id+"."+string(event.StateRejected),
@@ -68,9 +68,7 @@ func (g *Gateway) reject(ctx context.Context, st *state, cr event.Create, seq ui
 		g.log.ErrorContext(ctx, "building rejected event", "sandbox", id, "err", err)
 		return nil
 	}
-	var (
-		ack *jetstream.PubAck
-	)
+	var ack *jetstream.PubAck
 	for range 3 {
 		ack, err = g.pub.PublishTransition(ctx, cr.Ref.LifecycleSubject(event.StateRejected), ev, cr.Ref.RefFilter(), seq)
 		if !errors.Is(err, bus.ErrConflict) {
