@@ -117,11 +117,14 @@ func (g *Gateway) reject(ctx context.Context, st *state, cr event.Create, seq ui
 // the lifecycle stream's max age.
 var errNotFound = errors.New("no such sandbox")
 
-// getRecord reads one sandbox's record: the fold of its lifecycle events,
-// read with one batched direct get over its own subjects when the
-// inventory knows whose sandbox it is (the server finds them by their
-// literal prefix), else by id. A key that is not a valid sandbox id is not
-// found ([errNotFound]).
+// getRecord reads one sandbox's record as it is now: the fold of its
+// lifecycle events. When the inventory holds the sandbox, one direct get
+// of its last event says whether the inventory's record is current (the
+// same sequence: nothing came after it); otherwise, or when it is not,
+// its events are read with one batched direct get, over its own subjects
+// when the inventory knows whose sandbox it is (the server finds them by
+// their literal prefix), else by id. A key that is not a valid sandbox id
+// is not found ([errNotFound]).
 func getRecord(ctx context.Context, st *state, id string) (*sandbox.Record, uint64, error) {
 	if !event.ValidName(id) {
 		return nil, 0, errNotFound
@@ -133,6 +136,13 @@ func getRecord(ctx context.Context, st *state, id string) (*sandbox.Record, uint
 	filter := event.SandboxFilter(id)
 	if ok {
 		filter = mine.Ref().RefFilter()
+		last, err := bus.LastMsg(ctx, st.nc, event.StreamLifecycle, filter)
+		if err != nil && !errors.Is(err, bus.ErrNoMessage) {
+			return nil, 0, err
+		}
+		if err != nil || last.Sequence <= mySeq {
+			return mine, mySeq, nil
+		}
 	}
 	rec, err := inv.Read(ctx, st.nc, filter)
 	if err != nil {

@@ -155,18 +155,9 @@ func (g *Gateway) destroy(w http.ResponseWriter, r *http.Request, c caller) {
 // gets no new command unless its teardown is stuck, and then a fresh
 // attempt; one gone (destroyed, rejected) gets none.
 func (g *Gateway) destroySandbox(ctx context.Context, st *state, c caller, id string) (*sandbox.Record, *api.Problem) {
-	// The inventory's record decides a plain destroy: at worst a few
-	// events behind, it can only say the sandbox is not as far yet, and
-	// the command it then sends again is one the stream de-duplicates and
-	// a worker finds done. A sandbox on its way out, or one the
-	// inventory has not folded yet, is read from its events: whether its
-	// teardown is stuck is decided on the latest news.
-	rec, _, ok := st.inv.get(id)
-	if !ok || !c.owns(rec.Consumer) || rec.State == event.StateExpired || rec.State == event.StateDestroying {
-		var p *api.Problem
-		if rec, p = g.visibleRecord(ctx, st, c, id); p != nil {
-			return nil, p
-		}
+	rec, p := g.visibleRecord(ctx, st, c, id)
+	if p != nil {
+		return nil, p
 	}
 	trace.SpanFromContext(ctx).SetAttributes(attribute.String(attrSandbox, rec.ID))
 	switch rec.State {
