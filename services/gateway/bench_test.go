@@ -15,8 +15,8 @@ import (
 )
 
 // BenchmarkCreate measures POST /v1/sandboxes end to end: HTTP, auth
-// (cached), validation, the record's create in the sandboxes bucket and
-// the create command's publish, on a file-backed in-process nats-server.
+// (cached), validation, the record's requested event (guarded) and the
+// create command's publish, on a file-backed in-process nats-server.
 func BenchmarkCreate(b *testing.B) {
 	e := newEnv(b, envConfig{topo: &bus.Topology{CommandsMaxMsgs: 10_000_000}})
 	ctx := testCtx(b)
