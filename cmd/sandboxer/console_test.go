@@ -120,7 +120,7 @@ func TestConsole(t *testing.T) {
 		t.Fatalf("after the page's destroy the API says %+v, %v; want destroyed", got, err)
 	}
 	states := p.texts(`#event-rows tr`, `r => r.dataset.state`)
-	if want := "provisioning ready destroying destroyed"; strings.Join(states, " ") != want {
+	if want := "requested provisioning ready destroying destroyed"; strings.Join(states, " ") != want {
 		t.Errorf("the page's events are %v, want %s, each once", states, want)
 	}
 	p.step("back to the list", 30*time.Second,

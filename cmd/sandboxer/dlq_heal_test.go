@@ -19,6 +19,7 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/extension/echo"
+	"github.com/sand-boxer/sandboxer/pkg/inventory"
 	"github.com/sand-boxer/sandboxer/pkg/natstest"
 	"github.com/sand-boxer/sandboxer/pkg/sandbox"
 	"github.com/sand-boxer/sandboxer/services/metering"
@@ -34,7 +35,6 @@ type healSystem struct {
 	srv   *natstest.Server
 	js    jetstream.JetStream // the test's, as admin
 	pub   *bus.Publisher
-	kv    jetstream.KeyValue
 	cat   *extension.Catalog
 	meter *metering.Client
 	pool  *provisioner.Provisioner
@@ -82,9 +82,6 @@ func startHealSystem(t *testing.T) *healSystem {
 	}
 	t.Cleanup(func() { _ = met.Shutdown(context.Background()) })
 	h.meter = metering.NewClient(srv.ConnAs(t, auth.Identity{Role: auth.RoleGateway}))
-	if h.kv, err = h.js.KeyValue(ctx, bus.BucketSandboxes); err != nil {
-		t.Fatal(err)
-	}
 	h.pool = h.startPool(t)
 	return h
 }
@@ -153,17 +150,15 @@ func (h *healSystem) create(t *testing.T, id string, inputs map[string]string) e
 	return ref
 }
 
-// record polls sandbox id's record until ok holds.
+// record polls sandbox id's record, the fold of its lifecycle events,
+// until ok holds.
 func (h *healSystem) record(t *testing.T, id, what string, ok func(*sandbox.Record) bool) *sandbox.Record {
 	t.Helper()
 	var rec *sandbox.Record
 	awaitCond(t, id+": "+what, func() bool {
-		e, err := h.kv.Get(testContext(t), id)
-		if err != nil {
-			return false
-		}
-		rec, err = sandbox.Unmarshal(e.Value())
-		return err == nil && ok(rec)
+		var err error
+		rec, err = inventory.Read(testContext(t), h.js.Conn(), event.SandboxFilter(id))
+		return err == nil && rec != nil && ok(rec)
 	})
 	return rec
 }

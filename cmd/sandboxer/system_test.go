@@ -208,7 +208,7 @@ func TestEndToEndOverHTTP(t *testing.T) {
 		}
 		states = append(states, st)
 	}
-	want := []event.State{event.StateProvisioning, event.StateReady, event.StateDestroying, event.StateDestroyed}
+	want := []event.State{event.StateRequested, event.StateProvisioning, event.StateReady, event.StateDestroying, event.StateDestroyed}
 	if len(states) != len(want) {
 		t.Fatalf("lifecycle = %v, want %v", states, want)
 	}

@@ -455,6 +455,16 @@ func TestOneTracePerSandbox(t *testing.T) {
 		if _, err := cs.dev.Wait(ctx, s.ID, func(st event.State) bool { return st.Rank() >= event.StateReady.Rank() }, nil); err != nil {
 			t.Fatal(err)
 		}
+		// Its expiry scheduled before it goes: a registry that folded the
+		// destroy before it handled ready schedules nothing.
+		timers, err := cs.sys.JS.Stream(ctx, event.StreamTimers)
+		if err != nil {
+			t.Fatal(err)
+		}
+		awaitCond(t, s.ID+": expiry scheduled", func() bool {
+			_, err := timers.GetLastMsgForSubject(ctx, event.ExpiryScheduleSubject(s.ID))
+			return err == nil
+		})
 		if _, err := cs.dev.Destroy(ctx, s.ID); err != nil {
 			t.Fatal(err)
 		}
@@ -537,8 +547,8 @@ func TestOneTracePerSandbox(t *testing.T) {
 			check("stored lifecycle event", m.Subject(), m.Headers())
 			n++
 		}
-		if n != 4 {
-			t.Errorf("%s: %d lifecycle events stored, want 4", r.id, n)
+		if n != 5 {
+			t.Errorf("%s: %d lifecycle events stored, want 5 (requested to destroyed)", r.id, n)
 		}
 		n = 0
 		for _, m := range storedMsgs(t, cs.sys.JS, event.StreamMetering, event.MeteringFilter(DevConsumer)) {

@@ -140,10 +140,10 @@ func describeCatalog(dirs ...extension.CatalogDir) string {
 	return strings.Join(out, ", ")
 }
 
-// retentionFlag adds --retention: how long the record of a sandbox that
-// ended is kept.
+// retentionFlag adds --retention: how long a sandbox that ended stays in
+// the listings.
 func retentionFlag(f *pflag.FlagSet, d *time.Duration) {
-	f.DurationVar(d, "retention", sandbox.DefaultRetention, "how long the record of a destroyed or rejected sandbox is kept (negative: forever)")
+	f.DurationVar(d, "retention", sandbox.DefaultRetention, "how long a destroyed or rejected sandbox stays in the listings (its GET answers for the lifecycle stream's max age; negative: listed as long)")
 }
 
 // idleReleaseFlag adds --idle-release: how long a process must be quiet

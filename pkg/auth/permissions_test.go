@@ -293,7 +293,6 @@ func permissionRows(t *testing.T) []row {
 		refuse(billing, "asks for a sandbox", askFor("dev")),
 		refuse(billing, "asks for a balance", request(event.SubjectMeteringBalance, `{"consumer":"dev"}`, nil)),
 		refuse(billing, "asks for the catalog", request(event.SubjectCatalog, `{}`, nil)),
-		refuse(billing, "publishes a sandboxes key", kvPublish(bus.BucketSandboxes, uid("key"))),
 		refuse(billing, "publishes a workers key", kvPublish(bus.BucketWorkers, "local."+uid("w"))),
 		refuse(billing, "publishes an idempotency key", kvPublish(bus.BucketIdempotency, uid("key"))),
 		refuse(billing, "subscribes to the metering stream's subjects", subscribe(event.SubjectMetering, event.MeteringSubject("dev", "debit"))),
@@ -311,7 +310,14 @@ func permissionRows(t *testing.T) []row {
 		allow(gateway, "reads events through an ordered consumer", orderedRead(readyEvent(t, "dev", "local"))),
 		allow(gateway, "reads a pool's queue depth", jsAPI("$JS.API.CONSUMER.INFO."+cmds+"."+localDurable, nil, nil)),
 		refuse(gateway, "makes the lifecycle stream keep less", updateStream(life, keepLess)),
-		refuse(gateway, "makes the sandboxes bucket keep less", updateStream(bus.KVStream(bus.BucketSandboxes), keepLess)),
+		refuse(gateway, "makes the catalog bucket keep less", updateStream(bus.KVStream(bus.BucketCatalog), keepLess)),
+		// A sandbox's record is its events: the gateway writes the first,
+		// a rejection and a re-drive's claim, and nothing a worker does.
+		allow(gateway, "records a requested sandbox", jsPublish(life, requestedEvent(t, "dev", "local"))),
+		allow(gateway, "claims a destroy attempt", jsPublish(life, destroyingEvent(t, "dev", "local"))),
+		refuse(gateway, "announces a ready sandbox", jsPublish(life, readyEvent(t, "dev", "local"))),
+		refuse(gateway, "fails a sandbox", jsPublish(life, failedEvent(t, "dev", "local"))),
+		allow(gateway, "reads a sandbox's events in one batched direct get", batchedGet()),
 		refuse(gateway, "creates a stream", createStream()),
 		refuse(gateway, "creates a stream with jetstream", action{
 			refusal: `Publish to "$JS.API.STREAM.CREATE.GATEWAY_STREAM"`,
@@ -344,7 +350,11 @@ func permissionRows(t *testing.T) []row {
 		refuse(registry, "purges the lifecycle stream", jsAPI("$JS.API.STREAM.PURGE."+life, nil, streamMsgGone(life, func(p *probe) uint64 { return p.lifeSeq }))),
 		refuse(registry, "publishes a credits key", kvPublish(bus.BucketCredits, uid("key"))),
 		refuse(registry, "publishes a metering event", jsPublish(meter, meterEvent("dev", "debit"))),
-		allow(registry, "watches the sandboxes bucket with a consumer", namedEphemeral(bus.KVStream(bus.BucketSandboxes), "$KV."+bus.BucketSandboxes+".>")),
+		allow(registry, "folds the lifecycle stream through an ordered consumer", orderedRead(readyEvent(t, "dev", "local"))),
+		refuse(registry, "pulls metering's durable", pull(life, bus.DurableMetering)),
+		allow(registry, "claims a destroy attempt", jsPublish(life, destroyingEvent(t, "dev", "local"))),
+		allow(registry, "reads a sandbox's events in one batched direct get", batchedGet()),
+		refuse(registry, "records a requested sandbox", jsPublish(life, requestedEvent(t, "dev", "local"))),
 		allow(registry, "schedules a destroy retry", jsPublish(tmrs, &nats.Msg{Subject: event.RetryScheduleSubject(uid("sbx")), Data: []byte("{}")})),
 		refuse(registry, "schedules a hold deadline", jsPublish(tmrs, &nats.Msg{Subject: event.HoldDeadlineScheduleSubject(uid("sbx")), Data: []byte("{}")})),
 		allow(registry, "fails a sandbox past its deadline", jsPublish(life, failedEvent(t, "dev", "local"))),
@@ -953,6 +963,33 @@ func TestReplies(t *testing.T) {
 			}
 		}
 	})
+}
+
+// requestedEvent is a requested event of consumer's sandbox on
+// extension, as the gateway records one.
+func requestedEvent(t testing.TB, consumer, extension string) *nats.Msg {
+	t.Helper()
+	id := uid("sbx")
+	ref := event.Ref{SandboxID: id, Consumer: consumer, Profile: extension, Extension: extension}
+	return encode(t, event.LifecycleSubject(consumer, extension, id, event.StateRequested), event.TypeRequested, id+".requested",
+		event.Requested{Ref: ref, RequestedAt: time.Now().UTC()})
+}
+
+// destroyingEvent is a destroying event of consumer's sandbox on
+// extension claiming destroy attempt 1, as a re-drive announces one.
+func destroyingEvent(t testing.TB, consumer, extension string) *nats.Msg {
+	t.Helper()
+	id := uid("sbx")
+	ref := event.Ref{SandboxID: id, Consumer: consumer, Profile: extension, Extension: extension}
+	return encode(t, event.LifecycleSubject(consumer, extension, id, event.StateDestroying), event.TypeDestroying, event.DestroyingID(id, 1),
+		event.Destroying{Ref: ref, Reason: event.ReasonRequested, Attempt: 1})
+}
+
+// batchedGet reads the lifecycle stream's first message by a batched
+// direct get, the request form that names no subject, as a sandbox's
+// record is read.
+func batchedGet() action {
+	return request("$JS.API.DIRECT.GET."+life, `{"seq":1,"next_by_subj":"sandboxer.evt.>","batch":1}`, nil)
 }
 
 // failedEvent is a failed event of consumer's sandbox on extension, as

@@ -229,39 +229,48 @@ func (id Identity) Permissions() jwt.Permissions {
 		p.jsInfo()
 		// Commands from requests: the only publisher of creates.
 		p.pub("sandboxer.cmd.*."+event.VerbCreate+".*.*", "sandboxer.cmd.*."+event.VerbDestroy+".*.*")
-		p.pub(event.StateFilter(event.StateRejected))
-		p.kvRead(bus.BucketCatalog, bus.BucketSandboxes, bus.BucketWorkers, bus.BucketIdempotency, bus.BucketAPIKeys)
-		p.kvWatch(bus.BucketCatalog, bus.BucketSandboxes, bus.BucketWorkers)
-		p.kvWrite(bus.BucketSandboxes, ">")
+		// A sandbox's record is its lifecycle events: the gateway writes
+		// its first (requested), a rejection when its command could not
+		// be published, and the claim of a re-driven destroy attempt
+		// (destroying), each guarded by the sandbox's last event.
+		p.pub(event.StateFilter(event.StateRequested), event.StateFilter(event.StateRejected), event.StateFilter(event.StateDestroying))
+		p.kvRead(bus.BucketCatalog, bus.BucketWorkers, bus.BucketIdempotency, bus.BucketAPIKeys)
+		p.kvWatch(bus.BucketCatalog, bus.BucketWorkers)
 		p.kvWrite(bus.BucketIdempotency, ">")
 		// API keys over the admin API (POST and DELETE /v1/keys): the
 		// gateway already decides who is an admin on its own API.
 		p.kvWrite(bus.BucketAPIKeys, ">")
-		// Event streams (SSE) read one sandbox through an ordered consumer.
+		// Event streams (SSE) read one sandbox through an ordered
+		// consumer, and the listings fold the whole stream through one.
 		p.streamInfo(life)
 		p.ordered(life, bus.DurableRegistry, bus.DurableMetering)
-		p.directGet(life, event.SubjectLifecycle)
+		// A sandbox's record: its events in one batched direct get (the
+		// request form), its state the last of them.
+		p.directGet(life, "")
 		p.pub("$JS.API.CONSUMER.INFO." + cmds + ".*")
 		p.pub("sandboxer.rpc.metering.*", "sandboxer.rpc.registry.*")
 		p.serve(event.RequestFilter)
 	case RoleRegistry:
 		p.jsInfo()
-		p.kvRead(bus.BucketCatalog, bus.BucketSandboxes, bus.BucketWorkers)
-		// The reconciler reads every record once a round.
-		p.kvWatch(bus.BucketCatalog, bus.BucketWorkers, bus.BucketSandboxes)
+		p.kvRead(bus.BucketCatalog, bus.BucketWorkers)
+		p.kvWatch(bus.BucketCatalog, bus.BucketWorkers)
 		p.kvWrite(bus.BucketCatalog, ">")
-		p.kvWrite(bus.BucketSandboxes, ">")
 		p.streamInfo(life, tmrs)
 		p.durable(life, bus.DurableRegistry)
+		// Its index of every sandbox folds the whole lifecycle stream
+		// through an ordered consumer; never metering's durable.
+		p.ordered(life, bus.DurableMetering)
 		p.durable(tmrs, bus.DurableRegistryTimers)
 		// Expiry schedules and destroy retries.
 		p.pub("sandboxer.timer.schedule.*", "sandboxer.timer.retry.*")
 		p.purge(tmrs)
 		p.pub(event.StateFilter(event.StateExpired), "sandboxer.cmd.*."+event.VerbDestroy+".*.*")
-		// The reconciler fails a create past its deadline, guarded on the
-		// sandbox's last event, which it reads.
-		p.pub(event.StateFilter(event.StateFailed))
-		p.directGet(life, event.SubjectLifecycle)
+		// The reconciler fails a create past its deadline, and a retry or
+		// re-drive claims its destroy attempt (destroying), guarded on the
+		// sandbox's last event, which it reads (its events in one batched
+		// direct get).
+		p.pub(event.StateFilter(event.StateFailed), event.StateFilter(event.StateDestroying))
+		p.directGet(life, "")
 		p.pub(event.DLQSubject(life, bus.DurableRegistry), event.DLQSubject(tmrs, bus.DurableRegistryTimers))
 		p.serve("sandboxer.rpc.registry.>")
 	case RoleMetering:

@@ -96,6 +96,68 @@ func LastPerSubject(ctx context.Context, nc *nats.Conn, stream string, subjects 
 	}
 }
 
+// subjectMsgsWait bounds, past the connection's timeout, the wait for a
+// batched direct get's answer when the caller's context has no deadline.
+const subjectMsgsWait = 5 * time.Second
+
+// SubjectMsgs reads every message of stream on filter's subjects, oldest
+// first, at most limit (at least 1) of them, with one batched direct get
+// (next_by_subj from the first sequence): a sandbox's few lifecycle events
+// in one request, without a consumer. The caller must be allowed the
+// request form of direct gets ($JS.API.DIRECT.GET.<stream>). No message
+// is an empty answer.
+func SubjectMsgs(ctx context.Context, nc *nats.Conn, stream, filter string, limit int) ([]*StoredMsg, error) {
+	limit = max(limit, 1)
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, nc.Opts.Timeout+subjectMsgsWait)
+		defer cancel()
+	}
+	// A channel of the batch's size (and the end of batch): a synchronous
+	// subscription would allocate nats.go's default of 64k slots per read.
+	ch := make(chan *nats.Msg, limit+1)
+	inbox := nc.NewInbox()
+	sub, err := nc.ChanSubscribe(inbox, ch)
+	if err != nil {
+		return nil, fmt.Errorf("reading %s on %s: %w", stream, filter, err)
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	req, _ := json.Marshal(struct {
+		Seq   uint64 `json:"seq"`
+		Next  string `json:"next_by_subj"`
+		Batch int    `json:"batch"`
+	}{1, filter, limit})
+	if err := nc.PublishRequest("$JS.API.DIRECT.GET."+stream, inbox, req); err != nil {
+		return nil, fmt.Errorf("reading %s on %s: %w", stream, filter, err)
+	}
+	var out []*StoredMsg
+	for {
+		var msg *nats.Msg
+		select {
+		case msg = <-ch:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("reading %s on %s: %w", stream, filter, ctx.Err())
+		}
+		switch msg.Header.Get(headerStatus) {
+		case "":
+			m, err := storedMsg(msg)
+			if err != nil {
+				return nil, fmt.Errorf("reading %s on %s: %w", stream, filter, err)
+			}
+			out = append(out, m)
+			if len(out) == limit {
+				return out, nil
+			}
+		case "204": // end of batch
+			return out, nil
+		case "404":
+			return out, nil
+		default:
+			return nil, fmt.Errorf("reading %s on %s: server answered %s %s", stream, filter, msg.Header.Get(headerStatus), msg.Header.Get("Description"))
+		}
+	}
+}
+
 func storedMsg(msg *nats.Msg) (*StoredMsg, error) {
 	switch st := msg.Header.Get(headerStatus); st {
 	case "":

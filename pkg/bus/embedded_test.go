@@ -35,7 +35,7 @@ func TestEmbeddedRestartKeepsStreams(t *testing.T) {
 	if _, err := bus.EnsureConsumer(ctx, js, event.StreamCommands, "local", event.CommandFilter("local"), testPolicy); err != nil {
 		t.Fatal(err)
 	}
-	kv, err := js.KeyValue(ctx, bus.BucketSandboxes)
+	kv, err := js.KeyValue(ctx, bus.BucketCatalog)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,7 +73,7 @@ func TestEmbeddedRestartKeepsStreams(t *testing.T) {
 	if _, err := js2.Consumer(ctx, event.StreamCommands, "local"); err != nil {
 		t.Errorf("consumer lost across the restart: %v", err)
 	}
-	kv2, err := js2.KeyValue(ctx, bus.BucketSandboxes)
+	kv2, err := js2.KeyValue(ctx, bus.BucketCatalog)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,11 +11,6 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// SandboxesMarkerTTL is how long the sandboxes bucket keeps the delete
-// marker of a record its time to live removed, so watchers see the
-// removal. A watcher that starts later reads the bucket without it.
-const SandboxesMarkerTTL = time.Hour
-
 // KVMsg is the message that writes value under key in bucket only if the
 // key is at revision rev (0: the key has no value and never had one), as
 // KeyValue.Create and KeyValue.Update send it. Publish it synchronously

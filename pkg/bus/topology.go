@@ -13,7 +13,6 @@ import (
 // Key-value bucket names.
 const (
 	BucketCatalog     = "catalog"
-	BucketSandboxes   = "sandboxes"
 	BucketCredits     = "credits"
 	BucketWorkers     = "workers"
 	BucketAPIKeys     = "apikeys"
@@ -198,8 +197,6 @@ func (t Topology) Buckets() []jetstream.KeyValueConfig {
 	st := t.storage()
 	return []jetstream.KeyValueConfig{
 		{Bucket: BucketCatalog, Description: "validated extension manifests and profiles", History: 5, Storage: st, Replicas: t.Replicas},
-		{Bucket: BucketSandboxes, Description: "sandbox inventory: state, handle, reachability, owner, labels, expiry", History: 1, Storage: st, Replicas: t.Replicas,
-			LimitMarkerTTL: SandboxesMarkerTTL}, // records of ended sandboxes live for a retention
 		{Bucket: BucketCredits, Description: "credit accounts, holds, usage records and the append-only ledger keyed by causing event", History: 1, Storage: st, Replicas: t.Replicas},
 		{Bucket: BucketWorkers, Description: "worker heartbeats", History: 1, TTL: t.WorkerTTL, Storage: st, Replicas: t.Replicas},
 		{Bucket: BucketAPIKeys, Description: "hashed API keys to consumer and role", History: 1, Storage: st, Replicas: t.Replicas},

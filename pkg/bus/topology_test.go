@@ -28,7 +28,7 @@ func TestSetupIsIdempotent(t *testing.T) {
 	if _, err := bus.NewPublisher(js).Publish(ctx, event.LifecycleSubject("dev", "local", "sbx-1", event.StateReady), readyEvent(t, "sbx-1")); err != nil {
 		t.Fatal(err)
 	}
-	kv, err := js.KeyValue(ctx, bus.BucketSandboxes)
+	kv, err := js.KeyValue(ctx, bus.BucketCatalog)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -170,7 +170,7 @@ func TestTopologyDesign(t *testing.T) {
 	for _, b := range (bus.Topology{}).Buckets() {
 		ttls[b.Bucket] = b.TTL
 	}
-	if ttls[bus.BucketWorkers] != 30*time.Second || ttls[bus.BucketIdempotency] != 24*time.Hour || ttls[bus.BucketSandboxes] != 0 {
+	if ttls[bus.BucketWorkers] != 30*time.Second || ttls[bus.BucketIdempotency] != 24*time.Hour || ttls[bus.BucketCatalog] != 0 {
 		t.Errorf("bucket TTLs %v", ttls)
 	}
 }

@@ -49,6 +49,32 @@ type Create struct {
 	RequestedAt time.Time         `json:"requested_at"`
 	// Hold is the credit hold admission reserved for this sandbox, if any.
 	Hold string `json:"hold,omitempty"`
+	// RecordSeq is the lifecycle stream sequence of the sandbox's
+	// requested event, its record, stored before this command: the
+	// sequence the first provisioning expects of the sandbox's subjects.
+	// 0 when the sandbox has no requested event (it then expects none).
+	RecordSeq uint64 `json:"record_seq,omitempty"`
+}
+
+// RequestedOf is the data of the requested event of the sandbox c
+// creates, with the traceparent of its create.
+func RequestedOf(c Create, trace string) Requested {
+	return Requested{Ref: c.Ref, Inputs: c.Inputs, Labels: c.Labels, TTLSeconds: c.TTLSeconds, RequestedAt: c.RequestedAt, Hold: c.Hold, Trace: trace}
+}
+
+// Requested is the data of a [TypeRequested] event: what the create asked
+// for (its command's data, but RecordSeq) and the trace it started.
+type Requested struct {
+	Ref
+	Inputs      map[string]string `json:"inputs,omitempty"`
+	Labels      map[string]string `json:"labels,omitempty"`
+	TTLSeconds  int64             `json:"ttl_seconds,omitempty"`
+	RequestedAt time.Time         `json:"requested_at"`
+	// Hold is the credit hold admission reserved for this sandbox, if any.
+	Hold string `json:"hold,omitempty"`
+	// Trace is the W3C traceparent of the sandbox's create: the trace
+	// every later step of the sandbox continues. Empty when untraced.
+	Trace string `json:"trace,omitempty"`
 }
 
 // Destroy reasons.

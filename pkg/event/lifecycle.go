@@ -59,6 +59,9 @@ func LifecycleOf(e *Event) (*Lifecycle, error) {
 // within it, or nil for a state no event announces.
 func payloadOf(s State) (any, *Ref) {
 	switch s {
+	case StateRequested:
+		d := new(Requested)
+		return d, &d.Ref
 	case StateProvisioning:
 		d := new(Provisioning)
 		return d, &d.Ref

@@ -20,6 +20,7 @@ func TestDecodeLifecycle(t *testing.T) {
 	ref := event.Ref{SandboxID: "sb-1", Consumer: "dev", Profile: "p", Extension: "local", Host: "h1"}
 	h := event.Handle{SandboxID: "sb-1", Host: "h1"}
 	payloads := map[event.State]any{
+		event.StateRequested:    &event.Requested{Ref: ref, Labels: map[string]string{"team": "a"}, TTLSeconds: 60, RequestedAt: at},
 		event.StateProvisioning: &event.Provisioning{Ref: ref, Worker: "w1", Attempt: 2},
 		event.StateReady:        &event.Ready{Ref: ref, Handle: h, Reachability: event.Reachability{Host: "h1"}, ReadyAt: at},
 		event.StateFailed:       &event.Failed{Ref: ref, Phase: "provision", Reason: "boom", Handle: &h},
@@ -31,7 +32,7 @@ func TestDecodeLifecycle(t *testing.T) {
 	}
 	for _, s := range event.States {
 		if event.LifecycleType(s) == "" {
-			continue // requested has no event of its own
+			continue // a state with no event of its own
 		}
 		t.Run(string(s), func(t *testing.T) {
 			t.Parallel()

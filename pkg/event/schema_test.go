@@ -30,7 +30,12 @@ func payloads() map[event.Type]any {
 		event.TypeCreate: event.Create{
 			Ref: ref, Inputs: map[string]string{"repo": "https://example.com/r.git", "branch": "main"},
 			Labels: map[string]string{"team": "a", "example.com/owner": "ops-1"}, TTLSeconds: 3600,
-			RequestedAt: at, Hold: "hold-sbx-0123",
+			RequestedAt: at, Hold: "hold-sbx-0123", RecordSeq: 41,
+		},
+		event.TypeRequested: event.Requested{
+			Ref: ref, Inputs: map[string]string{"repo": "https://example.com/r.git", "branch": "main"},
+			Labels: map[string]string{"team": "a", "example.com/owner": "ops-1"}, TTLSeconds: 3600,
+			RequestedAt: at, Hold: "hold-sbx-0123", Trace: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
 		},
 		event.TypeDestroy:      event.Destroy{Ref: ref, Reason: event.ReasonCreditsExhausted, RequestedBy: "metering", RequestedAt: at, Attempt: 2},
 		event.TypeProvisioning: event.Provisioning{Ref: ref, Worker: "provisioner-7f9c", Attempt: 2},

@@ -184,6 +184,9 @@ const (
 	SubjectCatalog = "sandboxer.rpc.registry.catalog"
 	// SubjectWorkers is answered by the registry with the live workers.
 	SubjectWorkers = "sandboxer.rpc.registry.workers"
+	// SubjectSandboxes is answered by the registry with sandboxes of its
+	// index, folded from the lifecycle stream.
+	SubjectSandboxes = "sandboxer.rpc.registry.sandboxes"
 
 	// SubjectMeteringHold is answered by metering: admission's quote and
 	// credit hold for one sandbox.

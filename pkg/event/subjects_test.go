@@ -405,12 +405,6 @@ func TestStates(t *testing.T) {
 			t.Errorf("%s not Valid", s)
 		}
 		typ := event.LifecycleType(s)
-		if s == event.StateRequested {
-			if typ != "" {
-				t.Errorf("requested has type %q, want none", typ)
-			}
-			continue
-		}
 		if !strings.HasPrefix(string(typ), "dev.sandboxer.sandbox.") || !strings.HasSuffix(string(typ), ".v1") {
 			t.Errorf("LifecycleType(%s) = %q", s, typ)
 		}

@@ -34,6 +34,10 @@ const (
 // Lifecycle types, one per state a sandbox enters. They travel on the
 // lifecycle stream.
 const (
+	// TypeRequested is the sandbox's record as its create asked for it:
+	// the first event of every sandbox the gateway accepted, stored
+	// before its create command.
+	TypeRequested    Type = "dev.sandboxer.sandbox.requested.v1"
 	TypeProvisioning Type = "dev.sandboxer.sandbox.provisioning.v1"
 	TypeReady        Type = "dev.sandboxer.sandbox.ready.v1"
 	TypeFailed       Type = "dev.sandboxer.sandbox.failed.v1"
@@ -90,11 +94,12 @@ var States = []State{
 	StateDestroying, StateDestroyed, StateRejected, StateOrphaned,
 }
 
-// LifecycleType returns the event type announcing state s, or "" for
-// [StateRequested], which has no event of its own (the create command is the
-// request).
+// LifecycleType returns the event type announcing state s, or "" for a
+// state that is not one.
 func LifecycleType(s State) Type {
 	switch s {
+	case StateRequested:
+		return TypeRequested
 	case StateProvisioning:
 		return TypeProvisioning
 	case StateReady:

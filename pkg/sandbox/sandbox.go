@@ -1,6 +1,6 @@
-// Package sandbox is the inventory record of one sandbox and the state
-// machine that moves it: the value of the sandboxes key-value bucket, and
-// the pure function that applies a lifecycle event to it.
+// Package sandbox is the record of one sandbox and the state machine that
+// moves it: the fold of the sandbox's lifecycle events, and the pure
+// function that applies one event to it.
 //
 // The package holds no I/O. It must never import the bus or a service.
 package sandbox
@@ -11,6 +11,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -18,23 +19,22 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/event"
 )
 
-// DefaultRetention is how long the record of a sandbox that ended is kept
+// DefaultRetention is how long a sandbox that ended stays in the listings
 // by default: a day, as long as an Idempotency-Key is remembered. The
-// lifecycle stream keeps the sandbox's events for longer, and metering its
-// usage record for good.
+// lifecycle stream keeps the sandbox's events, and so its record for a
+// GET, for longer (its max age), and metering its usage record for good.
 const DefaultRetention = 24 * time.Hour
 
-// TTL is how long r's stored value lives when records of ended sandboxes
-// are kept for retention: retention once r is in a terminal state, else
-// forever (0). A negative retention keeps every record forever.
-func (r *Record) TTL(retention time.Duration) time.Duration {
-	if retention > 0 && r.State.Terminal() {
-		return retention
-	}
-	return 0
+// Listed reports whether r is still listed at now when sandboxes that
+// ended are listed for retention: always while it has not ended, for
+// retention after its last event once it has. A negative retention lists
+// every sandbox for as long as the lifecycle stream keeps its events.
+func (r *Record) Listed(now time.Time, retention time.Duration) bool {
+	return retention <= 0 || !r.State.Terminal() || now.Sub(r.UpdatedAt) < retention
 }
 
-// Record is everything the inventory knows of a sandbox.
+// Record is everything the lifecycle events of a sandbox say of it: their
+// fold.
 type Record struct {
 	ID         string            `json:"id"`
 	Consumer   string            `json:"consumer"`
@@ -82,6 +82,11 @@ type Record struct {
 
 	// History is every state the sandbox entered, in order.
 	History []Transition `json:"history,omitempty"`
+
+	// Seq is the lifecycle stream sequence of the last event folded into
+	// r: what a transition decided on r expects of the sandbox's subjects
+	// (Nats-Expected-Last-Subject-Sequence). Whoever folds sets it.
+	Seq uint64 `json:"seq,omitempty"`
 }
 
 // Transition records one state change.
@@ -97,17 +102,32 @@ func (r *Record) TeardownStuck() bool {
 	return r.State == event.StateDestroying && r.TeardownError != "" && r.TeardownFailedAttempt >= r.DestroyAttempt
 }
 
-// Redrive claims the next destroy attempt of r at now: it numbers it
-// (DestroyAttempt) and returns it. Written back with compare-and-swap at
-// the revision r was read at, it is the claim of whoever sends that
-// attempt's destroy command: of two re-drives decided on the same record,
-// one writes and the other finds the attempt taken.
-func (r *Record) Redrive(now time.Time) int {
-	r.DestroyAttempt++
-	if now.After(r.UpdatedAt) {
-		r.UpdatedAt = now
+// NextAttempt is the number of the next destroy attempt of r. Its claim
+// is a destroying event of that attempt published with the expected last
+// subject sequence r.Seq: of two re-drives decided on the same record, one
+// is stored and the other finds the sandbox moved on.
+func (r *Record) NextAttempt() int { return r.DestroyAttempt + 1 }
+
+// Clone returns a copy of r that shares nothing with it.
+func (r *Record) Clone() *Record {
+	c := *r
+	c.Labels, c.Inputs = maps.Clone(r.Labels), maps.Clone(r.Inputs)
+	c.History = slices.Clone(r.History)
+	if r.Request != nil {
+		o := *r.Request
+		c.Request = &o
 	}
-	return r.DestroyAttempt
+	if r.Handle != nil {
+		h := *r.Handle
+		h.Data = maps.Clone(r.Handle.Data)
+		c.Handle = &h
+	}
+	if r.Reachability != nil {
+		reach := *r.Reachability
+		reach.Ports = maps.Clone(r.Reachability.Ports)
+		c.Reachability = &reach
+	}
+	return &c
 }
 
 // Ref returns the event reference of r.
@@ -115,7 +135,7 @@ func (r *Record) Ref() event.Ref {
 	return event.Ref{SandboxID: r.ID, Consumer: r.Consumer, Profile: r.Profile, Extension: r.Extension, Host: r.Host, Request: r.Request}
 }
 
-// Marshal encodes r for the sandboxes bucket.
+// Marshal encodes r as JSON.
 func (r *Record) Marshal() []byte {
 	b, err := json.Marshal(r)
 	if err != nil {
@@ -124,7 +144,7 @@ func (r *Record) Marshal() []byte {
 	return b
 }
 
-// Unmarshal decodes a record from the sandboxes bucket.
+// Unmarshal decodes a record Marshal encoded.
 func Unmarshal(b []byte) (*Record, error) {
 	var r Record
 	if err := json.Unmarshal(b, &r); err != nil {
@@ -197,6 +217,18 @@ func Apply(r *Record, e *event.Event) (bool, error) {
 	// A failed sandbox keeps its failure as the reason through teardown.
 	failed := slices.ContainsFunc(r.History, func(t Transition) bool { return t.State == event.StateFailed })
 	switch to {
+	case event.StateRequested:
+		var d event.Requested
+		if err := event.DataAs(e, &d); err != nil {
+			return false, err
+		}
+		ref = d.Ref
+		update = func() {
+			r.Labels, r.Inputs, r.TTLSeconds, r.Hold, r.Trace = d.Labels, d.Inputs, d.TTLSeconds, d.Hold, d.Trace
+			if !d.RequestedAt.IsZero() {
+				at = d.RequestedAt.UTC()
+			}
+		}
 	case event.StateProvisioning:
 		var d event.Provisioning
 		if err := event.DataAs(e, &d); err != nil {

@@ -467,22 +467,48 @@ func TestNewID(t *testing.T) {
 	}
 }
 
-func TestRecordTTL(t *testing.T) {
+func TestRecordListed(t *testing.T) {
+	t.Parallel()
 	const week = 7 * 24 * time.Hour
+	now := t0.Add(30 * 24 * time.Hour)
 	for _, tc := range []struct {
 		state     event.State
+		updated   time.Time
 		retention time.Duration
-		want      time.Duration
+		want      bool
 	}{
-		{event.StateReady, week, 0},
-		{event.StateDestroying, week, 0},
-		{event.StateDestroyed, week, week},
-		{event.StateRejected, week, week},
-		{event.StateDestroyed, -1, 0},
+		{event.StateReady, t0, week, true},
+		{event.StateDestroying, t0, week, true},
+		{event.StateDestroyed, t0, week, false},
+		{event.StateDestroyed, now.Add(-time.Hour), week, true},
+		{event.StateRejected, t0, week, false},
+		{event.StateDestroyed, t0, -1, true},
 	} {
-		if got := (&sandbox.Record{State: tc.state}).TTL(tc.retention); got != tc.want {
-			t.Errorf("TTL of a %s record with retention %s = %s, want %s", tc.state, tc.retention, got, tc.want)
+		if got := (&sandbox.Record{State: tc.state, UpdatedAt: tc.updated}).Listed(now, tc.retention); got != tc.want {
+			t.Errorf("Listed of a %s record updated %s ago with retention %s = %v, want %v", tc.state, now.Sub(tc.updated), tc.retention, got, tc.want)
 		}
+	}
+}
+
+// TestApplyRequested: the requested event is a record's first: it gives
+// what the create asked for, and a second one changes nothing.
+func TestApplyRequested(t *testing.T) {
+	t.Parallel()
+	e := lifecycle(t, event.StateRequested, event.RequestedOf(event.Create{
+		Ref: ref, Labels: map[string]string{"team": "a"}, Inputs: map[string]string{"repo": "r"}, TTLSeconds: 60, RequestedAt: t0, Hold: "h-1",
+	}, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"))
+	e.SetTime(t0.Add(time.Second))
+	var r sandbox.Record
+	changed, err := sandbox.Apply(&r, e)
+	if err != nil || !changed {
+		t.Fatalf("Apply(requested) = %v, %v; want true, nil", changed, err)
+	}
+	if r.ID != ref.SandboxID || r.State != event.StateRequested || r.Labels["team"] != "a" || r.Inputs["repo"] != "r" ||
+		r.TTLSeconds != 60 || r.Hold != "h-1" || r.Trace == "" || !r.CreatedAt.Equal(t0) || len(r.History) != 1 {
+		t.Fatalf("record after requested = %+v", r)
+	}
+	if changed, err := sandbox.Apply(&r, e); err != nil || changed {
+		t.Fatalf("Apply(requested) again = %v, %v; want false, nil", changed, err)
 	}
 }
 

@@ -44,7 +44,7 @@ func TestBackPressure(t *testing.T) {
 		t.Fatalf("get refused sandbox: %+v %v", got, err)
 	}
 	evs := e.messages(t, event.StreamLifecycle, event.SandboxFilter(id))
-	if len(evs) != 1 || evs[0].Event.Type() != string(event.TypeRejected) {
+	if len(evs) != 2 || evs[0].Event.Type() != string(event.TypeRequested) || evs[1].Event.Type() != string(event.TypeRejected) {
 		t.Fatalf("lifecycle of the refused sandbox: %+v", evs)
 	}
 	if cmds := e.messages(t, event.StreamCommands, event.SubjectCommands); len(cmds) != 1 || !strings.HasSuffix(cmds[0].Subject, first.ID) {
@@ -174,9 +174,9 @@ func TestRefusals(t *testing.T) {
 	}
 }
 
-// TestRejectedRecordRetention: the record of a sandbox the gateway
-// rejected is kept for the retention, then removed from the bucket, the
-// listing and GET.
+// TestRejectedRecordRetention: a sandbox the gateway rejected is listed
+// for the retention, then no more; its GET still answers from its events,
+// which the lifecycle stream keeps for its max age.
 func TestRejectedRecordRetention(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, envConfig{opts: func(o *gateway.Options) {
@@ -200,7 +200,7 @@ func TestRejectedRecordRetention(t *testing.T) {
 		list, err := alice.List(ctx, api.ListFilter{})
 		return err == nil && len(list) == 0
 	})
-	if _, err := alice.Get(ctx, id); problemOf(t, err).Status != http.StatusNotFound {
-		t.Fatalf("GET of the removed sandbox: %v, want 404", err)
+	if got, err := alice.Get(ctx, id); err != nil || got.State != event.StateRejected {
+		t.Fatalf("GET of the unlisted sandbox: %+v, %v; want it rejected", got, err)
 	}
 }

@@ -15,8 +15,8 @@ import (
 )
 
 // BenchmarkCreate measures POST /v1/sandboxes end to end: HTTP, auth
-// (cached), validation, the record's create in the sandboxes bucket and
-// the create command's publish, on a file-backed in-process nats-server.
+// (cached), validation, the record's requested event (guarded) and the
+// create command's publish, on a file-backed in-process nats-server.
 func BenchmarkCreate(b *testing.B) {
 	e := newEnv(b, envConfig{topo: &bus.Topology{CommandsMaxMsgs: 10_000_000}})
 	ctx := testCtx(b)
@@ -63,11 +63,8 @@ func BenchmarkList(b *testing.B) {
 	const n = 10_000
 	e := newEnv(b, envConfig{})
 	ctx := testCtx(b)
-	kv, err := e.js.KeyValue(ctx, bus.BucketSandboxes)
-	if err != nil {
-		b.Fatal(err)
-	}
 	ids := make([]string, n)
+	recs := make([]*sandbox.Record, n)
 	now := time.Now().UTC()
 	for i := range ids {
 		consumer := fmt.Sprintf("c%02d", i%100)
@@ -80,12 +77,11 @@ func BenchmarkList(b *testing.B) {
 			Reachability: &event.Reachability{Host: "h1", RemoteDir: "/tmp/" + ids[i]},
 			CreatedAt:    now, UpdatedAt: now, ReadyAt: now,
 			History: []sandbox.Transition{{State: event.StateRequested, At: now}, {State: event.StateReady, At: now}}}
-		if _, err := kv.Put(ctx, ids[i], rec.Marshal()); err != nil {
-			b.Fatal(err)
-		}
+		recs[i] = rec
 	}
+	e.seed(b, recs...)
 	slices.Sort(ids)
-	// The inventory follows the bucket through its watch.
+	// The inventory follows the lifecycle stream.
 	root := e.client("root")
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()

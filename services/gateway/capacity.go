@@ -14,8 +14,8 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/workers"
 )
 
-// Load is the gateway's view of where sandboxes live, read from its copy
-// of the sandboxes bucket. It is eventually consistent: a sandbox another
+// Load is the gateway's view of where sandboxes live, read from its fold
+// of the lifecycle stream. It is eventually consistent: a sandbox another
 // gateway recorded a moment ago may not be counted yet.
 type Load interface {
 	// Live counts the live sandboxes of an extension (every state but

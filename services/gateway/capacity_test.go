@@ -250,7 +250,7 @@ func TestFailingCandidate(t *testing.T) {
 		flaky = append(flaky, s)
 	}
 	for _, s := range flaky[:3] {
-		e.advance(t, s.ID, true, event.StateProvisioning, event.StateFailed)
+		e.advance(t, s.ID, event.StateProvisioning, event.StateFailed)
 	}
 	seen(event.StateFailed, 3)
 	if s := create(); s.Extension != "steady" {
@@ -258,7 +258,7 @@ func TestFailingCandidate(t *testing.T) {
 	}
 	// The sandbox placed on flaky before the failures becomes ready: the
 	// latest outcome is a success, so flaky is healthy again.
-	e.advance(t, flaky[3].ID, true, event.StateProvisioning, event.StateReady)
+	e.advance(t, flaky[3].ID, event.StateProvisioning, event.StateReady)
 	seen(event.StateReady, 1)
 	if s := create(); s.Extension != "flaky" {
 		t.Fatalf("after a success on flaky, a sandbox went to %s", s.Extension)

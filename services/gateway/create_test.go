@@ -60,8 +60,17 @@ func TestCreate(t *testing.T) {
 	if data.Ref != wantRef || data.Inputs["delay"] != "1s" || !maps.Equal(data.Labels, wantLabels) || data.TTLSeconds != 1800 || data.RequestedAt.IsZero() {
 		t.Fatalf("create data %+v", data)
 	}
-	if n := len(e.messages(t, event.StreamLifecycle, event.SubjectLifecycle)); n != 0 {
-		t.Fatalf("%d lifecycle events, want none", n)
+	// The record, stored before the command, which names its sequence.
+	evs := e.messages(t, event.StreamLifecycle, event.SubjectLifecycle)
+	if len(evs) != 1 || evs[0].Subject != event.LifecycleSubject("alice", "echo", sb.ID, event.StateRequested) {
+		t.Fatalf("lifecycle events %+v, want the requested event", evs)
+	}
+	var req event.Requested
+	if err := event.DataAs(evs[0].Event, &req); err != nil {
+		t.Fatal(err)
+	}
+	if req.Ref != wantRef || req.Inputs["delay"] != "1s" || !maps.Equal(req.Labels, wantLabels) || req.TTLSeconds != 1800 || data.RecordSeq != evs[0].Seq {
+		t.Fatalf("requested data %+v, command's record sequence %d (event's %d)", req, data.RecordSeq, evs[0].Seq)
 	}
 
 	got, err := alice.Get(ctx, sb.ID)

@@ -57,7 +57,7 @@ func TestDestroy(t *testing.T) {
 	}
 
 	// Once destroyed, a destroy is a no-op 202 with the current state.
-	e.advance(t, sb.ID, true, event.StateProvisioning, event.StateReady, event.StateDestroying, event.StateDestroyed)
+	e.advance(t, sb.ID, event.StateProvisioning, event.StateReady, event.StateDestroying, event.StateDestroyed)
 	before := e.lastSeqs(t)
 	got, err = alice.Destroy(ctx, sb.ID)
 	if err != nil {
@@ -89,7 +89,7 @@ func TestDestroyNoCommandWhenOnItsWay(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			e.advance(t, sb.ID, true, tc.states...)
+			e.advance(t, sb.ID, tc.states...)
 			r := e.do(t, http.MethodDelete, "/v1/sandboxes/"+sb.ID, "alice", "", nil)
 			if r.Status != http.StatusAccepted {
 				t.Fatalf("status %d", r.Status)

@@ -29,8 +29,8 @@ func TestEvents(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.advance(t, other.ID, false, event.StateProvisioning)
-	e.advance(t, sb.ID, false, event.StateProvisioning)
+	e.advance(t, other.ID, event.StateProvisioning)
+	e.advance(t, sb.ID, event.StateProvisioning)
 
 	type result struct {
 		got []api.StreamEvent
@@ -56,7 +56,7 @@ func TestEvents(t *testing.T) {
 	case <-ctx.Done():
 		t.Fatal("no event")
 	}
-	e.advance(t, sb.ID, false, event.StateReady, event.StateDestroying, event.StateDestroyed)
+	e.advance(t, sb.ID, event.StateReady, event.StateDestroying, event.StateDestroyed)
 	var r result
 	select {
 	case r = <-done:
@@ -66,7 +66,7 @@ func TestEvents(t *testing.T) {
 	if r.err != nil {
 		t.Fatal(r.err)
 	}
-	want := []event.State{event.StateProvisioning, event.StateReady, event.StateDestroying, event.StateDestroyed}
+	want := []event.State{event.StateRequested, event.StateProvisioning, event.StateReady, event.StateDestroying, event.StateDestroyed}
 	check := func(what string, got []api.StreamEvent) {
 		t.Helper()
 		if len(got) != len(want) {
@@ -119,7 +119,7 @@ func TestEvents(t *testing.T) {
 			ids = append(ids, id)
 		}
 	}
-	wantIDs := []string{strconv.FormatUint(hist[2].Seq, 10), strconv.FormatUint(hist[3].Seq, 10)}
+	wantIDs := []string{strconv.FormatUint(hist[2].Seq, 10), strconv.FormatUint(hist[3].Seq, 10), strconv.FormatUint(hist[4].Seq, 10)}
 	if !slices.Equal(ids, wantIDs) {
 		t.Fatalf("resumed with ids %v, want %v", ids, wantIDs)
 	}
@@ -134,12 +134,13 @@ func TestEventsEmptyHistory(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	n := 0
-	if err := alice.Events(ctx, sb.ID, false, func(api.StreamEvent) error { n++; return nil }); err != nil {
+	// Just created: its one event is its record.
+	var types []string
+	if err := alice.Events(ctx, sb.ID, false, func(se api.StreamEvent) error { types = append(types, se.Type); return nil }); err != nil {
 		t.Fatal(err)
 	}
-	if n != 0 {
-		t.Fatalf("%d events for a sandbox with none", n)
+	if !slices.Equal(types, []string{string(event.TypeRequested)}) {
+		t.Fatalf("events of a sandbox just created: %v, want its requested event", types)
 	}
 	r := e.do(t, http.MethodGet, "/v1/sandboxes/"+sb.ID+"/events?follow=maybe", "alice", "", nil)
 	if r.Status != http.StatusBadRequest || !slices.Contains(fields(r.Problem), "follow") {
@@ -165,16 +166,18 @@ func TestWait(t *testing.T) {
 		}
 		done <- err
 	}()
-	e.advance(t, sb.ID, true, event.StateProvisioning)
-	select {
-	case s := <-seen:
-		if s != event.StateProvisioning {
-			t.Fatalf("first state seen %s", s)
+	e.advance(t, sb.ID, event.StateProvisioning)
+	for _, want := range []event.State{event.StateRequested, event.StateProvisioning} {
+		select {
+		case s := <-seen:
+			if s != want {
+				t.Fatalf("state seen %s, want %s", s, want)
+			}
+		case <-ctx.Done():
+			t.Fatal("Wait saw nothing")
 		}
-	case <-ctx.Done():
-		t.Fatal("Wait saw nothing")
 	}
-	e.advance(t, sb.ID, true, event.StateReady)
+	e.advance(t, sb.ID, event.StateReady)
 	select {
 	case err := <-done:
 		if err != nil {

@@ -1,15 +1,19 @@
 // Package gateway is the edge of sand-boxer: the HTTP API, and the bus
 // intake where tenants ask with request events. It authenticates API keys,
 // validates sandbox requests against the catalog, routes and admits them,
-// records each requested sandbox in the inventory and publishes the create
-// and destroy commands. It answers reads from the sandboxes bucket and
-// streams lifecycle events as server-sent events.
+// records each requested sandbox with its requested lifecycle event and
+// publishes the create and destroy commands. It answers reads from the
+// lifecycle stream, the one record of every sandbox (a sandbox's record
+// is the fold of its events), and streams lifecycle events as server-sent
+// events.
 //
 // Every check of a request runs before anything is published: a request the
 // gateway refuses leaves no command on the bus. After a sandbox is
-// requested, the gateway owns none of its state: the registry projects
-// lifecycle events into the sandboxes bucket. The gateway only creates the
-// initial record and marks the sandboxes whose command it could not publish.
+// requested, the gateway owns none of its state: each transition is a
+// lifecycle event published by whoever makes it, guarded by the sandbox's
+// last event. The gateway writes the requested event, the rejected event of
+// a sandbox whose command it could not publish, and the claim of a
+// re-driven destroy attempt.
 //
 // The package must never import another service or an extension's code:
 // it knows extensions only as catalog data.
@@ -107,9 +111,10 @@ type Options struct {
 	// IntakeConcurrency bounds the request events answered at once.
 	// Default 64.
 	IntakeConcurrency int
-	// Retention is how long the record of a sandbox the gateway rejects
-	// is kept, as the registry keeps every ended sandbox's. Default
-	// [sandbox.DefaultRetention]; negative keeps records forever.
+	// Retention is how long a sandbox that ended stays in the gateway's
+	// listings and counts; its events, and so its GET, stay for the
+	// lifecycle stream's max age. Default [sandbox.DefaultRetention];
+	// negative lists every sandbox the stream keeps.
 	Retention time.Duration
 	// Metrics is where the gateway's Prometheus families are registered
 	// (requests, admissions, the bus intake, the pools' queues and the
@@ -202,7 +207,7 @@ type Gateway struct {
 
 // state is what Start opens.
 type state struct {
-	sandboxes jetstream.KeyValue
+	nc        *nats.Conn // reads a sandbox's events by direct get
 	idem      jetstream.KeyValue
 	lifecycle jetstream.Stream
 	inv       *inventory
@@ -241,9 +246,9 @@ func New(opts Options) (*Gateway, error) {
 	return g, nil
 }
 
-// Start opens the sandboxes and idempotency buckets and the lifecycle
-// stream, and starts the watch that feeds sandbox listings. It returns once
-// the listing cache holds the bucket's contents, or when ctx ends. The
+// Start opens the idempotency bucket and the lifecycle stream, and starts
+// the fold of the stream that feeds sandbox listings. It returns once the
+// listing cache holds every sandbox the stream had, or when ctx ends. The
 // watch runs until [Gateway.Shutdown], whatever ctx does afterwards; after
 // an error, call Shutdown to stop what Start began. Start runs once.
 func (g *Gateway) Start(ctx context.Context) error {
@@ -255,10 +260,6 @@ func (g *Gateway) Start(ctx context.Context) error {
 	g.started = true
 	g.mu.Unlock()
 
-	sbx, err := g.opts.JS.KeyValue(ctx, bus.BucketSandboxes)
-	if err != nil {
-		return fmt.Errorf("opening bucket %s: %w", bus.BucketSandboxes, err)
-	}
 	idem, err := g.opts.JS.KeyValue(ctx, bus.BucketIdempotency)
 	if err != nil {
 		return fmt.Errorf("opening bucket %s: %w", bus.BucketIdempotency, err)
@@ -267,7 +268,7 @@ func (g *Gateway) Start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("opening stream %s: %w", event.StreamLifecycle, err)
 	}
-	inv := newInventory(sbx, g.log)
+	inv := newInventory(g.opts.JS, g.opts.Retention, g.log)
 	if !g.track() {
 		return errors.New("starting gateway: shut down")
 	}
@@ -280,7 +281,7 @@ func (g *Gateway) Start(ctx context.Context) error {
 	case <-ctx.Done():
 		return fmt.Errorf("starting gateway: loading sandboxes: %w", ctx.Err())
 	}
-	g.state.Store(&state{sandboxes: sbx, idem: idem, lifecycle: lc, inv: inv})
+	g.state.Store(&state{nc: g.opts.JS.Conn(), idem: idem, lifecycle: lc, inv: inv})
 	sub, err := g.startIntake(ctx, g.opts.NC)
 	if err != nil {
 		return err

@@ -2,7 +2,6 @@ package gateway
 
 import (
 	"context"
-	"errors"
 	"log/slog"
 	"slices"
 	"strings"
@@ -12,22 +11,25 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sand-boxer/sandboxer/pkg/event"
+	inv "github.com/sand-boxer/sandboxer/pkg/inventory"
 	"github.com/sand-boxer/sandboxer/pkg/sandbox"
 )
 
-// inventory is a live copy of the sandboxes bucket, for listings. Every
-// entry carries the bucket revision it was read at, so a write the gateway
-// made itself (put at once, for read-your-writes) is never replaced by an
-// older update of the watch.
+// inventory is the records of every sandbox, folded from the lifecycle
+// stream ([inventory.Follow]), for listings, capacity and metrics. Every
+// entry carries the stream sequence of the last event folded into it, so
+// the record of an event the gateway stored itself (put at once, for
+// read-your-writes) is never replaced by an older one.
 type inventory struct {
-	kv  jetstream.KeyValue
-	log *slog.Logger
+	js        jetstream.JetStream
+	retention time.Duration
+	log       *slog.Logger
 
 	mu    sync.RWMutex
 	recs  map[string]invEntry
 	loads map[string]*extLoad // extension -> its live sandboxes and outcomes, kept with recs
 	ready chan struct{}       // closed after the first full load
-	live  bool                // the watch is running and loaded
+	live  bool                // the fold is running and loaded
 	once  sync.Once
 
 	// byState counts recs by state, and transient holds the records in a
@@ -47,24 +49,34 @@ type invEntry struct {
 	rev uint64
 }
 
-func newInventory(kv jetstream.KeyValue, log *slog.Logger) *inventory {
+func newInventory(js jetstream.JetStream, retention time.Duration, log *slog.Logger) *inventory {
 	return &inventory{
-		kv: kv, log: log, recs: make(map[string]invEntry), byConsumer: make(map[string][]*sandbox.Record),
+		js: js, retention: retention, log: log, recs: make(map[string]invEntry), byConsumer: make(map[string][]*sandbox.Record),
 		loads: make(map[string]*extLoad), ready: make(chan struct{}),
 		byState: make(map[event.State]int), transient: make(map[string]*sandbox.Record),
 	}
 }
 
-// run watches the bucket until ctx ends. When the watch breaks, it starts
-// again after a pause; the entries it already has stay, and revisions keep
-// a restarted watch from moving an entry backwards.
+// run folds the lifecycle stream until ctx ends. When the fold cannot
+// start, it tries again after a pause; once started, it resumes by itself
+// after the last event it folded.
 func (v *inventory) run(ctx context.Context) {
 	const pause = time.Second
 	for ctx.Err() == nil {
-		if err := v.watch(ctx); err != nil && ctx.Err() == nil {
-			v.log.Warn("watching sandboxes, will retry", "err", err, "retry_in", pause)
+		f, err := inv.Follow(ctx, v.js, v.retention, v.log, v.apply)
+		if err == nil {
+			select {
+			case <-ctx.Done():
+				<-f.Done()
+				return
+			case <-f.Ready():
+			}
+			v.setLive(true)
+			v.once.Do(func() { close(v.ready) })
+			<-f.Done()
+			return
 		}
-		v.setLive(false)
+		v.log.Warn("folding the lifecycle stream, will retry", "err", err, "retry_in", pause)
 		t := time.NewTimer(pause)
 		select {
 		case <-ctx.Done():
@@ -74,45 +86,13 @@ func (v *inventory) run(ctx context.Context) {
 	}
 }
 
-func (v *inventory) watch(ctx context.Context) error {
-	w, err := v.kv.WatchAll(ctx)
-	if err != nil {
-		return err
-	}
-	defer func() { _ = w.Stop() }()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case e, ok := <-w.Updates():
-			if !ok {
-				return errors.New("sandboxes watch closed")
-			}
-			if e == nil {
-				v.setLive(true)
-				v.once.Do(func() { close(v.ready) })
-				continue
-			}
-			v.apply(e)
-		}
-	}
-}
-
-func (v *inventory) apply(e jetstream.KeyValueEntry) {
-	if e.Operation() != jetstream.KeyValuePut {
-		v.put(e.Key(), nil, e.Revision())
+// apply takes one sandbox's record after an event of the stream.
+func (v *inventory) apply(c inv.Change) {
+	if c.Gone {
+		v.put(c.Record.ID, nil, c.Record.Seq+1) // after its last event
 		return
 	}
-	rec, err := sandbox.Unmarshal(e.Value())
-	if err != nil {
-		v.log.Warn("skipping undecodable sandbox record", "key", e.Key(), "err", err)
-		return
-	}
-	if rec.ID != e.Key() {
-		v.log.Warn("skipping sandbox record stored under another id", "key", e.Key(), "id", rec.ID)
-		return
-	}
-	v.put(e.Key(), rec, e.Revision())
+	v.put(c.Record.ID, c.Record, c.Record.Seq)
 }
 
 // put stores rec (nil for a deletion) at rev unless a newer revision is
@@ -232,9 +212,10 @@ func (v *inventory) page(f listFilter, after string, limit int) ([]*sandbox.Reco
 		}
 	}
 	out := make([]*sandbox.Record, 0, min(limit, len(l)-i))
+	now := time.Now()
 	for _, r := range l[i:] {
-		if !f.match(r) {
-			continue
+		if !f.match(r) || !r.Listed(now, v.retention) {
+			continue // a sandbox that ended longer than the retention ago is not listed
 		}
 		if len(out) == limit {
 			return out, true
@@ -244,8 +225,8 @@ func (v *inventory) page(f listFilter, after string, limit int) ([]*sandbox.Reco
 	return out, false
 }
 
-// get returns the record of id as this gateway last saw it (written or
-// watched) and its revision; false when it has none.
+// get returns the record of id as this gateway last saw it (stored or
+// folded) and its stream sequence; false when it has none.
 func (v *inventory) get(id string) (*sandbox.Record, uint64, bool) {
 	v.mu.RLock()
 	defer v.mu.RUnlock()

@@ -13,7 +13,7 @@ import (
 )
 
 func testInventory() *inventory {
-	return newInventory(nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	return newInventory(nil, sandbox.DefaultRetention, slog.New(slog.NewTextHandler(io.Discard, nil)))
 }
 
 func pageIDs(recs []*sandbox.Record) []string {

@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
-	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/sandbox"
 )
@@ -136,30 +135,29 @@ func TestListPages(t *testing.T) {
 }
 
 // TestListDefaultAndMaxPage puts more sandboxes than the largest page
-// straight into the bucket (as the registry writes them): a listing
+// straight on the lifecycle stream (as the gateway and workers record
+// them): a listing
 // without limit answers the default page, and the client's List follows
 // the pages to every sandbox.
 func TestListDefaultAndMaxPage(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, envConfig{})
 	ctx := testCtx(t)
-	kv, err := e.js.KeyValue(ctx, bus.BucketSandboxes)
-	if err != nil {
-		t.Fatal(err)
-	}
 	const n = api.MaxPageSize + 1
 	ids := make([]string, n)
+	recs := make([]*sandbox.Record, n)
 	now := time.Now().UTC()
 	for i := range ids {
 		ids[i] = fmt.Sprintf("sbx-%05d", n-i) // written out of id order
-		rec := &sandbox.Record{ID: ids[i], Consumer: "carol", Profile: "echo", Extension: "echo", State: event.StateReady, CreatedAt: now, UpdatedAt: now}
-		if _, err := kv.Put(ctx, ids[i], rec.Marshal()); err != nil {
-			t.Fatal(err)
-		}
+		recs[i] = &sandbox.Record{ID: ids[i], Consumer: "carol", Profile: "echo", Extension: "echo", State: event.StateReady, CreatedAt: now, UpdatedAt: now}
 	}
+	e.seed(t, recs...)
 	slices.Sort(ids)
 	carol := e.client("carol")
-	var all []api.Sandbox
+	var (
+		all []api.Sandbox
+		err error
+	)
 	await(t, "the listing to hold every sandbox", func() bool {
 		if all, err = carol.List(ctx, api.ListFilter{}); err != nil {
 			t.Fatal(err)

@@ -26,6 +26,7 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
 	"github.com/sand-boxer/sandboxer/pkg/extension/echo"
+	"github.com/sand-boxer/sandboxer/pkg/inventory"
 	"github.com/sand-boxer/sandboxer/pkg/natstest"
 	"github.com/sand-boxer/sandboxer/pkg/sandbox"
 	"github.com/sand-boxer/sandboxer/services/gateway"
@@ -260,23 +261,58 @@ func subjectMatch(filter, subject string) bool {
 	return len(f) == len(s)
 }
 
-// record reads a sandbox straight from the bucket.
+// record reads a sandbox's record straight from the lifecycle stream:
+// the fold of its events, and the sequence of the last.
 func (e *env) record(t *testing.T, id string) (*sandbox.Record, uint64) {
 	t.Helper()
-	ctx := testCtx(t)
-	kv, err := e.js.KeyValue(ctx, bus.BucketSandboxes)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ent, err := kv.Get(ctx, id)
+	rec, err := inventory.Read(testCtx(t), e.js.Conn(), event.SandboxFilter(id))
 	if err != nil {
 		t.Fatalf("reading sandbox %s: %v", id, err)
 	}
-	rec, err := sandbox.Unmarshal(ent.Value())
-	if err != nil {
-		t.Fatal(err)
+	if rec == nil {
+		t.Fatalf("reading sandbox %s: no event", id)
 	}
-	return rec, ent.Revision()
+	return rec, rec.Seq
+}
+
+// seed stores sandboxes straight on the lifecycle stream, as the gateway
+// and a worker record them: each one's requested event and, when its
+// state is ready, its ready event (with its reachability).
+func (e *env) seed(t testing.TB, recs ...*sandbox.Record) {
+	t.Helper()
+	ctx := testCtx(t)
+	var outs []bus.Out
+	flush := func() {
+		if err := bus.NewPublisher(e.js).PublishAll(ctx, outs); err != nil {
+			t.Fatal(err)
+		}
+		outs = outs[:0]
+	}
+	for _, rec := range recs {
+		ref := rec.Ref()
+		req, err := event.New(event.TypeRequested, gateway.Source, rec.ID, rec.ID+".requested", event.Requested{
+			Ref: ref, Labels: rec.Labels, Inputs: rec.Inputs, TTLSeconds: rec.TTLSeconds, RequestedAt: rec.CreatedAt})
+		if err != nil {
+			t.Fatal(err)
+		}
+		outs = append(outs, bus.Out{Subject: ref.LifecycleSubject(event.StateRequested), Event: req})
+		if rec.State == event.StateReady {
+			var reach event.Reachability
+			if rec.Reachability != nil {
+				reach = *rec.Reachability
+			}
+			ready, err := event.New(event.TypeReady, "/sandboxer/provisioner", rec.ID, rec.ID+".ready", event.Ready{
+				Ref: ref, Handle: event.Handle{SandboxID: rec.ID, Host: rec.Host}, Reachability: reach, ReadyAt: rec.CreatedAt})
+			if err != nil {
+				t.Fatal(err)
+			}
+			outs = append(outs, bus.Out{Subject: ref.LifecycleSubject(event.StateReady), Event: ready})
+		}
+		if len(outs) >= 512 {
+			flush()
+		}
+	}
+	flush()
 }
 
 // lifecycleEvent builds the event announcing state for the sandbox of rec,
@@ -309,32 +345,17 @@ func lifecycleEvent(t *testing.T, rec *sandbox.Record, s event.State) *event.Eve
 }
 
 // advance publishes the lifecycle events of states for sandbox id, as the
-// provisioner does, and with project also applies each to the sandboxes
-// bucket with compare-and-swap, as the registry does (the registry is
-// another service; this stand-in does exactly its documented projection).
-func (e *env) advance(t *testing.T, id string, project bool, states ...event.State) {
+// provisioner does: each guarded by the sandbox's last event, since the
+// events are the record.
+func (e *env) advance(t *testing.T, id string, states ...event.State) {
 	t.Helper()
 	ctx := testCtx(t)
 	pub := bus.NewPublisher(e.js)
-	kv, err := e.js.KeyValue(ctx, bus.BucketSandboxes)
-	if err != nil {
-		t.Fatal(err)
-	}
 	for _, s := range states {
-		rec, rev := e.record(t, id)
+		rec, seq := e.record(t, id)
 		ev := lifecycleEvent(t, rec, s)
-		if _, err := pub.Publish(ctx, rec.Ref().LifecycleSubject(s), ev); err != nil {
-			t.Fatal(err)
-		}
-		if !project {
-			continue
-		}
-		changed, err := sandbox.Apply(rec, ev)
-		if err != nil || !changed {
-			t.Fatalf("applying %s to %s: changed=%v err=%v", s, id, changed, err)
-		}
-		if _, err := kv.Update(ctx, id, rec.Marshal(), rev); err != nil {
-			t.Fatalf("projecting %s: %v", s, err)
+		if _, err := pub.PublishTransition(ctx, rec.Ref().LifecycleSubject(s), ev, rec.Ref().RefFilter(), seq); err != nil {
+			t.Fatalf("announcing %s of %s: %v", s, id, err)
 		}
 	}
 }

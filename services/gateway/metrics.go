@@ -153,7 +153,7 @@ var (
 	descCapacity = prometheus.NewDesc(metrics.Namespace+"_pool_capacity_sandboxes",
 		"The manifest's capacity.max_sandboxes of the extension (0: unbounded).", []string{"extension"}, nil)
 	descSandboxes = prometheus.NewDesc(metrics.Namespace+"_sandboxes",
-		"Sandboxes in the inventory (the sandboxes bucket) by state; ended ones until their retention.", []string{"state"}, nil)
+		"Sandboxes in the inventory (folded from the lifecycle stream) by state; ended ones until their retention.", []string{"state"}, nil)
 	descPastDeadline = prometheus.NewDesc(metrics.Namespace+"_sandboxes_past_deadline",
 		"Sandboxes in a transient state for longer than their profile allows it: requested or provisioning past the provision and ready deadlines, failed, expired or destroying past the teardown deadline.",
 		[]string{"state"}, nil)
@@ -209,11 +209,11 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-// inventoryCollector reads the gateway's copy of the sandboxes bucket on
-// scrape: counts by state, kept as records change, and the sandboxes of
-// the transient states past their deadline, from the few records in such
-// a state. Every gateway holds the whole bucket, so each instance exports
-// the same values.
+// inventoryCollector reads the gateway's inventory (its fold of the
+// lifecycle stream) on scrape: counts by state, kept as records change,
+// and the sandboxes of the transient states past their deadline, from the
+// few records in such a state. Every gateway folds the whole stream, so
+// each instance exports the same values.
 type inventoryCollector struct{ g *Gateway }
 
 func (c *inventoryCollector) Describe(ch chan<- *prometheus.Desc) {

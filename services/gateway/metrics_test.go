@@ -128,7 +128,7 @@ func TestMetrics(t *testing.T) {
 	}
 
 	// One sandbox provisions, and stays so past the deadlines.
-	e.advance(t, ids[0], true, event.StateProvisioning)
+	e.advance(t, ids[0], event.StateProvisioning)
 	await(t, "the inventory to see the provisioning sandbox", func() bool {
 		v, _ := series(t, reg, "sandboxer_sandboxes", "state", "provisioning")
 		return v == 1

@@ -92,7 +92,7 @@ func TestListFilters(t *testing.T) {
 	a := mk(api.CreateRequest{Profile: "echo", Labels: map[string]string{"team": "a", "env": "prod"}})
 	b := mk(api.CreateRequest{Profile: "echo", Labels: map[string]string{"team": "a", "env": "dev"}})
 	c := mk(api.CreateRequest{Profile: "git", Inputs: map[string]string{"repo": "https://example.com/b.git"}, Labels: map[string]string{"team": "b"}})
-	e.advance(t, b, true, event.StateProvisioning, event.StateReady)
+	e.advance(t, b, event.StateProvisioning, event.StateReady)
 
 	list := func(f api.ListFilter) []string {
 		l, err := alice.List(ctx, f)

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"net/http"
 
-	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/otel/codes"
 
 	"github.com/sand-boxer/sandboxer/pkg/api"
@@ -36,42 +35,24 @@ func (g *Gateway) teardownStuck(rec *sandbox.Record) bool {
 }
 
 // redrive sends a fresh destroy attempt of rec's sandbox, asked for by c:
-// it claims the attempt on the record first (compare-and-swap at the
-// revision it reads, [sandbox.Record.Redrive]), so that of two DELETEs,
-// or a DELETE and the registry's retry or reconciler, one sends each
-// attempt, and the next DELETE finds it under way. It answers with the
-// record as it is then.
+// it claims the attempt first with a destroying event of that attempt
+// guarded by the sandbox's last event it read
+// ([bus.Publisher.PublishTransition]), so that of two DELETEs, or a DELETE
+// and the registry's retry or reconciler, one sends each attempt, and the
+// next DELETE finds it under way. It answers with the record as it is
+// then.
 func (g *Gateway) redrive(ctx context.Context, st *state, c caller, seen *sandbox.Record) (*sandbox.Record, *api.Problem) {
-	cur, rev, err := getRecord(ctx, st, seen.ID)
+	cur, _, err := getRecord(ctx, st, seen.ID)
 	if err != nil {
 		g.log.ErrorContext(ctx, "reading sandbox", "sandbox", seen.ID, "err", err)
 		return nil, newProblem(http.StatusServiceUnavailable, "cannot read sandboxes right now")
 	}
-	// A copy: the inventory's records are shared.
-	rec, err := sandbox.Unmarshal(cur.Marshal())
-	if err != nil {
-		return nil, newProblem(http.StatusInternalServerError, "cannot read the sandbox's record")
+	if cur.State != seen.State || cur.DestroyAttempt != seen.DestroyAttempt || !g.teardownStuck(cur) {
+		return cur, nil // it moved meanwhile
 	}
-	if rec.State != seen.State || rec.DestroyAttempt != seen.DestroyAttempt || !g.teardownStuck(rec) {
-		return rec, nil // it moved meanwhile
-	}
+	rec := cur.Clone() // the inventory's records are shared
 	now := g.opts.Now().UTC()
-	n := rec.Redrive(now)
-	newRev, err := bus.KVWrite(ctx, g.opts.JS, bus.BucketSandboxes, rec.ID, rec.Marshal(), rev, rec.TTL(g.opts.Retention))
-	switch {
-	case errors.Is(err, jetstream.ErrKeyRevisionMismatch):
-		// Another re-drive, or the sandbox's own news, came first.
-		if now, _, err := getRecord(ctx, st, rec.ID); err == nil {
-			return now, nil
-		}
-		return cur, nil
-	case err != nil:
-		g.log.WarnContext(ctx, "claiming a destroy attempt", "sandbox", rec.ID, "err", err)
-		return nil, newProblem(http.StatusServiceUnavailable, "cannot write sandboxes right now")
-	}
-	st.inv.put(rec.ID, rec, newRev)
-	ctx, span := g.startDestroy(ctx, rec)
-	defer span.End()
+	n := rec.NextAttempt()
 	reason := event.ReasonRequested
 	switch {
 	case rec.State == event.StateExpired:
@@ -81,6 +62,30 @@ func (g *Gateway) redrive(ctx context.Context, st *state, c caller, seen *sandbo
 	case rec.Reason != "":
 		reason = rec.Reason
 	}
+	claim, err := event.New(event.TypeDestroying, Source, rec.ID, event.DestroyingID(rec.ID, n),
+		event.Destroying{Ref: rec.Ref(), Reason: reason, Attempt: n})
+	if err != nil {
+		return nil, newProblem(http.StatusInternalServerError, "cannot build the destroy attempt")
+	}
+	claim.SetTime(now) // the gateway's clock says when the attempt went out
+	ack, err := g.pub.PublishTransition(ctx, rec.Ref().LifecycleSubject(event.StateDestroying), claim, rec.Ref().RefFilter(), rec.Seq)
+	switch {
+	case errors.Is(err, bus.ErrConflict) || (err == nil && ack.Duplicate):
+		// Another re-drive, or the sandbox's own news, came first.
+		if now, _, err := getRecord(ctx, st, rec.ID); err == nil {
+			return now, nil
+		}
+		return cur, nil
+	case err != nil:
+		g.log.WarnContext(ctx, "claiming a destroy attempt", "sandbox", rec.ID, "err", err)
+		return nil, newProblem(http.StatusServiceUnavailable, "cannot write sandboxes right now")
+	}
+	if _, err := sandbox.Apply(rec, claim); err == nil {
+		rec.Seq = ack.Sequence
+		st.inv.put(rec.ID, rec, ack.Sequence)
+	}
+	ctx, span := g.startDestroy(ctx, rec)
+	defer span.End()
 	ev, err := event.New(event.TypeDestroy, Source, rec.ID, event.DestroyID(rec.ID, n), event.Destroy{
 		Ref: rec.Ref(), Reason: reason, RequestedBy: c.Consumer, RequestedAt: now, Attempt: n,
 	})

@@ -9,7 +9,6 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
-	"github.com/sand-boxer/sandboxer/pkg/sandbox"
 	"github.com/sand-boxer/sandboxer/services/gateway"
 )
 
@@ -26,31 +25,21 @@ func TestDestroyRedrivesAStuckTeardown(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.advance(t, sb.ID, true, event.StateProvisioning, event.StateReady, event.StateDestroying)
+	e.advance(t, sb.ID, event.StateProvisioning, event.StateReady, event.StateDestroying)
 	destroys := func() []stored {
 		return e.messages(t, event.StreamCommands, event.CommandSubject("echo", event.VerbDestroy, sb.Consumer, sb.ID))
 	}
 	// failTeardown announces that attempt n's teardown failed, as a
-	// worker does, and projects it, as the registry does.
+	// worker does.
 	failTeardown := func(n int, msg string) {
 		t.Helper()
-		rec, rev := e.record(t, sb.ID)
+		rec, seq := e.record(t, sb.ID)
 		ev, err := event.New(event.TypeDestroying, "/sandboxer/provisioner", sb.ID, event.TeardownFailedID(sb.ID, n),
 			event.Destroying{Ref: rec.Ref(), Reason: event.ReasonRequested, Attempt: n, Error: msg, Deliveries: 5})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := bus.NewPublisher(e.js).Publish(ctx, rec.Ref().LifecycleSubject(event.StateDestroying), ev); err != nil {
-			t.Fatal(err)
-		}
-		if changed, err := sandbox.Apply(rec, ev); err != nil || !changed {
-			t.Fatalf("applying the failure: %v, %v", changed, err)
-		}
-		kv, err := e.js.KeyValue(ctx, bus.BucketSandboxes)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := kv.Update(ctx, sb.ID, rec.Marshal(), rev); err != nil {
+		if _, err := bus.NewPublisher(e.js).PublishTransition(ctx, rec.Ref().LifecycleSubject(event.StateDestroying), ev, rec.Ref().RefFilter(), seq); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -123,7 +112,7 @@ func TestDestroyRedrivesASilentTeardown(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.advance(t, sb.ID, true, event.StateProvisioning, event.StateReady, event.StateDestroying)
+	e.advance(t, sb.ID, event.StateProvisioning, event.StateReady, event.StateDestroying)
 	destroys := func() []stored {
 		return e.messages(t, event.StreamCommands, event.CommandSubject("echo", event.VerbDestroy, sb.Consumer, sb.ID))
 	}

@@ -8,7 +8,6 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/nats-io/nats.go/jetstream"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/propagation"
@@ -21,8 +20,8 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/sandbox"
 )
 
-// visible reads sandbox id for c from the bucket (consistent right after a
-// create). It writes the answer and returns nil when the sandbox is
+// visible reads sandbox id for c from its lifecycle events (consistent
+// right after a create). It writes the answer and returns nil when the sandbox is
 // missing or belongs to another consumer: both are a 404, so a consumer
 // cannot learn that another's sandbox exists.
 func (g *Gateway) visible(ctx context.Context, w http.ResponseWriter, r *http.Request, st *state, c caller, id string) *sandbox.Record {
@@ -39,7 +38,7 @@ func (g *Gateway) visible(ctx context.Context, w http.ResponseWriter, r *http.Re
 func (g *Gateway) visibleRecord(ctx context.Context, st *state, c caller, id string) (*sandbox.Record, *api.Problem) {
 	rec, _, err := getRecord(ctx, st, id)
 	switch {
-	case errors.Is(err, jetstream.ErrKeyNotFound) || (err == nil && !c.owns(rec.Consumer)):
+	case errors.Is(err, errNotFound) || (err == nil && !c.owns(rec.Consumer)):
 		return nil, newProblem(http.StatusNotFound, "no such sandbox")
 	case err != nil:
 		g.log.ErrorContext(ctx, "reading sandbox", "sandbox", id, "err", err)

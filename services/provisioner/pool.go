@@ -131,8 +131,10 @@ func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]b
 	// ready event goes out, so events stay in order and nothing is lost,
 	// but the round trip overlaps the state's read and the backend's work.
 	// On a first delivery the announcement is guarded: the stream takes it
-	// only if the sandbox has no event at all, so a create replayed after
-	// the sandbox moved on announces nothing. Otherwise it is announced
+	// only if the sandbox's last event is still its record, the requested
+	// event the gateway stored before the command (c.RecordSeq; none at all
+	// for a command without one), so a create replayed after the sandbox
+	// moved on announces nothing. Otherwise it is announced
 	// only once the sandbox's last event says the create is not done.
 	var announced func(context.Context) error
 	announce := func(exp expect) (err error) {
@@ -141,7 +143,7 @@ func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]b
 	}
 	early := m.Delivered <= 1 && perr == nil
 	if early {
-		if err := announce(expect{filter: c.Ref.RefFilter()}); err != nil {
+		if err := announce(expect{filter: c.Ref.RefFilter(), seq: c.RecordSeq}); err != nil {
 			return nil, err
 		}
 	}
@@ -302,13 +304,14 @@ func (pl *pool) destroy(ctx context.Context, m *bus.Message, d event.Destroy) ([
 		return nil, nil // destroyed already, or rejected before anything was made
 	}
 	announced := false
-	if seq == 0 {
-		// No event yet: its create has not started, for a create's first
-		// act is its announcement, guarded the same way. Destroying,
-		// stored only while that holds, means it never starts: it finds
-		// the sandbox past provisioning. Nothing is waited for.
+	if st == event.StateRequested {
+		// No event but its record (requested), or none at all: its
+		// create has not started, for a create's first act is its
+		// announcement, guarded the same way. Destroying, stored only
+		// while that holds, means it never starts: it finds the sandbox
+		// past provisioning. Nothing is waited for.
 		err := pl.emitExpect(ctx, event.StateDestroying, d.Ref, event.DestroyingID(d.SandboxID, d.Attempt),
-			event.Destroying{Ref: d.Ref, Reason: d.Reason, Attempt: d.Attempt}, expect{filter: d.Ref.RefFilter()})
+			event.Destroying{Ref: d.Ref, Reason: d.Reason, Attempt: d.Attempt}, expect{filter: d.Ref.RefFilter(), seq: seq})
 		switch {
 		case err == nil:
 			announced = true

@@ -7,6 +7,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -133,8 +135,31 @@ func (e *env) startOn(t *testing.T, reg *extension.Registry, pool, worker, host,
 
 func (e *env) publishCreate(t *testing.T, ext, id string, inputs map[string]string) event.Create {
 	t.Helper()
+	return e.publishCreateAfter(t, ext, id, inputs, 0)
+}
+
+// publishRecord stores the sandbox's requested event, its record, as the
+// gateway does before its create command, and returns its sequence.
+func (e *env) publishRecord(t *testing.T, ext, id string) uint64 {
+	t.Helper()
+	ref := event.Ref{SandboxID: id, Consumer: "dev", Profile: ext, Extension: ext, Host: "localhost"}
+	ev, err := event.New(event.TypeRequested, "/test", id, id+".requested", event.Requested{Ref: ref, RequestedAt: time.Now().UTC()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ack, err := bus.NewPublisher(e.js).PublishTransition(context.Background(), ref.LifecycleSubject(event.StateRequested), ev, ref.RefFilter(), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ack.Sequence
+}
+
+// publishCreateAfter publishes the create command of a sandbox whose
+// requested event is of sequence recordSeq (0: none).
+func (e *env) publishCreateAfter(t *testing.T, ext, id string, inputs map[string]string, recordSeq uint64) event.Create {
+	t.Helper()
 	c := event.Create{Ref: event.Ref{SandboxID: id, Consumer: "dev", Profile: ext, Extension: ext, Host: "localhost"},
-		Inputs: inputs, RequestedAt: time.Now().UTC()}
+		Inputs: inputs, RequestedAt: time.Now().UTC(), RecordSeq: recordSeq}
 	ev, err := event.New(event.TypeCreate, "/test", id, id+".create", c)
 	if err != nil {
 		t.Fatal(err)
@@ -391,10 +416,10 @@ func TestWorkerKilledMidProvision(t *testing.T) {
 	}
 }
 
-// TestDestroyNeedsNoInventory destroys a ready sandbox the inventory has
-// no record of (the registry has not projected it, or is not running):
-// the worker reads the handle from the sandbox's ready event, on its own
-// backend's subjects, and removes the workspace.
+// TestDestroyNeedsNoInventory destroys a ready sandbox with no registry
+// running and no requested event (a command from before the record was
+// the lifecycle stream): the worker reads the handle from the sandbox's
+// ready event, on its own backend's subjects, and removes the workspace.
 func TestDestroyNeedsNoInventory(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, localManifest("local", 5*time.Second))
@@ -408,13 +433,6 @@ func TestDestroyNeedsNoInventory(t *testing.T) {
 	}
 	if _, err := os.Stat(ready.Reachability.RemoteDir); err != nil {
 		t.Fatalf("workspace of a ready sandbox: %v", err)
-	}
-	kv, err := e.js.KeyValue(context.Background(), bus.BucketSandboxes)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := kv.Get(context.Background(), id); !errors.Is(err, jetstream.ErrKeyNotFound) {
-		t.Fatalf("inventory record of %s: %v, want none", id, err)
 	}
 	e.publishDestroy(t, "local", id)
 	e.awaitEvent(t, id, event.StateDestroyed)
@@ -487,36 +505,46 @@ func TestReplayedCreateAfterDestroy(t *testing.T) {
 // makes nothing.
 func TestDestroyBeforeItsCreateRuns(t *testing.T) {
 	t.Parallel()
+	for _, recorded := range []bool{false, true} {
+		t.Run(fmt.Sprintf("recorded=%v", recorded), func(t *testing.T) {
+			t.Parallel()
+			destroyBeforeCreate(t, recorded)
+		})
+	}
+}
+
+// destroyBeforeCreate is TestDestroyBeforeItsCreateRuns for a sandbox
+// with its requested event (recorded) or with no event at all (a command
+// from before the record was the lifecycle stream).
+func destroyBeforeCreate(t *testing.T, recorded bool) {
 	e := newEnv(t, localManifest("local", 5*time.Second))
 	e.start(t, extension.NewRegistry(local.Info), "local", "w1")
 	id := sandbox.NewID()
+	var seq uint64
+	first := event.StateDestroying
+	if recorded {
+		seq, first = e.publishRecord(t, "local", id), event.StateRequested
+	}
 	e.publishDestroy(t, "local", id)
 	// Awaited within awaitEvent's 30 s: a destroy that waited for the
 	// create (ack wait × deliveries + the profile's deadlines) would not
 	// end in time.
 	seen := e.awaitEvent(t, id, event.StateDestroyed)
-	if st, _ := event.StateOf(event.Type(seen[0].Type())); st != event.StateDestroying {
-		t.Fatalf("first event of %s is %s, want destroying", id, seen[0].Type())
+	if st, _ := event.StateOf(event.Type(seen[0].Type())); st != first {
+		t.Fatalf("first event of %s is %s, want %s", id, seen[0].Type(), first)
 	}
-	e.publishCreate(t, "local", id, nil)
+	if st, _ := event.StateOf(event.Type(seen[len(seen)-2].Type())); st != event.StateDestroying {
+		t.Fatalf("event before destroyed of %s is %s, want destroying", id, seen[len(seen)-2].Type())
+	}
+	e.publishCreateAfter(t, "local", id, nil, seq)
 	cmds, err := e.js.Stream(context.Background(), event.StreamCommands)
 	if err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(20 * time.Second)
-	for {
+	eventually(t, 20*time.Second, func() bool {
 		info, err := cmds.Info(context.Background())
-		if err != nil {
-			t.Fatal(err)
-		}
-		if info.State.Msgs == 0 {
-			break // the create was handled and acked
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the create after the destroy was never acknowledged (%d commands left)", info.State.Msgs)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		return err == nil && info.State.Msgs == 0 // the create was handled and acked
+	}, "the create after the destroy acknowledged")
 	for _, s := range []event.State{event.StateProvisioning, event.StateReady} {
 		if n := e.lifecycleCount(t, "local", id, s); n != 0 {
 			t.Fatalf("%d %s events for a sandbox destroyed before its create ran", n, s)
@@ -530,5 +558,37 @@ func TestDestroyBeforeItsCreateRuns(t *testing.T) {
 	})
 	if err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestCreateAfterItsRecord: a create whose command names its requested
+// event's sequence announces provisioning guarded by exactly that event,
+// at once, and the sandbox gets ready.
+func TestCreateAfterItsRecord(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, localManifest("local", 5*time.Second))
+	e.start(t, extension.NewRegistry(local.Info), "local", "w1")
+	id := sandbox.NewID()
+	seq := e.publishRecord(t, "local", id)
+	e.publishCreateAfter(t, "local", id, nil, seq)
+	seen := e.awaitEvent(t, id, event.StateReady)
+	var got []string
+	for _, ev := range seen {
+		got = append(got, ev.Type())
+	}
+	want := []string{string(event.TypeRequested), string(event.TypeProvisioning), string(event.TypeReady)}
+	if !slices.Equal(got, want) {
+		t.Fatalf("events %v, want %v", got, want)
+	}
+	s, err := e.js.Stream(context.Background(), event.StreamLifecycle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := s.GetLastMsgForSubject(context.Background(), event.LifecycleSubject("dev", "local", id, event.StateProvisioning))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h := m.Header.Get(jetstream.ExpectedLastSubjSeqHeader); h != strconv.FormatUint(seq, 10) {
+		t.Fatalf("provisioning guarded by sequence %q, want its record's %d", h, seq)
 	}
 }

@@ -2,7 +2,6 @@ package registry
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -65,10 +64,11 @@ func (r *Registry) cancelExpiry(ctx context.Context, id string) error {
 }
 
 // fire is the handler of fired expiry timers. When the sandbox is still
-// ready, it moves the record to expired (one compare-and-swap, like every
-// transition) and returns the expired event and the destroy command for
-// the router to publish. A redelivery after the record moved re-emits the
-// same two messages, which the streams de-duplicate. A timer for a sandbox
+// ready, it publishes the expired event guarded by the sandbox's last
+// event (the compare-and-swap of every transition) and returns the
+// destroy command for the router to publish. A redelivery after the
+// sandbox was expired sends the same command again, which the stream
+// de-duplicates. A timer for a sandbox
 // in any other state, or unknown, is acknowledged and does nothing.
 func (r *Registry) fire(ctx context.Context, m *bus.Message) ([]bus.Out, error) {
 	id, ok := strings.CutPrefix(m.Subject, strings.TrimSuffix(event.ExpiryFireFilter, ">"))
@@ -85,7 +85,13 @@ func (r *Registry) fire(ctx context.Context, m *bus.Message) ([]bus.Out, error) 
 	if d.SandboxID != id {
 		return nil, bus.Permanent(fmt.Errorf("handling timer %s: %w: data names sandbox %q", m.Subject, event.ErrMalformed, d.SandboxID))
 	}
-	rec, _, err := r.readRecord(ctx, id)
+	if err := event.CheckName("consumer name", d.Consumer); err != nil {
+		return nil, bus.Permanent(fmt.Errorf("handling timer %s: %w", m.Subject, err))
+	}
+	if err := event.CheckName("extension name", d.Extension); err != nil {
+		return nil, bus.Permanent(fmt.Errorf("handling timer %s: %w", m.Subject, err))
+	}
+	rec, _, err := r.readRecord(ctx, d.Ref)
 	if err != nil {
 		return nil, err
 	}
@@ -102,22 +108,21 @@ func (r *Registry) fire(ctx context.Context, m *bus.Message) ([]bus.Out, error) 
 			return nil, err
 		}
 		unlock := r.sandboxLocks.lock(id)
-		rec, _, err = r.applyEvent(ctx, id, expired)
+		stored, err := r.transition(ctx, rec, event.StateExpired, expired)
 		unlock()
-		if errors.Is(err, errRemoved) {
-			return nil, nil
-		}
 		if err != nil {
 			return nil, err
 		}
-		if rec.State != event.StateExpired || rec.Reason != ExpiredReason {
-			// The sandbox left ready while the timer fired.
-			return nil, nil
+		if !stored {
+			// The sandbox left ready while the timer fired, or another
+			// registry expired it: a redelivery finds which.
+			return nil, fmt.Errorf("expiring sandbox %s: %w", id, bus.ErrConflict)
 		}
 		r.expiries.Inc()
 		return r.expiryOuts(rec, expired)
 	case rec.State == event.StateExpired && rec.Reason == ExpiredReason:
-		// Redelivered after the record moved: emit again, de-duplicated.
+		// Redelivered after the sandbox was expired: the destroy command
+		// again, de-duplicated.
 		expired, err := expiredEvent(rec, expiredAt(rec))
 		if err != nil {
 			return nil, err
@@ -149,12 +154,13 @@ func expiredAt(rec *sandbox.Record) time.Time {
 	return rec.UpdatedAt
 }
 
-// expiryOuts are the expired event and the destroy command of rec.
+// expiryOuts are the destroy command of rec, expired by the event
+// expired (stored already).
 func (r *Registry) expiryOuts(rec *sandbox.Record, expired *event.Event) ([]bus.Out, error) {
 	destroy, err := destroyCommand(rec, event.ReasonExpired, 0, "registry", expired.Time().UTC())
 	if err != nil {
 		return nil, err
 	}
 	r.log.Info("sandbox expired", "sandbox", rec.ID, "expires_at", rec.ExpiresAt)
-	return []bus.Out{{Subject: rec.Ref().LifecycleSubject(event.StateExpired), Event: expired}, destroy}, nil
+	return []bus.Out{destroy}, nil
 }

@@ -1,7 +1,6 @@
 package registry_test
 
 import (
-	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -11,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/pkg/inventory"
 	"github.com/sand-boxer/sandboxer/pkg/natstest"
 	"github.com/sand-boxer/sandboxer/pkg/sandbox"
 	"github.com/sand-boxer/sandboxer/services/registry"
@@ -237,7 +237,11 @@ func TestLateFire(t *testing.T) {
 			}
 			var before *sandbox.Record
 			if tc.final != "" {
-				before = e.awaitRecord(t, tc.id, 5*time.Second, inState(tc.final))
+				e.awaitRecord(t, tc.id, 5*time.Second, inState(tc.final))
+				var err error
+				if before, _, err = readRecord(t, e, tc.id); err != nil {
+					t.Fatal(err)
+				}
 			}
 			fire, err := event.New(event.TypeExpiry, registry.Source, tc.id, tc.id+".expiry", event.Expiry{
 				Ref:       event.Ref{SandboxID: tc.id, Consumer: "team-a", Profile: "echo", Extension: testExt},
@@ -274,18 +278,15 @@ func TestLateFire(t *testing.T) {
 	}
 }
 
-// readRecord reads a sandbox's record, nil when there is none.
+// readRecord reads a sandbox's record from its events, nil when it has
+// none.
 func readRecord(t *testing.T, e *env, id string) (*sandbox.Record, uint64, error) {
 	t.Helper()
-	entry, err := e.kv.Get(testCtx(t, 5*time.Second), id)
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return nil, 0, nil
-	}
-	if err != nil {
+	rec, err := inventory.Read(testCtx(t, 5*time.Second), e.js.Conn(), event.SandboxFilter(id))
+	if err != nil || rec == nil {
 		return nil, 0, err
 	}
-	rec, err := sandbox.Unmarshal(entry.Value())
-	return rec, entry.Revision(), err
+	return rec, rec.Seq, nil
 }
 
 // transitionAt is when rec entered s.

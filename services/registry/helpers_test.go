@@ -3,6 +3,7 @@ package registry_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -70,9 +71,11 @@ type env struct {
 	nc  *nats.Conn          // the registry's connection, as the registry
 	js  jetstream.JetStream // the test's (admin) connection, for fixtures and checks
 	reg *registry.Registry
-	kv  jetstream.KeyValue
 	pub *bus.Publisher // publishes as the test, standing in for the other services
 }
+
+// testPolicy is the delivery policy of the test registries' durables.
+var testPolicy = bus.ConsumerPolicy{AckWait: 5 * time.Second, Backoff: []time.Duration{50 * time.Millisecond}}
 
 // start starts a registry on srv with a fresh connection, shut down by
 // t.Cleanup (or earlier by stop).
@@ -88,7 +91,7 @@ func start(t *testing.T, srv *natstest.Server, opts ...func(*registry.Options)) 
 	o := registry.Options{
 		JS: regJS, ExtensionsDir: extDir, ProfilesDir: profDir,
 		Extensions: extension.NewRegistry(echo.Info),
-		Policy:     bus.ConsumerPolicy{AckWait: 5 * time.Second, Backoff: []time.Duration{50 * time.Millisecond}},
+		Policy:     testPolicy,
 	}
 	for _, f := range opts {
 		f(&o)
@@ -107,11 +110,7 @@ func start(t *testing.T, srv *natstest.Server, opts ...func(*registry.Options)) 
 			t.Errorf("shutting down registry: %v", err)
 		}
 	})
-	kv, err := js.KeyValue(ctx, bus.BucketSandboxes)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &env{srv: srv, nc: nc, js: js, reg: reg, kv: kv, pub: bus.NewPublisher(js)}
+	return &env{srv: srv, nc: nc, js: js, reg: reg, pub: bus.NewPublisher(js)}
 }
 
 // stop shuts the registry down and closes its connection.
@@ -203,37 +202,29 @@ func (e *env) publishState(t *testing.T, source, id string, state event.State, e
 	return ack.Sequence
 }
 
-// awaitRecord watches sandbox id until its record satisfies ok.
+// awaitRecord asks the registry for sandbox id, as its index folded it
+// from the lifecycle stream, until its record satisfies ok.
 func (e *env) awaitRecord(t *testing.T, id string, d time.Duration, ok func(*sandbox.Record) bool) *sandbox.Record {
 	t.Helper()
-	ctx := testCtx(t, d)
-	w, err := e.kv.Watch(ctx, id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = w.Stop() }()
 	var last *sandbox.Record
-	for {
-		select {
-		case <-ctx.Done():
-			t.Fatalf("sandbox %s: record not as awaited after %s; last: %+v", id, d, last)
-		case entry, open := <-w.Updates():
-			if !open {
-				t.Fatalf("sandbox %s: watch closed", id)
-			}
-			if entry == nil || entry.Operation() != jetstream.KeyValuePut {
-				continue
-			}
-			rec, err := sandbox.Unmarshal(entry.Value())
-			if err != nil {
-				t.Fatal(err)
-			}
-			last = rec
-			if ok(rec) {
-				return rec
-			}
-		}
+	eventually(t, d, func() (bool, string) {
+		last = e.indexed(t, id)
+		return last != nil && ok(last), fmt.Sprintf("sandbox %s: record not as awaited; last: %+v", id, last)
+	})
+	return last
+}
+
+// indexed is the record of sandbox id the registry answers with, or nil.
+func (e *env) indexed(t *testing.T, id string) *sandbox.Record {
+	t.Helper()
+	reply, err := registry.FetchSandboxes(testCtx(t, 5*time.Second), e.js.Conn(), registry.SandboxesRequest{ID: id})
+	if err != nil {
+		t.Fatalf("asking for sandbox %s: %v", id, err)
 	}
+	if len(reply.Sandboxes) == 0 {
+		return nil
+	}
+	return reply.Sandboxes[0]
 }
 
 func inState(s event.State) func(*sandbox.Record) bool {

@@ -4,29 +4,22 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"sync"
-
-	"github.com/nats-io/nats.go/jetstream"
+	"time"
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
+	"github.com/sand-boxer/sandboxer/pkg/inventory"
 	"github.com/sand-boxer/sandboxer/pkg/sandbox"
 )
 
-// maxCASAttempts bounds the read-apply-write loop of one event against
-// concurrent writers of the same record.
-const maxCASAttempts = 16
-
-// errConflict is returned when a record kept changing under every attempt
-// to write it: the router retries the message later.
-var errConflict = errors.New("sandbox record kept changing")
-
-// project is the handler of the inventory consumer: it applies one
-// lifecycle event to the sandbox's record with compare-and-swap, then
-// keeps the sandbox's expiry and destroy retry schedules in step with its
-// state. Applying an
-// event that does not move the record forward changes nothing, so
-// redelivered and reordered events are harmless.
+// project is the handler of the registry's durable on the lifecycle
+// stream: it keeps the sandbox's expiry and destroy retry schedules, the
+// registry's own facts, in step with its state. It writes no record: the
+// events are the record. Redelivered and reordered events are harmless:
+// schedules have ids, and a fired timer reads the record again.
 func (r *Registry) project(ctx context.Context, m *bus.Message) ([]bus.Out, error) {
 	ref, err := event.ParseLifecycleSubject(m.Subject)
 	if err != nil {
@@ -53,18 +46,10 @@ func (r *Registry) project(ctx context.Context, m *bus.Message) ([]bus.Out, erro
 		return nil, nil
 	}
 	// One event of a sandbox at a time in this instance, with its
-	// schedule work: events of one sandbox arrive close together
-	// (provisioning and ready within microseconds from a fast backend).
-	// Side by side, both would read, and one would lose its
-	// compare-and-swap and read again; in turn, the second finds the
-	// first's write in the cache. And the event that moves a sandbox past
-	// ready cancels its expiry only after the ready event scheduled it.
+	// schedule work: the event that moves a sandbox past ready cancels
+	// its expiry only after the ready event scheduled it.
 	defer r.sandboxLocks.lock(ref.Sandbox)()
-	rec, prev, err := r.applyEvent(ctx, ref.Sandbox, m.Event)
-	if errors.Is(err, errRemoved) {
-		r.log.Debug("event for a removed sandbox record", "sandbox", ref.Sandbox, "state", ref.State)
-		return nil, nil
-	}
+	rec, _, err := r.applyEvent(ref.Sandbox, m.Event, streamSeq(m))
 	if err != nil {
 		return nil, err
 	}
@@ -76,11 +61,11 @@ func (r *Registry) project(ctx context.Context, m *bus.Message) ([]bus.Out, erro
 		if err := r.schedule(ctx, rec); err != nil {
 			return nil, err
 		}
-	case prev.Rank() <= event.StateReady.Rank() && rec.State.Rank() > event.StateReady.Rank() && !rec.ExpiresAt.IsZero():
+	case ref.State.Rank() > event.StateReady.Rank() && firstPastReady(rec) == ref.State && !rec.ExpiresAt.IsZero():
 		// This event moved the sandbox past ready (expired, destroying,
 		// destroyed): nothing may fire. Once is enough: a purge that fails
-		// after the record moved leaves a schedule whose fire finds the
-		// sandbox no longer ready and does nothing.
+		// leaves a schedule whose fire finds the sandbox no longer ready
+		// and does nothing.
 		if err := r.cancelExpiry(ctx, rec.ID); err != nil {
 			return nil, err
 		}
@@ -100,7 +85,7 @@ func (r *Registry) project(ctx context.Context, m *bus.Message) ([]bus.Out, erro
 				return nil, err
 			}
 		}
-	case rec.State == event.StateDestroyed && prev != event.StateDestroyed && rec.TeardownError != "":
+	case ref.State == event.StateDestroyed && rec.TeardownError != "":
 		// Destroyed after a failed attempt: no retry may fire. Best
 		// effort, like an expiry's: a retry that fires finds the
 		// sandbox ended and does nothing.
@@ -111,77 +96,49 @@ func (r *Registry) project(ctx context.Context, m *bus.Message) ([]bus.Out, erro
 	return nil, nil
 }
 
-// applyEvent applies e to the record of sandbox id in the sandboxes
-// bucket: read (from the cache of records this instance wrote, or the
-// bucket), [sandbox.Apply], then Update at the read revision (or Create
-// when there is no record), re-reading from the bucket on a conflict, a
-// bounded number of times. It returns the record as stored and the state
-// it had before e; an event that does not move the record returns that
-// same state. An event Apply refuses is [bus.Permanent].
-func (r *Registry) applyEvent(ctx context.Context, id string, e *event.Event) (*sandbox.Record, event.State, error) {
-	cached := true
-	for range maxCASAttempts {
-		var (
-			rec *sandbox.Record
-			rev uint64
-			err error
-		)
-		if cached {
-			rec, rev = r.records.get(id)
+// firstPastReady is the first state rec entered after ready, or "".
+func firstPastReady(rec *sandbox.Record) event.State {
+	for _, t := range rec.History {
+		if t.State.Rank() > event.StateReady.Rank() {
+			return t.State
 		}
-		if rec == nil {
-			if rec, rev, err = r.readRecord(ctx, id); err != nil {
-				return nil, "", err
-			}
-		}
-		if rec == nil {
-			rec = &sandbox.Record{}
-		}
-		prev := rec.State
-		changed, err := sandbox.Apply(rec, e)
-		if err != nil {
-			return nil, "", bus.Permanent(fmt.Errorf("applying %s to sandbox %s: %w", e.Type(), id, err))
-		}
-		if !changed {
-			return rec, prev, nil
-		}
-		if rec.ID != id {
-			return nil, "", bus.Permanent(fmt.Errorf("applying %s: %w: data names sandbox %q, subject %q", e.Type(), event.ErrMalformed, rec.ID, id))
-		}
-		b := rec.Marshal()
-		newRev, err := bus.KVWrite(ctx, r.opts.JS, bus.BucketSandboxes, id, b, rev, rec.TTL(r.opts.Retention))
-		switch {
-		case rev == 0 && errors.Is(err, jetstream.ErrKeyExists):
-			if !cached {
-				// Read twice as absent, yet not creatable: the record
-				// was removed after its retention. An event that late
-				// changes nothing.
-				return nil, "", errRemoved
-			}
-			cached = false
-			continue
-		case errors.Is(err, jetstream.ErrKeyRevisionMismatch):
-			cached = false
-			continue
-		}
-		if err != nil {
-			r.records.drop(id)
-			return nil, "", fmt.Errorf("writing sandbox %s: %w", id, err)
-		}
-		switch rec.State {
-		case event.StateRequested, event.StateProvisioning, event.StateDestroying:
-			// Transient: the next event follows within seconds.
-			r.records.put(id, b, newRev)
-		default:
-			// Ready (or past it): the next event may be hours away; a read
-			// then costs less than holding every live sandbox in memory.
-			r.records.drop(id)
-		}
-		r.log.Debug("sandbox moved", "sandbox", id, "state", rec.State)
-		return rec, prev, nil
 	}
-	r.records.drop(id)
-	return nil, "", fmt.Errorf("applying %s to sandbox %s: %w after %d attempts", e.Type(), id, errConflict, maxCASAttempts)
+	return ""
+}
+
+// applyEvent applies e, of stream sequence seq, to the record of sandbox
+// id in this registry's index, and returns the record after it and the
+// state before it. The index folds the stream on its own too (and may be
+// behind or ahead of the durable's delivery by a few events); applying an
+// event it already folded changes nothing. What is decided on it is the
+// registry's own schedules; the record itself is the lifecycle stream's:
+// nothing is written. An event Apply refuses is [bus.Permanent].
+func (r *Registry) applyEvent(id string, e *event.Event, seq uint64) (*sandbox.Record, event.State, error) {
+	rec, prev, err := r.index.applyEvent(id, e, seq)
+	if err != nil {
+		return nil, "", bus.Permanent(fmt.Errorf("applying %s to sandbox %s: %w", e.Type(), id, err))
+	}
+	return rec, prev, nil
+}
+
+// transition publishes ev, announcing state s of rec's sandbox, guarded
+// by rec's last event (rec.Seq): the compare-and-swap of every transition
+// the registry makes. It reports false when the sandbox moved on first.
+func (r *Registry) transition(ctx context.Context, rec *sandbox.Record, s event.State, ev *event.Event) (bool, error) {
+	ack, err := r.pub.PublishTransition(ctx, rec.Ref().LifecycleSubject(s), ev, rec.Ref().RefFilter(), rec.Seq)
+	if errors.Is(err, bus.ErrConflict) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("announcing %s of %s: %w", s, rec.ID, err)
+	}
+	if ack.Duplicate {
+		return false, nil // another registry's same decision, stored first
+	}
+	if _, err := sandbox.Apply(rec, ev); err == nil {
+		rec.Seq = ack.Sequence
+	}
+	return true, nil
 }
 
 // keyLocks serializes work on one key. Entries live only while someone
@@ -220,75 +177,132 @@ func (l *keyLocks) lock(key string) (unlock func()) {
 	}
 }
 
-// errRemoved is applyEvent's answer for a sandbox whose record was removed
-// after its retention.
-var errRemoved = errors.New("sandbox record removed after its retention")
-
-// recordCache remembers the records this instance wrote in a transient
-// state, with their revisions, so the event that follows within seconds
-// needs no read. It is only a hint: a stale entry fails its
-// compare-and-swap and the record is read again. Its size is bounded.
-type recordCache struct {
-	mu sync.Mutex
-	m  map[string]cachedRecord
+// index is the record of every sandbox, folded from the lifecycle stream
+// ([inventory.Follow]): what the reconciler reads every round and the
+// sandboxes request answers with. Its records are shared: get returns a
+// copy.
+type index struct {
+	mu   sync.RWMutex
+	recs map[string]*sandbox.Record
+	gone map[string]time.Time // sandboxes that left past their retention, when
 }
 
-type cachedRecord struct {
-	b   []byte
-	rev uint64
-}
-
-// maxCachedRecords bounds the cache; past it, an arbitrary entry goes.
-const maxCachedRecords = 100_000
-
-func (c *recordCache) get(id string) (*sandbox.Record, uint64) {
-	c.mu.Lock()
-	e, ok := c.m[id]
-	c.mu.Unlock()
-	if !ok {
-		return nil, 0
+func (x *index) apply(c inventory.Change) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if x.recs == nil {
+		x.recs = make(map[string]*sandbox.Record)
 	}
-	rec, err := sandbox.Unmarshal(e.b)
+	if c.Gone {
+		delete(x.recs, c.Record.ID)
+		if x.gone == nil {
+			x.gone = make(map[string]time.Time)
+		}
+		x.gone[c.Record.ID] = time.Now()
+		return
+	}
+	// The follower's record is the whole fold up to its Seq: it wins over
+	// what the durable's events made of the record up to the same event.
+	if cur := x.recs[c.Record.ID]; cur == nil || cur.Seq <= c.Record.Seq {
+		x.recs[c.Record.ID] = c.Record
+	}
+}
+
+// applyEvent applies e, of stream sequence seq, to the record of id and
+// keeps it; it returns a copy of the record after e and the state before.
+func (x *index) applyEvent(id string, e *event.Event, seq uint64) (*sandbox.Record, event.State, error) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if x.recs == nil {
+		x.recs = make(map[string]*sandbox.Record)
+	}
+	rec := &sandbox.Record{}
+	if cur := x.recs[id]; cur != nil {
+		rec = cur.Clone()
+	}
+	prev := rec.State
+	changed, err := sandbox.Apply(rec, e)
 	if err != nil {
-		return nil, 0
+		return nil, "", err
 	}
-	return rec, e.rev
+	if rec.ID != id {
+		return nil, "", fmt.Errorf("%w: data names sandbox %q, subject %q", event.ErrMalformed, rec.ID, id)
+	}
+	if _, left := x.gone[id]; changed && !left {
+		rec.Seq = max(rec.Seq, seq)
+		x.recs[id] = rec
+		rec = rec.Clone()
+	}
+	return rec, prev, nil
 }
 
-func (c *recordCache) put(id string, b []byte, rev uint64) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.m == nil {
-		c.m = make(map[string]cachedRecord)
-	}
-	if _, ok := c.m[id]; !ok && len(c.m) >= maxCachedRecords {
-		for k := range c.m {
-			delete(c.m, k)
-			break
+// sweep forgets the tombstones older than retention (a sandbox's late
+// events come within it) and the records that ended longer than it ago.
+func (x *index) sweep(now time.Time, retention time.Duration) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	for id, at := range x.gone {
+		if now.Sub(at) > retention {
+			delete(x.gone, id)
 		}
 	}
-	c.m[id] = cachedRecord{b: b, rev: rev}
+	for id, rec := range x.recs {
+		if !rec.Listed(now, retention) {
+			delete(x.recs, id)
+			if x.gone == nil {
+				x.gone = make(map[string]time.Time)
+			}
+			x.gone[id] = now
+		}
+	}
 }
 
-func (c *recordCache) drop(id string) {
-	c.mu.Lock()
-	delete(c.m, id)
-	c.mu.Unlock()
+// streamSeq is the lifecycle stream sequence of m, 0 when unknown.
+func streamSeq(m *bus.Message) uint64 {
+	if m.Raw() == nil {
+		return 0
+	}
+	meta, err := m.Raw().Metadata()
+	if err != nil {
+		return 0
+	}
+	return meta.Sequence.Stream
 }
 
-// readRecord returns the record of sandbox id and its revision, or nil and
-// 0 when there is none.
-func (r *Registry) readRecord(ctx context.Context, id string) (*sandbox.Record, uint64, error) {
-	entry, err := r.sandboxes.Get(ctx, id)
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
+// get returns a copy of the record of id, or nil.
+func (x *index) get(id string) *sandbox.Record {
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	if rec := x.recs[id]; rec != nil {
+		return rec.Clone()
+	}
+	return nil
+}
+
+// all returns every record, sorted by id, shared: the caller must not
+// modify them.
+func (x *index) all() []*sandbox.Record {
+	x.mu.RLock()
+	out := make([]*sandbox.Record, 0, len(x.recs))
+	for _, rec := range x.recs {
+		out = append(out, rec)
+	}
+	x.mu.RUnlock()
+	slices.SortFunc(out, func(a, b *sandbox.Record) int { return strings.Compare(a.ID, b.ID) })
+	return out
+}
+
+// readRecord returns the record of the sandbox ref names, the fold of its
+// events read from the stream (over its own subjects, ref's RefFilter, which
+// the server finds by their literal prefix), and the sequence of its last
+// event; nil and 0 when it has none.
+func (r *Registry) readRecord(ctx context.Context, ref event.Ref) (*sandbox.Record, uint64, error) {
+	rec, err := inventory.Read(ctx, r.opts.NC, ref.RefFilter())
+	if err != nil {
+		return nil, 0, fmt.Errorf("reading sandbox %s: %w", ref.SandboxID, err)
+	}
+	if rec == nil {
 		return nil, 0, nil
 	}
-	if err != nil {
-		return nil, 0, fmt.Errorf("reading sandbox %s: %w", id, err)
-	}
-	rec, err := sandbox.Unmarshal(entry.Value())
-	if err != nil {
-		return nil, 0, fmt.Errorf("reading sandbox %s: %w", id, err)
-	}
-	return rec, entry.Revision(), nil
+	return rec, rec.Seq, nil
 }

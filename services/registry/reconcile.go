@@ -60,41 +60,21 @@ func (r *Registry) runReconciler(ctx context.Context) {
 // many it stepped in for. It is safe to run on several registries at
 // once. The registry must be started.
 func (r *Registry) Reconcile(ctx context.Context) (int, error) {
-	w, err := r.sandboxes.WatchAll(ctx, jetstream.IgnoreDeletes())
-	if err != nil {
-		return 0, fmt.Errorf("reading sandboxes: %w", err)
-	}
-	defer func() { _ = w.Stop() }()
 	var late []*sandbox.Record
-	revs := map[string]uint64{}
 	now := time.Now().UTC()
-read:
-	for {
-		select {
-		case <-ctx.Done():
-			return 0, ctx.Err()
-		case e, ok := <-w.Updates():
-			if !ok {
-				return 0, errors.New("reading sandboxes: watch closed")
-			}
-			if e == nil {
-				break read // every record read
-			}
-			rec, err := sandbox.Unmarshal(e.Value())
-			if err != nil || rec.State.Terminal() || rec.ID != e.Key() {
-				continue
-			}
-			if r.pastDeadline(rec, now) {
-				late = append(late, rec)
-				revs[rec.ID] = e.Revision()
-			}
+	r.index.sweep(now, r.opts.Retention)
+	for _, rec := range r.index.all() {
+		if !rec.State.Terminal() && r.pastDeadline(rec, now) {
+			late = append(late, rec.Clone())
 		}
 	}
-	_ = w.Stop()
 	n := 0
 	var errs []error
 	for _, rec := range late {
-		did, err := r.reconcile(ctx, rec, revs[rec.ID], now)
+		if ctx.Err() != nil {
+			return n, ctx.Err()
+		}
+		did, err := r.reconcile(ctx, rec, now)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("sandbox %s: %w", rec.ID, err))
 		}
@@ -137,9 +117,11 @@ func (r *Registry) pastDeadline(rec *sandbox.Record, now time.Time) bool {
 	return false
 }
 
-// reconcile steps in for rec, read at revision rev and found past its
-// deadline at now. It reports whether this registry did something.
-func (r *Registry) reconcile(ctx context.Context, rec *sandbox.Record, rev uint64, now time.Time) (bool, error) {
+// reconcile steps in for rec, found past its deadline at now. Every step
+// is guarded by rec's last event (rec.Seq): should the index lag the
+// stream, the sandbox moved on and nothing is done. It reports whether
+// this registry did something.
+func (r *Registry) reconcile(ctx context.Context, rec *sandbox.Record, now time.Time) (bool, error) {
 	if err := event.CheckName("extension name", rec.Extension); err != nil {
 		return false, err
 	}
@@ -149,22 +131,18 @@ func (r *Registry) reconcile(ctx context.Context, rec *sandbox.Record, rev uint6
 	case event.StateRequested, event.StateProvisioning:
 		return r.failLate(ctx, rec, now)
 	}
-	return r.redrive(ctx, rec, rev, now)
+	return r.redrive(ctx, rec, now)
 }
 
-// redrive sends a fresh destroy attempt of rec, claimed on the record at
-// rev first.
-func (r *Registry) redrive(ctx context.Context, rec *sandbox.Record, rev uint64, now time.Time) (bool, error) {
+// redrive sends a fresh destroy attempt of rec, claimed first with a
+// destroying event guarded by rec's last event.
+func (r *Registry) redrive(ctx context.Context, rec *sandbox.Record, now time.Time) (bool, error) {
 	defer r.sandboxLocks.lock(rec.ID)()
 	state, since := rec.State, later(rec.UpdatedAt, rec.EnteredState())
-	n := rec.Redrive(now)
-	_, err := bus.KVWrite(ctx, r.opts.JS, bus.BucketSandboxes, rec.ID, rec.Marshal(), rev, rec.TTL(r.opts.Retention))
-	r.records.drop(rec.ID)
-	if errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
-		return false, nil // it moved, or another registry claimed the attempt
-	}
-	if err != nil {
-		return false, fmt.Errorf("claiming destroy attempt %d: %w", n, err)
+	n, lastError := rec.NextAttempt(), rec.TeardownError
+	claimed, err := r.claimAttempt(ctx, rec, destroyReason(rec), n)
+	if err != nil || !claimed {
+		return false, err // it moved, or another registry claimed the attempt
 	}
 	out, err := destroyCommand(rec, destroyReason(rec), n, "registry", now)
 	if err == nil {
@@ -177,7 +155,7 @@ func (r *Registry) redrive(ctx context.Context, rec *sandbox.Record, rev uint64,
 	}
 	r.redrives.WithLabelValues(string(state)).Inc()
 	r.log.Warn("sandbox past its deadline: destroy re-driven", "sandbox", rec.ID, "state", state, "since", since,
-		"attempt", n, "last_error", rec.TeardownError)
+		"attempt", n, "last_error", lastError)
 	return true, nil
 }
 
@@ -243,17 +221,12 @@ func (r *Registry) expireLate(ctx context.Context, rec *sandbox.Record, now time
 		return false, err
 	}
 	unlock := r.sandboxLocks.lock(rec.ID)
-	moved, _, err := r.applyEvent(ctx, rec.ID, expired)
+	stored, err := r.transition(ctx, rec, event.StateExpired, expired)
 	unlock()
-	if errors.Is(err, errRemoved) {
-		return false, nil
-	}
-	if err != nil {
+	if err != nil || !stored {
 		return false, err
 	}
-	if moved.State != event.StateExpired || moved.Reason != ExpiredReason {
-		return false, nil
-	}
+	moved := rec
 	outs, err := r.expiryOuts(moved, expired)
 	if err != nil {
 		return false, err

@@ -1,12 +1,15 @@
 // Package registry is the registry service: the owner of the catalog
 // (extensions and profiles, validated at start-up and published to the
-// catalog bucket), of the inventory (the sandboxes bucket, a projection of
-// the lifecycle stream), of sandbox TTLs (expiry schedules on the timers
-// stream) and of the view of live workers.
+// catalog bucket), of sandbox TTLs (expiry schedules on the timers
+// stream), of destroy retries and of the view of live workers. It keeps an
+// index of every sandbox folded from the lifecycle stream, in memory, for
+// its reconciler; it writes no sandbox record: the lifecycle events are
+// the record.
 //
 // The registry consumes lifecycle events and fired expiry and destroy
-// retry timers, and produces the catalog and sandboxes projections,
-// expired events, destroy commands (on expiry, on a retry after a failed
+// retry timers, and produces the catalog projection, expired events (and
+// the destroying events that claim a retried or re-driven destroy
+// attempt), destroy commands (on expiry, on a retry after a failed
 // teardown, on a re-drive) and, from its reconciler, failed events for
 // creates past their deadline. It answers catalog and worker requests over NATS
 // request-reply as the micro service "sandboxer-registry".
@@ -34,6 +37,7 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/catalog"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/inventory"
 	"github.com/sand-boxer/sandboxer/pkg/metrics"
 	"github.com/sand-boxer/sandboxer/pkg/sandbox"
 	"github.com/sand-boxer/sandboxer/pkg/workers"
@@ -43,8 +47,8 @@ import (
 const (
 	// Source is the CloudEvents source of every event the registry emits.
 	Source = "/sandboxer/registry"
-	// ConsumerInventory is the durable consumer projecting the lifecycle
-	// stream into the sandboxes bucket.
+	// ConsumerInventory is the durable consumer of the lifecycle stream
+	// keeping expiry and destroy retry schedules in step with it.
 	ConsumerInventory = bus.DurableRegistry
 	// ConsumerTimers is the durable consumer of fired expiry and destroy
 	// retry timers.
@@ -87,9 +91,10 @@ type Options struct {
 	// Policy is the delivery policy of both durable consumers. Zero
 	// fields take the [bus.ConsumerPolicy] defaults.
 	Policy bus.ConsumerPolicy
-	// Retention is how long the record of a sandbox that ended
-	// (destroyed or rejected) is kept; the bucket then removes it.
-	// Default [sandbox.DefaultRetention]; negative keeps records forever.
+	// Retention is how long a sandbox that ended (destroyed or rejected)
+	// stays in the registry's index; its events stay for the lifecycle
+	// stream's max age. Default [sandbox.DefaultRetention]; negative keeps
+	// every sandbox the stream keeps.
 	Retention time.Duration
 	// Metrics is where the registry's Prometheus families are registered
 	// (expiries fired, destroy retries and re-drives, the router's
@@ -171,12 +176,19 @@ func Load(opts Options) (*extension.Catalog, error) {
 }
 
 // Consumers are the registry's durable consumers, with delivery policy p,
-// for setup to create: the inventory's on the lifecycle stream and the
-// one of fired expiries and destroy retries.
+// for setup to create: the one of the lifecycle events that move its
+// schedules (ready schedules an expiry; expired, destroying and destroyed
+// cancel it, and a failed teardown schedules a retry; requested,
+// provisioning, failed, rejected and orphaned are never delivered to it)
+// and the one of fired expiries and destroy retries.
 func Consumers(p bus.ConsumerPolicy) []bus.ConsumerSpec {
 	return []bus.ConsumerSpec{
-		{Stream: event.StreamLifecycle, Name: ConsumerInventory, Filters: []string{event.SubjectLifecycle}, Policy: p,
-			Description: "registry: projects lifecycle events into the sandboxes bucket"},
+		{Stream: event.StreamLifecycle, Name: ConsumerInventory, Policy: p,
+			Filters: []string{
+				event.StateFilter(event.StateReady), event.StateFilter(event.StateExpired),
+				event.StateFilter(event.StateDestroying), event.StateFilter(event.StateDestroyed),
+			},
+			Description: "registry: keeps expiry and destroy retry schedules in step with the lifecycle events that move them"},
 		{Stream: event.StreamTimers, Name: ConsumerTimers, Filters: []string{event.ExpiryFireFilter, event.RetryFireFilter}, Policy: p,
 			Description: "registry: fired expiry and destroy retry timers"},
 	}
@@ -195,8 +207,8 @@ type Registry struct {
 
 	catalog      *extension.Catalog
 	catalogJSON  []byte
-	sandboxes    jetstream.KeyValue
-	records      recordCache
+	index        index
+	follower     *inventory.Follower
 	sandboxLocks keyLocks
 	timers       jetstream.Stream
 	workers      *workers.Cache
@@ -265,9 +277,6 @@ func (r *Registry) Start(ctx context.Context) (err error) {
 	if err := catalog.Publish(ctx, catKV, cat); err != nil {
 		return fmt.Errorf("publishing catalog: %w", err)
 	}
-	if r.sandboxes, err = js.KeyValue(ctx, bus.BucketSandboxes); err != nil {
-		return fmt.Errorf("opening bucket %s: %w", bus.BucketSandboxes, err)
-	}
 	workersKV, err := js.KeyValue(ctx, bus.BucketWorkers)
 	if err != nil {
 		return fmt.Errorf("opening bucket %s: %w", bus.BucketWorkers, err)
@@ -292,6 +301,25 @@ func (r *Registry) Start(ctx context.Context) (err error) {
 	case <-r.workers.Ready():
 	case <-ctx.Done():
 		return fmt.Errorf("loading workers: %w", ctx.Err())
+	}
+
+	// The index of every sandbox: the fold of the lifecycle stream,
+	// caught up before the reconciler reads it.
+	f, err := inventory.Follow(watchCtx, js, r.opts.Retention, r.log, r.index.apply)
+	if err != nil {
+		return err
+	}
+	r.follower = f
+	defer func() {
+		if err != nil {
+			stopWatch()
+			<-f.Done()
+		}
+	}()
+	select {
+	case <-f.Ready():
+	case <-ctx.Done():
+		return fmt.Errorf("folding the lifecycle stream: %w", ctx.Err())
 	}
 
 	if r.svc, err = r.serve(); err != nil {
@@ -364,6 +392,7 @@ func (r *Registry) Shutdown(ctx context.Context) error {
 	}
 	r.stopWatch()
 	<-r.workers.Done()
+	<-r.follower.Done()
 	r.reconciler.Wait()
 	return errors.Join(errs...)
 }

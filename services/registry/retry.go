@@ -2,7 +2,6 @@ package registry
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -105,44 +104,57 @@ func (r *Registry) retry(ctx context.Context, m *bus.Message) ([]bus.Out, error)
 	if d.SandboxID != id || d.Attempt < 1 {
 		return nil, bus.Permanent(fmt.Errorf("handling retry %s: %w: data names sandbox %q, attempt %d", m.Subject, event.ErrMalformed, d.SandboxID, d.Attempt))
 	}
-	unlock := r.sandboxLocks.lock(id)
-	defer unlock()
-	for range maxCASAttempts {
-		rec, rev, err := r.readRecord(ctx, id)
-		switch {
-		case err != nil:
-			return nil, err
-		case rec == nil:
-			r.log.Warn("destroy retry fired for an unknown sandbox", "sandbox", id)
-			return nil, nil
-		case rec.State.Terminal():
-			return nil, nil
-		case rec.DestroyAttempt >= d.Attempt:
-			r.log.Debug("destroy retry fired after its attempt went out", "sandbox", id, "attempt", d.Attempt, "latest", rec.DestroyAttempt)
-			return nil, nil
-		}
-		if err := event.CheckName("extension name", rec.Extension); err != nil {
-			return nil, bus.Permanent(fmt.Errorf("retrying destroy of %s: %w", id, err))
-		}
-		rec.DestroyAttempt = d.Attempt
-		rec.UpdatedAt = later(rec.UpdatedAt, time.Now().UTC())
-		_, err = bus.KVWrite(ctx, r.opts.JS, bus.BucketSandboxes, id, rec.Marshal(), rev, rec.TTL(r.opts.Retention))
-		r.records.drop(id)
-		if errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
-			continue
-		}
-		if err != nil {
-			return nil, fmt.Errorf("claiming destroy attempt %d of %s: %w", d.Attempt, id, err)
-		}
-		out, err := destroyCommand(rec, d.Reason, d.Attempt, "registry", time.Now().UTC())
-		if err != nil {
-			return nil, err
-		}
-		r.retries.Inc()
-		r.log.Info("destroy retried", "sandbox", id, "attempt", d.Attempt, "last_error", rec.TeardownError)
-		return []bus.Out{out}, nil
+	if err := event.CheckName("consumer name", d.Consumer); err != nil {
+		return nil, bus.Permanent(fmt.Errorf("handling retry %s: %w", m.Subject, err))
 	}
-	return nil, fmt.Errorf("retrying destroy of %s: %w after %d attempts", id, errConflict, maxCASAttempts)
+	if err := event.CheckName("extension name", d.Extension); err != nil {
+		return nil, bus.Permanent(fmt.Errorf("handling retry %s: %w", m.Subject, err))
+	}
+	rec, _, err := r.readRecord(ctx, d.Ref)
+	switch {
+	case err != nil:
+		return nil, err
+	case rec == nil:
+		r.log.Warn("destroy retry fired for an unknown sandbox", "sandbox", id)
+		return nil, nil
+	case rec.State.Terminal():
+		return nil, nil
+	case rec.DestroyAttempt >= d.Attempt:
+		r.log.Debug("destroy retry fired after its attempt went out", "sandbox", id, "attempt", d.Attempt, "latest", rec.DestroyAttempt)
+		return nil, nil
+	}
+	if err := event.CheckName("extension name", rec.Extension); err != nil {
+		return nil, bus.Permanent(fmt.Errorf("retrying destroy of %s: %w", id, err))
+	}
+	lastError := rec.TeardownError
+	claimed, err := r.claimAttempt(ctx, rec, d.Reason, d.Attempt)
+	if err != nil || !claimed {
+		return nil, err // moved on, or claimed by another: a redelivery finds it so
+	}
+	out, err := destroyCommand(rec, d.Reason, d.Attempt, "registry", time.Now().UTC())
+	if err != nil {
+		return nil, err
+	}
+	r.retries.Inc()
+	r.log.Info("destroy retried", "sandbox", id, "attempt", d.Attempt, "last_error", lastError)
+	return []bus.Out{out}, nil
+}
+
+// claimAttempt claims destroy attempt n of rec's sandbox, for reason: a
+// destroying event of that attempt (the id its worker's announcement has,
+// [event.DestroyingID]) guarded by rec's last event. It reports false when
+// the sandbox moved on first, or another claimed the attempt.
+func (r *Registry) claimAttempt(ctx context.Context, rec *sandbox.Record, reason string, n int) (bool, error) {
+	ev, err := event.New(event.TypeDestroying, Source, rec.ID, event.DestroyingID(rec.ID, n),
+		event.Destroying{Ref: rec.Ref(), Reason: reason, Attempt: n})
+	if err != nil {
+		return false, err
+	}
+	ok, err := r.transition(ctx, rec, event.StateDestroying, ev)
+	if err != nil {
+		return false, fmt.Errorf("claiming destroy attempt %d of %s: %w", n, rec.ID, err)
+	}
+	return ok, nil
 }
 
 // destroyCommand is the destroy command of attempt n of rec's sandbox,

@@ -9,6 +9,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/natstest"
 	"github.com/sand-boxer/sandboxer/pkg/sandbox"
@@ -237,47 +238,51 @@ func TestReconcile(t *testing.T) {
 		o.DeadlineGrace = -1
 		o.RetryBase = time.Hour // no retry fires in this test: the reconciler must
 	}
-	a := start(t, srv, opts)
-	b := start(t, srv, opts)
+	// Everything happened before these registries started, and was
+	// projected by one that lost its schedules: the durable has it all
+	// acknowledged, only the lifecycle stream says where each sandbox is.
+	srv.Setup(t, registry.Consumers(testPolicy)...)
+	pub := bus.NewPublisher(srv.JetStream(t))
 	long := time.Now().UTC().Add(-time.Hour)
-
-	// requested: only the gateway's record, written an hour ago, no event.
-	const requested = "sbx-late-requested"
-	rec := sandbox.NewRequested(event.Create{Ref: testRef(requested), RequestedAt: long})
-	if _, err := a.kv.Create(testCtx(t, 5*time.Second), requested, rec.Marshal()); err != nil {
-		t.Fatal(err)
+	publishAt := func(id string, s event.State, at, expiresAt time.Time) {
+		t.Helper()
+		var ev *event.Event
+		if s == event.StateRequested {
+			var err error
+			if ev, err = event.New(event.TypeRequested, "/sandboxer/gateway", id, id+".requested",
+				event.Requested{Ref: testRef(id), RequestedAt: at}); err != nil {
+				t.Fatal(err)
+			}
+		} else {
+			ev = lifecycleEvent(t, workerA, id, s, expiresAt)
+		}
+		ev.SetTime(at)
+		if _, err := pub.Publish(testCtx(t, 5*time.Second), testRef(id).LifecycleSubject(s), ev); err != nil {
+			t.Fatal(err)
+		}
 	}
+	// requested: only the gateway's record, written an hour ago.
+	const requested = "sbx-late-requested"
+	publishAt(requested, event.StateRequested, long, time.Time{})
 	// provisioning for an hour, and one that just started.
 	const provisioning, fresh = "sbx-late-provisioning", "sbx-fresh-provisioning"
-	publishAt := func(id string, s event.State, at time.Time) {
-		ev := lifecycleEvent(t, workerA, id, s, time.Time{})
-		ev.SetTime(at)
-		if _, err := a.pub.Publish(testCtx(t, 5*time.Second), testRef(id).LifecycleSubject(s), ev); err != nil {
-			t.Fatal(err)
-		}
-	}
-	publishAt(provisioning, event.StateProvisioning, long)
-	publishAt(fresh, event.StateProvisioning, time.Now().UTC())
+	publishAt(provisioning, event.StateProvisioning, long, time.Time{})
+	publishAt(fresh, event.StateProvisioning, time.Now().UTC(), time.Time{})
 	// failed an hour ago, its destroy lost; destroying for an hour.
 	const failed, destroying = "sbx-late-failed", "sbx-late-destroying"
-	publishAt(failed, event.StateProvisioning, long)
-	publishAt(failed, event.StateFailed, long)
-	publishAt(destroying, event.StateProvisioning, long)
-	publishAt(destroying, event.StateReady, long)
-	publishAt(destroying, event.StateDestroying, long)
-	// ready past its expiry, its schedule lost: only the record says so.
+	publishAt(failed, event.StateProvisioning, long, time.Time{})
+	publishAt(failed, event.StateFailed, long, time.Time{})
+	publishAt(destroying, event.StateProvisioning, long, time.Time{})
+	publishAt(destroying, event.StateReady, long, time.Time{})
+	publishAt(destroying, event.StateDestroying, long, time.Time{})
+	// ready past its expiry, its schedule lost: only its events say so.
 	const ready = "sbx-late-ready"
-	rrec := sandbox.NewRequested(event.Create{Ref: testRef(ready), RequestedAt: long})
-	for _, st := range []event.State{event.StateProvisioning, event.StateReady} {
-		ev := lifecycleEvent(t, workerA, ready, st, long.Add(time.Minute))
-		ev.SetTime(long)
-		if _, err := sandbox.Apply(rrec, ev); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if _, err := a.kv.Create(testCtx(t, 5*time.Second), ready, rrec.Marshal()); err != nil {
-		t.Fatal(err)
-	}
+	publishAt(ready, event.StateProvisioning, long, time.Time{})
+	publishAt(ready, event.StateReady, long, long.Add(time.Minute))
+	// Those of them the durable takes: ready (2), failed is not, destroying (1).
+	drain(t, srv, event.StreamLifecycle, registry.ConsumerInventory, 3)
+	a := start(t, srv, opts)
+	b := start(t, srv, opts)
 	for id, s := range map[string]event.State{provisioning: event.StateProvisioning, fresh: event.StateProvisioning, failed: event.StateFailed, destroying: event.StateDestroying} {
 		a.awaitRecord(t, id, 5*time.Second, inState(s))
 	}
@@ -344,6 +349,31 @@ func TestReconcile(t *testing.T) {
 	// failed, the re-driven ones have an attempt under way.
 	if n, err := a.reg.Reconcile(testCtx(t, 10*time.Second)); err != nil || n != 0 {
 		t.Errorf("second round: %d, %v; want nothing to do", n, err)
+	}
+}
+
+// drain acknowledges the n messages pending on durable of stream, as a
+// consumer that handled them would.
+func drain(t *testing.T, srv *natstest.Server, stream, durable string, n int) {
+	t.Helper()
+	ctx := testCtx(t, 10*time.Second)
+	c, err := srv.JetStream(t).Consumer(ctx, stream, durable)
+	if err != nil {
+		t.Fatal(err)
+	}
+	batch, err := c.Fetch(n, jetstream.FetchMaxWait(5*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := 0
+	for m := range batch.Messages() {
+		if err := m.DoubleAck(ctx); err != nil {
+			t.Fatal(err)
+		}
+		got++
+	}
+	if got != n {
+		t.Fatalf("drained %d messages of %s, want %d", got, durable, n)
 	}
 }
 

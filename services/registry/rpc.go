@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
@@ -13,6 +14,7 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/extension"
+	"github.com/sand-boxer/sandboxer/pkg/sandbox"
 	"github.com/sand-boxer/sandboxer/pkg/workers"
 )
 
@@ -33,6 +35,32 @@ type WorkersReply struct {
 	Workers []workers.Heartbeat `json:"workers"`
 }
 
+// SandboxesRequest is the body of a sandboxes request: a page of the
+// registry's index, in id order. Empty fields match everything.
+type SandboxesRequest struct {
+	// ID, when set, asks for that one sandbox.
+	ID string `json:"id,omitempty"`
+	// Consumer keeps only that consumer's sandboxes.
+	Consumer string `json:"consumer,omitempty"`
+	// State keeps only the sandboxes in that state.
+	State event.State `json:"state,omitempty"`
+	// After starts the page after that id.
+	After string `json:"after,omitempty"`
+	// Limit bounds the page: default and most [MaxSandboxesPage].
+	Limit int `json:"limit,omitempty"`
+}
+
+// MaxSandboxesPage is the most sandboxes one answer holds.
+const MaxSandboxesPage = 1000
+
+// SandboxesReply answers a sandboxes request.
+type SandboxesReply struct {
+	// Sandboxes are the records, in id order.
+	Sandboxes []*sandbox.Record `json:"sandboxes"`
+	// Next is the After of the next page; empty on the last.
+	Next string `json:"next,omitempty"`
+}
+
 // serve starts the micro service answering catalog and worker requests.
 // Every registry instance joins the same queue group, so each request gets
 // one answer.
@@ -40,7 +68,7 @@ func (r *Registry) serve() (micro.Service, error) {
 	svc, err := micro.AddService(r.opts.NC, micro.Config{
 		Name:        ServiceName,
 		Version:     ServiceVersion,
-		Description: "sand-boxer catalog and worker liveness",
+		Description: "sand-boxer catalog, worker liveness and the index of sandboxes",
 		ErrorHandler: func(_ micro.Service, err *micro.NATSError) {
 			r.log.Warn("request service error", "subject", err.Subject, "err", err.Description)
 		},
@@ -54,6 +82,7 @@ func (r *Registry) serve() (micro.Service, error) {
 	}{
 		{"catalog", event.SubjectCatalog, r.handleCatalog},
 		{"workers", event.SubjectWorkers, r.handleWorkers},
+		{"sandboxes", event.SubjectSandboxes, r.handleSandboxes},
 	} {
 		if err := svc.AddEndpoint(ep.name, ep.h, micro.WithEndpointSubject(ep.subject)); err != nil {
 			_ = svc.Stop()
@@ -92,6 +121,50 @@ func (r *Registry) handleWorkers(req micro.Request) {
 		}
 	}
 	_ = req.RespondJSON(WorkersReply{Workers: r.workers.List(body.Extension)})
+}
+
+// handleSandboxes answers with a page of the index ([SandboxesReply]):
+// the sandboxes it holds, but those that ended longer than the retention
+// ago.
+func (r *Registry) handleSandboxes(req micro.Request) {
+	_, span := bus.StartAnswer(context.Background(), req.Subject(), nats.Header(req.Headers()))
+	defer span.End()
+	var body SandboxesRequest
+	if err := decodeRequest(req.Data(), &body); err != nil {
+		_ = req.Error("400", err.Error(), nil)
+		return
+	}
+	if body.Limit <= 0 || body.Limit > MaxSandboxesPage {
+		body.Limit = MaxSandboxesPage
+	}
+	now := time.Now()
+	reply := SandboxesReply{Sandboxes: []*sandbox.Record{}}
+	for _, rec := range r.index.all() {
+		switch {
+		case body.ID != "" && rec.ID != body.ID,
+			body.Consumer != "" && rec.Consumer != body.Consumer,
+			body.State != "" && rec.State != body.State,
+			body.After != "" && rec.ID <= body.After,
+			!rec.Listed(now, r.opts.Retention):
+			continue
+		}
+		if len(reply.Sandboxes) == body.Limit {
+			reply.Next = reply.Sandboxes[len(reply.Sandboxes)-1].ID
+			break
+		}
+		reply.Sandboxes = append(reply.Sandboxes, rec)
+	}
+	_ = req.RespondJSON(reply)
+}
+
+// FetchSandboxes asks a running registry for a page of its index of
+// sandboxes. ctx bounds the wait.
+func FetchSandboxes(ctx context.Context, nc *nats.Conn, q SandboxesRequest) (*SandboxesReply, error) {
+	reply, err := bus.Call[SandboxesReply](ctx, nc, event.SubjectSandboxes, q)
+	if err != nil {
+		return nil, fmt.Errorf("fetching sandboxes: %w", err)
+	}
+	return &reply, nil
 }
 
 // decodeRequest decodes a JSON request body strictly; an empty body is the
