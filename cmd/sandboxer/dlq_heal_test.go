@@ -36,7 +36,7 @@ type healSystem struct {
 	js    jetstream.JetStream // the test's, as admin
 	pub   *bus.Publisher
 	cat   *extension.Catalog
-	meter *metering.Client
+	meter *credits.Client
 	pool  *provisioner.Provisioner
 }
 
@@ -81,7 +81,7 @@ func startHealSystem(t *testing.T) *healSystem {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = met.Shutdown(context.Background()) })
-	h.meter = metering.NewClient(srv.ConnAs(t, auth.Identity{Role: auth.RoleGateway}))
+	h.meter = credits.NewClient(srv.ConnAs(t, auth.Identity{Role: auth.RoleGateway}))
 	h.pool = h.startPool(t)
 	return h
 }
@@ -135,7 +135,7 @@ func (h *healSystem) create(t *testing.T, id string, inputs map[string]string) e
 	t.Helper()
 	ctx := testContext(t)
 	ref := event.Ref{SandboxID: id, Consumer: DevConsumer, Profile: "echo", Extension: "echo", Host: "localhost"}
-	hr, err := h.meter.Hold(ctx, metering.HoldRequest{SandboxID: id, Consumer: DevConsumer, Profile: "echo", Extension: "echo", TTLSeconds: 60})
+	hr, err := h.meter.Hold(ctx, credits.HoldRequest{SandboxID: id, Consumer: DevConsumer, Profile: "echo", Extension: "echo", TTLSeconds: 60})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -288,7 +288,7 @@ func (h *healSystem) summary(t *testing.T, ref event.Ref) string {
 func TestSelfHealing(t *testing.T) {
 	h := startHealSystem(t)
 	ctx := testContext(t)
-	if _, err := h.meter.Grant(ctx, metering.GrantRequest{Consumer: DevConsumer, Amount: 10_000, ID: "heal"}); err != nil {
+	if _, err := h.meter.Grant(ctx, credits.GrantRequest{Consumer: DevConsumer, Amount: 10_000, ID: "heal"}); err != nil {
 		t.Fatal(err)
 	}
 

@@ -37,6 +37,7 @@ import (
 	"github.com/sand-boxer/sandboxer/pkg/api"
 	"github.com/sand-boxer/sandboxer/pkg/auth"
 	"github.com/sand-boxer/sandboxer/pkg/bus/embedded"
+	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/pkg/sandbox"
 	"github.com/sand-boxer/sandboxer/services/metering"
@@ -324,7 +325,7 @@ func Run(ctx context.Context, env Env, cfg Config, only []string, logw io.Writer
 // same time, as it does in service.
 func benchMetering(ctx context.Context, sys *System, cfg Config, res *Result) error {
 	n := cfg.Sequential * 2
-	mc := metering.NewClient(sys.NC)
+	mc := credits.NewClient(sys.NC)
 	ids := make([]string, n)
 	var (
 		next  atomic.Int64
@@ -340,7 +341,7 @@ func benchMetering(ctx context.Context, sys *System, cfg Config, res *Result) er
 		go func() {
 			defer wg.Done()
 			for i := next.Add(1) - 1; i < int64(n); i = next.Add(1) - 1 {
-				_, err := mc.Hold(ctx, metering.HoldRequest{SandboxID: ids[i], Consumer: "bench", Profile: "echo", Extension: "echo", TTLSeconds: 3600})
+				_, err := mc.Hold(ctx, credits.HoldRequest{SandboxID: ids[i], Consumer: "bench", Profile: "echo", Extension: "echo", TTLSeconds: 3600})
 				if err != nil {
 					errMu.Lock()
 					first = cmp.Or(first, err)
@@ -625,9 +626,9 @@ func StartSystem(ctx context.Context, env Env, dir string, priced, scaling bool)
 	if err != nil || !priced {
 		return sys, err
 	}
-	mc := metering.NewClient(sys.NC)
+	mc := credits.NewClient(sys.NC)
 	for _, c := range benchConsumers {
-		if _, err := mc.Grant(ctx, metering.GrantRequest{Consumer: c, Amount: 1 << 50, ID: "bench"}); err != nil {
+		if _, err := mc.Grant(ctx, credits.GrantRequest{Consumer: c, Amount: 1 << 50, ID: "bench"}); err != nil {
 			sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
 			sys.Shutdown(sctx)
