@@ -50,6 +50,13 @@ func TestRouterHandsBackOnShutdown(t *testing.T) {
 		info := h.consumerInfo()
 		return info.NumAckPending == 7, fmt.Sprintf("%d pending ack", info.NumAckPending)
 	})
+	// The server counts a message pending when it sends it; a round trip
+	// on the router's connection makes sure the client has read all seven
+	// (a PONG follows what the server sent before it), so none is still
+	// on the wire when the router stops (seen under load).
+	if err := h.js.Conn().Flush(); err != nil {
+		t.Fatal(err)
+	}
 	cancel()
 	select {
 	case err := <-done:
