@@ -208,6 +208,11 @@ func (e *env) awaitRecord(t *testing.T, id string, d time.Duration, ok func(*san
 	t.Helper()
 	var last *sandbox.Record
 	eventually(t, d, func() (bool, string) {
+		// Between a server restart and the registry's reconnect, its
+		// subscriptions are not there yet: asked again.
+		if _, err := registry.FetchSandboxes(testCtx(t, 5*time.Second), e.js.Conn(), registry.SandboxesRequest{ID: id}); errors.Is(err, nats.ErrNoResponders) {
+			return false, fmt.Sprintf("sandbox %s: no registry answering yet", id)
+		}
 		last = e.indexed(t, id)
 		return last != nil && ok(last), fmt.Sprintf("sandbox %s: record not as awaited; last: %+v", id, last)
 	})
