@@ -14,23 +14,10 @@ import (
 // per second or per started minute, so every charge is an integer.
 
 // Grant is credit added to an account, as the account document keeps it:
-// the contract's [credits.Grant] and the count of open holds that may
-// refund to it.
+// the contract's [credits.Grant] (its fields inline in the document) and
+// the count of open holds that may refund to it.
 type Grant struct {
-	ID string `json:"id"`
-	// Amount is what was granted; Remaining what is left unspent.
-	Amount    int64 `json:"amount"`
-	Remaining int64 `json:"remaining"`
-	// Priority orders spending: lower first.
-	Priority int `json:"priority"`
-	// ExpiresAt, when set, is when the unspent rest expires. Among equal
-	// priorities, the earliest expiry is spent first.
-	ExpiresAt time.Time `json:"expires_at,omitzero"`
-	// Promo marks promotional (unpaid) credit.
-	Promo     bool      `json:"promo,omitempty"`
-	GrantedAt time.Time `json:"granted_at"`
-	// Expiries counts the expire entries of this grant.
-	Expiries int `json:"expiries,omitempty"`
+	credits.Grant
 	// Holds counts the open holds whose debits drew from this grant and
 	// may be refunded to it: a spent grant is forgotten once none is.
 	Holds int `json:"holds,omitempty"`
@@ -83,10 +70,7 @@ type Hold struct {
 }
 
 // view is g as the credits API shows it.
-func (g *Grant) view() credits.Grant {
-	return credits.Grant{ID: g.ID, Amount: g.Amount, Remaining: g.Remaining, Priority: g.Priority, ExpiresAt: g.ExpiresAt,
-		Promo: g.Promo, GrantedAt: g.GrantedAt, Expiries: g.Expiries}
-}
+func (g *Grant) view() credits.Grant { return g.Grant }
 
 // accrues reports whether running costs anything: a free sandbox (no
 // price, or a price of zero, and not metered by its backend) has nothing

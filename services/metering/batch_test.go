@@ -140,7 +140,7 @@ func TestPreviousVersionOutboxFinished(t *testing.T) {
 		t.Fatal(err)
 	}
 	acct := metering.Account{Consumer: "prev", Balance: 100, Held: 30, Seq: 2, Open: 1,
-		Grants: []*metering.Grant{{ID: "g", Amount: 100, Remaining: 100, GrantedAt: now}}, UpdatedAt: now,
+		Grants: []*metering.Grant{{Grant: credits.Grant{ID: "g", Amount: 100, Remaining: 100, GrantedAt: now}}}, UpdatedAt: now,
 		Outbox: []*metering.Item{{Entry: &grant}, {Entry: &hold}, {Hold: &metering.HoldWrite{Key: "hold.prev.sb1", Hold: &h}}}}
 	ab, _ := json.Marshal(acct)
 	if _, err := e.cred.Create(ctx, "account.prev", ab); err != nil {

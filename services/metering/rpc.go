@@ -276,6 +276,7 @@ func (m *Metering) Grant(ctx context.Context, r credits.GrantRequest) (credits.G
 		return credits.GrantReply{}, fmt.Errorf("%w: priority %d: want 0 to 1000", credits.ErrInvalidRequest, r.Priority)
 	}
 	var reply credits.GrantReply
+	asked := credits.Grant{ID: r.ID, Amount: r.Amount, Priority: r.Priority, ExpiresAt: r.ExpiresAt.UTC(), Promo: r.Promo}
 	_, err := m.store.update(ctx, r.Consumer, prefetch{ledger: []string{grantKey(r.Consumer, r.ID)}}, func(t *tx) error {
 		seen, err := t.seen(grantKey(r.Consumer, r.ID))
 		if err != nil {
@@ -289,7 +290,7 @@ func (m *Metering) Grant(ctx context.Context, r credits.GrantRequest) (credits.G
 			return fmt.Errorf("%w: a grant of %d would take %s's balance of %d beyond %d (2^53) credit minor units, the most an account holds",
 				credits.ErrInvalidRequest, r.Amount, r.Consumer, t.a.Balance, credits.MaxBalance)
 		}
-		t.a.addGrant(Grant{ID: r.ID, Amount: r.Amount, Priority: r.Priority, ExpiresAt: r.ExpiresAt.UTC(), Promo: r.Promo}, "grant."+r.ID, t.now)
+		t.a.addGrant(Grant{Grant: asked}, "grant."+r.ID, t.now)
 		return nil
 	})
 	if err != nil {
@@ -302,7 +303,7 @@ func (m *Metering) Grant(ctx context.Context, r credits.GrantRequest) (credits.G
 	if g := a.grant(r.ID); g != nil {
 		reply.Grant = g.view()
 	} else if !reply.Duplicate {
-		reply.Grant = credits.Grant{ID: r.ID, Amount: r.Amount, Priority: r.Priority, ExpiresAt: r.ExpiresAt.UTC(), Promo: r.Promo}
+		reply.Grant = asked
 	}
 	reply.Balance = balanceOf(a, holds)
 	return reply, nil
