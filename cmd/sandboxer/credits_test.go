@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -504,6 +505,13 @@ func TestBurstOverflow(t *testing.T) {
 	if _, err := cs.dev.Wait(ctx, local[0], event.State.Terminal, nil); err != nil {
 		t.Fatal(err)
 	}
+	// Routing counts from the gateway's fold of the lifecycle stream,
+	// which can apply the destroy a moment after a GET reads it: await
+	// the listing (the same fold) before the next create.
+	awaitCond(t, "the listing to show "+local[0]+" destroyed", func() bool {
+		l, err := cs.dev.List(ctx, api.ListFilter{State: string(event.StateDestroyed)})
+		return err == nil && slices.ContainsFunc(l, func(s api.Sandbox) bool { return s.ID == local[0] })
+	})
 	back, err := cs.dev.Create(ctx, api.CreateRequest{Profile: "burst"}, "")
 	if err != nil {
 		t.Fatal(err)
