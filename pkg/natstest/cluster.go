@@ -1,6 +1,7 @@
 package natstest
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -17,6 +18,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 
 	"github.com/sand-boxer/sandboxer/pkg/auth"
+	"github.com/sand-boxer/sandboxer/pkg/bus"
 )
 
 // ClusterName is the name of the cluster [StartCluster] forms.
@@ -333,6 +335,20 @@ func (c *Cluster) Leader() *server.Server {
 		}
 	}
 	return nil
+}
+
+// Setup declares durable consumers, as `sandboxer setup` does; the
+// streams they read must be declared first.
+func (c *Cluster) Setup(tb TB, specs ...bus.ConsumerSpec) {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	js := c.JetStream(tb)
+	for _, spec := range specs {
+		if _, err := bus.EnsureSpec(ctx, js, spec); err != nil {
+			tb.Fatalf("setting up consumer: %v", err)
+		}
+	}
 }
 
 // ClientURLs are the nodes' nats:// client URLs, comma-separated, as

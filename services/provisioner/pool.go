@@ -127,52 +127,50 @@ func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]b
 			in[extension.InputSandboxID] = c.SandboxID
 		}
 	}
-	// Announce provisioning without waiting: the ack is checked before the
-	// ready event goes out, so events stay in order and nothing is lost,
-	// but the round trip overlaps the state's read and the backend's work.
-	// On a first delivery the announcement is guarded: the stream takes it
-	// only if the sandbox's last event is still its record, the requested
-	// event the gateway stored before the command (c.RecordSeq; none at all
-	// for a command without one), so a create replayed after the sandbox
-	// moved on announces nothing. Otherwise it is announced
-	// only once the sandbox's last event says the create is not done.
 	var announced func(context.Context) error
-	announce := func(exp expect) (err error) {
-		announced, err = pl.emitAsync(ctx, event.StateProvisioning, c.Ref, event.Provisioning{Ref: c.Ref, Worker: pl.p.opts.WorkerID, Attempt: int(m.Delivered)}, &exp)
+	announce := func(exp expect, dupRefused bool) (err error) {
+		announced, err = pl.emitAsync(ctx, event.StateProvisioning, c.Ref, event.Provisioning{Ref: c.Ref, Worker: pl.p.opts.WorkerID, Attempt: int(m.Delivered)}, &exp, dupRefused)
 		return err
 	}
-	early := m.Delivered <= 1 && perr == nil
-	if early {
-		if err := announce(expect{filter: c.Ref.RefFilter(), seq: c.RecordSeq}); err != nil {
+	// On a first delivery the announcement is guarded by the sandbox's
+	// record: the stream takes it only if the sandbox's last event is still
+	// the requested event the gateway stored before the command
+	// (c.RecordSeq; none at all for a command without one). Taken, it
+	// proves the create has not started, and nothing needs reading; a
+	// duplicate of an announcement stored before (a command published
+	// twice) proves nothing, and counts as refused. Refused, or on a
+	// redelivery, the sandbox's last event decides, and the announcement
+	// is guarded by it.
+	first := false
+	if m.Delivered <= 1 && perr == nil {
+		if err := announce(expect{filter: c.Ref.RefFilter(), seq: c.RecordSeq}, true); err != nil {
+			return nil, err
+		}
+		switch err := announced(ctx); {
+		case err == nil:
+			first = true
+		case !errors.Is(err, errNotFirst):
 			return nil, err
 		}
 	}
-	st, seq, err := pl.latestSeq(ctx, c.Ref)
-	if err != nil {
-		return nil, err
-	}
-	if st.Rank() > event.StateProvisioning.Rank() {
-		// On a first delivery only when the gateway rejected a sandbox
-		// whose command it then found stored, a destroy came first, or a
-		// create replayed: the guarded announcement was refused.
-		pl.log.DebugContext(ctx, "create already done", "sandbox", c.SandboxID, "state", st)
-		return nil, nil
-	}
-	if perr != nil {
-		return pl.failed(ctx, c, "provision", nil, perr)
-	}
-	if early {
-		if err := announced(ctx); errors.Is(err, errNotFirst) {
-			early = false // an earlier attempt announced it: announce again below
-		} else if err != nil {
+	if !first {
+		st, seq, err := pl.latestSeq(ctx, c.Ref)
+		if err != nil {
 			return nil, err
 		}
-	}
-	if !early {
-		// Guarded by the event just read, and awaited before anything is
-		// made: a destroy that took the sandbox past provisioning since
-		// then refuses it, and a fresh delivery finds the create done.
-		if err := announce(expect{filter: c.Ref.RefFilter(), seq: seq}); err != nil {
+		if st.Rank() > event.StateProvisioning.Rank() {
+			// A destroy came first, the gateway rejected a sandbox whose
+			// command it then found stored, or a create replayed.
+			pl.log.DebugContext(ctx, "create already done", "sandbox", c.SandboxID, "state", st)
+			return nil, nil
+		}
+		if perr != nil {
+			return pl.failed(ctx, c, "provision", nil, perr)
+		}
+		// Awaited before anything is made: a destroy that took the
+		// sandbox past provisioning since the read refuses it, and a
+		// fresh delivery finds the create done.
+		if err := announce(expect{filter: c.Ref.RefFilter(), seq: seq}, false); err != nil {
 			return nil, err
 		}
 		if err := announced(ctx); err != nil {
@@ -565,11 +563,14 @@ type expect struct {
 // emitAsync publishes a lifecycle event without waiting for the stream's
 // ack; the returned function waits for it. With exp, the stream stores it
 // only if exp still holds, and a refusal is [errNotFirst].
-func (pl *pool) emitAsync(ctx context.Context, s event.State, ref event.Ref, data any, exp *expect) (func(context.Context) error, error) {
-	return pl.emitAsyncWithID(ctx, s, ref, ref.SandboxID+"."+string(s), data, exp)
+// With dupRefused, an ack saying the stream held the event already (the
+// same event id within its de-duplication window, stored by an earlier
+// publish, unguarded by this one) is a refusal too.
+func (pl *pool) emitAsync(ctx context.Context, s event.State, ref event.Ref, data any, exp *expect, dupRefused bool) (func(context.Context) error, error) {
+	return pl.emitAsyncWithID(ctx, s, ref, ref.SandboxID+"."+string(s), data, exp, dupRefused)
 }
 
-func (pl *pool) emitAsyncWithID(ctx context.Context, s event.State, ref event.Ref, id string, data any, exp *expect) (func(context.Context) error, error) {
+func (pl *pool) emitAsyncWithID(ctx context.Context, s event.State, ref event.Ref, id string, data any, exp *expect, dupRefused bool) (func(context.Context) error, error) {
 	out, err := pl.lifecycleWithID(s, ref, id, data)
 	if err != nil {
 		return nil, err
@@ -597,7 +598,10 @@ func (pl *pool) emitAsyncWithID(ctx context.Context, s event.State, ref event.Re
 		t := time.NewTimer(pl.policy.AckWait)
 		defer t.Stop()
 		select {
-		case <-f.Ok():
+		case ack := <-f.Ok():
+			if dupRefused && ack.Duplicate {
+				return fmt.Errorf("announcing %s of %s: stored before: %w", s, ref.SandboxID, errNotFirst)
+			}
 			return nil
 		case err := <-f.Err():
 			var apiErr *jetstream.APIError
@@ -621,7 +625,7 @@ func (pl *pool) emitAsyncWithID(ctx context.Context, s event.State, ref event.Re
 // emitExpect publishes a lifecycle event with event id id now, stored
 // only if exp still holds; a refusal is [errNotFirst].
 func (pl *pool) emitExpect(ctx context.Context, s event.State, ref event.Ref, id string, data any, exp expect) error {
-	wait, err := pl.emitAsyncWithID(ctx, s, ref, id, data, &exp)
+	wait, err := pl.emitAsyncWithID(ctx, s, ref, id, data, &exp, false)
 	if err != nil {
 		return err
 	}

@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -33,9 +34,18 @@ func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
 
+// testBus is a test's NATS: one server ([natstest.Start]) or a cluster
+// ([natstest.StartCluster]).
+type testBus interface {
+	ConnAs(tb natstest.TB, id auth.Identity) *nats.Conn
+	ConnRefusable(tb natstest.TB, id auth.Identity) (*nats.Conn, *natstest.Violations)
+	JetStream(tb natstest.TB) jetstream.JetStream
+	Setup(tb natstest.TB, specs ...bus.ConsumerSpec)
+}
+
 // env is one test's bus, catalog and workspace root.
 type env struct {
-	srv     *natstest.Server
+	srv     testBus
 	js      jetstream.JetStream
 	cat     *catalog.Cache
 	dataDir string
@@ -55,7 +65,24 @@ func localManifest(name string, ackWait time.Duration) *extension.Manifest {
 
 func newEnv(t *testing.T, manifests ...*extension.Manifest) *env {
 	t.Helper()
-	srv := natstest.Start(t)
+	return newEnvOn(t, natstest.Start(t), manifests...)
+}
+
+// newClusterEnv is newEnv on a three-node cluster, every stream and bucket
+// at three replicas.
+func newClusterEnv(t *testing.T, manifests ...*extension.Manifest) *env {
+	t.Helper()
+	c := natstest.StartCluster(t, 3)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if _, err := (bus.Topology{Replicas: 3}).Setup(ctx, c.JetStream(t), bus.SetupOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return newEnvOn(t, c, manifests...)
+}
+
+func newEnvOn(t *testing.T, srv testBus, manifests ...*extension.Manifest) *env {
+	t.Helper()
 	js := srv.JetStream(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
@@ -496,6 +523,74 @@ func TestReplayedCreateAfterDestroy(t *testing.T) {
 	if _, err := os.Stat(ready.Reachability.RemoteDir); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("workspace of the destroyed sandbox came back: %v", err)
 	}
+}
+
+// TestReplayedCreateWithinDuplicateWindow publishes a sandbox's create a
+// second time (another event id, so the commands stream takes it) while
+// the sandbox is ready: the replay's guarded announcement of provisioning
+// is refused, so the worker reads the sandbox, finds the create done and
+// makes nothing. One server checks the guard first and refuses it; a
+// cluster's stream leader looks for a duplicate first and acks it as one
+// (the first announcement had the same event id), which proves nothing
+// and counts as refused too.
+func TestReplayedCreateWithinDuplicateWindow(t *testing.T) {
+	t.Parallel()
+	t.Run("one server", func(t *testing.T) {
+		t.Parallel()
+		testReplayedCreateWithinDuplicateWindow(t, newEnv(t, localManifest("local", 5*time.Second)))
+	})
+	t.Run("cluster", func(t *testing.T) {
+		t.Parallel()
+		testReplayedCreateWithinDuplicateWindow(t, newClusterEnv(t, localManifest("local", 5*time.Second)))
+	})
+}
+
+func testReplayedCreateWithinDuplicateWindow(t *testing.T, e *env) {
+	cnt := &counted{Local: new(local.Local)}
+	e.start(t, extension.NewRegistry(extension.Info{Handler: local.Handler, New: func() extension.Extension { return cnt }}), "local", "w1")
+	id := sandbox.NewID()
+	c := e.publishCreate(t, "local", id, nil)
+	e.awaitEvent(t, id, event.StateReady)
+
+	ev, err := event.New(event.TypeCreate, "/test/replay", id, id+".create-again", c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ack, err := bus.NewPublisher(e.js).Publish(context.Background(), c.Ref.CommandSubject(event.VerbCreate), ev)
+	if err != nil || ack.Duplicate {
+		t.Fatalf("replaying the create: %+v %v", ack, err)
+	}
+	cmds, err := e.js.Stream(context.Background(), event.StreamCommands)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if _, err := cmds.GetMsg(context.Background(), ack.Sequence); errors.Is(err, jetstream.ErrMsgNotFound) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the replayed create was never acknowledged")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := e.lifecycleCount(t, "local", id, event.StateReady); n != 1 {
+		t.Fatalf("%d ready events, want the first one only", n)
+	}
+	if n := cnt.provisions.Load(); n != 1 {
+		t.Fatalf("Provision called %d times, want once", n)
+	}
+}
+
+// counted wraps ext.local and counts its Provision calls.
+type counted struct {
+	*local.Local
+	provisions atomic.Int64
+}
+
+func (c *counted) Provision(ctx context.Context, p extension.Profile, in extension.Inputs, host string) (extension.Handle, error) {
+	c.provisions.Add(1)
+	return c.Local.Provision(ctx, p, in, host)
 }
 
 // TestDestroyBeforeItsCreateRuns hands a worker the destroy of a sandbox
