@@ -154,10 +154,21 @@ func (g *Gateway) destroy(w http.ResponseWriter, r *http.Request, c caller) {
 // a request event. A sandbox already on its way out (expired, destroying)
 // gets no new command unless its teardown is stuck, and then a fresh
 // attempt; one gone (destroyed, rejected) gets none.
+//
+// The sandbox is read from this gateway's fold of the lifecycle stream
+// when it holds it (from the stream otherwise): what a destroy decides on
+// it is safe on a view a moment old. Its owner never changes; a command
+// for a sandbox that ended meanwhile finds it ended in the worker; a
+// re-drive is a transition guarded by the sequence it was decided on.
 func (g *Gateway) destroySandbox(ctx context.Context, st *state, c caller, id string) (*sandbox.Record, *api.Problem) {
-	rec, p := g.visibleRecord(ctx, st, c, id)
-	if p != nil {
-		return nil, p
+	rec, _, ok := st.inv.get(id)
+	if !ok {
+		var p *api.Problem
+		if rec, p = g.visibleRecord(ctx, st, c, id); p != nil {
+			return nil, p
+		}
+	} else if !c.owns(rec.Consumer) {
+		return nil, newProblem(http.StatusNotFound, "no such sandbox")
 	}
 	trace.SpanFromContext(ctx).SetAttributes(attribute.String(attrSandbox, rec.ID))
 	switch rec.State {

@@ -294,9 +294,13 @@ func (pl *pool) destroy(ctx context.Context, m *bus.Message, d event.Destroy) ([
 	})
 	// The sandbox's own events say where it is: this pool reads its
 	// backend's lifecycle subjects and nothing else.
-	st, seq, err := pl.latestSeq(ctx, d.Ref)
+	st, last, err := pl.latestMsg(ctx, d.Ref)
 	if err != nil {
 		return nil, err
+	}
+	var seq uint64
+	if last != nil {
+		seq = last.Sequence
 	}
 	if st.Terminal() {
 		return nil, nil // destroyed already, or rejected before anything was made
@@ -318,7 +322,15 @@ func (pl *pool) destroy(ctx context.Context, m *bus.Message, d event.Destroy) ([
 		}
 	}
 	var out outcome
-	if !announced {
+	switch {
+	case announced:
+	case st == event.StateReady || st == event.StateFailed:
+		// The create's outcome is the last event, just read (a destroy's
+		// common case).
+		if out, err = pl.outcomeOf(ctx, st, last.Header, last.Data); err != nil {
+			return nil, err
+		}
+	default:
 		if out, err = pl.createOutcome(ctx, d.Ref); err != nil {
 			return nil, err
 		}
@@ -419,18 +431,28 @@ func (pl *pool) latest(ctx context.Context, ref event.Ref) (event.State, error) 
 // latestSeq is [pool.latest] and the stream sequence of that last event
 // (0 when there is none): what a transition decided on it expects.
 func (pl *pool) latestSeq(ctx context.Context, ref event.Ref) (event.State, uint64, error) {
+	st, m, err := pl.latestMsg(ctx, ref)
+	if err != nil || m == nil {
+		return st, 0, err
+	}
+	return st, m.Sequence, nil
+}
+
+// latestMsg is [pool.latest] and that last event itself (nil when there
+// is none).
+func (pl *pool) latestMsg(ctx context.Context, ref event.Ref) (event.State, *bus.StoredMsg, error) {
 	m, err := bus.LastMsg(ctx, pl.p.nc, event.StreamLifecycle, ref.RefFilter())
 	if errors.Is(err, bus.ErrNoMessage) {
-		return event.StateRequested, 0, nil
+		return event.StateRequested, nil, nil
 	}
 	if err != nil {
-		return "", 0, fmt.Errorf("reading the state of %s: %w", ref.SandboxID, err)
+		return "", nil, fmt.Errorf("reading the state of %s: %w", ref.SandboxID, err)
 	}
 	lr, err := event.ParseLifecycleSubject(m.Subject)
 	if err != nil {
-		return "", 0, bus.Permanent(fmt.Errorf("reading the state of %s: %w", ref.SandboxID, err))
+		return "", nil, bus.Permanent(fmt.Errorf("reading the state of %s: %w", ref.SandboxID, err))
 	}
-	return lr.State, m.Sequence, nil
+	return lr.State, m, nil
 }
 
 // outcome is how a sandbox's create ended, as its lifecycle events say.
