@@ -1,7 +1,6 @@
 package natstest
 
 import (
-	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -341,14 +340,7 @@ func (c *Cluster) Leader() *server.Server {
 // streams they read must be declared first.
 func (c *Cluster) Setup(tb TB, specs ...bus.ConsumerSpec) {
 	tb.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	js := c.JetStream(tb)
-	for _, spec := range specs {
-		if _, err := bus.EnsureSpec(ctx, js, spec); err != nil {
-			tb.Fatalf("setting up consumer: %v", err)
-		}
-	}
+	ensureConsumers(tb, c.JetStream(tb), specs)
 }
 
 // ClientURLs are the nodes' nats:// client URLs, comma-separated, as

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sand-boxer/sandboxer/pkg/auth"
 	"github.com/sand-boxer/sandboxer/pkg/bus"
@@ -86,9 +87,14 @@ func StartAt(tb testing.TB, dir string) *Server {
 // Setup declares durable consumers, as `sandboxer setup` does.
 func (s *Server) Setup(tb TB, specs ...bus.ConsumerSpec) {
 	tb.Helper()
+	ensureConsumers(tb, s.JetStream(tb), specs)
+}
+
+// ensureConsumers declares specs on js.
+func ensureConsumers(tb TB, js jetstream.JetStream, specs []bus.ConsumerSpec) {
+	tb.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	js := s.JetStream(tb)
 	for _, spec := range specs {
 		if _, err := bus.EnsureSpec(ctx, js, spec); err != nil {
 			tb.Fatalf("setting up consumer: %v", err)

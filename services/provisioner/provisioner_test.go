@@ -468,6 +468,36 @@ func TestDestroyNeedsNoInventory(t *testing.T) {
 	}
 }
 
+// replayCreate publishes create c again as an event of id eventID (the
+// commands stream drops a second one of an id within its duplicate
+// window) and waits until a worker handled it: the work queue removes a
+// command once acked.
+func (e *env) replayCreate(t *testing.T, c event.Create, eventID string) {
+	t.Helper()
+	ev, err := event.New(event.TypeCreate, "/test/replay", c.SandboxID, eventID, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ack, err := bus.NewPublisher(e.js).Publish(context.Background(), c.Ref.CommandSubject(event.VerbCreate), ev)
+	if err != nil || ack.Duplicate {
+		t.Fatalf("replaying the create: %+v %v", ack, err)
+	}
+	cmds, err := e.js.Stream(context.Background(), event.StreamCommands)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if _, err := cmds.GetMsg(context.Background(), ack.Sequence); errors.Is(err, jetstream.ErrMsgNotFound) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the replayed create was never acknowledged")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 // TestReplayedCreateAfterDestroy delivers a sandbox's create command again
 // after the sandbox was destroyed (a replay from the dead-letter stream,
 // past the duplicate window): the worker announces nothing, provisions
@@ -494,29 +524,7 @@ func TestReplayedCreateAfterDestroy(t *testing.T) {
 	e.awaitEvent(t, id, event.StateDestroyed)
 	time.Sleep(2 * window) // the clock is the condition: the window must pass
 
-	ev, err := event.New(event.TypeCreate, "/test/replay", id, id+".create", c)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ack, err := bus.NewPublisher(e.js).Publish(context.Background(), c.Ref.CommandSubject(event.VerbCreate), ev)
-	if err != nil || ack.Duplicate {
-		t.Fatalf("replaying the create: %+v %v", ack, err)
-	}
-	// Handled: the work queue removes it once acked.
-	cmds, err := e.js.Stream(context.Background(), event.StreamCommands)
-	if err != nil {
-		t.Fatal(err)
-	}
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if _, err := cmds.GetMsg(context.Background(), ack.Sequence); errors.Is(err, jetstream.ErrMsgNotFound) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the replayed create was never acknowledged")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	e.replayCreate(t, c, id+".create")
 	if n := e.lifecycleCount(t, "local", id, event.StateProvisioning); n != 1 {
 		t.Fatalf("%d provisioning events, want the first one only", n)
 	}
@@ -552,28 +560,7 @@ func testReplayedCreateWithinDuplicateWindow(t *testing.T, e *env) {
 	c := e.publishCreate(t, "local", id, nil)
 	e.awaitEvent(t, id, event.StateReady)
 
-	ev, err := event.New(event.TypeCreate, "/test/replay", id, id+".create-again", c)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ack, err := bus.NewPublisher(e.js).Publish(context.Background(), c.Ref.CommandSubject(event.VerbCreate), ev)
-	if err != nil || ack.Duplicate {
-		t.Fatalf("replaying the create: %+v %v", ack, err)
-	}
-	cmds, err := e.js.Stream(context.Background(), event.StreamCommands)
-	if err != nil {
-		t.Fatal(err)
-	}
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if _, err := cmds.GetMsg(context.Background(), ack.Sequence); errors.Is(err, jetstream.ErrMsgNotFound) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the replayed create was never acknowledged")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	e.replayCreate(t, c, id+".create-again")
 	if n := e.lifecycleCount(t, "local", id, event.StateReady); n != 1 {
 		t.Fatalf("%d ready events, want the first one only", n)
 	}
