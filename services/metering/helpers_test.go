@@ -99,7 +99,7 @@ func testCatalog() *extension.Catalog {
 
 // env is one bus with the test catalog published.
 type env struct {
-	srv    *natstest.Server
+	srv    testBus
 	nc     *nats.Conn
 	js     jetstream.JetStream
 	pub    *bus.Publisher
@@ -112,9 +112,32 @@ type env struct {
 	killed sync.Map
 }
 
+// testBus is a test's NATS: one server ([natstest.Start]) or a cluster
+// ([natstest.StartCluster]).
+type testBus interface {
+	Conn(tb natstest.TB) *nats.Conn
+	ConnAs(tb natstest.TB, id auth.Identity) *nats.Conn
+	Setup(tb natstest.TB, specs ...bus.ConsumerSpec)
+}
+
 func newEnv(t testing.TB) *env {
 	t.Helper()
-	srv := natstest.Start(t)
+	return newEnvOn(t, natstest.Start(t))
+}
+
+// newClusterEnv is newEnv on a three-node cluster, every stream and bucket
+// at three replicas.
+func newClusterEnv(t testing.TB) *env {
+	t.Helper()
+	c := natstest.StartCluster(t, 3)
+	if _, err := (bus.Topology{Replicas: 3}).Setup(testCtx(t), c.JetStream(t), bus.SetupOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return newEnvOn(t, c)
+}
+
+func newEnvOn(t testing.TB, srv testBus) *env {
+	t.Helper()
 	nc := srv.Conn(t)
 	js, err := jetstream.New(nc)
 	if err != nil {

@@ -251,6 +251,7 @@ func (m *Metering) Start(ctx context.Context) (err error) {
 		return fmt.Errorf("loading catalog: %w", ctx.Err())
 	}
 	m.store = newStore(js, credits, m.log, m.opts.Now, m.metrics)
+	m.store.watchReplicas(watchCtx)
 	m.metrics.started(js, credits)
 	m.pricer = &pricer{cat: cat, nc: m.opts.NC, timeout: m.opts.QuoteTimeout}
 

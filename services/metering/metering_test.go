@@ -4,10 +4,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sand-boxer/sandboxer/pkg/bus"
@@ -666,5 +668,77 @@ func TestFreeSandboxHasNoAccrual(t *testing.T) {
 	checkInvariants(t, s)
 	if s.acct.Balance != 1000-5-3 || s.acct.Held != 0 {
 		t.Fatalf("balance %d held %d, want 992 (the cheap one's 5 + 3 x 1) and 0", s.acct.Balance, s.acct.Held)
+	}
+}
+
+// TestReadsWhereTheLeaderIs admits a sandbox whose hold this instance has
+// not read, which asks the credits stream whether it holds one: on one
+// server, whose only replica is the leader, by direct get; on a cluster
+// of three replicas from the stream's leader (a JetStream API request),
+// never by a direct get that a follower behind the leader may answer.
+func TestReadsWhereTheLeaderIs(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name    string
+		env     func(testing.TB) *env
+		leaders bool
+	}{
+		{"one server", newEnv, false},
+		{"cluster", newClusterEnv, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			e := tc.env(t)
+			ctx := testCtx(t)
+			reads := make(chan *nats.Msg, 64)
+			for _, subj := range []string{"$JS.API.STREAM.MSG.GET." + bus.KVStream(bus.BucketCredits), "$JS.API.DIRECT.GET." + bus.KVStream(bus.BucketCredits) + ".>"} {
+				sub, err := e.nc.ChanSubscribe(subj, reads)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { _ = sub.Unsubscribe() })
+			}
+			if err := e.nc.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			e.start(t, metering.Options{})
+			if _, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: "dev", Amount: 1000, ID: "first"}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := e.client.Hold(ctx, credits.HoldRequest{SandboxID: "sb1", Consumer: "dev", Profile: profCheap, Extension: extSelf, TTLSeconds: 60}); err != nil {
+				t.Fatal(err)
+			}
+			// Copies of the reads reach this connection over the cluster's
+			// routes in their own time: wait for the kind expected, then
+			// count what came.
+			leader, direct := 0, 0
+			count := func(m *nats.Msg) {
+				switch {
+				case !strings.Contains(m.Subject, ".hold.") && !strings.Contains(string(m.Data), ".hold."):
+				case strings.HasPrefix(m.Subject, "$JS.API.DIRECT."):
+					direct++
+				default:
+					leader++
+				}
+			}
+			deadline := time.After(10 * time.Second)
+			for (tc.leaders && leader == 0) || (!tc.leaders && direct == 0) {
+				select {
+				case m := <-reads:
+					count(m)
+				case <-deadline:
+					t.Fatalf("no read of the hold the way wanted in 10s: %d from the leader, %d by direct get", leader, direct)
+				}
+			}
+			for len(reads) > 0 {
+				count(<-reads)
+			}
+			if tc.leaders && direct != 0 {
+				t.Fatalf("hold read %d times from the leader and %d by direct get; want the leader only", leader, direct)
+			}
+			if !tc.leaders && leader != 0 {
+				t.Fatalf("hold read %d times by direct get and %d from the leader; want direct gets only", direct, leader)
+			}
+		})
 	}
 }
