@@ -94,8 +94,9 @@ type env struct {
 	// request event published.
 	grants, requests *recorder
 	// fixtures: the stream sequences of one saas-stub command, one
-	// destroyed event and one metering event, each undelivered.
-	cmdSeq, lifeSeq, meterSeq uint64
+	// destroyed event, one metering event, each undelivered, and one
+	// expiry schedule that never fires.
+	cmdSeq, lifeSeq, meterSeq, timerSeq uint64
 
 	streams   map[string]*jetstream.StreamInfo
 	consumers map[string]*jetstream.ConsumerInfo // by stream/name
@@ -134,6 +135,12 @@ func newEnv(t *testing.T) *env {
 	e.cmdSeq = pub(createCommand(t, "saas-stub", "fixture"))
 	e.lifeSeq = pub(destroyedEvent(t, "fixture", "saas-stub", 1))
 	e.meterSeq = pub(&nats.Msg{Subject: event.MeteringSubject("fixture", "debit"), Data: []byte(`{"amount":1}`)})
+	if ack, err := e.js.PublishMsg(ctx, &nats.Msg{Subject: event.ExpiryScheduleSubject("fixture"), Data: []byte("{}")},
+		jetstream.WithScheduleAt(time.Now().Add(24*time.Hour)), jetstream.WithScheduleTarget(event.ExpiryFireSubject("fixture"))); err != nil {
+		t.Fatalf("publishing fixture schedule: %v", err)
+	} else {
+		e.timerSeq = ack.Sequence
+	}
 
 	if _, err := e.admin.Subscribe(event.SubjectMeteringGrant, func(m *nats.Msg) {
 		e.grants.add(m)
@@ -711,6 +718,23 @@ func streamExists(name string) func(ctx context.Context, p *probe) (bool, error)
 }
 
 // streamMsgGone: the stream no longer holds the message at seq.
+// purgeTimer purges the fixture's expiry schedule off the timers stream
+// with the purge API, filtered to its subject.
+func purgeTimer() action {
+	return jsAPI("$JS.API.STREAM.PURGE."+event.StreamTimers,
+		func(p *probe) any { return map[string]string{"filter": event.ExpiryScheduleSubject("fixture")} },
+		streamMsgGone(event.StreamTimers, func(p *probe) uint64 { return p.timerSeq }))
+}
+
+// cancelMarker is a marker as bus.CancelSchedule publishes on subject,
+// but for a TTL long enough for the probe to find it stored.
+func cancelMarker(subject string) *nats.Msg {
+	m := nats.NewMsg(subject)
+	m.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject)
+	m.Header.Set(jetstream.MsgTTLHeader, "1m")
+	return m
+}
+
 func streamMsgGone(stream string, seq func(p *probe) uint64) func(ctx context.Context, p *probe) (bool, error) {
 	return func(ctx context.Context, p *probe) (bool, error) {
 		s, err := p.env.js.Stream(ctx, stream)

@@ -262,8 +262,9 @@ func (id Identity) Permissions() jwt.Permissions {
 		p.ordered(life, bus.DurableMetering)
 		p.durable(tmrs, bus.DurableRegistryTimers)
 		// Expiry schedules and destroy retries.
+		// (cancelled by a marker on the same subjects: bus.CancelSchedule;
+		// no purge, which would reach every subject of the stream).
 		p.pub("sandboxer.timer.schedule.*", "sandboxer.timer.retry.*")
-		p.purge(tmrs)
 		p.pub(event.StateFilter(event.StateExpired), "sandboxer.cmd.*."+event.VerbDestroy+".*.*")
 		// The reconciler fails a create past its deadline, and a retry or
 		// re-drive claims its destroy attempt (destroying), guarded on the
@@ -290,7 +291,6 @@ func (id Identity) Permissions() jwt.Permissions {
 		// A hold whose create never came is rejected, guarded on the
 		// sandbox having no event at all.
 		p.pub(event.StateFilter(event.StateRejected))
-		p.purge(tmrs)
 		p.pub("sandboxer.rpc.quote.*")
 		p.pub(event.DLQSubject(life, bus.DurableMetering), event.DLQSubject(tmrs, bus.DurableMeteringAccrual))
 		p.serve("sandboxer.rpc.metering.>")
@@ -419,9 +419,6 @@ func (p *perms) ordered(stream string, durables ...string) {
 			"$JS.API.CONSUMER.MSG.NEXT."+stream+"."+d)
 	}
 }
-
-// purge lets a service purge subjects of stream (cancelling schedules).
-func (p *perms) purge(stream string) { p.pub("$JS.API.STREAM.PURGE." + stream) }
 
 // kvRead lets a user open buckets and read keys.
 func (p *perms) kvRead(buckets ...string) {

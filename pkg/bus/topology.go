@@ -176,7 +176,9 @@ func (t Topology) Streams() []jetstream.StreamConfig {
 			// get their own: a schedule sits on sandboxer.timer.schedule.<id>
 			// (one per subject, rolled up) until it fires onto
 			// sandboxer.timer.fire.<id>, which the registry consumes. Work-queue
-			// retention removes a fired timer once it is handled.
+			// retention removes a fired timer once it is handled. A schedule
+			// is cancelled by a marker that rolls its subject up and expires
+			// a second later (CancelSchedule): per-message TTLs.
 			Name:              event.StreamTimers,
 			Description:       "scheduled timers: sandbox expiry",
 			Subjects:          []string{event.SubjectTimers},
@@ -187,6 +189,7 @@ func (t Topology) Streams() []jetstream.StreamConfig {
 			Duplicates:        t.Duplicates,
 			AllowMsgSchedules: true,
 			AllowRollup:       true,
+			AllowMsgTTL:       true,
 		},
 	}
 }

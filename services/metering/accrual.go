@@ -21,8 +21,9 @@ import (
 // durable consumer shared by every instance, so each tick is handled once,
 // by whichever instance pulls it; a tick handled twice changes nothing the
 // second time, because the debit is computed from the timestamps and the
-// hold's state, which a compare-and-swap guards. Settlement purges the
-// schedule; a tick for a sandbox that has no open hold purges it again.
+// hold's state, which a compare-and-swap guards. Settlement cancels the
+// schedule ([bus.CancelSchedule]); a tick for a sandbox that has no open
+// hold cancels it again.
 
 // onAccrual is the handler of accrual ticks. It debits the sandbox's usage
 // since its last debit against its hold, extending the hold first when it

@@ -19,8 +19,9 @@ import (
 // create command; should it die in between, nothing would ever settle
 // the hold. So admission first schedules the hold's deadline on the bus
 // (event.HoldDeadlineScheduleSubject, firing to
-// event.HoldDeadlineFireSubject), then holds. The schedule is purged when
-// the sandbox becomes ready or its hold settles; one that fires finds
+// event.HoldDeadlineFireSubject), then holds. The schedule is cancelled
+// ([bus.CancelSchedule]) when the sandbox becomes ready, or when its hold
+// settles without a ready; one that fires finds
 // either the hold closed or the meter running, and does nothing, or an
 // open hold the sandbox never started: then metering rejects the sandbox
 // (code hold_expired) with a rejected event published only if the
@@ -91,11 +92,11 @@ func (m *Metering) scheduleHoldDeadline(ctx context.Context, r credits.HoldReque
 	return nil
 }
 
-// stopHoldDeadline removes the hold deadline of sb, if any. It is best
+// stopHoldDeadline cancels the hold deadline of sb, if any. It is best
 // effort: a deadline that fires for a hold closed or running does
 // nothing.
 func (m *Metering) stopHoldDeadline(ctx context.Context, sb string) {
-	if err := m.timers.Purge(ctx, jetstream.WithPurgeSubject(event.HoldDeadlineScheduleSubject(sb))); err != nil {
+	if err := bus.CancelSchedule(ctx, m.opts.JS, event.HoldDeadlineScheduleSubject(sb)); err != nil {
 		m.log.WarnContext(ctx, "removing a hold deadline", "sandbox", sb, "err", err)
 	}
 }

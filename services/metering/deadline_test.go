@@ -41,7 +41,7 @@ func (e *env) timersIdle(t *testing.T, sbs ...string) {
 	ctx := testCtx(t)
 	waitFor(t, 20*time.Second, "hold deadlines fired and handled", func() (bool, error) {
 		for _, sb := range sbs {
-			if e.lastOn(t, event.StreamTimers, event.HoldDeadlineScheduleSubject(sb)) != nil {
+			if m := e.lastOn(t, event.StreamTimers, event.HoldDeadlineScheduleSubject(sb)); m != nil && m.Header.Get(jetstream.ScheduleHeader) != "" {
 				return false, fmt.Errorf("the deadline of %s is still scheduled", sb)
 			}
 		}

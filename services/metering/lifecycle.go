@@ -182,7 +182,7 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 		endAt    = e.Time().UTC()
 		priced   bool // actual and readyAt are known before the change
 		schedule bool // the settled hold had an accrual schedule
-		deadline bool // the settled hold was admitted, with a deadline
+		deadline bool // the settled hold was admitted, its deadline not ended by ready
 	)
 	apply := func(t *tx) error {
 		schedule, deadline = false, false
@@ -190,7 +190,11 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 		if err != nil {
 			return err
 		}
-		deadline = h != nil && !h.Implicit
+		// An admitted hold's deadline ends at ready (onReady cancels it;
+		// should that have failed, the deadline's fire finds the hold
+		// running or closed and does nothing): only one that never saw
+		// ready still has it.
+		deadline = h != nil && !h.Implicit && h.ReadyAt.IsZero()
 		if h == nil {
 			if state != event.StateDestroyed {
 				return errNoChange
@@ -362,10 +366,10 @@ func (m *Metering) readyAt(ctx context.Context, r event.Ref) (time.Time, error) 
 	return d.ReadyAt.UTC(), nil
 }
 
-// stopAccrual removes the accrual schedule of sb, if any. It is best
+// stopAccrual cancels the accrual schedule of sb, if any. It is best
 // effort: a tick for a settled sandbox removes it again.
 func (m *Metering) stopAccrual(ctx context.Context, sb string) {
-	if err := m.timers.Purge(ctx, jetstream.WithPurgeSubject(event.AccrualScheduleSubject(sb))); err != nil {
+	if err := bus.CancelSchedule(ctx, m.opts.JS, event.AccrualScheduleSubject(sb)); err != nil {
 		m.log.WarnContext(ctx, "removing accrual schedule", "sandbox", sb, "err", err)
 	}
 }

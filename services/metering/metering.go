@@ -181,7 +181,6 @@ type Metering struct {
 	reqSlots  chan struct{}  // bounds them
 	pricer    *pricer
 	lifecycle jetstream.Stream
-	timers    jetstream.Stream
 	svc       micro.Service
 	router    *bus.Router
 	metrics   *meteringMetrics
@@ -231,7 +230,7 @@ func (m *Metering) Start(ctx context.Context) (err error) {
 	if m.lifecycle, err = js.Stream(ctx, event.StreamLifecycle); err != nil {
 		return fmt.Errorf("opening stream %s: %w", event.StreamLifecycle, err)
 	}
-	if m.timers, err = js.Stream(ctx, event.StreamTimers); err != nil {
+	if _, err = js.Stream(ctx, event.StreamTimers); err != nil { // where its schedules go
 		return fmt.Errorf("opening stream %s: %w", event.StreamTimers, err)
 	}
 

@@ -57,7 +57,7 @@ func fireAt(t time.Time) time.Time {
 
 // cancelExpiry removes the pending expiry schedule of sandbox id, if any.
 func (r *Registry) cancelExpiry(ctx context.Context, id string) error {
-	if err := r.timers.Purge(ctx, jetstream.WithPurgeSubject(event.ExpiryScheduleSubject(id))); err != nil {
+	if err := bus.CancelSchedule(ctx, r.opts.JS, event.ExpiryScheduleSubject(id)); err != nil {
 		return fmt.Errorf("cancelling expiry of %s: %w", id, err)
 	}
 	return nil

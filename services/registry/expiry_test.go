@@ -118,7 +118,7 @@ func TestExpiryAcrossRestart(t *testing.T) {
 		t.Errorf("history %v, want %v", got, want)
 	}
 	e2.awaitAcked(t, event.StreamLifecycle, registry.ConsumerInventory, last)
-	if m := e2.lastMsg(t, event.StreamTimers, event.ExpiryScheduleSubject(id)); m != nil {
+	if m := e2.schedule(t, event.ExpiryScheduleSubject(id)); m != nil {
 		t.Errorf("schedule still stored after expiry: seq %d", m.Sequence)
 	}
 	eventually(t, 5*time.Second, func() (bool, string) {
@@ -164,14 +164,14 @@ func TestDestroyCancelsSchedule(t *testing.T) {
 			e.publishState(t, workerA, id, event.StateProvisioning, time.Time{})
 			e.publishState(t, workerA, id, event.StateReady, time.Now().UTC().Add(time.Hour))
 			eventually(t, 5*time.Second, func() (bool, string) {
-				return e.lastMsg(t, event.StreamTimers, event.ExpiryScheduleSubject(id)) != nil, "no schedule stored"
+				return e.schedule(t, event.ExpiryScheduleSubject(id)) != nil, "no schedule stored"
 			})
 			var last uint64
 			for _, s := range tc.after {
 				last = e.publishState(t, workerA, id, s, time.Time{})
 			}
 			e.awaitAcked(t, event.StreamLifecycle, registry.ConsumerInventory, last)
-			if m := e.lastMsg(t, event.StreamTimers, event.ExpiryScheduleSubject(id)); m != nil {
+			if m := e.schedule(t, event.ExpiryScheduleSubject(id)); m != nil {
 				t.Errorf("schedule of %s still stored (seq %d)", id, m.Sequence)
 			}
 		})
@@ -202,8 +202,14 @@ func TestReadyRacingDestroy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(info.State.Subjects) != 0 {
-		t.Errorf("schedules left behind: %v", info.State.Subjects)
+	var left []string
+	for subj := range info.State.Subjects {
+		if e.schedule(t, subj) != nil {
+			left = append(left, subj)
+		}
+	}
+	if len(left) != 0 {
+		t.Errorf("schedules left behind: %v", left)
 	}
 	for i := range n {
 		id := fmt.Sprintf("sbx-race-%d", i)

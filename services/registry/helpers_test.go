@@ -274,6 +274,19 @@ func (e *env) lastMsg(t *testing.T, stream, subject string) *jetstream.RawStream
 	return m
 }
 
+// schedule returns the schedule stored on subject of the timers stream,
+// or nil when there is none: no message, or a cancel's marker
+// (bus.CancelSchedule), which carries no schedule and expires a second
+// later.
+func (e *env) schedule(t *testing.T, subject string) *jetstream.RawStreamMsg {
+	t.Helper()
+	m := e.lastMsg(t, event.StreamTimers, subject)
+	if m == nil || m.Header.Get(jetstream.ScheduleHeader) == "" {
+		return nil
+	}
+	return m
+}
+
 // states lists the states of a record's history.
 func states(r *sandbox.Record) []event.State {
 	out := make([]event.State, len(r.History))

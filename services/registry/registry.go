@@ -210,7 +210,6 @@ type Registry struct {
 	index        index
 	follower     *inventory.Follower
 	sandboxLocks keyLocks
-	timers       jetstream.Stream
 	workers      *workers.Cache
 	svc          micro.Service
 	router       *bus.Router
@@ -281,7 +280,7 @@ func (r *Registry) Start(ctx context.Context) (err error) {
 	if err != nil {
 		return fmt.Errorf("opening bucket %s: %w", bus.BucketWorkers, err)
 	}
-	if r.timers, err = js.Stream(ctx, event.StreamTimers); err != nil {
+	if _, err = js.Stream(ctx, event.StreamTimers); err != nil { // where its schedules go
 		return fmt.Errorf("opening stream %s: %w", event.StreamTimers, err)
 	}
 

@@ -66,7 +66,7 @@ func (r *Registry) scheduleRetry(ctx context.Context, rec *sandbox.Record, d eve
 
 // cancelRetry removes the pending destroy retry of sandbox id, if any.
 func (r *Registry) cancelRetry(ctx context.Context, id string) error {
-	if err := r.timers.Purge(ctx, jetstream.WithPurgeSubject(event.RetryScheduleSubject(id))); err != nil {
+	if err := bus.CancelSchedule(ctx, r.opts.JS, event.RetryScheduleSubject(id)); err != nil {
 		return fmt.Errorf("cancelling destroy retry of %s: %w", id, err)
 	}
 	return nil

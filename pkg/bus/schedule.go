@@ -1,0 +1,32 @@
+package bus
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// CancelMarkerTTL is how long the marker [CancelSchedule] leaves on a
+// schedule's subject lasts: the least per-message TTL the server takes.
+const CancelMarkerTTL = time.Second
+
+// CancelSchedule cancels the message schedule on subject, if any, of a
+// stream that allows rollups and per-message TTLs (the timers stream): it
+// publishes on the subject an empty message that rolls the subject up (the
+// schedule is removed with it) and carries no schedule, which the server
+// takes as the end of the subject's schedule; the marker itself expires
+// after [CancelMarkerTTL]. A publish is what the schedule's owner may
+// already do on its own subjects, and costs the server far less than the
+// purge API, which would let its caller purge any subject of the stream.
+// Cancelling a subject with no schedule leaves nothing behind either.
+func CancelSchedule(ctx context.Context, js jetstream.JetStream, subject string) error {
+	m := nats.NewMsg(subject)
+	m.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject)
+	if _, err := js.PublishMsg(ctx, m, jetstream.WithMsgTTL(CancelMarkerTTL)); err != nil {
+		return fmt.Errorf("cancelling the schedule on %s: %w", subject, err)
+	}
+	return nil
+}
