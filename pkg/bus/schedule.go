@@ -2,6 +2,7 @@ package bus
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -25,8 +26,22 @@ const CancelMarkerTTL = time.Second
 func CancelSchedule(ctx context.Context, js jetstream.JetStream, subject string) error {
 	m := nats.NewMsg(subject)
 	m.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject)
-	if _, err := js.PublishMsg(ctx, m, jetstream.WithMsgTTL(CancelMarkerTTL)); err != nil {
+	_, err := js.PublishMsg(ctx, m, jetstream.WithMsgTTL(CancelMarkerTTL))
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) && apiErr.ErrorCode == jsErrCodeMsgTTLDisabled {
+		// A timers stream that `sandboxer setup` has not yet updated
+		// (services upgraded first): the marker stays, a few bytes,
+		// until the next schedule on the subject rolls it up.
+		m = nats.NewMsg(subject)
+		m.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject)
+		_, err = js.PublishMsg(ctx, m)
+	}
+	if err != nil {
 		return fmt.Errorf("cancelling the schedule on %s: %w", subject, err)
 	}
 	return nil
 }
+
+// jsErrCodeMsgTTLDisabled is the server's error code for a per-message TTL
+// on a stream that does not allow them.
+const jsErrCodeMsgTTLDisabled jetstream.ErrorCode = 10166
