@@ -8,6 +8,9 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel"
+
+	"github.com/sand-boxer/sandboxer/pkg/event"
 )
 
 // CancelMarkerTTL is how long the marker [CancelSchedule] leaves on a
@@ -24,17 +27,20 @@ const CancelMarkerTTL = time.Second
 // purge API, which would let its caller purge any subject of the stream.
 // Cancelling a subject with no schedule leaves nothing behind either.
 func CancelSchedule(ctx context.Context, js jetstream.JetStream, subject string) error {
-	m := nats.NewMsg(subject)
-	m.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject)
-	_, err := js.PublishMsg(ctx, m, jetstream.WithMsgTTL(CancelMarkerTTL))
+	marker := func() *nats.Msg {
+		m := nats.NewMsg(subject)
+		m.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject)
+		// In the trace of ctx, as every message about a sandbox is.
+		otel.GetTextMapPropagator().Inject(ctx, event.HeaderCarrier(m.Header))
+		return m
+	}
+	_, err := js.PublishMsg(ctx, marker(), jetstream.WithMsgTTL(CancelMarkerTTL))
 	var apiErr *jetstream.APIError
 	if errors.As(err, &apiErr) && apiErr.ErrorCode == jsErrCodeMsgTTLDisabled {
 		// A timers stream that `sandboxer setup` has not yet updated
 		// (services upgraded first): the marker stays, a few bytes,
 		// until the next schedule on the subject rolls it up.
-		m = nats.NewMsg(subject)
-		m.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject)
-		_, err = js.PublishMsg(ctx, m)
+		_, err = js.PublishMsg(ctx, marker())
 	}
 	if err != nil {
 		return fmt.Errorf("cancelling the schedule on %s: %w", subject, err)
