@@ -10,7 +10,7 @@ NOWORK  := GOWORK=off
 # The contract packages, which services, the CLI and clients link to speak
 # to sand-boxer, and package bus: none of them may link nats-server (only
 # pkg/bus/embedded and pkg/natstest do). Relative to pkg/.
-CONTRACTS := ./event ./api ./bus $(if $(wildcard pkg/credits),./credits)
+CONTRACTS := ./event ./api ./bus ./bus/rpc $(if $(wildcard pkg/credits),./credits)
 BIN     := bin/sandboxer
 GO      ?= go
 TESTFLAGS ?= -count=1 -timeout 10m

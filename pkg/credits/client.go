@@ -7,12 +7,8 @@ import (
 	"fmt"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/micro"
-	"go.opentelemetry.io/otel"
-	"go.opentelemetry.io/otel/attribute"
-	"go.opentelemetry.io/otel/codes"
-	"go.opentelemetry.io/otel/trace"
 
+	"github.com/sand-boxer/sandboxer/pkg/bus/rpc"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 )
 
@@ -124,53 +120,20 @@ func (c *Client) Usage(ctx context.Context, r UsageRequest) (UsageReply, error) 
 }
 
 func (c *Client) call(ctx context.Context, subject string, req, reply any) error {
-	body, err := json.Marshal(req)
-	if err != nil {
-		return fmt.Errorf("encoding request: %w", err)
-	}
-	msg, err := request(ctx, c.nc, subject, body)
-	if err != nil {
+	rep, err := rpc.Call[json.RawMessage](ctx, c.nc, subject, req)
+	var se *rpc.ServiceError
+	switch {
+	case errors.As(err, &se):
+		// Metering's ErrorReply body repeats the headers' code and
+		// detail.
+		return &Error{Code: se.Code, Detail: se.Description}
+	case err != nil:
 		return err
 	}
-	if code := msg.Header.Get(micro.ErrorCodeHeader); code != "" || msg.Header.Get(micro.ErrorHeader) != "" {
-		var er ErrorReply
-		if json.Unmarshal(msg.Data, &er) != nil || er.Code == "" {
-			er = ErrorReply{Code: code, Detail: msg.Header.Get(micro.ErrorHeader)}
-		}
-		return &Error{Code: er.Code, Detail: er.Detail}
-	}
-	if err := json.Unmarshal(msg.Data, reply); err != nil {
+	if err := json.Unmarshal(rep, reply); err != nil {
 		return fmt.Errorf("decoding reply from %s: %w", subject, err)
 	}
 	return nil
 }
 
 var _ error = (*Error)(nil)
-
-// tracerName names the tracer of the client's spans.
-const tracerName = "github.com/sand-boxer/sandboxer/pkg/credits"
-
-// request sends a request in a client span ("request <subject>") whose
-// trace context the request's headers carry, so metering's answer (and a
-// quote it asks for) joins the caller's trace: what bus.Request does,
-// here without pkg/bus, which links nats-server.
-func request(ctx context.Context, nc *nats.Conn, subject string, data []byte) (*nats.Msg, error) {
-	ctx, span := otel.Tracer(tracerName).Start(ctx, "request "+subject,
-		trace.WithSpanKind(trace.SpanKindClient),
-		trace.WithAttributes(
-			attribute.String("messaging.system", "nats"),
-			attribute.String("messaging.destination.name", subject),
-			attribute.String("messaging.operation.type", "send"),
-		))
-	defer span.End()
-	msg := nats.NewMsg(subject)
-	msg.Data = data
-	otel.GetTextMapPropagator().Inject(ctx, event.HeaderCarrier(msg.Header))
-	reply, err := nc.RequestMsgWithContext(ctx, msg)
-	if err != nil {
-		span.RecordError(err)
-		span.SetStatus(codes.Error, err.Error())
-		return nil, fmt.Errorf("requesting %s: %w", subject, err)
-	}
-	return reply, nil
-}
