@@ -1,6 +1,7 @@
 package bus_test
 
 import (
+	"context"
 	"testing"
 	"time"
 
@@ -20,41 +21,14 @@ func TestCancelSchedule(t *testing.T) {
 	srv := natstest.Start(t)
 	js := srv.JetStream(t)
 	ctx := testCtx(t)
-	at := time.Now().Add(2 * time.Second).Truncate(time.Second).Add(time.Second)
-	for _, id := range []string{"kept", "cancelled"} {
-		if _, err := js.Publish(ctx, event.ExpiryScheduleSubject(id), []byte("{}"),
-			jetstream.WithScheduleAt(at), jetstream.WithScheduleTarget(event.ExpiryFireSubject(id))); err != nil {
-			t.Fatal(err)
-		}
-	}
-	for _, subj := range []string{event.ExpiryScheduleSubject("cancelled"), event.ExpiryScheduleSubject("never-scheduled")} {
-		if err := bus.CancelSchedule(ctx, js, subj); err != nil {
-			t.Fatal(err)
-		}
-	}
-	s, err := js.Stream(ctx, event.StreamTimers)
-	if err != nil {
+	timers := scheduleKeptAndCancelled(t, ctx, js)
+	if err := bus.CancelSchedule(ctx, js, event.ExpiryScheduleSubject("never-scheduled")); err != nil {
 		t.Fatal(err)
 	}
-	subjects := func() map[string]uint64 {
-		t.Helper()
-		info, err := s.Info(ctx, jetstream.WithSubjectFilter(event.SubjectTimers))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return info.State.Subjects
-	}
-	// The kept one fires; by then the cancelled one would have too.
-	deadline := time.Now().Add(30 * time.Second)
-	for subjects()[event.ExpiryFireSubject("kept")] == 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("the kept schedule never fired: %v", subjects())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	deadline := awaitKeptFired(t, ctx, timers)
 	// Its markers gone, nothing is left of the cancelled schedules.
 	for {
-		got := subjects()
+		got := timerSubjects(t, ctx, timers)
 		if got[event.ExpiryFireSubject("cancelled")] != 0 {
 			t.Fatalf("the cancelled schedule fired: %v", got)
 		}
@@ -93,6 +67,17 @@ func TestCancelScheduleBeforeSetup(t *testing.T) {
 	if _, err := js.CreateStream(ctx, cfg); err != nil {
 		t.Fatal(err)
 	}
+	timers := scheduleKeptAndCancelled(t, ctx, js)
+	awaitKeptFired(t, ctx, timers)
+	if got := timerSubjects(t, ctx, timers); got[event.ExpiryFireSubject("cancelled")] != 0 || got[event.ExpiryScheduleSubject("cancelled")] != 1 {
+		t.Fatalf("subjects %v: want the cancelled schedule's marker alone", got)
+	}
+}
+
+// scheduleKeptAndCancelled schedules the expiries "kept" and "cancelled"
+// for the same second, a few seconds ahead, and cancels the second.
+func scheduleKeptAndCancelled(t *testing.T, ctx context.Context, js jetstream.JetStream) jetstream.Stream {
+	t.Helper()
 	at := time.Now().Add(2 * time.Second).Truncate(time.Second).Add(time.Second)
 	for _, id := range []string{"kept", "cancelled"} {
 		if _, err := js.Publish(ctx, event.ExpiryScheduleSubject(id), []byte("{}"),
@@ -103,22 +88,33 @@ func TestCancelScheduleBeforeSetup(t *testing.T) {
 	if err := bus.CancelSchedule(ctx, js, event.ExpiryScheduleSubject("cancelled")); err != nil {
 		t.Fatal(err)
 	}
-	subjects := func() map[string]uint64 {
-		t.Helper()
-		info, err := s.Info(ctx, jetstream.WithSubjectFilter(event.SubjectTimers))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return info.State.Subjects
+	s, err := js.Stream(ctx, event.StreamTimers)
+	if err != nil {
+		t.Fatal(err)
 	}
+	return s
+}
+
+// awaitKeptFired waits for the "kept" expiry to fire, by when the
+// cancelled one would have too, and returns the deadline it waited with.
+func awaitKeptFired(t *testing.T, ctx context.Context, timers jetstream.Stream) time.Time {
+	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
-	for subjects()[event.ExpiryFireSubject("kept")] == 0 {
+	for timerSubjects(t, ctx, timers)[event.ExpiryFireSubject("kept")] == 0 {
 		if time.Now().After(deadline) {
-			t.Fatalf("the kept schedule never fired: %v", subjects())
+			t.Fatalf("the kept schedule never fired: %v", timerSubjects(t, ctx, timers))
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	if got := subjects(); got[event.ExpiryFireSubject("cancelled")] != 0 || got[event.ExpiryScheduleSubject("cancelled")] != 1 {
-		t.Fatalf("subjects %v: want the cancelled schedule's marker alone", got)
+	return deadline
+}
+
+// timerSubjects counts the timers stream's messages per subject.
+func timerSubjects(t *testing.T, ctx context.Context, timers jetstream.Stream) map[string]uint64 {
+	t.Helper()
+	info, err := timers.Info(ctx, jetstream.WithSubjectFilter(event.SubjectTimers))
+	if err != nil {
+		t.Fatal(err)
 	}
+	return info.State.Subjects
 }
