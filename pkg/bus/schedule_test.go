@@ -44,7 +44,8 @@ func TestCancelSchedule(t *testing.T) {
 
 // TestCancelScheduleBeforeSetup cancels a schedule on a timers stream that
 // does not allow per-message TTLs yet (services upgraded before `sandboxer
-// setup`): the schedule still does not fire; its marker stays.
+// setup`): the schedule still does not fire; its marker stays; setup then
+// allows them.
 func TestCancelScheduleBeforeSetup(t *testing.T) {
 	t.Parallel()
 	srv := natstest.Start(t)
@@ -71,6 +72,13 @@ func TestCancelScheduleBeforeSetup(t *testing.T) {
 	awaitKeptFired(t, ctx, timers)
 	if got := timerSubjects(t, ctx, timers); got[event.ExpiryFireSubject("cancelled")] != 0 || got[event.ExpiryScheduleSubject("cancelled")] != 1 {
 		t.Fatalf("subjects %v: want the cancelled schedule's marker alone", got)
+	}
+	// Setup then turns per-message TTLs on, keeping what the stream holds.
+	if _, err := (bus.Topology{}).Setup(ctx, js, bus.SetupOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if info, err := timers.Info(ctx); err != nil || !info.Config.AllowMsgTTL || info.State.Msgs == 0 {
+		t.Fatalf("timers stream after setup: %+v, %v; want per-message TTLs allowed and its messages kept", info, err)
 	}
 }
 
