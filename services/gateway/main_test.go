@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -358,6 +359,16 @@ func (e *env) advance(t *testing.T, id string, states ...event.State) {
 			t.Fatalf("announcing %s of %s: %v", s, id, err)
 		}
 	}
+	if len(states) == 0 {
+		return
+	}
+	// A DELETE decides on the gateway's fold of the stream: wait until it
+	// has folded the last state, as its listing shows.
+	last := states[len(states)-1]
+	await(t, id+" listed "+string(last), func() bool {
+		l, err := e.client("root").List(ctx, api.ListFilter{State: string(last)})
+		return err == nil && slices.ContainsFunc(l, func(s api.Sandbox) bool { return s.ID == id })
+	})
 }
 
 // await polls cond until it holds or 10s pass.

@@ -155,20 +155,23 @@ func (g *Gateway) destroy(w http.ResponseWriter, r *http.Request, c caller) {
 // gets no new command unless its teardown is stuck, and then a fresh
 // attempt; one gone (destroyed, rejected) gets none.
 //
-// The sandbox is read from this gateway's fold of the lifecycle stream
-// when it holds it (from the stream otherwise): what a destroy decides on
-// it is safe on a view a moment old. Its owner never changes; a command
-// for a sandbox that ended meanwhile finds it ended in the worker; a
-// re-drive is a transition guarded by the sequence it was decided on.
+// A sandbox this gateway's fold of the lifecycle stream holds as not yet
+// on its way out (the common case: a DELETE of a ready sandbox) is
+// decided on the fold, without a read: its owner never changes, and a
+// command for a sandbox that ended a moment ago finds it ended in the
+// worker, as one sent just before it ended does. Any other is read from
+// the stream, so whether a teardown is stuck and is re-driven is decided
+// on the sandbox as it is.
 func (g *Gateway) destroySandbox(ctx context.Context, st *state, c caller, id string) (*sandbox.Record, *api.Problem) {
 	rec, _, ok := st.inv.get(id)
-	if !ok {
+	switch {
+	case ok && !c.owns(rec.Consumer):
+		return nil, newProblem(http.StatusNotFound, "no such sandbox")
+	case !ok || !destroyOnFold(rec.State):
 		var p *api.Problem
 		if rec, p = g.visibleRecord(ctx, st, c, id); p != nil {
 			return nil, p
 		}
-	} else if !c.owns(rec.Consumer) {
-		return nil, newProblem(http.StatusNotFound, "no such sandbox")
 	}
 	trace.SpanFromContext(ctx).SetAttributes(attribute.String(attrSandbox, rec.ID))
 	switch rec.State {
@@ -199,6 +202,16 @@ func (g *Gateway) destroySandbox(ctx context.Context, st *state, c caller, id st
 	}
 	g.log.InfoContext(ctx, "sandbox destroy requested", "sandbox", rec.ID, "consumer", rec.Consumer, "by", c.Consumer)
 	return rec, nil
+}
+
+// destroyOnFold reports whether a destroy of a sandbox the fold holds in
+// state s is decided on the fold: one whose answer is a destroy command.
+func destroyOnFold(s event.State) bool {
+	switch s {
+	case event.StateRequested, event.StateProvisioning, event.StateReady, event.StateFailed:
+		return true
+	}
+	return false
 }
 
 // startDestroy starts the span of destroying rec's sandbox ("destroy
