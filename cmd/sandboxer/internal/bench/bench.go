@@ -327,33 +327,14 @@ func benchMetering(ctx context.Context, sys *System, cfg Config, res *Result) er
 	n := cfg.Sequential * 2
 	mc := credits.NewClient(sys.NC)
 	ids := make([]string, n)
-	var (
-		next  atomic.Int64
-		wg    sync.WaitGroup
-		errMu sync.Mutex
-		first error
-	)
 	for i := range ids {
 		ids[i] = sandbox.NewID()
 	}
-	for range cfg.InFlight {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := next.Add(1) - 1; i < int64(n); i = next.Add(1) - 1 {
-				_, err := mc.Hold(ctx, credits.HoldRequest{SandboxID: ids[i], Consumer: "bench", Profile: "echo", Extension: "echo", TTLSeconds: 3600})
-				if err != nil {
-					errMu.Lock()
-					first = cmp.Or(first, err)
-					errMu.Unlock()
-					return
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	if first != nil {
-		return first
+	if err := forEach(n, cfg.InFlight, func(i int) error {
+		_, err := mc.Hold(ctx, credits.HoldRequest{SandboxID: ids[i], Consumer: "bench", Profile: "echo", Extension: "echo", TTLSeconds: 3600})
+		return err
+	}); err != nil {
+		return err
 	}
 	cons, err := sys.JS.Consumer(ctx, event.StreamLifecycle, metering.ConsumerLifecycle)
 	if err != nil {
@@ -478,29 +459,11 @@ func benchMemory(ctx context.Context, env Env, cfg Config, dir string, res *Resu
 		return err
 	}
 	c := api.NewClient(url, tok, &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256}})
-	var (
-		next  atomic.Int64
-		wg    sync.WaitGroup
-		errMu sync.Mutex
-		first error
-	)
-	for range cfg.InFlight {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for next.Add(1) <= int64(cfg.Live) {
-				if _, err := c.Create(ctx, api.CreateRequest{Profile: "echo"}, ""); err != nil {
-					errMu.Lock()
-					first = cmp.Or(first, err)
-					errMu.Unlock()
-					return
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	if first != nil {
-		return first
+	if err := forEach(cfg.Live, cfg.InFlight, func(int) error {
+		_, err := c.Create(ctx, api.CreateRequest{Profile: "echo"}, "")
+		return err
+	}); err != nil {
+		return err
 	}
 	// Every sandbox ready: the inventory, as the gateway sees it.
 	deadline := time.Now().Add(2 * time.Minute)
@@ -763,6 +726,32 @@ func throughput(ctx context.Context, cfg Config, op func() error) (rate float64,
 		return 0, 0, 0, first
 	}
 	return float64(done.Load()) / time.Since(start).Seconds(), done.Load(), cpuTime() - cpu0, nil
+}
+
+// forEach runs op(i) for every i in [0, n), inFlight at a time, and
+// returns the first error; a worker that meets one stops, the others go
+// on.
+func forEach(n, inFlight int, op func(i int) error) error {
+	var (
+		next  atomic.Int64
+		wg    sync.WaitGroup
+		errMu sync.Mutex
+		first error
+	)
+	for range min(inFlight, n) {
+		wg.Go(func() {
+			for i := next.Add(1) - 1; i < int64(n); i = next.Add(1) - 1 {
+				if err := op(int(i)); err != nil {
+					errMu.Lock()
+					first = cmp.Or(first, err)
+					errMu.Unlock()
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	return first
 }
 
 // watcher sees lifecycle events as any client of the bus does: a core NATS

@@ -2,7 +2,6 @@ package bench
 
 import (
 	"bufio"
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -12,8 +11,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -142,33 +139,18 @@ func scalingRun(ctx context.Context, env Env, c *api.Client, w *watcher, cons je
 	bctx, cancel := context.WithTimeout(ctx, scalingTimeout)
 	defer cancel()
 	readies := make([]chan struct{}, scalingBurst)
-	var (
-		next  atomic.Int64
-		wg    sync.WaitGroup
-		errMu sync.Mutex
-		first error
-	)
 	start := time.Now()
-	for range min(cfg.InFlight, scalingBurst) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := next.Add(1) - 1; i < scalingBurst; i = next.Add(1) - 1 {
-				s, err := c.Create(bctx, api.CreateRequest{Profile: ScalingPool}, "")
-				if err != nil {
-					errMu.Lock()
-					first = cmp.Or(first, err)
-					errMu.Unlock()
-					return
-				}
-				readies[i] = w.expect(s.ID, event.StateReady)
-			}
-		}()
-	}
-	wg.Wait()
+	err = forEach(scalingBurst, cfg.InFlight, func(i int) error {
+		s, err := c.Create(bctx, api.CreateRequest{Profile: ScalingPool}, "")
+		if err != nil {
+			return err
+		}
+		readies[i] = w.expect(s.ID, event.StateReady)
+		return nil
+	})
 	created = time.Since(start)
-	if first != nil {
-		return 0, 0, first
+	if err != nil {
+		return 0, 0, err
 	}
 	for i, ch := range readies {
 		select {
