@@ -363,30 +363,23 @@ func (s *store) prefetch(ctx context.Context, b *batch, cs []*change) error {
 			}
 		})
 	}
-	for k := range ledger {
-		wg.Go(func() {
-			ok, err := s.inLedger(ctx, k)
-			mu.Lock()
-			defer mu.Unlock()
-			if err != nil {
-				first = cmp.Or(first, err)
-				return
-			}
-			b.ledger[k] = ok
-		})
+	// exists asks has about each key of keys and notes the answer in into.
+	exists := func(keys map[string]bool, has func(key string) (bool, error), into map[string]bool) {
+		for k := range keys {
+			wg.Go(func() {
+				ok, err := has(k)
+				mu.Lock()
+				defer mu.Unlock()
+				if err != nil {
+					first = cmp.Or(first, err)
+					return
+				}
+				into[k] = ok
+			})
+		}
 	}
-	for sb := range usage {
-		wg.Go(func() {
-			ok, err := s.hasUsage(ctx, consumer, sb)
-			mu.Lock()
-			defer mu.Unlock()
-			if err != nil {
-				first = cmp.Or(first, err)
-				return
-			}
-			b.usage[sb] = ok
-		})
-	}
+	exists(ledger, func(k string) (bool, error) { return s.inLedger(ctx, k) }, b.ledger)
+	exists(usage, func(sb string) (bool, error) { return s.hasUsage(ctx, consumer, sb) }, b.usage)
 	wg.Wait()
 	return first
 }
