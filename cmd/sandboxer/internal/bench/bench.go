@@ -340,26 +340,10 @@ func benchMetering(ctx context.Context, sys *System, cfg Config, res *Result) er
 	if err != nil {
 		return err
 	}
-	caughtUp := func() (bool, error) {
-		info, err := cons.Info(ctx)
-		if err != nil {
-			return false, err
-		}
-		return info.NumPending == 0 && info.NumAckPending == 0, nil
-	}
+	caughtUp := func(ci *jetstream.ConsumerInfo) bool { return ci.NumPending == 0 && ci.NumAckPending == 0 }
 	// Start from a quiet consumer.
-	for deadline := time.Now().Add(time.Minute); ; {
-		ok, err := caughtUp()
-		if err != nil {
-			return err
-		}
-		if ok {
-			break
-		}
-		if time.Now().After(deadline) {
-			return errors.New("metering consumer never caught up before the run")
-		}
-		time.Sleep(50 * time.Millisecond)
+	if err := awaitConsumer(ctx, cons, time.Minute, caughtUp); err != nil {
+		return fmt.Errorf("metering consumer never caught up before the run: %w", err)
 	}
 	start, before, cpu0 := time.Now(), sys.inMsgs(), cpuTime()
 	readyAt := start.UTC()
@@ -397,18 +381,8 @@ func benchMetering(ctx context.Context, sys *System, cfg Config, res *Result) er
 			return ctx.Err()
 		}
 	}
-	for deadline := time.Now().Add(5 * time.Minute); ; {
-		ok, err := caughtUp()
-		if err != nil {
-			return err
-		}
-		if ok {
-			break
-		}
-		if time.Now().After(deadline) {
-			return errors.New("metering did not fold the events within 5 minutes")
-		}
-		time.Sleep(5 * time.Millisecond)
+	if err := awaitConsumer(ctx, cons, 5*time.Minute, caughtUp); err != nil {
+		return fmt.Errorf("metering did not fold the events: %w", err)
 	}
 	res.MeteringEventsPerS = float64(2*n) / time.Since(start).Seconds()
 	res.BusMsgsPerMeteringEvent = float64(sys.inMsgs()-before) / float64(2*n)
@@ -726,6 +700,28 @@ func throughput(ctx context.Context, cfg Config, op func() error) (rate float64,
 		return 0, 0, 0, first
 	}
 	return float64(done.Load()) / time.Since(start).Seconds(), done.Load(), cpuTime() - cpu0, nil
+}
+
+// awaitConsumer polls cons's info until cond holds, for at most d.
+func awaitConsumer(ctx context.Context, cons jetstream.Consumer, d time.Duration, cond func(*jetstream.ConsumerInfo) bool) error {
+	deadline := time.Now().Add(d)
+	for {
+		info, err := cons.Info(ctx)
+		if err != nil {
+			return err
+		}
+		if cond(info) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("not within %s (pending %d, in flight %d, pulls waiting %d)", d, info.NumPending, info.NumAckPending, info.NumWaiting)
+		}
+		select {
+		case <-time.After(10 * time.Millisecond):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 }
 
 // forEach runs op(i) for every i in [0, n), inFlight at a time, and

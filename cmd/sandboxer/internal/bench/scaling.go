@@ -167,28 +167,6 @@ func scalingRun(ctx context.Context, env Env, c *api.Client, w *watcher, cons je
 	return rate, created, nil
 }
 
-// awaitConsumer polls cons's info until cond holds, for at most d.
-func awaitConsumer(ctx context.Context, cons jetstream.Consumer, d time.Duration, cond func(*jetstream.ConsumerInfo) bool) error {
-	deadline := time.Now().Add(d)
-	for {
-		info, err := cons.Info(ctx)
-		if err != nil {
-			return err
-		}
-		if cond(info) {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("not within %s (pending %d, in flight %d, pulls waiting %d)", d, info.NumPending, info.NumAckPending, info.NumWaiting)
-		}
-		select {
-		case <-time.After(10 * time.Millisecond):
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-	}
-}
-
 // startBenchWorker starts `sandboxer bench worker` (Env.Self) as worker id
 // of the scaling pool and returns once it consumes. Cancelling ctx
 // interrupts it (it drains and exits); one that does not exit 30 s later
