@@ -390,19 +390,16 @@ const busyPause = 250 * time.Millisecond
 
 // pause waits a random time up to max, or until ctx ends.
 func pause(ctx context.Context, max time.Duration) error {
-	t := time.NewTimer(time.Duration(rand.Int64N(int64(max)) + 1))
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("changing account: %w", ctx.Err())
-	}
+	return sleep(ctx, time.Duration(rand.Int64N(int64(max))+1))
 }
 
 // backoff waits a little before the next attempt of a batch.
 func backoff(ctx context.Context, attempt int) error {
-	d := time.Duration(rand.Int64N(int64(min(attempt, 10))*int64(2*time.Millisecond) + 1))
+	return sleep(ctx, time.Duration(rand.Int64N(int64(min(attempt, 10))*int64(2*time.Millisecond)+1)))
+}
+
+// sleep waits d, or until ctx ends.
+func sleep(ctx context.Context, d time.Duration) error {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
