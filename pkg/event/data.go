@@ -173,6 +173,10 @@ type Ready struct {
 	ReadyAt      time.Time    `json:"ready_at"`
 	// ExpiresAt is ReadyAt plus the TTL; zero when the sandbox has no TTL.
 	ExpiresAt time.Time `json:"expires_at,omitzero"`
+	// Hold is the credit hold admission reserved for this sandbox, as its
+	// create command said; empty when it was admitted without one (a
+	// free sandbox), which is what lets metering keep nothing for it.
+	Hold string `json:"hold,omitempty"`
 }
 
 // Failed is the data of a [TypeFailed] event.
@@ -211,6 +215,10 @@ type Destroyed struct {
 	// read after Teardown. Metering settles to it when present and to the
 	// lifecycle timestamps otherwise.
 	Meter *MeterReading `json:"meter,omitempty"`
+	// ReadyAt is when the sandbox became ready, as its ready event said;
+	// zero when it never was. Metering prices a sandbox it keeps no hold
+	// for (a free one) from it and this event's time.
+	ReadyAt time.Time `json:"ready_at,omitzero"`
 }
 
 // MeterReading is a backend's own account of what a sandbox used, as it

@@ -257,7 +257,13 @@ func (e *env) publish(t tb, r event.Ref, s event.State, at time.Time, redeliver 
 	var data any
 	switch s {
 	case event.StateReady:
-		data = event.Ready{Ref: r, Handle: event.Handle{SandboxID: r.SandboxID, Host: "localhost"}, Reachability: event.Reachability{Host: "localhost"}, ReadyAt: at}
+		d := event.Ready{Ref: r, Handle: event.Handle{SandboxID: r.SandboxID, Host: "localhost"}, Reachability: event.Reachability{Host: "localhost"}, ReadyAt: at}
+		// As a worker's: the hold admission reserved, which its create
+		// command carries.
+		if _, err := e.cred.Get(testCtx(t), "hold."+r.Consumer+"."+r.SandboxID); err == nil {
+			d.Hold = r.SandboxID
+		}
+		data = d
 	case event.StateFailed:
 		data = event.Failed{Ref: r, Phase: "provision", Reason: "test"}
 	case event.StateRejected:

@@ -50,19 +50,19 @@ func (m *Metering) onLifecycle(ctx context.Context, msg *bus.Message) ([]bus.Out
 		if err := decode(e, &d, ref); err != nil {
 			return nil, err
 		}
-		return nil, m.settle(ctx, e, d.Ref, event.StateFailed, "failed: "+d.Reason, nil)
+		return nil, m.settle(ctx, e, d.Ref, event.StateFailed, "failed: "+d.Reason, nil, time.Time{})
 	case event.StateRejected:
 		var d event.Rejected
 		if err := decode(e, &d, ref); err != nil {
 			return nil, err
 		}
-		return nil, m.settle(ctx, e, d.Ref, event.StateRejected, "rejected: "+d.Code, nil)
+		return nil, m.settle(ctx, e, d.Ref, event.StateRejected, "rejected: "+d.Code, nil, time.Time{})
 	case event.StateDestroyed:
 		var d event.Destroyed
 		if err := decode(e, &d, ref); err != nil {
 			return nil, err
 		}
-		return nil, m.settle(ctx, e, d.Ref, event.StateDestroyed, d.Reason, d.Meter)
+		return nil, m.settle(ctx, e, d.Ref, event.StateDestroyed, d.Reason, d.Meter, d.ReadyAt)
 	}
 	return nil, nil
 }
@@ -96,10 +96,15 @@ func decode(e *event.Event, v any, ref event.LifecycleRef) error {
 
 // onReady starts the meter of a sandbox: its hold records when it became
 // ready, and its accrual schedule fires every interval from now on. A
-// sandbox that was never admitted gets an empty hold, extended as it runs;
-// a free one (the gateway admits none) a hold without a ledger entry.
+// sandbox that was never admitted gets an empty hold, extended as it runs.
+// A free one admitted without a hold (the gateway admits none) gets
+// nothing: it has nothing to hold or accrue, and its destroyed event says
+// when it became ready ([Metering.settleFree]).
 func (m *Metering) onReady(ctx context.Context, e *event.Event, d event.Ready) ([]bus.Out, error) {
 	c, sb := d.Consumer, d.SandboxID
+	if _, free := m.free(ctx, d.Ref); free && d.Hold == "" {
+		return nil, nil
+	}
 	readyAt := d.ReadyAt
 	if readyAt.IsZero() {
 		readyAt = e.Time()
@@ -173,12 +178,18 @@ func (m *Metering) onReady(ctx context.Context, e *event.Event, d event.Ready) (
 // actual usage (the backend's meter when given, else the lifecycle
 // timestamps at the hold's price) less what was already debited, refunds
 // what was debited beyond it, records the usage and releases the rest of
-// the hold. A sandbox that failed or was rejected costs nothing.
-func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, state event.State, reason string, meter *event.MeterReading) error {
+// the hold. A sandbox that failed or was rejected costs nothing. readyAt,
+// when known, is when the sandbox became ready, as its destroyed event
+// says.
+func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, state event.State, reason string, meter *event.MeterReading, readyAt time.Time) error {
+	if tm, free := m.free(ctx, ref); free {
+		if done, err := m.settleFree(ctx, e, ref, tm, state, reason, readyAt); done || err != nil {
+			return err
+		}
+	}
 	c, sb := ref.Consumer, ref.SandboxID
 	var (
 		actual   = credits.Actual{Source: credits.SourceLifecycle, Unit: "second"}
-		readyAt  time.Time
 		endAt    = e.Time().UTC()
 		priced   bool // actual and readyAt are known before the change
 		schedule bool // the settled hold had an accrual schedule
@@ -274,7 +285,9 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 			}
 		}
 		if h != nil {
-			readyAt = h.ReadyAt
+			if !h.ReadyAt.IsZero() {
+				readyAt = h.ReadyAt
+			}
 			if readyAt.IsZero() {
 				if readyAt, err = m.readyAt(ctx, event.Ref{Consumer: c, Extension: ref.Extension, SandboxID: sb}); err != nil {
 					return err
@@ -301,6 +314,57 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 		m.stopHoldDeadline(ctx, sb)
 	}
 	return nil
+}
+
+// free returns the terms of a sandbox of ref's profile on its extension,
+// and whether it costs nothing on them ([terms.free]); one without a
+// price (its profile or extension gone from the catalog) is metered as
+// free, as it always was.
+func (m *Metering) free(ctx context.Context, ref event.Ref) (terms, bool) {
+	tm, err := m.pricer.terms(ref.Profile, ref.Extension, "")
+	if err != nil {
+		m.log.WarnContext(ctx, "sandbox without a price: metering it as free", "sandbox", ref.SandboxID, "err", err)
+		return terms{Profile: ref.Profile, Extension: ref.Extension, Model: extension.PricingSelfHosted}, true
+	}
+	return tm, tm.free()
+}
+
+// settleFree settles a free sandbox that has no hold, as one admitted
+// without a hold has none: it changes no account and records no ledger
+// entry. Failed or rejected, it leaves nothing; destroyed, its usage
+// record, written only if its key never existed (the server refuses a
+// second one, whoever writes it), and its usage event. Until the event is
+// published the destroyed event is not acknowledged, so a crash between
+// the two publishes it on the redelivery; a record written before is
+// published as it was written. It reports false, having done nothing,
+// when the sandbox has a hold after all (admitted while it was priced, or
+// opened by an earlier version of metering): that hold settles as any
+// other.
+func (m *Metering) settleFree(ctx context.Context, e *event.Event, ref event.Ref, tm terms, state event.State, reason string, readyAt time.Time) (bool, error) {
+	c, sb := ref.Consumer, ref.SandboxID
+	held, err := m.store.readHold(ctx, c, sb)
+	if err != nil || held.h != nil {
+		return false, err
+	}
+	if state != event.StateDestroyed {
+		return true, nil
+	}
+	if readyAt.IsZero() {
+		// Not said (an event of an earlier version): the stream has it.
+		if readyAt, err = m.readyAt(ctx, event.Ref{Consumer: c, Extension: ref.Extension, SandboxID: sb}); err != nil {
+			return false, err
+		}
+	}
+	h := &Hold{ID: sb, Sandbox: sb, Profile: ref.Profile, Extension: ref.Extension, PricingModel: tm.Model, Price: tm.Price, ReadyAt: readyAt.UTC(), Free: true}
+	endAt := e.Time().UTC()
+	actual := credits.Actual{Source: credits.SourceLifecycle, Unit: "second"}
+	if !readyAt.IsZero() {
+		if actual, err = m.actual(ctx, h, h.ReadyAt, endAt, nil); err != nil {
+			return false, err
+		}
+	}
+	u := usageOf(c, h, actual, endAt, reason, e.ID())
+	return true, m.store.recordUsage(ctx, u, traceParent(ctx))
 }
 
 // usageOf is the usage record of consumer c's sandbox of hold h, destroyed

@@ -243,6 +243,34 @@ func (s *store) readHold(ctx context.Context, consumer, sb string) (holdRef, err
 	return holdRef{h: &h, rev: e.Revision()}, nil
 }
 
+// recordUsage writes usage record u, only if its key never existed, and
+// publishes its usage event with the caller's trace. A record written
+// before (by an earlier delivery, or by a settlement) is published as it
+// was written: the event's Nats-Msg-Id, from its key, makes a second
+// publish within the de-duplication window store nothing.
+func (s *store) recordUsage(ctx context.Context, u *credits.UsageRecord, trace string) error {
+	b, err := json.Marshal(u)
+	if err != nil {
+		return fmt.Errorf("encoding usage record %s: %w", u.Key, err)
+	}
+	_, err = bus.KVWrite(ctx, s.js, s.credits.Bucket(), u.Key, b, 0, 0)
+	if errors.Is(err, jetstream.ErrKeyExists) {
+		e, gerr := s.get(ctx, s.credits, u.Key)
+		if gerr != nil {
+			return fmt.Errorf("reading usage record %s: %w", u.Key, gerr)
+		}
+		var was credits.UsageRecord
+		if err := json.Unmarshal(e.Value(), &was); err != nil {
+			return fmt.Errorf("decoding usage record %s: %w", u.Key, err)
+		}
+		u, err = &was, nil
+	}
+	if err != nil {
+		return fmt.Errorf("writing usage record %s: %w", u.Key, err)
+	}
+	return s.publish(ctx, []*Item{{Usage: u, Trace: trace}})
+}
+
 // hasUsage reports whether the usage record of sandbox sb exists.
 func (s *store) hasUsage(ctx context.Context, consumer, sb string) (bool, error) {
 	_, err := s.get(ctx, s.credits, usageKey(consumer, sb))

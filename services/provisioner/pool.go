@@ -220,7 +220,7 @@ func (pl *pool) create(ctx context.Context, m *bus.Message, c event.Create) ([]b
 		reach.Host = h.Host
 	}
 	now := time.Now().UTC()
-	ready := event.Ready{Ref: c.Ref, Handle: h, Reachability: reach, TTLSeconds: c.TTLSeconds, ReadyAt: now}
+	ready := event.Ready{Ref: c.Ref, Handle: h, Reachability: reach, TTLSeconds: c.TTLSeconds, ReadyAt: now, Hold: c.Hold}
 	ready.Host = h.Host
 	if c.TTLSeconds > 0 {
 		ready.ExpiresAt = now.Add(time.Duration(c.TTLSeconds) * time.Second)
@@ -411,7 +411,7 @@ func (pl *pool) destroy(ctx context.Context, m *bus.Message, d event.Destroy) ([
 	if err != nil {
 		return nil, err
 	}
-	destroyed, err := pl.lifecycle(event.StateDestroyed, ref, event.Destroyed{Ref: ref, Reason: d.Reason, Cleanup: rep, Meter: reading})
+	destroyed, err := pl.lifecycle(event.StateDestroyed, ref, event.Destroyed{Ref: ref, Reason: d.Reason, Cleanup: rep, Meter: reading, ReadyAt: out.readyAt})
 	if err != nil {
 		return nil, err
 	}

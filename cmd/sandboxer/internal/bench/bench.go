@@ -354,8 +354,8 @@ func benchMetering(ctx context.Context, sys *System, cfg Config, res *Result) er
 			s    event.State
 			data any
 		}{
-			{event.StateReady, event.Ready{Ref: ref, Handle: event.Handle{SandboxID: id, Host: "localhost"}, Reachability: event.Reachability{Host: "localhost"}, ReadyAt: readyAt}},
-			{event.StateDestroyed, event.Destroyed{Ref: ref, Reason: event.ReasonRequested}},
+			{event.StateReady, event.Ready{Ref: ref, Handle: event.Handle{SandboxID: id, Host: "localhost"}, Reachability: event.Reachability{Host: "localhost"}, ReadyAt: readyAt, Hold: id}},
+			{event.StateDestroyed, event.Destroyed{Ref: ref, Reason: event.ReasonRequested, ReadyAt: readyAt}},
 		} {
 			ev, err := event.New(event.LifecycleType(e.s), "/sandboxer/bench", id, id+"."+string(e.s), e.data)
 			if err != nil {
