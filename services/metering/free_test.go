@@ -1,6 +1,7 @@
 package metering_test
 
 import (
+	"encoding/json"
 	"errors"
 	"slices"
 	"testing"
@@ -119,5 +120,61 @@ func TestFreeSandboxLeavesOnlyItsUsage(t *testing.T) {
 	wantKinds := []credits.EntryKind{credits.EntryGrant, credits.EntryHold, credits.EntryDebit, credits.EntryRelease}
 	if !slices.Equal(kinds(s.entries), wantKinds) || s.acct.Balance != 85 {
 		t.Fatalf("priced sandbox after free ones: ledger %v, balance %d; want %v and 85", kinds(s.entries), s.acct.Balance, wantKinds)
+	}
+}
+
+// TestFreeUsageRecordedBeforeACrashIsPublishedAsWritten: a free sandbox
+// whose usage record was written by a delivery of its destroyed event that
+// died before publishing the usage event (the record is there, the event
+// is not) gets the event on the next delivery, with the record as it was
+// written, and no second record: the server refuses the second write.
+func TestFreeUsageRecordedBeforeACrashIsPublishedAsWritten(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.start(t, metering.Options{})
+	ctx := testCtx(t)
+	const c = "crashy"
+	t0 := time.Now().UTC().Truncate(time.Second)
+	r := ref(c, "free-crashed", profFree)
+	e.publish(t, r, event.StateReady, t0, false)
+	e.drained(t)
+	if s := e.snap(t, c); len(s.holds) != 0 || s.acct.Open != 0 || len(s.entries) != 0 {
+		t.Fatalf("a free sandbox running without a hold: holds %v, %d open, %d entries; want nothing", s.holds, s.acct.Open, len(s.entries))
+	}
+	// What the dead delivery wrote: 5 seconds, where this one would
+	// compute 9.
+	was := credits.UsageRecord{Key: "usage." + c + "." + r.SandboxID, Consumer: c, Sandbox: r.SandboxID, Hold: r.SandboxID,
+		Profile: r.Profile, Extension: r.Extension, PricingModel: "self_hosted", ReadyAt: t0, DestroyedAt: t0.Add(5 * time.Second),
+		Seconds: 5, Reason: event.ReasonRequested, Cause: r.SandboxID + ".destroyed"}
+	b, err := json.Marshal(was)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.cred.Create(ctx, was.Key, b); err != nil {
+		t.Fatal(err)
+	}
+	e.publish(t, r, event.StateDestroyed, t0.Add(9*time.Second), false)
+	e.drained(t)
+
+	var got []credits.UsageRecord
+	for _, ev := range e.meteringEvents(t) {
+		if ev.Subject() != r.SandboxID {
+			continue
+		}
+		var u credits.UsageRecord
+		if err := ev.DataAs(&u); err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, u)
+	}
+	if len(got) != 1 || got[0].Seconds != 5 || !got[0].DestroyedAt.Equal(was.DestroyedAt) {
+		t.Fatalf("usage events of %s: %+v; want one, the record as written (5 s)", r.SandboxID, got)
+	}
+	u, err := e.client.Usage(ctx, credits.UsageRequest{Consumer: c})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(u.Records) != 1 || u.Records[0].Seconds != 5 {
+		t.Fatalf("usage records of %s: %+v; want the one written", c, u.Records)
 	}
 }
