@@ -70,8 +70,7 @@ func (r *Registry) project(ctx context.Context, m *bus.Message) ([]bus.Out, erro
 			return nil, err
 		}
 	}
-	switch {
-	case ref.State == event.StateDestroying && rec.State == event.StateDestroying:
+	if ref.State == event.StateDestroying && rec.State == event.StateDestroying {
 		// A teardown that failed on every delivery of its command: the
 		// next attempt is scheduled, unless a later one went out (a
 		// re-drive) or this is news of an older one. Also on a
@@ -84,13 +83,6 @@ func (r *Registry) project(ctx context.Context, m *bus.Message) ([]bus.Out, erro
 			if err := r.scheduleRetry(ctx, rec, d); err != nil {
 				return nil, err
 			}
-		}
-	case ref.State == event.StateDestroyed && rec.TeardownError != "":
-		// Destroyed after a failed attempt: no retry may fire. Best
-		// effort, like an expiry's: a retry that fires finds the
-		// sandbox ended and does nothing.
-		if err := r.cancelRetry(ctx, rec.ID); err != nil {
-			r.log.Warn("cancelling a destroy retry", "sandbox", rec.ID, "err", err)
 		}
 	}
 	return nil, nil

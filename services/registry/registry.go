@@ -177,16 +177,21 @@ func Load(opts Options) (*extension.Catalog, error) {
 
 // Consumers are the registry's durable consumers, with delivery policy p,
 // for setup to create: the one of the lifecycle events that move its
-// schedules (ready schedules an expiry; expired, destroying and destroyed
-// cancel it, and a failed teardown schedules a retry; requested,
-// provisioning, failed, rejected and orphaned are never delivered to it)
-// and the one of fired expiries and destroy retries.
+// schedules (ready schedules an expiry; expired and destroying, the states
+// that follow ready, cancel it, and a failed teardown schedules a retry;
+// every other state is never delivered to it) and the one of fired
+// expiries and destroy retries. destroyed is not among them: it moves no
+// schedule. A sandbox's expiry was cancelled when it left ready, and a
+// destroy retry still pending when the sandbox is destroyed (its destroy
+// re-driven, and done, before the retry was due) fires to find the
+// sandbox ended, and does nothing: one timer for a sandbox whose teardown
+// failed, against a delivery and an acknowledgement for every sandbox.
 func Consumers(p bus.ConsumerPolicy) []bus.ConsumerSpec {
 	return []bus.ConsumerSpec{
 		{Stream: event.StreamLifecycle, Name: ConsumerInventory, Policy: p,
 			Filters: []string{
 				event.StateFilter(event.StateReady), event.StateFilter(event.StateExpired),
-				event.StateFilter(event.StateDestroying), event.StateFilter(event.StateDestroyed),
+				event.StateFilter(event.StateDestroying),
 			},
 			Description: "registry: keeps expiry and destroy retry schedules in step with the lifecycle events that move them"},
 		{Stream: event.StreamTimers, Name: ConsumerTimers, Filters: []string{event.ExpiryFireFilter, event.RetryFireFilter}, Policy: p,

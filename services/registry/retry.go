@@ -64,14 +64,6 @@ func (r *Registry) scheduleRetry(ctx context.Context, rec *sandbox.Record, d eve
 	return nil
 }
 
-// cancelRetry removes the pending destroy retry of sandbox id, if any.
-func (r *Registry) cancelRetry(ctx context.Context, id string) error {
-	if err := bus.CancelSchedule(ctx, r.opts.JS, event.RetryScheduleSubject(id)); err != nil {
-		return fmt.Errorf("cancelling destroy retry of %s: %w", id, err)
-	}
-	return nil
-}
-
 // onTimer is the handler of the registry's fired timers: expiries and
 // destroy retries.
 func (r *Registry) onTimer(ctx context.Context, m *bus.Message) ([]bus.Out, error) {
