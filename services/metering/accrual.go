@@ -7,6 +7,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/event"
@@ -14,16 +16,30 @@ import (
 )
 
 // Accrual runs on the bus, not in a process. When a sandbox becomes ready,
-// metering publishes one repeating schedule (Nats-Schedule: @every
-// <interval>) on event.AccrualScheduleSubject; the server stores it in the
-// timers stream and delivers a tick to event.AccrualFireSubject every
-// interval, whatever metering instances are running. The ticks go to one
-// durable consumer shared by every instance, so each tick is handled once,
-// by whichever instance pulls it; a tick handled twice changes nothing the
-// second time, because the debit is computed from the timestamps and the
-// hold's state, which a compare-and-swap guards. Settlement cancels the
-// schedule ([bus.CancelSchedule]); a tick for a sandbox that has no open
-// hold cancels it again.
+// metering publishes its accrual schedule on event.AccrualScheduleSubject;
+// the server stores it in the timers stream and delivers a tick to
+// event.AccrualFireSubject, whatever metering instances are running. The
+// ticks go to one durable consumer shared by every instance, so each tick
+// is handled once, by whichever instance pulls it; a tick handled twice
+// changes nothing the second time, because the debit is computed from the
+// timestamps and the hold's state, which a compare-and-swap guards.
+// Settlement cancels the schedule ([bus.CancelSchedule]); a tick for a
+// sandbox that has no open hold cancels it again.
+//
+// When a tick is due depends on what is known of the price. A metered
+// backend prices the usage itself, so its sandboxes tick every interval
+// (Nats-Schedule: @every <interval>). A self-hosted price is known ahead:
+// a tick would debit, out of the hold, what the hold already covers, and
+// change nothing else until the hold no longer covers the usage through
+// the lookahead. So such a sandbox gets one tick at a time (@at), when
+// that happens, no sooner than an interval from now ([nextTick]), and
+// each tick schedules the next. At that tick the hold is extended, or the
+// low or exhausted notice goes out, exactly when a tick every interval
+// would first have found the hold short; the ledger records the usage at
+// each extension ("accrual through N s") and at settlement, instead of
+// every interval, and what is on hold always covers what ran. A sandbox
+// whose admission held enough for its TTL ticks once, a lookahead before
+// the TTL runs out, or never when it is destroyed before.
 
 // onAccrual is the handler of accrual ticks. It debits the sandbox's usage
 // since its last debit against its hold, extending the hold first when it
@@ -165,6 +181,7 @@ func (m *Metering) accrue(ctx context.Context, c, sb, tick string, p *prices) ([
 			h.Low = true
 			notice(credits.KindLow)
 		case a.Seq == seq:
+			held = cloneHold(h)
 			return errNoChange
 		}
 		held = cloneHold(h)
@@ -180,7 +197,14 @@ func (m *Metering) accrue(ctx context.Context, c, sb, tick string, p *prices) ([
 		m.stopAccrual(ctx, sb)
 		return m.destroyOut(held, c)
 	case !exhausted:
-		return nil, nil
+		if held == nil || held.PricingModel == extension.PricingMetered {
+			return nil, nil // not ready yet (its ready schedules), or ticking every interval
+		}
+		out, err := m.accrualSchedule(c, held, m.opts.Now().UTC())
+		if err != nil || out == nil {
+			return nil, err
+		}
+		return []bus.Out{*out}, nil
 	}
 	m.stopAccrual(ctx, sb)
 	m.log.InfoContext(ctx, "credits exhausted: destroying sandbox", "consumer", c, "sandbox", sb)
@@ -200,4 +224,66 @@ func (m *Metering) destroyOut(h *Hold, consumer string) ([]bus.Out, error) {
 		return nil, err
 	}
 	return []bus.Out{{Subject: ref.CommandSubject(event.VerbDestroy), Event: e}}, nil
+}
+
+// accrualSchedule is the accrual schedule of consumer c's running hold h
+// at now: every interval for a metered backend, one tick at [nextTick]
+// for a self-hosted price; nil when nothing will ever be due. Publishing
+// it replaces the sandbox's schedule, and each tick rolls up the one
+// before, so a backlog never builds.
+func (m *Metering) accrualSchedule(c string, h *Hold, now time.Time) (*bus.Out, error) {
+	sb := h.Sandbox
+	id := sb + ".accrual"
+	opts := []jetstream.PublishOpt{jetstream.WithScheduleTarget(event.AccrualFireSubject(sb)), jetstream.WithScheduleRollup()}
+	if h.PricingModel == extension.PricingMetered {
+		opts = append(opts, jetstream.WithScheduleEvery(m.opts.AccrualInterval))
+	} else {
+		at, ok := m.nextTick(h, now)
+		if !ok {
+			return nil, nil
+		}
+		// Its own id: the schedule a tick publishes must not be
+		// dropped as a duplicate of the one before.
+		id += "@" + at.Format("20060102T150405Z")
+		opts = append(opts, jetstream.WithScheduleAt(at))
+	}
+	tick, err := event.New(TypeAccrual, Source, sb, id, Accrual{Consumer: c, Sandbox: sb})
+	if err != nil {
+		return nil, err
+	}
+	return &bus.Out{Subject: event.AccrualScheduleSubject(sb), Event: tick, Opts: opts}, nil
+}
+
+// maxCoverSeconds bounds how far ahead a tick is put: a century.
+const maxCoverSeconds = 100 * 365 * 24 * 3600
+
+// nextTick is when the accrual of running self-hosted hold h must next
+// run, seen at now: when what was debited and what is on hold stop
+// covering the usage through the lookahead, to the second, and no sooner
+// than an interval from now (a hold already short ticks every interval,
+// as every hold once did). It reports false when nothing will ever be
+// due: a price with no per-second part, whose start the hold covers.
+func (m *Metering) nextTick(h *Hold, now time.Time) (time.Time, bool) {
+	p := h.Price
+	covered := h.Debited + h.Amount
+	soonest := now.Add(m.opts.AccrualInterval)
+	if p == nil {
+		return time.Time{}, false
+	}
+	if covered < p.Start {
+		return soonest, true
+	}
+	if p.PerSecond <= 0 {
+		return time.Time{}, false
+	}
+	secs := min((covered-p.Start)/p.PerSecond, maxCoverSeconds) // Cost(secs) <= covered
+	// The first second the lookahead reaches past what is covered.
+	at := h.ReadyAt.Add(time.Duration(secs+1)*time.Second - m.opts.Lookahead)
+	if at.Before(soonest) {
+		at = soonest
+	}
+	if u := at.Truncate(time.Second); !u.Equal(at) {
+		at = u.Add(time.Second)
+	}
+	return at.UTC(), true
 }

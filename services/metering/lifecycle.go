@@ -110,9 +110,10 @@ func (m *Metering) onReady(ctx context.Context, e *event.Event, d event.Ready) (
 		readyAt = e.Time()
 	}
 	running, admitted := false, false
+	var started *Hold // the hold as the change left it
 	pre := prefetch{holds: []string{sb}, ledger: []string{releaseKey(c, sb)}, usage: []string{sb}}
 	_, err := m.store.update(ctx, c, pre, func(t *tx) error {
-		running, admitted = false, false
+		running, admitted, started = false, false, nil
 		h, err := t.hold(sb)
 		if err != nil {
 			return err
@@ -145,10 +146,12 @@ func (m *Metering) onReady(ctx context.Context, e *event.Event, d event.Ready) (
 		}
 		running = !h.Exhausted && h.accrues()
 		if !h.ReadyAt.IsZero() {
+			started = cloneHold(h)
 			return errNoChange
 		}
 		h.ReadyAt = readyAt.UTC()
 		h.Host = d.Host
+		started = cloneHold(h)
 		return nil
 	})
 	if err == nil && admitted {
@@ -158,20 +161,11 @@ func (m *Metering) onReady(ctx context.Context, e *event.Event, d event.Ready) (
 	if err != nil || !running {
 		return nil, err
 	}
-	tick, err := event.New(TypeAccrual, Source, sb, sb+".accrual", Accrual{Consumer: c, Sandbox: sb})
-	if err != nil {
+	out, err := m.accrualSchedule(c, started, m.opts.Now().UTC())
+	if err != nil || out == nil {
 		return nil, err
 	}
-	// One repeating schedule per sandbox: publishing it again replaces it.
-	// Each tick rolls up the one before, so a backlog never builds.
-	return []bus.Out{{
-		Subject: event.AccrualScheduleSubject(sb), Event: tick,
-		Opts: []jetstream.PublishOpt{
-			jetstream.WithScheduleEvery(m.opts.AccrualInterval),
-			jetstream.WithScheduleTarget(event.AccrualFireSubject(sb)),
-			jetstream.WithScheduleRollup(),
-		},
-	}}, nil
+	return []bus.Out{*out}, nil
 }
 
 // settle ends the meter of a sandbox that reached state: it charges the

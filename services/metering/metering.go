@@ -80,8 +80,11 @@ type Options struct {
 	NC *nats.Conn
 	// Logger logs. Default discards.
 	Logger *slog.Logger
-	// AccrualInterval is how often a running sandbox's usage is debited.
-	// At least 1s (the schedule's precision). Default 30s.
+	// AccrualInterval is how often a running sandbox of a metered
+	// backend has its usage debited, and how soon, at the earliest, a
+	// self-hosted one's next tick is (one ticks when its hold stops
+	// covering the Lookahead: accrual.go). At least 1s (the schedule's
+	// precision). Default 30s.
 	AccrualInterval time.Duration
 	// Lookahead is how much running time a hold must cover beyond what
 	// was debited; when it cannot be extended that far, a low notice goes

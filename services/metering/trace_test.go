@@ -56,7 +56,9 @@ func TestEventsJoinTheirCause(t *testing.T) {
 	sctx, span := otel.Tracer("test").Start(ctx, "sandbox")
 	defer span.End()
 	want := span.SpanContext().TraceID().String()
-	if _, err := e.client.Hold(sctx, credits.HoldRequest{SandboxID: sb, Consumer: c, Profile: profPricey, Extension: extSelf, TTLSeconds: 60}); err != nil {
+	// Held for 2 seconds: the hold stops covering the lookahead at once,
+	// so the first tick debits (a hold covering more ticks later).
+	if _, err := e.client.Hold(sctx, credits.HoldRequest{SandboxID: sb, Consumer: c, Profile: profPricey, Extension: extSelf, TTLSeconds: 2}); err != nil {
 		t.Fatal(err)
 	}
 	r := ref(c, sb, profPricey)
