@@ -199,8 +199,9 @@ func sandboxTrace(spans []otlpSpan, id, ext string, metered bool) (string, []str
 		{"publish " + string(event.TypeDestroy), map[string]string{"cloudevents.event_subject": id}},
 		{"process provisioner-" + ext, of(event.TypeDestroy)},
 		{"Teardown", sb},
+		{"publish " + string(event.TypeDestroying), map[string]string{"cloudevents.event_subject": id}},
+		{"process registry", of(event.TypeDestroying)},
 		{"publish " + string(event.TypeDestroyed), map[string]string{"cloudevents.event_subject": id}},
-		{"process registry", of(event.TypeDestroyed)},
 		{"process metering", of(event.TypeDestroyed)},
 		{"publish dev.sandboxer.credits.usage.v1", map[string]string{"cloudevents.event_subject": id}},
 	}

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"runtime/debug"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -400,6 +401,9 @@ func (r *Router) compensate(ctx context.Context, rt Route, m *Message, xerr *Exh
 func (r *Router) deadLetter(ctx context.Context, rt Route, msg jetstream.Msg, meta *jetstream.MsgMetadata, reason string) error {
 	h := nats.Header{}
 	for k, v := range msg.Headers() {
+		if serverDirective(k) {
+			continue
+		}
 		h[k] = append([]string(nil), v...)
 	}
 	h.Set(HeaderDLQReason, truncate(reason, 2000))
@@ -412,6 +416,15 @@ func (r *Router) deadLetter(ctx context.Context, rt Route, msg jetstream.Msg, me
 	out := &nats.Msg{Subject: event.DLQSubject(rt.Stream, rt.Consumer), Header: h, Data: msg.Data()}
 	_, err := r.pub.PublishMsg(ctx, out)
 	return err
+}
+
+// serverDirective reports whether header k told the server what to do
+// with the original message, or is what the server added: a schedule's
+// (a fired timer carries Nats-Scheduler and Nats-Schedule-Next, which the
+// dead-letter stream, taking no schedules, would refuse), a guard's, a
+// TTL's, a batch's. They are not the message's to keep.
+func serverDirective(k string) bool {
+	return len(k) > 5 && strings.EqualFold(k[:5], "Nats-")
 }
 
 // heartbeat tells the server the message is in progress every third of

@@ -63,6 +63,20 @@ func (m *Metering) onAccrual(ctx context.Context, msg *bus.Message) ([]bus.Out, 
 		return nil, bus.Permanent(fmt.Errorf("handling accrual %s: %w: data names sandbox %q, consumer %q", msg.Subject, event.ErrMalformed, d.Sandbox, d.Consumer))
 	}
 	c := d.Consumer
+	// One tick at a time for a self-hosted price: should this one never
+	// succeed, the next still comes an interval later, as it would every
+	// interval (a metered backend's schedule repeats by itself).
+	msg.OnExhausted(func(ctx context.Context, _ *bus.Message, _ error) ([]bus.Out, error) {
+		h, err := m.store.peek(ctx, c, sb)
+		if err != nil || h == nil || h.PricingModel == extension.PricingMetered {
+			return nil, err
+		}
+		out, err := m.tickAt(c, sb, fireSecond(m.opts.Now().UTC().Add(m.opts.AccrualInterval)))
+		if err != nil {
+			return nil, err
+		}
+		return []bus.Out{out}, nil
+	})
 	// A self-hosted sandbox is priced in the change, from its hold; a
 	// metered one needs its backend's quotes first.
 	out, err := m.accrue(ctx, c, sb, msg.Event.ID(), nil)
@@ -233,25 +247,44 @@ func (m *Metering) destroyOut(h *Hold, consumer string) ([]bus.Out, error) {
 // before, so a backlog never builds.
 func (m *Metering) accrualSchedule(c string, h *Hold, now time.Time) (*bus.Out, error) {
 	sb := h.Sandbox
-	id := sb + ".accrual"
-	opts := []jetstream.PublishOpt{jetstream.WithScheduleTarget(event.AccrualFireSubject(sb)), jetstream.WithScheduleRollup()}
-	if h.PricingModel == extension.PricingMetered {
-		opts = append(opts, jetstream.WithScheduleEvery(m.opts.AccrualInterval))
-	} else {
+	if h.PricingModel != extension.PricingMetered {
 		at, ok := m.nextTick(h, now)
 		if !ok {
 			return nil, nil
 		}
-		// Its own id: the schedule a tick publishes must not be
-		// dropped as a duplicate of the one before.
-		id += "@" + at.Format("20060102T150405Z")
-		opts = append(opts, jetstream.WithScheduleAt(at))
+		out, err := m.tickAt(c, sb, at)
+		return &out, err
 	}
-	tick, err := event.New(TypeAccrual, Source, sb, id, Accrual{Consumer: c, Sandbox: sb})
+	tick, err := event.New(TypeAccrual, Source, sb, sb+".accrual", Accrual{Consumer: c, Sandbox: sb})
 	if err != nil {
 		return nil, err
 	}
-	return &bus.Out{Subject: event.AccrualScheduleSubject(sb), Event: tick, Opts: opts}, nil
+	return &bus.Out{Subject: event.AccrualScheduleSubject(sb), Event: tick, Opts: []jetstream.PublishOpt{
+		jetstream.WithScheduleEvery(m.opts.AccrualInterval),
+		jetstream.WithScheduleTarget(event.AccrualFireSubject(sb)), jetstream.WithScheduleRollup(),
+	}}, nil
+}
+
+// tickAt is the schedule of consumer c's sandbox sb's one accrual tick at
+// at (to the second). Its id is its time's: the schedule a tick publishes
+// must not be dropped as a duplicate of the one before.
+func (m *Metering) tickAt(c, sb string, at time.Time) (bus.Out, error) {
+	tick, err := event.New(TypeAccrual, Source, sb, sb+".accrual@"+at.Format("20060102T150405Z"), Accrual{Consumer: c, Sandbox: sb})
+	if err != nil {
+		return bus.Out{}, err
+	}
+	return bus.Out{Subject: event.AccrualScheduleSubject(sb), Event: tick, Opts: []jetstream.PublishOpt{
+		jetstream.WithScheduleAt(at), jetstream.WithScheduleTarget(event.AccrualFireSubject(sb)), jetstream.WithScheduleRollup(),
+	}}, nil
+}
+
+// fireSecond is t rounded up to the second: schedules have second
+// precision, and a tick must not come before its time.
+func fireSecond(t time.Time) time.Time {
+	if u := t.Truncate(time.Second); !u.Equal(t) {
+		return u.Add(time.Second)
+	}
+	return t
 }
 
 // maxCoverSeconds bounds how far ahead a tick is put: a century.
@@ -271,7 +304,7 @@ func (m *Metering) nextTick(h *Hold, now time.Time) (time.Time, bool) {
 		return time.Time{}, false
 	}
 	if covered < p.Start {
-		return soonest, true
+		return fireSecond(soonest.UTC()), true
 	}
 	if p.PerSecond <= 0 {
 		return time.Time{}, false
@@ -282,8 +315,5 @@ func (m *Metering) nextTick(h *Hold, now time.Time) (time.Time, bool) {
 	if at.Before(soonest) {
 		at = soonest
 	}
-	if u := at.Truncate(time.Second); !u.Equal(at) {
-		at = u.Add(time.Second)
-	}
-	return at.UTC(), true
+	return fireSecond(at.UTC()), true
 }

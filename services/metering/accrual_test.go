@@ -7,6 +7,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/sand-boxer/sandboxer/pkg/bus"
 	"github.com/sand-boxer/sandboxer/pkg/credits"
 	"github.com/sand-boxer/sandboxer/pkg/event"
 	"github.com/sand-boxer/sandboxer/services/metering"
@@ -91,4 +92,58 @@ func TestAccrualTicksWhenTheHoldRunsShort(t *testing.T) {
 	e.publish(t, r, event.StateDestroyed, time.Now().UTC(), false)
 	e.drained(t)
 	checkInvariants(t, e.snap(t, c))
+}
+
+// TestAccrualTickThatNeverSucceedsIsFollowed: a self-hosted sandbox has
+// one tick scheduled at a time, each scheduling the next. A tick that
+// fails on every delivery (its account cannot be written) is dead-lettered
+// and still followed by another an interval later, so accrual resumes once
+// the account can be written again.
+func TestAccrualTickThatNeverSucceedsIsFollowed(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	m := e.start(t, metering.Options{AccrualInterval: time.Second,
+		Policy: bus.ConsumerPolicy{MaxDeliver: 2, Backoff: []time.Duration{50 * time.Millisecond}, AckWait: 2 * time.Second}})
+	ctx := testCtx(t)
+	const c, sb = "unlucky", "sbx-unlucky"
+	if _, err := e.client.Grant(ctx, credits.GrantRequest{Consumer: c, Amount: 1000, ID: "g"}); err != nil {
+		t.Fatal(err)
+	}
+	// Covering 2 seconds: the first tick is due an interval after ready.
+	if _, err := e.client.Hold(ctx, credits.HoldRequest{SandboxID: sb, Consumer: c, Profile: profCheap, Extension: extSelf, TTLSeconds: 2}); err != nil {
+		t.Fatal(err)
+	}
+	r := ref(c, sb, profCheap)
+	e.publish(t, r, event.StateReady, time.Now().UTC(), false)
+	e.drained(t)
+	stop := metering.FailCommits(m)
+	dlq := event.DLQSubject(event.StreamTimers, metering.ConsumerAccrual)
+	waitFor(t, 30*time.Second, "a tick dead-lettered", func() (bool, error) {
+		s, err := e.js.Stream(ctx, event.StreamDLQ)
+		if err != nil {
+			return false, err
+		}
+		_, err = s.GetLastMsgForSubject(ctx, dlq)
+		return err == nil, err
+	})
+	if debits := countKind(e.entries(t, ctx, c), credits.EntryDebit); debits != 0 {
+		t.Fatalf("%d debits while commits fail", debits)
+	}
+	stop()
+	waitFor(t, 30*time.Second, "a tick's debit after commits work again", func() (bool, error) {
+		return countKind(e.entries(t, ctx, c), credits.EntryDebit) > 0, nil
+	})
+	e.publish(t, r, event.StateDestroyed, time.Now().UTC(), false)
+	e.drained(t)
+	checkInvariants(t, e.snap(t, c))
+}
+
+func countKind(es []credits.Entry, k credits.EntryKind) int {
+	n := 0
+	for _, e := range es {
+		if e.Kind == k {
+			n++
+		}
+	}
+	return n
 }

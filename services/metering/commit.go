@@ -32,6 +32,9 @@ var errBusy = errors.New("too many atomic batches in flight")
 // refused guard is a conflict (isConflict): nothing of the batch was
 // stored.
 func (s *store) commit(ctx context.Context, b *batch, rev uint64) (uint64, map[string]uint64, error) {
+	if s.failCommit.Load() {
+		return 0, nil, fmt.Errorf("writing account %s: failing commits, as a test asked", b.a.Consumer)
+	}
 	bucket := s.credits.Bucket()
 	var msgs []*nats.Msg
 	add := func(key string, v any, expect uint64) error {

@@ -21,3 +21,9 @@ func KillBeforeCommit(m *Metering) (disarm func() bool) {
 		return !done.CompareAndSwap(false, true)
 	}
 }
+
+// FailCommits makes every account commit of m fail until stop is called.
+func FailCommits(m *Metering) (stop func()) {
+	m.store.failCommit.Store(true)
+	return func() { m.store.failCommit.Store(false) }
+}

@@ -60,6 +60,8 @@ type store struct {
 	// beforeCommit, when set, is called before each batch's commit
 	// (tests cut a batch short there).
 	beforeCommit atomic.Pointer[func()]
+	// failCommit, when set, makes every commit fail (tests).
+	failCommit atomic.Bool
 
 	// slots bounds the batches this process has in flight on the
 	// stream: the server takes 50 at once across every instance.
