@@ -2,6 +2,9 @@ package bus_test
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -125,4 +128,61 @@ func timerSubjects(t *testing.T, ctx context.Context, timers jetstream.Stream) m
 		t.Fatal(err)
 	}
 	return info.State.Subjects
+}
+
+// TestDeadLetterOfAFiredTimer: a fired timer that its handler refuses is
+// dead-lettered like any message, without the headers the server put on
+// the fired copy (Nats-Scheduler, Nats-Schedule-Next), which the
+// dead-letter stream, taking no schedules, would refuse: the router would
+// then keep the message and have it delivered again forever.
+func TestDeadLetterOfAFiredTimer(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, testPolicy)
+	ctx := testCtx(h.t)
+	const consumer, id = "test-timers", "sbx-dead-timer"
+	if _, err := bus.EnsureConsumer(ctx, h.js, event.StreamTimers, consumer, event.ExpiryFireFilter, testPolicy); err != nil {
+		t.Fatal(err)
+	}
+	e, err := event.New(event.TypeExpiry, "sandboxer/test", id, id+".expiry", event.Expiry{
+		Ref: event.Ref{SandboxID: id, Consumer: "team-a", Profile: "local", Extension: "local"}, ExpiresAt: time.Now().UTC(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.pub.Publish(ctx, event.ExpiryScheduleSubject(id), e,
+		jetstream.WithScheduleAt(time.Now().Add(time.Second)), jetstream.WithScheduleTarget(event.ExpiryFireSubject(id))); err != nil {
+		t.Fatal(err)
+	}
+	r := bus.NewRouter(h.js, nil)
+	rctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- r.Run(rctx, bus.Route{Stream: event.StreamTimers, Consumer: consumer, Policy: testPolicy, Concurrency: 1,
+			Handler: func(context.Context, *bus.Message) ([]bus.Out, error) {
+				return nil, bus.Permanent(errors.New("refused"))
+			}})
+	}()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run returned %v after cancellation", err)
+		}
+	})
+	await(t, 15*time.Second, "the fired timer dead-lettered", func() (bool, string) {
+		return r.Stats.DeadLettered.Load() == 1, fmt.Sprintf("%d dead-lettered, %d failed", r.Stats.DeadLettered.Load(), r.Stats.Failed.Load())
+	})
+	msgs := h.streamMessages(event.StreamDLQ)
+	if len(msgs) != 1 {
+		t.Fatalf("%d dead letters, want 1", len(msgs))
+	}
+	m := msgs[0]
+	if m.Subject != event.DLQSubject(event.StreamTimers, consumer) || m.Header.Get(bus.HeaderDLQSubject) != event.ExpiryFireSubject(id) ||
+		m.Header.Get("ce-id") != id+".expiry" {
+		t.Fatalf("dead letter on %s: %v", m.Subject, m.Header)
+	}
+	for k := range m.Header {
+		if strings.HasPrefix(k, "Nats-") && k != "Nats-Msg-Id" {
+			t.Errorf("dead letter keeps the server's header %s: %v", k, m.Header[k])
+		}
+	}
 }
