@@ -211,19 +211,10 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 			if closed {
 				return errNoChange
 			}
-			if tm, err := m.pricer.terms(ref.Profile, ref.Extension, ""); err == nil && tm.free() {
-				// A free sandbox destroyed before its ready was seen
-				// (or never ready): its usage record, from when the
-				// lifecycle stream says it became ready, closes it.
-				if !priced {
-					return errNeedIO
-				}
-				h := &Hold{ID: sb, Sandbox: sb, Profile: ref.Profile, Extension: ref.Extension, PricingModel: tm.Model, Price: tm.Price, ReadyAt: readyAt, Free: true}
-				u := usageOf(c, h, actual, endAt, reason, e.ID())
-				// Nothing is held to charge a meter reading to.
-				u.Unpaid = actual.Amount
-				t.a.Events = append(t.a.Events, &Item{Usage: u})
-				return nil
+			if _, free := m.free(ctx, ref); free {
+				// Its hold settled since settleFree read it (or its
+				// terms turned free): settleFree's record closes it.
+				return errFreeWithoutHold
 			}
 			// A destroyed sandbox with no hold: close its account so a
 			// late ready or admission cannot open one.
@@ -264,6 +255,10 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 	}
 	pre := prefetch{holds: []string{sb}, ledger: []string{releaseKey(c, sb)}, usage: []string{sb}}
 	_, err := m.store.update(ctx, c, pre, apply)
+	if errors.Is(err, errFreeWithoutHold) {
+		tm, _ := m.free(ctx, ref)
+		return m.recordFree(ctx, e, ref, tm, reason, readyAt)
+	}
 	if errors.Is(err, errNeedIO) {
 		// Price it outside the change: when the sandbox became ready
 		// (its ready event may not have been handled yet: the stream
@@ -271,12 +266,6 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 		h, err := m.store.peek(ctx, c, sb)
 		if err != nil {
 			return err
-		}
-		if h == nil {
-			// A free sandbox without a hold: priced by its terms.
-			if tm, err := m.pricer.terms(ref.Profile, ref.Extension, ""); err == nil {
-				h = &Hold{Sandbox: sb, Profile: ref.Profile, Extension: ref.Extension, PricingModel: tm.Model, Price: tm.Price}
-			}
 		}
 		if h != nil {
 			if !h.ReadyAt.IsZero() {
@@ -295,6 +284,10 @@ func (m *Metering) settle(ctx context.Context, e *event.Event, ref event.Ref, st
 		}
 		priced = true
 		_, err = m.store.update(ctx, c, pre, apply)
+		if errors.Is(err, errFreeWithoutHold) {
+			tm, _ := m.free(ctx, ref)
+			return m.recordFree(ctx, e, ref, tm, reason, readyAt)
+		}
 		if err != nil {
 			return err
 		}
@@ -343,10 +336,24 @@ func (m *Metering) settleFree(ctx context.Context, e *event.Event, ref event.Ref
 	if state != event.StateDestroyed {
 		return true, nil
 	}
+	return true, m.recordFree(ctx, e, ref, tm, reason, readyAt)
+}
+
+// errFreeWithoutHold tells settle that the destroyed sandbox has no hold
+// and is free after all: [Metering.recordFree] settles it.
+var errFreeWithoutHold = errors.New("free sandbox without a hold")
+
+// recordFree writes the usage record of the free sandbox ref names,
+// destroyed by e, and publishes its usage event ([store.recordUsage]):
+// from readyAt, or, unsaid, when the lifecycle stream says it became
+// ready.
+func (m *Metering) recordFree(ctx context.Context, e *event.Event, ref event.Ref, tm terms, reason string, readyAt time.Time) error {
+	c, sb := ref.Consumer, ref.SandboxID
+	var err error
 	if readyAt.IsZero() {
 		// Not said (an event of an earlier version): the stream has it.
 		if readyAt, err = m.readyAt(ctx, event.Ref{Consumer: c, Extension: ref.Extension, SandboxID: sb}); err != nil {
-			return false, err
+			return err
 		}
 	}
 	h := &Hold{ID: sb, Sandbox: sb, Profile: ref.Profile, Extension: ref.Extension, PricingModel: tm.Model, Price: tm.Price, ReadyAt: readyAt.UTC(), Free: true}
@@ -354,11 +361,10 @@ func (m *Metering) settleFree(ctx context.Context, e *event.Event, ref event.Ref
 	actual := credits.Actual{Source: credits.SourceLifecycle, Unit: "second"}
 	if !readyAt.IsZero() {
 		if actual, err = m.actual(ctx, h, h.ReadyAt, endAt, nil); err != nil {
-			return false, err
+			return err
 		}
 	}
-	u := usageOf(c, h, actual, endAt, reason, e.ID())
-	return true, m.store.recordUsage(ctx, u, traceParent(ctx))
+	return m.store.recordUsage(ctx, usageOf(c, h, actual, endAt, reason, e.ID()), traceParent(ctx))
 }
 
 // usageOf is the usage record of consumer c's sandbox of hold h, destroyed
